@@ -1,0 +1,250 @@
+"""Settings for the NixOS control panel, read from the environment.
+
+Every setting has an embedded default that works on one machine with no
+services (SQLite in WAL mode, the django-q2 ORM broker, the in-memory
+channel layer).  Scale-out: ``DATABASE_URL`` (PostgreSQL) and ``REDIS_URL``
+(channels-redis, and the django-q2 Redis broker unless ``PANEL_BROKER=orm``).
+Secrets may come from ``NAME_FILE`` instead of ``NAME`` (systemd credentials).
+Bad values raise ``ImproperlyConfigured`` rather than being guessed around.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from cryptography.fernet import Fernet
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """Return ``$NAME``, or the contents of the file named by ``$NAME_FILE``."""
+    if name in os.environ:
+        return os.environ[name]
+    path = os.environ.get(name + "_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={path}: {exc.strerror}") from exc
+    return default
+
+
+def envbool(name: str, default: bool) -> bool:
+    value = env(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true or false)")
+
+
+def envint(name: str, default: int) -> int:
+    value = env(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not an integer") from None
+
+
+def envfloat(name: str, default: float) -> float:
+    value = env(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+
+
+def secret_file(path: Path, make) -> str:
+    """Read a secret kept in ``path``, creating it with mode 0600 on first use."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value = make()
+        # O_EXCL: two processes starting together must not each write a different key.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value + "\n")
+        return value
+
+
+DATA_DIR = Path(env("PANEL_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+SECRET_KEY = env("SECRET_KEY") or secret_file(DATA_DIR / "secret_key", lambda: secrets.token_urlsafe(50))
+# Fernet key(s) that encrypt credentials at rest.  Several keys, comma separated,
+# allow rotation: the first encrypts, all decrypt.
+CREDENTIAL_KEYS = (
+    env("PANEL_CREDENTIAL_KEY")
+    or secret_file(DATA_DIR / "credential.key", lambda: Fernet.generate_key().decode())
+).split(",")
+
+DEBUG = envbool("DEBUG", False)
+ALLOWED_HOSTS = [h.strip() for h in env("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in env("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if envbool("PANEL_BEHIND_TLS_PROXY", False) else None
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("PANEL_SECURE_COOKIES", False)
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "django_q",
+    "deployments",
+    "deployments.audit",
+    "deployments.access",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "deployments.audit.middleware.RequestIdMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "controlpanel.urls"
+ASGI_APPLICATION = "controlpanel.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env("DATABASE_URL", "")
+if DATABASE_URL:
+    try:
+        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from exc
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "panel.sqlite3",
+            "OPTIONS": {
+                # WAL lets daphne read logs while the worker appends them;
+                # IMMEDIATE avoids "database is locked" on read-then-write upgrades.
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 30,
+            },
+            # A file, not memory: the log writer thread and test servers need their own connections.
+            "TEST": {"NAME": DATA_DIR / "test-panel.sqlite3"},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": env("PANEL_REDIS_PREFIX", "panel")},
+        }
+    }
+else:
+    # In-memory: daphne and the worker are separate processes, so live
+    # consumers follow the database instead of waiting for pushes.
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# How long one deployment may run before django-q2 kills it (seconds).
+DEPLOY_TIMEOUT = envint("PANEL_DEPLOY_TIMEOUT", 4 * 3600)
+# A running deployment whose worker has not beaten for this long is interrupted.
+HEARTBEAT_INTERVAL = envfloat("PANEL_HEARTBEAT_INTERVAL", 5.0)
+HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
+# How often the WebSocket follower looks at the database when nothing is pushed.
+LOG_POLL_INTERVAL = envfloat("PANEL_LOG_POLL_INTERVAL", 0.1)
+LOG_FLUSH_INTERVAL = envfloat("PANEL_LOG_FLUSH_INTERVAL", 0.05)
+
+BROKER = env("PANEL_BROKER", "redis" if REDIS_URL else "orm")
+if BROKER not in ("orm", "redis"):
+    raise ImproperlyConfigured(f"PANEL_BROKER={BROKER!r}: use orm or redis")
+Q_CLUSTER = {
+    "name": env("PANEL_QUEUE_NAME", "panel"),
+    "workers": envint("PANEL_WORKERS", 4),
+    "timeout": DEPLOY_TIMEOUT,
+    # A deploy is never re-run by the queue: a re-deploy is a human decision.
+    # retry > timeout keeps the broker from re-delivering a running task, and
+    # the task's atomic claim makes a stray second delivery a no-op anyway.
+    "retry": DEPLOY_TIMEOUT + 600,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "catch_up": False,
+    "poll": envfloat("PANEL_QUEUE_POLL", 0.1),
+    "save_limit": 1000,
+    "label": "Task queue",
+}
+if BROKER == "redis":
+    if not REDIS_URL:
+        raise ImproperlyConfigured("PANEL_BROKER=redis needs REDIS_URL")
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "deployments:dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env("TIME_ZONE", "UTC")
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
+WHITENOISE_USE_FINDERS = True
+
+REPO_CACHE_DIR = DATA_DIR / "repos"
+# The panel's own known_hosts for fetching private git repositories over SSH.
+GIT_KNOWN_HOSTS = Path(env("PANEL_GIT_KNOWN_HOSTS", str(DATA_DIR / "git_known_hosts")))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
+    "loggers": {"paramiko": {"level": "WARNING"}, "django_q": {"level": "WARNING"}},
+}

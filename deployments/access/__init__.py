@@ -1,0 +1,1 @@
+"""Teams and role grants over nodes (Django app label ``access``)."""

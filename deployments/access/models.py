@@ -1,0 +1,1 @@
+"""Teams and grants (filled in by the roles work)."""

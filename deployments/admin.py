@@ -1,0 +1,75 @@
+"""Admin pages for the inventory.  Every save goes through ``actions`` so it is audited;
+secrets are write-only; deployments and logs are read-only here."""
+
+from django.contrib import admin
+
+from . import actions
+from .forms import CredentialForm, NodeForm
+from .models import Credential, Deployment, Node, Repository, Tag
+
+
+class AuditedAdmin(admin.ModelAdmin):
+    def save_model(self, request, obj, form, change):
+        actions.save_object(obj, user=request.user)
+
+    def delete_model(self, request, obj):
+        actions.delete_object(obj, user=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            actions.delete_object(obj, user=request.user)
+
+
+@admin.register(Credential)
+class CredentialAdmin(AuditedAdmin):
+    form = CredentialForm
+    list_display = ["name", "kind", "display_fingerprint", "updated_at"]
+    readonly_fields = ["display_fingerprint", "public_key"]
+    fields = ["name", "kind", "secret", "passphrase", "sudo_password", "display_fingerprint", "public_key"]
+
+    def save_model(self, request, obj, form, change):
+        data = form.cleaned_data
+        actions.save_credential(
+            obj, secret=data.get("secret") or None, passphrase=data.get("passphrase") or "",
+            sudo_password=data.get("sudo_password") or None, user=request.user,
+        )
+
+
+@admin.register(Repository)
+class RepositoryAdmin(AuditedAdmin):
+    list_display = ["name", "url", "branch", "deploy_key"]
+
+
+@admin.register(Tag)
+class TagAdmin(AuditedAdmin):
+    list_display = ["name"]
+
+
+@admin.register(Node)
+class NodeAdmin(AuditedAdmin):
+    form = NodeForm
+    list_display = ["name", "host", "port", "ssh_user", "flake_attr", "repository", "host_key_fingerprint"]
+    list_filter = ["tags", "repository"]
+    search_fields = ["name", "host"]
+    readonly_fields = ["host_key_fingerprint", "host_key_pinned_at", "host_key_pinned_by"]
+
+    def save_model(self, request, obj, form, change):
+        actions.save_object(obj, user=request.user, tags=form.cleaned_data.get("tag_names"))
+
+    def save_related(self, request, form, formsets, change):
+        """Nothing: tags were saved by save_object() inside the audited transaction."""
+
+
+@admin.register(Deployment)
+class DeploymentAdmin(admin.ModelAdmin):
+    list_display = ["id", "node", "action", "status", "commit_sha", "requested_by_name", "created_at"]
+    list_filter = ["status", "action"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

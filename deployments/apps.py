@@ -1,0 +1,22 @@
+from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+
+def ensure_schedules(sender, **kwargs) -> None:
+    """The periodic reaper of deployments whose worker died (idempotent)."""
+    from django_q.models import Schedule
+
+    Schedule.objects.update_or_create(
+        name="reap-stale-deployments",
+        defaults={"func": "deployments.tasks.reap_stale", "schedule_type": Schedule.MINUTES, "minutes": 1,
+                  "repeats": -1},
+    )
+
+
+class DeploymentsConfig(AppConfig):
+    name = "deployments"
+    verbose_name = "Deployments"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        post_migrate.connect(ensure_schedules, sender=self)

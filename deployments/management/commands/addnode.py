@@ -1,0 +1,46 @@
+"""Register a node (or update it)."""
+
+from django.core.management.base import BaseCommand, CommandError
+
+from deployments import actions
+from deployments.models import Credential, Node, Repository
+from deployments.validators import validate_tag
+
+from ._base import acting_user, clean
+
+
+class Command(BaseCommand):
+    help = "Add or update a node: NAME HOST --attr ATTR --repo REPO --credential CRED."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("host")
+        parser.add_argument("--port", type=int, default=22)
+        parser.add_argument("--user", default="root")
+        parser.add_argument("--sudo", action="store_true")
+        parser.add_argument("--attr", required=True, help="nixosConfigurations.<attr>")
+        parser.add_argument("--repo", required=True)
+        parser.add_argument("--credential", required=True)
+        parser.add_argument("--tag", action="append", default=[], help="repeatable")
+        parser.add_argument("--as", dest="as_user")
+
+    def handle(self, name, host, port, user, sudo, attr, repo, credential, tag, as_user, **opts):
+        acting = acting_user(as_user)
+        node = Node.objects.filter(name=name).first() or Node(name=name)
+        try:
+            node.repository = Repository.objects.get(name=repo)
+            node.credential = Credential.objects.get(name=credential)
+        except Repository.DoesNotExist:
+            raise CommandError(f"no repository {repo!r}") from None
+        except Credential.DoesNotExist:
+            raise CommandError(f"no credential {credential!r}") from None
+        node.host, node.port, node.ssh_user, node.use_sudo, node.flake_attr = host, port, user, sudo, attr
+        clean(node)
+        for t in tag:
+            try:
+                validate_tag(t)
+            except Exception as exc:  # noqa: BLE001 - ValidationError, shown as text
+                raise CommandError(f"tag {t!r}: {' '.join(getattr(exc, 'messages', [str(exc)]))}") from None
+        actions.save_object(node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None)
+        self.stdout.write(f"node {node.name}: {node.address} {node.flake_attr}"
+                          + ("" if node.host_key else " (host key not pinned: run `manage.py hostkey " + node.name + "`)"))

@@ -1,0 +1,287 @@
+"""Inventory (credentials, repositories, nodes, tags) and deployments with their logs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+from django.utils import timezone
+
+from . import crypto, validators
+
+
+class Credential(models.Model):
+    """An SSH private key or password, encrypted at rest.
+
+    The secret is write-only: after saving, only its fingerprint (keys) or the
+    fact that it is set (passwords) is ever shown.
+    """
+
+    class Kind(models.TextChoices):
+        SSH_KEY = "ssh-key", "SSH private key"
+        PASSWORD = "password", "Password"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    secret_encrypted = models.TextField(editable=False)
+    passphrase_encrypted = models.TextField(blank=True, default="", editable=False)
+    # For sudo on nodes whose SSH user is not root: fed to `sudo -S`.
+    sudo_password_encrypted = models.TextField(blank=True, default="", editable=False)
+    fingerprint = models.CharField(max_length=100, blank=True, editable=False)
+    public_key = models.TextField(blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def set_secret(self, secret: str, passphrase: str = "") -> None:
+        """Store a new secret; computes the fingerprint of a key (ValueError if unreadable)."""
+        from .remote.ssh import key_fingerprint, load_private_key
+
+        if self.kind == self.Kind.SSH_KEY:
+            pkey = load_private_key(secret, passphrase or None)
+            self.fingerprint = key_fingerprint(secret, passphrase or None)
+            self.public_key = f"{pkey.get_name()} {pkey.get_base64()}"
+        else:
+            self.fingerprint = ""
+            self.public_key = ""
+        self.secret_encrypted = crypto.encrypt(secret)
+        self.passphrase_encrypted = crypto.encrypt(passphrase)
+
+    def set_sudo_password(self, password: str) -> None:
+        self.sudo_password_encrypted = crypto.encrypt(password)
+
+    def secret(self) -> str:
+        return crypto.decrypt(self.secret_encrypted)
+
+    def passphrase(self) -> str:
+        return crypto.decrypt(self.passphrase_encrypted)
+
+    def sudo_password(self) -> str:
+        return crypto.decrypt(self.sudo_password_encrypted)
+
+    @property
+    def display_fingerprint(self) -> str:
+        return self.fingerprint or ("password (set)" if self.secret_encrypted else "not set")
+
+
+class Repository(models.Model):
+    """A git repository of Nix flakes, the source of truth for nodes' configurations."""
+
+    name = models.CharField(max_length=100, unique=True, validators=[validators.validate_node_name])
+    url = models.CharField("git URL or local path", max_length=500, validators=[validators.validate_repo_url])
+    branch = models.CharField("tracked branch", max_length=200, default="main", validators=[validators.validate_revision])
+    deploy_key = models.ForeignKey(
+        Credential, null=True, blank=True, on_delete=models.PROTECT, limit_choices_to={"kind": "ssh-key"},
+        help_text="Only for private repositories fetched over SSH.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "repositories"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Tag(models.Model):
+    """A free label on nodes, used for roles and rollouts."""
+
+    name = models.CharField(max_length=50, unique=True, validators=[validators.validate_tag])
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Node(models.Model):
+    """A NixOS machine deployed from ``repository`` as ``nixosConfigurations.<flake_attr>``."""
+
+    name = models.CharField(max_length=63, unique=True, validators=[validators.validate_node_name])
+    host = models.CharField(max_length=253, validators=[validators.validate_host])
+    port = models.PositiveIntegerField(default=22)
+    ssh_user = models.CharField(max_length=32, default="root", validators=[validators.validate_ssh_user])
+    use_sudo = models.BooleanField(default=False, help_text="Run nixos-rebuild with sudo (for a non-root SSH user).")
+    flake_attr = models.CharField(
+        "flake attribute", max_length=100, validators=[validators.validate_flake_attr],
+        help_text="The <attr> of nixosConfigurations.<attr>.",
+    )
+    repository = models.ForeignKey(Repository, on_delete=models.PROTECT, related_name="nodes")
+    credential = models.ForeignKey(Credential, on_delete=models.PROTECT, related_name="nodes")
+    host_key = models.TextField(blank=True, editable=False, help_text="Pinned SSH host key (OpenSSH format).")
+    host_key_fingerprint = models.CharField(max_length=100, blank=True, editable=False)
+    host_key_pinned_at = models.DateTimeField(null=True, blank=True, editable=False)
+    host_key_pinned_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, editable=False, related_name="+"
+    )
+    tags = models.ManyToManyField(Tag, blank=True, related_name="nodes")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.CheckConstraint(condition=Q(port__gte=1, port__lte=65535), name="node_port_range")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("deployments:node-detail", args=[self.name])
+
+    @property
+    def address(self) -> str:
+        return f"{self.ssh_user}@{self.host}:{self.port}"
+
+
+class Deployment(models.Model):
+    """One run of ``nixos-rebuild <action>`` on one node, pinned to one commit."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"  # written by the request, waiting for a worker
+        RUNNING = "running", "Running"  # claimed by exactly one worker
+        SUCCEEDED = "succeeded", "Succeeded"  # nixos-rebuild exited 0
+        FAILED = "failed", "Failed"  # nixos-rebuild ran and exited non-zero (see exit_code)
+        ERROR = "error", "Error"  # we could not run it: SSH, auth, host key, shipping, panel bug
+        CANCELLED = "cancelled", "Cancelled"  # a user asked to stop it
+        INTERRUPTED = "interrupted", "Interrupted"  # the worker died or lost track mid-run
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.ERROR, Status.CANCELLED, Status.INTERRUPTED)
+
+    class Action(models.TextChoices):
+        SWITCH = "switch", "switch"
+        BOOT = "boot", "boot"
+        TEST = "test", "test"
+        DRY_ACTIVATE = "dry-activate", "dry-activate"
+        BUILD = "build", "build"
+
+    class Trigger(models.TextChoices):
+        WEB = "web", "Web"
+        CLI = "cli", "Command line"
+        API = "api", "API"
+
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="deployments")
+    action = models.CharField(max_length=16, choices=Action.choices)
+    requested_revision = models.CharField(max_length=200, blank=True)
+    commit_sha = models.CharField(max_length=40)
+    flake_attr = models.CharField(max_length=100)
+    archive_sha256 = models.CharField(max_length=64, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    error_message = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_by_name = models.CharField(max_length=150, blank=True)
+    trigger = models.CharField(max_length=8, choices=Trigger.choices, default=Trigger.WEB)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    generation_before = models.IntegerField(null=True, blank=True)
+    generation_after = models.IntegerField(null=True, blank=True)
+    system_before = models.CharField(max_length=300, blank=True)
+    system_after = models.CharField(max_length=300, blank=True)
+    toplevel = models.CharField("system path built", max_length=300, blank=True)
+    line_count = models.PositiveIntegerField(default=0)
+    byte_count = models.PositiveBigIntegerField(default=0)
+    log_sha256 = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            # At most one active deployment per node, whatever the application does.
+            models.UniqueConstraint(
+                fields=["node"], condition=Q(status__in=["queued", "running"]), name="one_active_deployment_per_node"
+            ),
+        ]
+        indexes = [models.Index(fields=["node", "-created_at"], name="deployment_node_recent")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.action} {self.node.name}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("deployments:deployment-detail", args=[self.pk])
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def short_sha(self) -> str:
+        return self.commit_sha[:10]
+
+    @property
+    def duration(self):
+        if not self.started_at:
+            return None
+        return (self.finished_at or timezone.now()) - self.started_at
+
+    def status_payload(self) -> dict:
+        """The fields a live page shows, as JSON-able values."""
+        return {
+            "id": self.pk,
+            "status": self.status,
+            "status_label": self.get_status_display(),
+            "exit_code": self.exit_code,
+            "error_message": self.error_message,
+            "action": self.action,
+            "commit_sha": self.commit_sha,
+            "requested_by": self.requested_by_name,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "generation_before": self.generation_before,
+            "generation_after": self.generation_after,
+            "system_before": self.system_before,
+            "system_after": self.system_after,
+            "toplevel": self.toplevel,
+            "line_count": self.line_count,
+            "byte_count": self.byte_count,
+            "log_sha256": self.log_sha256,
+            "cancel_requested": self.cancel_requested,
+        }
+
+
+class LogChunk(models.Model):
+    """A batch of consecutive log lines of one deployment.
+
+    Lines carry a gap-free per-deployment sequence number: this chunk holds
+    lines ``seq_start`` .. ``seq_end - 1``.  ``data`` is one entry per line,
+    newline separated, each starting with its stream: ``o`` stdout, ``e``
+    stderr, ``s`` the panel's own messages.  Batching keeps the row count low
+    (a 200,000-line log is a few hundred rows) without losing per-line order.
+    """
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="chunks")
+    seq_start = models.PositiveIntegerField()
+    seq_end = models.PositiveIntegerField()
+    data = models.TextField()
+
+    class Meta:
+        ordering = ["deployment", "seq_start"]
+        constraints = [
+            models.UniqueConstraint(fields=["deployment", "seq_start"], name="logchunk_unique_start"),
+        ]
+
+    def lines(self) -> list[tuple[int, str, str]]:
+        """Return ``(seq, stream, text)`` for each line of the chunk."""
+        return [(self.seq_start + i, entry[:1], entry[1:]) for i, entry in enumerate(self.data.split("\n"))]
+
+
+def host_key_fingerprint(openssh: str) -> str:
+    """SHA256 fingerprint of an OpenSSH public key line, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(openssh.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

@@ -1,0 +1,108 @@
+"""The panel's mirrors of flake repositories: fetch, resolve revisions, archive commits.
+
+git always runs with an argument list (never a shell) and ``--end-of-options``
+where a user value follows, so no value can become an option or a command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+from .validators import SHA_RE
+
+
+class RepositoryError(Exception):
+    """Fetching, resolving or archiving failed; the message says why."""
+
+
+@dataclass
+class Archive:
+    data: bytes
+    sha256: str
+
+
+def _mirror_path(repo) -> Path:
+    return Path(settings.REPO_CACHE_DIR) / f"{repo.pk}.git"
+
+
+def _git(args: list[str], *, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> bytes:
+    full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", **(env or {})}
+    try:
+        proc = subprocess.run(["git", *args], cwd=cwd, env=full_env, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RepositoryError(f"git {args[0]} timed out after {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        msg = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise RepositoryError(f"git {args[0]} failed: {msg[-1] if msg else f'exit {proc.returncode}'}")
+    return proc.stdout
+
+
+def _ssh_env(repo, keyfile: str | None) -> dict:
+    if not keyfile:
+        return {}
+    known = settings.GIT_KNOWN_HOSTS
+    # Host keys of git servers are pinned in the panel's own known_hosts, never auto-accepted.
+    return {
+        "GIT_SSH_COMMAND": (
+            f"ssh -i {keyfile} -o IdentitiesOnly=yes -o BatchMode=yes "
+            f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={known}"
+        )
+    }
+
+
+def fetch(repo) -> Path:
+    """Clone or update the panel's bare mirror of ``repo``; return its path."""
+    mirror = _mirror_path(repo)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    keyfile = None
+    try:
+        if repo.deploy_key_id:
+            fd, keyfile = tempfile.mkstemp(prefix="deploykey-")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(repo.deploy_key.secret().rstrip("\n") + "\n")
+        env = _ssh_env(repo, keyfile)
+        if not (mirror / "HEAD").exists():
+            _git(["clone", "--bare", "--quiet", "--end-of-options", repo.url, str(mirror)], env=env)
+        else:
+            _git(["remote", "set-url", "origin", repo.url], cwd=mirror)
+        _git(["fetch", "--quiet", "--prune", "--tags", "origin", "+refs/heads/*:refs/heads/*"], cwd=mirror, env=env)
+    finally:
+        if keyfile:
+            os.unlink(keyfile)
+    return mirror
+
+
+def resolve(repo, revision: str = "") -> str:
+    """Fetch ``repo`` and return the full commit SHA of ``revision`` (default: the tracked branch)."""
+    rev = revision or repo.branch
+    mirror = fetch(repo)
+    try:
+        out = _git(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], cwd=mirror)
+    except RepositoryError:
+        raise RepositoryError(f"revision {rev!r} not found in repository {repo.name}") from None
+    sha = out.decode().strip()
+    if not SHA_RE.match(sha):
+        raise RepositoryError(f"git returned an unexpected revision {sha!r}")
+    return sha
+
+
+def archive(repo, sha: str) -> Archive:
+    """A tar of the tree at commit ``sha`` (which must already be fetched)."""
+    if not SHA_RE.match(sha):
+        raise RepositoryError(f"not a full commit SHA: {sha!r}")
+    mirror = _mirror_path(repo)
+    if not (mirror / "HEAD").exists():
+        fetch(repo)
+    try:
+        data = _git(["archive", "--format=tar", "--end-of-options", sha], cwd=mirror)
+    except RepositoryError:
+        fetch(repo)
+        data = _git(["archive", "--format=tar", "--end-of-options", sha], cwd=mirror)
+    return Archive(data=data, sha256=hashlib.sha256(data).hexdigest())

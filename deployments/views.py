@@ -1,0 +1,272 @@
+"""Pages and the JSON API.  Thin: gate, validate, call one action."""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import OuterRef, Subquery
+from django.http import Http404, HttpResponseBadRequest, JsonResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from . import actions, logstream, permissions
+from .forms import DeployForm, NodeForm, PinHostKeyForm
+from .models import Deployment, Node
+from .permissions import ADMIN, DEPLOY, VIEW
+
+
+def _with_last_deployment(nodes):
+    last = Deployment.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-id")
+    return nodes.annotate(last_deployment_id=Subquery(last.values("id")[:1]))
+
+
+def _attach_last(nodes) -> list[Node]:
+    nodes = list(nodes)
+    ids = [n.last_deployment_id for n in nodes if n.last_deployment_id]
+    by_id = Deployment.objects.in_bulk(ids)
+    for n in nodes:
+        n.last_deployment = by_id.get(n.last_deployment_id)
+    return nodes
+
+
+@login_required
+@require_GET
+def dashboard(request):
+    nodes = permissions.visible_nodes(request.user).prefetch_related("tags").select_related("repository")
+    tag = request.GET.get("tag", "")
+    if tag:
+        nodes = nodes.filter(tags__name=tag)
+    query = request.GET.get("q", "").strip()
+    if query:
+        nodes = nodes.filter(name__icontains=query)
+    page = Paginator(_with_last_deployment(nodes).order_by("name"), 100).get_page(request.GET.get("page"))
+    page.object_list = _attach_last(page.object_list)
+    active = permissions.visible_deployments(request.user).filter(status__in=Deployment.ACTIVE).count()
+    return render(request, "deployments/dashboard.html", {
+        "page": page, "nodes": page.object_list, "tag": tag, "q": query, "active_count": active,
+        "can_add_node": request.user.is_superuser,
+    })
+
+
+@login_required
+@require_GET
+def node_detail(request, name):
+    node = permissions.node_for(request.user, name, VIEW)
+    deployments = Paginator(node.deployments.all(), 25).get_page(request.GET.get("page"))
+    return render(request, "deployments/node_detail.html", {
+        "node": node,
+        "deployments": deployments,
+        "form": DeployForm(),
+        "can_deploy": permissions.can(request.user, DEPLOY, node),
+        "can_admin": permissions.can(request.user, ADMIN, node),
+        "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
+    })
+
+
+@login_required
+@require_POST
+def node_deploy(request, name):
+    node = permissions.node_for(request.user, name, VIEW)
+    form = DeployForm(request.POST)
+    if not form.is_valid():
+        for field, errors in form.errors.items():
+            for error in errors:
+                messages.error(request, f"{field}: {error}")
+        return redirect(node)
+    try:
+        deployment = actions.request_deployment(
+            node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"], user=request.user
+        )
+    except actions.ActionError as exc:
+        messages.error(request, str(exc))
+        return redirect(node)
+    return redirect(deployment)
+
+
+@login_required
+def node_edit(request, name=None):
+    if name is None:
+        if not request.user.is_superuser:
+            raise PermissionDenied("Only administrators add nodes.")
+        node = Node()
+    else:
+        node = permissions.node_for(request.user, name, VIEW)
+        actions.require_permission(request.user, ADMIN, node, audit_action="node.changed")
+    form = NodeForm(request.POST or None, instance=node)
+    if request.method == "POST" and form.is_valid():
+        node = actions.save_object(form.save(commit=False), user=request.user, tags=form.cleaned_data["tag_names"])
+        messages.success(request, f"Saved {node.name}.")
+        return redirect(node)
+    return render(request, "deployments/node_form.html", {"form": form, "node": node})
+
+
+@login_required
+def node_hostkey(request, name):
+    """Scan shows the key the node presents now; pinning needs an explicit confirm of that fingerprint."""
+    node = permissions.node_for(request.user, name, VIEW)
+    scanned = None
+    if request.method == "POST":
+        try:
+            if request.POST.get("op") == "scan":
+                scanned = actions.scan_host_key(node, user=request.user)
+            elif request.POST.get("op") == "pin":
+                form = PinHostKeyForm(request.POST)
+                if not form.is_valid():
+                    return HttpResponseBadRequest("Missing key or fingerprint.")
+                actions.pin_host_key(node, form.cleaned_data["key"], user=request.user,
+                                     expected_fingerprint=form.cleaned_data["fingerprint"])
+                messages.success(request, f"Pinned host key {node.host_key_fingerprint} for {node.name}.")
+                return redirect(node)
+            else:
+                return HttpResponseBadRequest("Unknown operation.")
+        except actions.ActionError as exc:
+            messages.error(request, str(exc))
+    else:
+        actions.require_permission(request.user, ADMIN, node, audit_action="hostkey.viewed")
+    return render(request, "deployments/node_hostkey.html", {
+        "node": node, "scanned": scanned,
+        "changed": bool(scanned and node.host_key and scanned.openssh != node.host_key),
+    })
+
+
+@login_required
+@require_GET
+def deployment_list(request):
+    qs = permissions.visible_deployments(request.user).select_related("node")
+    status = request.GET.get("status", "")
+    if status in Deployment.Status.values:
+        qs = qs.filter(status=status)
+    node = request.GET.get("node", "")
+    if node:
+        qs = qs.filter(node__name=node)
+    page = Paginator(qs, 50).get_page(request.GET.get("page"))
+    return render(request, "deployments/deployment_list.html", {
+        "page": page, "status": status, "node": node, "statuses": Deployment.Status.choices,
+    })
+
+
+@login_required
+@require_GET
+def deployment_detail(request, pk):
+    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    return render(request, "deployments/deployment_detail.html", {
+        "deployment": deployment,
+        "node": deployment.node,
+        "can_cancel": deployment.is_active and permissions.can(request.user, DEPLOY, deployment.node),
+        "status_json": deployment.status_payload(),
+    })
+
+
+@login_required
+@require_POST
+def deployment_cancel(request, pk):
+    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    try:
+        actions.cancel_deployment(deployment, user=request.user)
+        messages.info(request, f"Cancellation of #{deployment.pk} requested.")
+    except actions.ActionError as exc:
+        messages.error(request, str(exc))
+    return redirect(deployment)
+
+
+@login_required
+@require_GET
+def deployment_log(request, pk):
+    """The full log as plain text; its SHA-256 equals the deployment's log_sha256 once finished."""
+    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    response = StreamingHttpResponse(logstream.iter_log_text(deployment.pk), content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="deployment-{deployment.pk}-{deployment.node.name}.log"'
+    return response
+
+
+# --- JSON API (session authentication; CSRF applies to POST) ------------------
+
+def _api_login_required(view):
+    def wrapped(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return JsonResponse({"error": "authentication required"}, status=401)
+        try:
+            return view(request, *args, **kwargs)
+        except Http404 as exc:
+            return JsonResponse({"error": str(exc) or "not found"}, status=404)
+        except PermissionDenied as exc:
+            return JsonResponse({"error": str(exc) or "forbidden"}, status=403)
+
+    wrapped.__name__ = view.__name__
+    wrapped.__doc__ = view.__doc__
+    return wrapped
+
+
+def _node_json(node: Node) -> dict:
+    return {
+        "name": node.name, "host": node.host, "port": node.port, "flake_attr": node.flake_attr,
+        "tags": [t.name for t in node.tags.all()], "host_key_fingerprint": node.host_key_fingerprint,
+    }
+
+
+@_api_login_required
+@require_GET
+def api_nodes(request):
+    nodes = permissions.visible_nodes(request.user).prefetch_related("tags")
+    return JsonResponse({"nodes": [_node_json(n) for n in nodes]})
+
+
+@_api_login_required
+@require_POST
+def api_deploy(request, name):
+    """POST {"action": "switch", "revision": ""} → 201 with the deployment, 409 if the node is busy."""
+    node = permissions.node_for(request.user, name, VIEW)
+    try:
+        body = json.loads(request.body or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return JsonResponse({"error": f"malformed JSON: {exc}"}, status=400)
+    form = DeployForm({"action": body.get("action", "switch"), "revision": body.get("revision", "")})
+    if not form.is_valid():
+        return JsonResponse({"error": "invalid input", "fields": form.errors.get_json_data()}, status=400)
+    try:
+        deployment = actions.request_deployment(
+            node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"],
+            user=request.user, trigger=Deployment.Trigger.API,
+        )
+    except actions.NodeBusy as exc:
+        return JsonResponse({"error": str(exc)}, status=409)
+    except actions.ActionError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    return JsonResponse({"deployment": deployment.status_payload(), "url": deployment.get_absolute_url()}, status=201)
+
+
+@_api_login_required
+@require_GET
+def api_deployment(request, pk):
+    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    return JsonResponse({"deployment": {**deployment.status_payload(), "node": deployment.node.name}})
+
+
+@_api_login_required
+@require_GET
+def api_deployment_log(request, pk):
+    """Lines after ``?after=N`` (default all), at most 5,000 per call."""
+    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    try:
+        after = int(request.GET.get("after", "-1"))
+    except ValueError:
+        return JsonResponse({"error": "after must be an integer"}, status=400)
+    lines = logstream.lines_after(deployment.pk, after, limit=5000)
+    return JsonResponse({"lines": lines, "status": deployment.status})
+
+
+@_api_login_required
+@require_POST
+def api_cancel(request, pk):
+    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    try:
+        deployment = actions.cancel_deployment(deployment, user=request.user)
+    except actions.ActionError as exc:
+        return JsonResponse({"error": str(exc)}, status=409)
+    return JsonResponse({"deployment": deployment.status_payload()})

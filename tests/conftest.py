@@ -1,0 +1,1 @@
+"""Shared fixtures: users, inventory objects, and the NixOS-like testbed."""
