@@ -11,5 +11,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("audit/", include("deployments.audit.urls")),
+    path("teams/", include("deployments.access.urls")),
     path("", include("deployments.urls")),
 ]

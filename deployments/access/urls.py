@@ -1,0 +1,4 @@
+"""Team and grant pages (namespace ``access``)."""
+
+app_name = "access"
+urlpatterns: list = []

@@ -1,0 +1,4 @@
+"""Audit trail pages (namespace ``audit``)."""
+
+app_name = "audit"
+urlpatterns: list = []
