@@ -1,0 +1,389 @@
+"""The testbed itself: nodes behave like NixOS machines over real SSH."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+
+import paramiko
+import pytest
+
+from tests.testbed import (  # noqa: F401 - testbed is a fixture
+    NodeConfigSpec,
+    commit_change,
+    git_archive,
+    make_flake_repo,
+    rotate_host_key,
+    testbed,
+    unused_address,
+)
+from tests.testbed.nodes import closing_server, namespaces_missing_reason
+
+
+def needs_namespaces(tb):
+    if not tb.isolated:
+        pytest.skip(namespaces_missing_reason())
+
+
+class Result:
+    def __init__(self, status: int, out: bytes, err: bytes, seconds: float):
+        self.status, self.out, self.err, self.seconds = status, out, err, seconds
+
+    @property
+    def stdout(self) -> str:
+        return self.out.decode()
+
+    @property
+    def stderr(self) -> str:
+        return self.err.decode()
+
+
+def ssh(node, command: str, *, stdin: bytes | None = None, password: bool = False) -> Result:
+    """Run a command over SSH with the host key pinned; read both streams to EOF."""
+    client = node.ssh_client(password=password)
+    try:
+        chan = client.get_transport().open_session()
+        started = time.monotonic()
+        chan.exec_command(command)
+        if stdin is not None:
+            chan.sendall(stdin)
+        chan.shutdown_write()
+        err_chunks: list[bytes] = []
+
+        def read_err():
+            while chunk := chan.recv_stderr(65536):
+                err_chunks.append(chunk)
+
+        reader = threading.Thread(target=read_err)
+        reader.start()
+        out_chunks = []
+        while chunk := chan.recv(262144):
+            out_chunks.append(chunk)
+        reader.join()
+        status = chan.recv_exit_status()
+        return Result(status, b"".join(out_chunks), b"".join(err_chunks), time.monotonic() - started)
+    finally:
+        client.close()
+
+
+def ship(node, repo, dest: str) -> None:
+    """Copy the repo's HEAD into dest on the node, as the panel does (git archive over SSH)."""
+    q = shlex.quote(dest)
+    result = ssh(node, f"rm -rf {q} && mkdir -p {q} && tar -x -C {q}", stdin=git_archive(repo))
+    assert result.status == 0, result.stderr
+
+
+def rebuild(node, action: str, flake_dir: str, attr: str, password: bool = False) -> Result:
+    return ssh(node, f"nixos-rebuild {action} --flake {flake_dir}#{attr}", password=password)
+
+
+@pytest.fixture
+def flake(tmp_path):
+    return tmp_path / "flake"
+
+
+def test_make_flake_repo_returns_head_and_commit_change_a_new_one(flake):
+    first = make_flake_repo(flake)
+    assert len(first) == 40
+    second = commit_change(flake, "devm")
+    assert second != first and len(second) == 40
+    assert '"version_tag": "2"' in (flake / "testbed.json").read_text()
+
+
+def test_two_nodes_have_separate_stores(testbed, flake):
+    needs_namespaces(testbed)
+    a = testbed.add_node("stores-a")
+    b = testbed.add_node("stores-b")
+    make_flake_repo(flake, {"devm": NodeConfigSpec(version_tag="only-on-a")})
+    ship(a, flake, "/root/flake")
+
+    built = rebuild(a, "build", "/root/flake", "devm")
+
+    assert built.status == 0, built.stderr
+    path = a.run("readlink /root/result").stdout.strip()
+    assert path.startswith("/nix/store/") and path.endswith("-nixos-system-devm-24.05.testbed-only-on-a")
+    assert a.run(f"test -e {path}", check=False).returncode == 0
+    assert b.run(f"test -e {path}", check=False).returncode == 1
+    assert a.run("hostname").stdout.strip() == "stores-a"
+    assert b.run("hostname").stdout.strip() == "stores-b"
+    assert a.host != b.host and a.host_key_public != b.host_key_public
+
+
+def test_switch_makes_a_new_generation_and_current_system(testbed, flake):
+    node = testbed.add_node("switch")
+    before = node.generations()
+    initial = node.current_system()
+    make_flake_repo(flake)
+    ship(node, flake, "/root/deploy-1")
+
+    result = rebuild(node, "switch", "/root/deploy-1", "devm")
+
+    assert result.status == 0, result.stderr
+    assert "building the system configuration...\n" in result.stderr
+    assert "activating the configuration...\n" in result.stderr
+    assert "the following new units were started: testbed-devm.service" in result.stderr
+    assert node.generations() == before + [before[-1] + 1 if before else 1]
+    assert node.current_system() != initial
+    assert node.current_system().endswith("-nixos-system-devm-24.05.testbed-1")
+    assert node.system_profile() == node.current_system()
+    version = node.run("cat /run/current-system/nixos-version").stdout
+    assert version == "24.05.testbed-1 (Uakari)\n"
+    # The closure has the toplevel and its dependency.
+    closure = node.run("nix-store -qR /run/current-system").stdout.split()
+    assert len(closure) >= 2
+
+
+def test_switching_two_new_commits_adds_two_generations(testbed, flake):
+    node = testbed.add_node("twice")
+    make_flake_repo(flake)
+    start = node.generations()
+    systems = []
+    for n in range(2):
+        commit_change(flake, "devm")
+        ship(node, flake, f"/root/deploy-{n}")
+        result = rebuild(node, "switch", f"/root/deploy-{n}", "devm")
+        assert result.status == 0, result.stderr
+        systems.append(node.current_system())
+
+    assert node.generations() == start + [start[-1] + 1, start[-1] + 2]
+    assert systems[0] != systems[1]
+    assert systems[1].endswith("testbed-3")
+
+
+def test_deploying_the_same_store_path_twice_adds_no_generation(testbed, flake):
+    node = testbed.add_node("same")
+    make_flake_repo(flake)
+    ship(node, flake, "/root/flake")
+    assert rebuild(node, "switch", "/root/flake", "devm").status == 0
+    after_first = node.generations()
+
+    again = rebuild(node, "switch", "/root/flake", "devm")
+
+    assert again.status == 0, again.stderr
+    assert node.generations() == after_first
+    listing = ssh(node, "nixos-rebuild list-generations")
+    assert listing.status == 0
+    assert len(listing.stdout.splitlines()) == len(after_first)
+
+
+def test_dry_activate_changes_nothing(testbed, flake):
+    node = testbed.add_node("dry")
+    make_flake_repo(flake)
+    ship(node, flake, "/root/flake")
+    before = (node.generations(), node.current_system(), node.system_profile())
+
+    result = rebuild(node, "dry-activate", "/root/flake", "devm")
+
+    assert result.status == 0, result.stderr
+    assert "would activate the configuration...\n" in result.stderr
+    assert "would start the following units: testbed-devm.service" in result.stderr
+    assert "activating the configuration..." not in result.stderr.replace("would activate", "")
+    assert (node.generations(), node.current_system(), node.system_profile()) == before
+
+
+def test_failing_configuration_exits_1_with_nixos_messages(testbed, flake):
+    node = testbed.add_node("failing")
+    make_flake_repo(flake)
+    ship(node, flake, "/root/flake")
+    before = node.generations()
+
+    result = rebuild(node, "switch", "/root/flake", "failing")
+
+    assert result.status == 1
+    assert "warning: the following units failed: foo.service\n" in result.stderr
+    assert result.stderr.rstrip().endswith(
+        "warning: error(s) occurred while switching to the new configuration"
+    )
+    # As on NixOS: the profile got the new generation and activation ran.
+    assert len(node.generations()) == len(before) + 1
+    assert "nixos-system-failing" in node.current_system()
+    # switch-to-configuration itself exits 4.
+    direct = node.run("/nix/var/nix/profiles/system/bin/switch-to-configuration test", check=False)
+    assert direct.returncode == 4
+
+
+@pytest.mark.parametrize("code", [2, 3, 100])
+def test_switch_to_configuration_exit_codes(testbed, flake, code):
+    node = testbed.add_node(f"exit-{code}")
+    make_flake_repo(flake, {"devm": NodeConfigSpec(activation_exit=code, version_tag=f"exit{code}")})
+    ship(node, flake, "/root/flake")
+    assert rebuild(node, "build", "/root/flake", "devm").status == 0
+
+    direct = node.run("/root/result/bin/switch-to-configuration test", check=False)
+    via_rebuild = rebuild(node, "test", "/root/flake", "devm")
+
+    assert direct.returncode == code
+    assert via_rebuild.status == 1
+    usage = node.run("/root/result/bin/switch-to-configuration bogus", check=False)
+    assert usage.returncode == 1 and "Usage:" in usage.stderr
+
+
+def test_build_leaves_result_and_unknown_action_is_a_usage_error(testbed, flake):
+    node = testbed.add_node("build")
+    make_flake_repo(flake)
+    ship(node, flake, "/root/flake")
+    before = (node.generations(), node.current_system())
+
+    built = ssh(node, "cd /tmp && nixos-rebuild build -L --show-trace --flake /root/flake#devm")
+    bogus = ssh(node, "nixos-rebuild frobnicate --flake /root/flake#devm")
+
+    assert built.status == 0, built.stderr
+    assert node.run("readlink /tmp/result").stdout.startswith("/nix/store/")
+    assert (node.generations(), node.current_system()) == before
+    assert bogus.status == 1 and "Usage:" in bogus.stderr
+
+
+def test_rollback_returns_to_the_previous_generation(testbed, flake):
+    needs_namespaces(testbed)
+    node = testbed.add_node("rollback")
+    initial = node.current_system()
+    make_flake_repo(flake)
+    ship(node, flake, "/root/flake")
+    assert rebuild(node, "switch", "/root/flake", "devm").status == 0
+
+    result = ssh(node, "nixos-rebuild switch --rollback")
+
+    assert result.status == 0, result.stderr
+    assert node.current_system() == initial
+    assert node.system_profile() == initial
+
+
+def test_password_login_works_on_a_password_node(testbed, flake):
+    needs_namespaces(testbed)
+    node = testbed.add_node("passworded", password="correct horse")
+    make_flake_repo(flake)
+    ship(node, flake, "/root/flake")
+
+    result = rebuild(node, "switch", "/root/flake", "devm", password=True)
+
+    assert result.status == 0, result.stderr
+    node.password = "wrong"
+    with pytest.raises(paramiko.AuthenticationException):
+        node.ssh_client(password=True)
+
+
+def test_key_only_node_refuses_passwords(testbed):
+    node = testbed.add_node("keyonly")
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    with pytest.raises(paramiko.AuthenticationException):
+        client.connect(node.host, node.port, username=node.user, password="anything",
+                       allow_agent=False, look_for_keys=False, timeout=10)  # fmt: skip
+    client.close()
+
+
+def test_rotated_host_key_is_rejected_when_the_old_one_is_pinned(testbed):
+    node = testbed.add_node("rotating")
+    old = node.host_key_public
+    pinned = node.ssh_client()
+    pinned.close()
+
+    new = rotate_host_key(node)
+
+    assert new != old and node.host_key_public == new
+    node.host_key_public = old
+    with pytest.raises(paramiko.BadHostKeyException):
+        node.ssh_client()
+    node.host_key_public = new
+    node.ssh_client().close()
+
+
+def test_unreachable_addresses_fail_fast():
+    host, port = unused_address()
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    started = time.monotonic()
+    with pytest.raises(paramiko.ssh_exception.NoValidConnectionsError):
+        client.connect(host, port, username="root", timeout=5)
+    assert time.monotonic() - started < 2
+    with closing_server() as (host, port):
+        with pytest.raises(paramiko.SSHException):
+            client.connect(host, port, username="root", timeout=5, banner_timeout=5)
+
+
+def test_extra_lines_stream_exactly_and_fast(testbed, flake):
+    node = testbed.add_node("chatty")
+    make_flake_repo(flake, {"chatty": NodeConfigSpec(extra_lines=200_000)})
+    ship(node, flake, "/root/flake")
+    assert rebuild(node, "build", "/root/flake", "chatty").status == 0
+
+    result = rebuild(node, "test", "/root/flake", "chatty")
+
+    assert result.status == 0, result.stderr
+    lines = result.out.split(b"\n")
+    assert lines[-1] == b""
+    lines = lines[:-1]
+    assert len(lines) == 200_000
+    assert {len(line) + 1 for line in lines} == {75}
+    assert lines[0].startswith(b"activation output line 000000000001 ")
+    rate = len(lines) / result.seconds
+    print(f"\n200000 activation lines over SSH in {result.seconds:.2f} s: {rate:,.0f} lines/s")
+    assert rate > 100_000
+
+
+def test_paced_lines_carry_their_timestamp(testbed, flake):
+    node = testbed.add_node("paced")
+    make_flake_repo(flake, {"paced": NodeConfigSpec(extra_lines=10, lines_per_second=20)})
+    ship(node, flake, "/root/flake")
+
+    result = rebuild(node, "test", "/root/flake", "paced")
+
+    assert result.status == 0, result.stderr
+    lines = result.out.splitlines()
+    assert len(lines) == 10
+    assert {len(line) + 1 for line in lines} == {75}
+    stamps = [float(line.split()[0]) for line in lines]
+    assert stamps == sorted(stamps)
+    # 20 lines/s: the 10th line comes about 0.45 s after the first.
+    assert 0.35 < stamps[-1] - stamps[0] < 2
+    assert abs(stamps[-1] - time.time()) < 60
+
+
+def test_slow_activation_prints_while_it_runs_and_stops_with_the_node(testbed, flake):
+    node = testbed.add_node("slow")
+    make_flake_repo(flake)
+    ship(node, flake, "/root/flake")
+    client = node.ssh_client()
+    chan = client.get_transport().open_session()
+    chan.exec_command("nixos-rebuild test --flake /root/flake#slow")
+    buf = b""
+    deadline = time.monotonic() + 20
+    while b"step 2 of 60" not in buf and time.monotonic() < deadline:
+        chan.settimeout(max(0.1, deadline - time.monotonic()))
+        buf += chan.recv(4096)
+    assert b"activation in progress: step 1 of 60\n" in buf
+    assert b"step 2 of 60" in buf
+
+    node.stop()
+
+    chan.settimeout(10)
+    while chan.recv(4096):
+        pass
+    assert chan.recv_exit_status() in (-1, 255) or chan.exit_status_ready()
+    client.close()
+    with pytest.raises(Exception):
+        node.run("true")
+
+
+def test_stopped_node_leaves_no_namespace(testbed):
+    needs_namespaces(testbed)
+    import subprocess
+
+    node = testbed.add_node("ephemeral")
+    netns = node.netns
+    assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+    node.stop()
+
+    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_nodes_start_quickly(testbed):
+    testbed.add_node("warmup")  # the first node builds the initial system once
+    started = time.monotonic()
+    for i in range(5):
+        testbed.add_node(f"quick-{i}")
+    per_node = (time.monotonic() - started) / 5
+    print(f"\nnode start: {per_node * 1000:.0f} ms each")
+    assert per_node < 1.0
