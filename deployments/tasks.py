@@ -149,7 +149,12 @@ def run_deployment(deployment_id: int) -> str:
     except Cancelled:
         status, fields["error_message"] = Status.CANCELLED, "cancelled on request"
     except RemoteError as exc:
-        status, fields["error_message"] = Status.ERROR, exc.message
+        if exc.kind == "disconnected":
+            # The node may still be activating on its own: we only lost sight of it.
+            status = Status.INTERRUPTED
+            fields["error_message"] = f"{exc.message}; the activation may still complete on the node: check it"
+        else:
+            status, fields["error_message"] = Status.ERROR, exc.message
     except repos.RepositoryError as exc:
         status, fields["error_message"] = Status.ERROR, f"flake source: {exc}"
     except Exception:  # noqa: BLE001 - a panel bug must still end the deployment, with its traceback

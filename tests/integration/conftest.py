@@ -1,0 +1,42 @@
+"""Fixtures that put testbed nodes into the panel's inventory."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from deployments import actions
+from deployments.models import Credential, Node, Repository
+
+_names = itertools.count(1)
+
+
+@pytest.fixture
+def repository(transactional_db, flake_repo):
+    return Repository.objects.create(name="fleet", url=str(flake_repo[0]), branch="main")
+
+
+@pytest.fixture
+def add_node(testbed, repository):
+    """Start a testbed node and register it in the panel with its host key pinned.
+
+    ``add_node(attr="devm", password=False)`` → (panel Node, testbed Node).
+    """
+
+    def make(attr: str = "devm", *, password: bool = False, pin: bool = True):
+        name = f"n{next(_names)}-{testbed.token}"
+        tb_node = testbed.add_node(name, password="correct-horse-battery" if password else None)
+        if password:
+            cred = Credential(name=f"{name}-pw", kind=Credential.Kind.PASSWORD)
+            actions.save_credential(cred, secret=tb_node.password, actor_kind="cli")
+        else:
+            cred = Credential(name=f"{name}-key", kind=Credential.Kind.SSH_KEY)
+            actions.save_credential(cred, secret=tb_node.client_key_private, actor_kind="cli")
+        node = Node.objects.create(name=name, host=tb_node.host, port=tb_node.port, ssh_user=tb_node.user,
+                                   flake_attr=attr, repository=repository, credential=cred)
+        if pin:
+            actions.pin_host_key(node, tb_node.host_key_public)
+        return node, tb_node
+
+    return make

@@ -1,0 +1,274 @@
+"""Deployments through real SSH to NixOS-like nodes: outcomes, generations, and every failure mode.
+
+The worker function runs in-process here; tests/e2e runs it in a real qcluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+
+from deployments import actions, logstream, tasks
+from deployments.audit.models import AuditEvent
+from deployments.models import Credential, Deployment
+from tests.helpers import ed25519_private_key, wait_for
+from tests.testbed import closing_server, commit_change, rotate_host_key, unused_address
+
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+
+
+def deploy(node, action="switch", revision="", user=None) -> Deployment:
+    d = actions.request_deployment(node, action=action, revision=revision, user=user,
+                                   trigger=Deployment.Trigger.CLI)
+    tasks.run_deployment(d.pk)
+    d.refresh_from_db()
+    return d
+
+
+def log_text(d: Deployment) -> list[str]:
+    return [text for _, _, text in logstream.lines_after(d.pk)]
+
+
+def test_switch_twice_makes_two_generations_and_records_them(add_node, flake_repo):
+    node, tb = add_node()
+    gens_before = tb.generations()
+    first = deploy(node)
+    assert first.status == "succeeded", first.error_message
+    assert first.exit_code == 0
+    commit_change(flake_repo[0], "devm")
+    second = deploy(node)
+    assert second.status == "succeeded", second.error_message
+    assert tb.generations() == gens_before + [first.generation_after, second.generation_after]
+    assert second.generation_before == first.generation_after
+    assert second.generation_after == first.generation_after + 1
+    assert second.system_after == tb.current_system() == second.toplevel
+    assert first.toplevel != second.toplevel and first.commit_sha != second.commit_sha
+    lines = log_text(second)
+    assert "building the system configuration..." in lines
+    assert "activating the configuration..." in lines
+
+
+def test_the_recorded_log_hash_and_counts_match_the_stored_log(add_node):
+    node, _ = add_node()
+    d = deploy(node)
+    text = "".join(logstream.iter_log_text(d.pk)).encode()
+    assert hashlib.sha256(text).hexdigest() == d.log_sha256
+    assert d.byte_count == len(text) and d.line_count == text.count(b"\n")
+    finished = AuditEvent.objects.get(action="deployment.finished", object_id=str(d.pk))
+    assert finished.details["log_sha256"] == d.log_sha256
+    assert finished.details["toplevel"] == d.toplevel and finished.details["commit"] == d.commit_sha
+
+
+def test_the_shipped_source_is_removed_afterwards(add_node):
+    node, tb = add_node()
+    d = deploy(node)
+    assert d.status == "succeeded"
+    assert tb.run(f"test -e /tmp/nixos-panel-root/deploy-{d.pk}", check=False).returncode != 0
+    assert d.archive_sha256 and len(d.archive_sha256) == 64
+
+
+def test_dry_activate_changes_nothing(add_node):
+    node, tb = add_node()
+    before = (tb.generations(), tb.current_system())
+    d = deploy(node, action="dry-activate")
+    assert d.status == "succeeded", d.error_message
+    assert (tb.generations(), tb.current_system()) == before
+    assert any(line.startswith("would ") for line in log_text(d))
+
+
+def test_build_builds_without_activating(add_node):
+    node, tb = add_node()
+    before = (tb.generations(), tb.current_system())
+    d = deploy(node, action="build")
+    assert d.status == "succeeded", d.error_message
+    assert d.toplevel.startswith("/nix/store/")
+    assert (tb.generations(), tb.current_system()) == before
+
+
+def test_boot_sets_the_default_without_activating(add_node, flake_repo):
+    node, tb = add_node()
+    current = tb.current_system()
+    commit_change(flake_repo[0], "devm")
+    d = deploy(node, action="boot")
+    assert d.status == "succeeded", d.error_message
+    assert d.generation_after == d.generation_before + 1
+    assert tb.current_system() == current
+
+
+def test_a_failing_activation_is_failed_with_its_exit_code_and_last_lines(add_node):
+    node, _ = add_node("failing")
+    d = deploy(node)
+    assert d.status == "failed"
+    assert d.exit_code == 1, "nixos-rebuild exits 1 when switch-to-configuration fails"
+    assert "exited with code 1" in d.error_message
+    lines = log_text(d)
+    assert "warning: the following units failed: foo.service" in lines
+    assert "warning: error(s) occurred while switching to the new configuration" in lines
+    streams = {text: stream for _, stream, text in logstream.lines_after(d.pk)}
+    assert streams["warning: error(s) occurred while switching to the new configuration"] == "e"
+
+
+def test_a_missing_flake_attribute_fails_with_nix_s_message(add_node):
+    node, _ = add_node("nosuchattr")
+    d = deploy(node)
+    assert d.status == "failed" and d.exit_code != 0
+    assert any("nosuchattr" in line for line in log_text(d))
+
+
+def test_an_unknown_host_is_an_error_that_names_it(add_node):
+    node, _ = add_node()
+    node.host = "no-such-node.invalid"
+    node.save()
+    d = deploy(node)
+    assert d.status == "error"
+    assert "no-such-node.invalid" in d.error_message
+
+
+def test_an_unreachable_port_is_an_error_that_says_so(add_node):
+    node, _ = add_node()
+    node.host, node.port = unused_address()
+    node.save()
+    d = deploy(node)
+    assert d.status == "error"
+    assert "refused" in d.error_message.lower() or "unreachable" in d.error_message.lower()
+
+
+def test_a_server_that_hangs_up_at_once_is_an_error(add_node):
+    node, _ = add_node()
+    with closing_server() as (host, port):
+        node.host, node.port = host, port
+        node.save()
+        d = deploy(node)
+    assert d.status == "error" and d.error_message
+
+
+def test_a_refused_login_is_an_error_that_says_so(add_node):
+    node, _ = add_node()
+    wrong = Credential(name="wrong-key", kind=Credential.Kind.SSH_KEY)
+    actions.save_credential(wrong, secret=ed25519_private_key(), actor_kind="cli")
+    node.credential = wrong
+    node.save()
+    d = deploy(node)
+    assert d.status == "error"
+    assert "auth" in d.error_message.lower()
+
+
+def test_a_changed_host_key_stops_the_deploy_and_says_so(add_node):
+    node, tb = add_node()
+    pinned = node.host_key_fingerprint
+    rotate_host_key(tb)
+    gens = tb.generations()
+    d = deploy(node)
+    assert d.status == "error"
+    assert "host key" in d.error_message.lower() and pinned in d.error_message
+    assert tb.generations() == gens
+
+
+def test_password_login_works(add_node):
+    node, tb = add_node(password=True)
+    d = deploy(node)
+    assert d.status == "succeeded", d.error_message
+    assert tb.current_system() == d.system_after
+
+
+def test_the_password_never_reaches_the_log_or_the_trail(add_node):
+    node, tb = add_node(password=True)
+    d = deploy(node)
+    text = "".join(logstream.iter_log_text(d.pk))
+    assert tb.password not in text
+    assert all(tb.password not in str(e.details) for e in AuditEvent.objects.all())
+
+
+def test_a_second_deploy_to_a_busy_node_is_refused(add_node):
+    node, tb = add_node("slow")
+    d = actions.request_deployment(node, action="switch")
+    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
+    worker.start()
+    try:
+        wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
+        with pytest.raises(actions.NodeBusy):
+            actions.request_deployment(node, action="switch")
+    finally:
+        actions.cancel_deployment(d)
+        worker.join(60)
+    d.refresh_from_db()
+    assert d.status == "cancelled"
+    assert Deployment.objects.filter(node=node).count() == 1
+
+
+def test_cancel_stops_the_remote_process(add_node):
+    node, tb = add_node("slow")
+    d = actions.request_deployment(node, action="switch")
+    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
+    worker.start()
+    wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
+    actions.cancel_deployment(d)
+    worker.join(60)
+    d.refresh_from_db()
+    assert d.status == "cancelled"
+    wait_for(lambda: tb.run("pgrep -f '[s]witch-to-configuration'", check=False).returncode == 1,
+             timeout=15, what="the remote activation to be gone")
+    assert AuditEvent.objects.filter(action="deployment.finished", object_id=str(d.pk)).get().details["status"] == "cancelled"
+
+
+def test_a_deploy_running_twice_from_the_broker_runs_once(add_node):
+    node, tb = add_node()
+    d = actions.request_deployment(node, action="switch")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(tasks.run_deployment(d.pk))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == ["skipped", "skipped", "succeeded"]
+    assert AuditEvent.objects.filter(action="deployment.started", object_id=str(d.pk)).count() == 1
+
+
+def test_an_attribute_with_shell_syntax_never_reaches_the_node(add_node):
+    node, tb = add_node()
+    # Forced past the validators, as if written straight into the database.
+    d = actions.request_deployment(node, action="switch")
+    Deployment.objects.filter(pk=d.pk).update(flake_attr="devm;touch /tmp/pwned")
+    tasks.run_deployment(d.pk)
+    d.refresh_from_db()
+    assert d.status == "error"
+    assert tb.run("test -e /tmp/pwned", check=False).returncode != 0
+
+
+def _kill_ssh_sessions(tb) -> int:
+    """SIGKILL the node's per-connection sshd processes (not the listener): the link drops."""
+    import os
+    import signal
+
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == tb.sshd_pid:
+            continue
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            netns = os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            continue
+        if cmdline.startswith(b"sshd: ") and netns == os.readlink(f"/proc/{tb.sshd_pid}/ns/net"):
+            os.kill(int(pid), signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def test_a_dropped_connection_mid_run_is_interrupted_not_lost(add_node):
+    node, tb = add_node("slow")
+    if not tb.isolated:
+        pytest.skip("needs the node's own network namespace to tell its sshd sessions apart (root only)")
+    d = actions.request_deployment(node, action="switch")
+    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
+    worker.start()
+    wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
+    assert _kill_ssh_sessions(tb) >= 1
+    worker.join(60)
+    d.refresh_from_db()
+    assert d.status == "interrupted"
+    assert "connection" in d.error_message.lower() or "disconnect" in d.error_message.lower()
+    assert any("activating" in t for t in log_text(d)), "lines received before the drop are kept"
+    assert not Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).exists()
