@@ -1,0 +1,172 @@
+"""End to end: daphne and the qcluster as real processes, HTTP with CSRF, the WebSocket log.
+
+Runs on the embedded default (SQLite, ORM broker); `make test` runs it again on
+PostgreSQL + Redis (channels-redis pushes, the django-q2 Redis broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.testbed import NodeConfigSpec, free_port, make_flake_repo
+
+from .panel import ROOT, Browser, Panel, read_log
+
+pytestmark = pytest.mark.e2e
+
+CHATTY_LINES = 3000
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fleet") / "flake"
+    make_flake_repo(path, {
+        "devm": NodeConfigSpec(),
+        "failing": NodeConfigSpec(activation_exit=4),
+        "slow": NodeConfigSpec(sleep=60),
+        "chatty": NodeConfigSpec(extra_lines=CHATTY_LINES, lines_per_second=1500),
+    })
+    return path
+
+
+@pytest.fixture(scope="module")
+def panel(tmp_path_factory, testbed, fleet):
+    p = Panel(tmp_path_factory.mktemp("panel"))
+    try:
+        for attr in ("devm", "failing", "slow", "chatty"):
+            tb_node = testbed.add_node(f"e2e-{attr}-{testbed.token}")
+            p.register_node(tb_node, name=attr, attr=attr, repo_path=fleet)
+        p.start()
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def browser(panel):
+    b = Browser(panel)
+    b.login()
+    return b
+
+
+def final_status(result: dict) -> str:
+    return result["statuses"][-1]["status"]
+
+
+def test_a_deploy_requested_over_http_streams_every_line_in_order(panel, browser):
+    pk = browser.deploy("chatty")
+    result = asyncio.run(read_log(panel, browser, pk))
+    assert result["ended"], panel.logs()
+    seqs = [line[0] for line in result["lines"]]
+    assert seqs == list(range(len(seqs))), "gap-free, in order, no duplicates"
+    paced = [line[2] for line in result["lines"] if " paced line " in line[2]]
+    assert [int(t.split(" paced line ")[1][:8]) for t in paced] == list(range(1, CHATTY_LINES + 1))
+    assert final_status(result) == "succeeded"
+    assert result["statuses"][-1]["generation_after"] is not None
+
+
+def test_a_reconnect_mid_stream_resumes_without_gaps_or_duplicates(panel, browser):
+    pk = browser.deploy("chatty")
+    first = asyncio.run(read_log(panel, browser, pk, stop_after_lines=300))
+    assert not first["ended"] and len(first["lines"]) >= 300
+    last_seq = first["lines"][-1][0]
+    second = asyncio.run(read_log(panel, browser, pk, after=last_seq))
+    assert second["ended"], panel.logs()
+    seqs = [line[0] for line in first["lines"] + second["lines"]]
+    assert seqs == list(range(len(seqs)))
+    assert sum(" paced line " in line[2] for line in first["lines"] + second["lines"]) == CHATTY_LINES
+
+
+def test_a_finished_log_replays_in_full_to_a_late_client(panel, browser):
+    pk = browser.deploy("devm")
+    live = asyncio.run(read_log(panel, browser, pk))
+    late = asyncio.run(read_log(panel, browser, pk))
+    assert late["ended"] and late["lines"] == live["lines"]
+    assert final_status(late) == "succeeded"
+
+
+def test_a_failing_activation_reaches_the_browser_as_failed(panel, browser):
+    pk = browser.deploy("failing")
+    result = asyncio.run(read_log(panel, browser, pk))
+    assert final_status(result) == "failed" and result["statuses"][-1]["exit_code"] == 1
+    assert any("the following units failed" in line[2] for line in result["lines"][-15:])
+
+
+def test_the_websocket_refuses_an_anonymous_client(panel, browser):
+    pk = browser.deploy("devm")
+    asyncio.run(read_log(panel, browser, pk))
+    anonymous = Browser(panel)
+    anonymous.request("GET", "/login/")
+    result = asyncio.run(read_log(panel, anonymous, pk, timeout=10))
+    assert result["lines"] == [] and result["close_code"] == 403, "refused at the handshake"
+
+
+def test_a_deploy_without_csrf_token_is_refused(panel, browser):
+    status, _, _ = browser.request("POST", "/nodes/devm/deploy/", {"action": "switch"}, csrf=False)
+    assert status == 403
+
+
+def test_the_deploy_command_follows_the_log_and_exits_with_the_outcome(panel):
+    ok = panel.manage("deploy", "devm", "--follow", check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "activating the configuration..." in ok.stderr and "succeeded" in ok.stderr
+    bad = panel.manage("deploy", "failing", "--follow", check=False)
+    assert bad.returncode == 1 and "failed (exit code 1)" in bad.stderr
+    refused = panel.manage("deploy", "devm", "--rev", "main;reboot", check=False)
+    assert refused.returncode == 2 and "not allowed" in refused.stderr
+
+
+def test_a_worker_killed_mid_deploy_leaves_an_interrupted_deployment_and_a_free_node(panel, browser):
+    pk = browser.deploy("slow")
+    asyncio.run(read_log(panel, browser, pk, stop_after_lines=12, timeout=60))
+    panel.kill("worker", signal.SIGKILL)
+    try:
+        wait_for(lambda: "1 deployment(s)" in panel.manage("reapdeployments", "--stale-after", "2").stdout,
+                 timeout=30, interval=0.5, what="the stale deployment to be reaped")
+        status, _, body = browser.request("GET", f"/api/deployments/{pk}/")
+        assert b'"status": "interrupted"' in body
+    finally:
+        panel.start(worker=True)
+    # Never re-run by the queue, and the node is free for a human's new deploy.
+    again = browser.deploy("slow")
+    browser.request("POST", f"/deployments/{again}/cancel/", {})
+    result = asyncio.run(read_log(panel, browser, again))
+    assert final_status(result) == "cancelled"
+    _, _, body = browser.request("GET", f"/api/deployments/{pk}/")
+    assert b'"status": "interrupted"' in body
+
+
+def test_runpanel_creates_the_first_admin_and_serves_the_panel(tmp_path):
+    port = free_port()
+    proc_env = {**os.environ, "PANEL_DATA_DIR": str(tmp_path / "data"), "DJANGO_SETTINGS_MODULE": "controlpanel.settings"}
+    proc_env.pop("DATABASE_URL", None)
+    proc_env.pop("REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "runpanel", "--port", str(port)], cwd=ROOT,
+                            env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output = ""
+        for line in proc.stdout:
+            output += line
+            if "Panel at" in line:
+                break
+        password = re.search(r"password: (\S+)", output).group(1)
+        fake = Panel.__new__(Panel)
+        fake.url, fake.port, fake.password = f"http://127.0.0.1:{port}", port, password
+        wait_for(fake._http_up, timeout=30, what="the panel to listen")
+        b = Browser(fake)
+        b.login("admin", password)
+        status, _, page = b.request("GET", "/")
+        assert status == 200 and b"NixOS" in page
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
