@@ -1,4 +1,7 @@
-"""The testbed itself: nodes behave like NixOS machines over real SSH."""
+"""The testbed itself: nodes behave like NixOS machines over real SSH.
+
+The ``testbed`` fixture comes from tests/conftest.py (``from tests.testbed import testbed``).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ import time
 import paramiko
 import pytest
 
-from tests.testbed import (  # noqa: F401 - testbed is a fixture
+from tests.testbed import (
+    NixUnavailable,
     NodeConfigSpec,
+    TestbedError,
     commit_change,
     git_archive,
     make_flake_repo,
     rotate_host_key,
-    testbed,
     unused_address,
 )
 from tests.testbed.nodes import closing_server, namespaces_missing_reason
@@ -24,6 +28,13 @@ from tests.testbed.nodes import closing_server, namespaces_missing_reason
 def needs_namespaces(tb):
     if not tb.isolated:
         pytest.skip(namespaces_missing_reason())
+
+
+def needs_nix(tb):
+    try:
+        tb.require_nix()
+    except NixUnavailable as e:
+        pytest.skip(str(e))
 
 
 class Result:
@@ -68,14 +79,17 @@ def ssh(node, command: str, *, stdin: bytes | None = None, password: bool = Fals
 
 
 def ship(node, repo, dest: str) -> None:
-    """Copy the repo's HEAD into dest on the node, as the panel does (git archive over SSH)."""
-    q = shlex.quote(dest)
+    """Copy the repo's HEAD into dest (under the node's home) as the panel does: git archive over SSH."""
+    q = shlex.quote(f"{node.home}/{dest}")
     result = ssh(node, f"rm -rf {q} && mkdir -p {q} && tar -x -C {q}", stdin=git_archive(repo))
     assert result.status == 0, result.stderr
 
 
 def rebuild(node, action: str, flake_dir: str, attr: str, password: bool = False) -> Result:
-    return ssh(node, f"nixos-rebuild {action} --flake {flake_dir}#{attr}", password=password)
+    """nixos-rebuild over SSH, in the node's home, with flake_dir relative to it."""
+    home = shlex.quote(node.home)
+    command = f"cd {home} && nixos-rebuild {action} --flake {home}/{flake_dir}#{attr}"
+    return ssh(node, command, password=password)
 
 
 @pytest.fixture
@@ -92,16 +106,17 @@ def test_make_flake_repo_returns_head_and_commit_change_a_new_one(flake):
 
 
 def test_two_nodes_have_separate_stores(testbed, flake):
+    needs_nix(testbed)
     needs_namespaces(testbed)
     a = testbed.add_node("stores-a")
     b = testbed.add_node("stores-b")
     make_flake_repo(flake, {"devm": NodeConfigSpec(version_tag="only-on-a")})
-    ship(a, flake, "/root/flake")
+    ship(a, flake, "flake")
 
-    built = rebuild(a, "build", "/root/flake", "devm")
+    built = rebuild(a, "build", "flake", "devm")
 
     assert built.status == 0, built.stderr
-    path = a.run("readlink /root/result").stdout.strip()
+    path = a.run("readlink result").stdout.strip()
     assert path.startswith("/nix/store/") and path.endswith("-nixos-system-devm-24.05.testbed-only-on-a")
     assert a.run(f"test -e {path}", check=False).returncode == 0
     assert b.run(f"test -e {path}", check=False).returncode == 1
@@ -111,13 +126,14 @@ def test_two_nodes_have_separate_stores(testbed, flake):
 
 
 def test_switch_makes_a_new_generation_and_current_system(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("switch")
     before = node.generations()
     initial = node.current_system()
     make_flake_repo(flake)
-    ship(node, flake, "/root/deploy-1")
+    ship(node, flake, "deploy-1")
 
-    result = rebuild(node, "switch", "/root/deploy-1", "devm")
+    result = rebuild(node, "switch", "deploy-1", "devm")
 
     assert result.status == 0, result.stderr
     assert "building the system configuration...\n" in result.stderr
@@ -127,22 +143,23 @@ def test_switch_makes_a_new_generation_and_current_system(testbed, flake):
     assert node.current_system() != initial
     assert node.current_system().endswith("-nixos-system-devm-24.05.testbed-1")
     assert node.system_profile() == node.current_system()
-    version = node.run("cat /run/current-system/nixos-version").stdout
+    version = node.run(f"cat {node.current_system()}/nixos-version").stdout
     assert version == "24.05.testbed-1 (Uakari)\n"
     # The closure has the toplevel and its dependency.
-    closure = node.run("nix-store -qR /run/current-system").stdout.split()
+    closure = node.run(f"nix-store -qR {node.current_system()}").stdout.split()
     assert len(closure) >= 2
 
 
 def test_switching_two_new_commits_adds_two_generations(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("twice")
     make_flake_repo(flake)
     start = node.generations()
     systems = []
     for n in range(2):
         commit_change(flake, "devm")
-        ship(node, flake, f"/root/deploy-{n}")
-        result = rebuild(node, "switch", f"/root/deploy-{n}", "devm")
+        ship(node, flake, f"deploy-{n}")
+        result = rebuild(node, "switch", f"deploy-{n}", "devm")
         assert result.status == 0, result.stderr
         systems.append(node.current_system())
 
@@ -152,13 +169,14 @@ def test_switching_two_new_commits_adds_two_generations(testbed, flake):
 
 
 def test_deploying_the_same_store_path_twice_adds_no_generation(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("same")
     make_flake_repo(flake)
-    ship(node, flake, "/root/flake")
-    assert rebuild(node, "switch", "/root/flake", "devm").status == 0
+    ship(node, flake, "flake")
+    assert rebuild(node, "switch", "flake", "devm").status == 0
     after_first = node.generations()
 
-    again = rebuild(node, "switch", "/root/flake", "devm")
+    again = rebuild(node, "switch", "flake", "devm")
 
     assert again.status == 0, again.stderr
     assert node.generations() == after_first
@@ -168,12 +186,13 @@ def test_deploying_the_same_store_path_twice_adds_no_generation(testbed, flake):
 
 
 def test_dry_activate_changes_nothing(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("dry")
     make_flake_repo(flake)
-    ship(node, flake, "/root/flake")
+    ship(node, flake, "flake")
     before = (node.generations(), node.current_system(), node.system_profile())
 
-    result = rebuild(node, "dry-activate", "/root/flake", "devm")
+    result = rebuild(node, "dry-activate", "flake", "devm")
 
     assert result.status == 0, result.stderr
     assert "would activate the configuration...\n" in result.stderr
@@ -183,64 +202,98 @@ def test_dry_activate_changes_nothing(testbed, flake):
 
 
 def test_failing_configuration_exits_1_with_nixos_messages(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("failing")
     make_flake_repo(flake)
-    ship(node, flake, "/root/flake")
+    ship(node, flake, "flake")
     before = node.generations()
 
-    result = rebuild(node, "switch", "/root/flake", "failing")
+    result = rebuild(node, "switch", "flake", "failing")
 
     assert result.status == 1
     assert "warning: the following units failed: foo.service\n" in result.stderr
-    assert result.stderr.rstrip().endswith(
-        "warning: error(s) occurred while switching to the new configuration"
-    )
+    assert result.stderr.rstrip().endswith("warning: error(s) occurred while switching to the new configuration")
     # As on NixOS: the profile got the new generation and activation ran.
     assert len(node.generations()) == len(before) + 1
     assert "nixos-system-failing" in node.current_system()
     # switch-to-configuration itself exits 4.
-    direct = node.run("/nix/var/nix/profiles/system/bin/switch-to-configuration test", check=False)
+    direct = node.run(
+        '"${TESTBED_SYSTEM_PROFILE:-/nix/var/nix/profiles/system}"/bin/switch-to-configuration test',
+        check=False,
+    )
     assert direct.returncode == 4
+
+
+def test_a_failing_build_exits_with_nix_code_and_changes_nothing(testbed, flake):
+    needs_nix(testbed)
+    node = testbed.add_node("nobuild")
+    make_flake_repo(flake)
+    ship(node, flake, "flake")
+    before = (node.generations(), node.current_system())
+
+    result = rebuild(node, "switch", "flake", "missing")
+
+    assert result.status == 1
+    assert "building the system configuration...\n" in result.stderr
+    assert "does not provide attribute" in result.stderr
+    assert "error(s) occurred while switching" not in result.stderr
+    assert (node.generations(), node.current_system()) == before
 
 
 @pytest.mark.parametrize("code", [2, 3, 100])
 def test_switch_to_configuration_exit_codes(testbed, flake, code):
+    needs_nix(testbed)
     node = testbed.add_node(f"exit-{code}")
     make_flake_repo(flake, {"devm": NodeConfigSpec(activation_exit=code, version_tag=f"exit{code}")})
-    ship(node, flake, "/root/flake")
-    assert rebuild(node, "build", "/root/flake", "devm").status == 0
+    ship(node, flake, "flake")
+    assert rebuild(node, "build", "flake", "devm").status == 0
 
-    direct = node.run("/root/result/bin/switch-to-configuration test", check=False)
-    via_rebuild = rebuild(node, "test", "/root/flake", "devm")
+    direct = node.run("result/bin/switch-to-configuration test", check=False)
+    via_rebuild = rebuild(node, "test", "flake", "devm")
 
     assert direct.returncode == code
     assert via_rebuild.status == 1
-    usage = node.run("/root/result/bin/switch-to-configuration bogus", check=False)
+    usage = node.run("result/bin/switch-to-configuration bogus", check=False)
     assert usage.returncode == 1 and "Usage:" in usage.stderr
 
 
-def test_build_leaves_result_and_unknown_action_is_a_usage_error(testbed, flake):
+def test_build_leaves_a_result_link_and_changes_nothing(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("build")
     make_flake_repo(flake)
-    ship(node, flake, "/root/flake")
+    ship(node, flake, "flake")
     before = (node.generations(), node.current_system())
 
-    built = ssh(node, "cd /tmp && nixos-rebuild build -L --show-trace --flake /root/flake#devm")
-    bogus = ssh(node, "nixos-rebuild frobnicate --flake /root/flake#devm")
+    out = f"{node.home}/out"
+    flake_ref = f"{node.home}/flake#devm"
+    built = ssh(node, f"mkdir {out} && cd {out} && nixos-rebuild build -L --show-trace --flake {flake_ref}")
 
     assert built.status == 0, built.stderr
-    assert node.run("readlink /tmp/result").stdout.startswith("/nix/store/")
+    assert node.run("readlink out/result").stdout.startswith("/nix/store/")
     assert (node.generations(), node.current_system()) == before
-    assert bogus.status == 1 and "Usage:" in bogus.stderr
+
+
+def test_nixos_rebuild_is_on_the_ssh_path_and_rejects_unknown_actions(testbed):
+    node = testbed.add_node("usage")
+
+    where = ssh(node, "command -v nixos-rebuild")
+    bogus = ssh(node, "nixos-rebuild frobnicate --flake /nowhere#devm")
+    bare = ssh(node, "nixos-rebuild")
+
+    assert where.status == 0 and where.stdout.strip().endswith("/nixos-rebuild")
+    assert bogus.status == 1 and "unknown option `frobnicate'" in bogus.stderr
+    assert "Usage:" in bogus.stderr
+    assert bare.status == 1 and "Usage:" in bare.stderr
 
 
 def test_rollback_returns_to_the_previous_generation(testbed, flake):
+    needs_nix(testbed)
     needs_namespaces(testbed)
     node = testbed.add_node("rollback")
     initial = node.current_system()
     make_flake_repo(flake)
-    ship(node, flake, "/root/flake")
-    assert rebuild(node, "switch", "/root/flake", "devm").status == 0
+    ship(node, flake, "flake")
+    assert rebuild(node, "switch", "flake", "devm").status == 0
 
     result = ssh(node, "nixos-rebuild switch --rollback")
 
@@ -250,12 +303,13 @@ def test_rollback_returns_to_the_previous_generation(testbed, flake):
 
 
 def test_password_login_works_on_a_password_node(testbed, flake):
+    needs_nix(testbed)
     needs_namespaces(testbed)
     node = testbed.add_node("passworded", password="correct horse")
     make_flake_repo(flake)
-    ship(node, flake, "/root/flake")
+    ship(node, flake, "flake")
 
-    result = rebuild(node, "switch", "/root/flake", "devm", password=True)
+    result = rebuild(node, "switch", "flake", "devm", password=True)
 
     assert result.status == 0, result.stderr
     node.password = "wrong"
@@ -303,12 +357,13 @@ def test_unreachable_addresses_fail_fast():
 
 
 def test_extra_lines_stream_exactly_and_fast(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("chatty")
     make_flake_repo(flake, {"chatty": NodeConfigSpec(extra_lines=200_000)})
-    ship(node, flake, "/root/flake")
-    assert rebuild(node, "build", "/root/flake", "chatty").status == 0
+    ship(node, flake, "flake")
+    assert rebuild(node, "build", "flake", "chatty").status == 0
 
-    result = rebuild(node, "test", "/root/flake", "chatty")
+    result = rebuild(node, "test", "flake", "chatty")
 
     assert result.status == 0, result.stderr
     lines = result.out.split(b"\n")
@@ -323,11 +378,12 @@ def test_extra_lines_stream_exactly_and_fast(testbed, flake):
 
 
 def test_paced_lines_carry_their_timestamp(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("paced")
     make_flake_repo(flake, {"paced": NodeConfigSpec(extra_lines=10, lines_per_second=20)})
-    ship(node, flake, "/root/flake")
+    ship(node, flake, "flake")
 
-    result = rebuild(node, "test", "/root/flake", "paced")
+    result = rebuild(node, "test", "flake", "paced")
 
     assert result.status == 0, result.stderr
     lines = result.out.splitlines()
@@ -341,12 +397,13 @@ def test_paced_lines_carry_their_timestamp(testbed, flake):
 
 
 def test_slow_activation_prints_while_it_runs_and_stops_with_the_node(testbed, flake):
+    needs_nix(testbed)
     node = testbed.add_node("slow")
     make_flake_repo(flake)
-    ship(node, flake, "/root/flake")
+    ship(node, flake, "flake")
     client = node.ssh_client()
     chan = client.get_transport().open_session()
-    chan.exec_command("nixos-rebuild test --flake /root/flake#slow")
+    chan.exec_command(f"nixos-rebuild test --flake {node.home}/flake#slow")
     buf = b""
     deadline = time.monotonic() + 20
     while b"step 2 of 60" not in buf and time.monotonic() < deadline:
@@ -362,7 +419,7 @@ def test_slow_activation_prints_while_it_runs_and_stops_with_the_node(testbed, f
         pass
     assert chan.recv_exit_status() in (-1, 255) or chan.exit_status_ready()
     client.close()
-    with pytest.raises(Exception):
+    with pytest.raises(TestbedError):
         node.run("true")
 
 

@@ -1,0 +1,121 @@
+# Body of the test double for NixOS's switch-to-configuration.
+#
+# The flake's builder prepends a header that sets: toplevel, attr,
+# activation_exit, extra_lines, lines_per_second, sleep_ticks.
+# Messages and exit codes follow nixpkgs' switch-to-configuration:
+# progress on stderr; 0 ok, 1 usage/bootloader, 2 activation script failed,
+# 3 daemon-reload/tmpfiles failed, 4 a unit failed, 100 reboot needed.
+# The testbed lets a node without root redirect /run/current-system through
+# TESTBED_CURRENT_SYSTEM (real NixOS has no such variable).
+PATH=/usr/bin:/bin
+export PATH
+current_system=${TESTBED_CURRENT_SYSTEM:-/run/current-system}
+action=$1
+
+usage() {
+    cat >&2 <<EOF
+Usage: $0 [switch|boot|test|dry-activate]
+
+switch:       make the configuration the boot default and activate now
+boot:         make the configuration the boot default
+test:         activate the configuration, but don't make it the boot default
+dry-activate: show what would be done if this configuration were activated
+EOF
+    exit 1
+}
+
+case "$action" in
+    switch|boot|test|dry-activate) ;;
+    *) usage ;;
+esac
+
+unit="testbed-$attr.service"
+
+if [ "$action" = dry-activate ]; then
+    echo "would stop the following units: $unit" >&2
+    echo "would activate the configuration..." >&2
+    echo "would restart the following units: nscd.service" >&2
+    echo "would start the following units: $unit" >&2
+    exit 0
+fi
+
+if [ "$action" = switch ] || [ "$action" = boot ]; then
+    if [ "$activation_exit" = 1 ]; then
+        echo "Failed to install bootloader" >&2
+        exit 1
+    fi
+    if [ "$action" = boot ]; then
+        exit 0
+    fi
+fi
+
+if [ "$activation_exit" = 100 ]; then
+    echo "Warning: the new NixOS configuration has an ‘init’ that is incompatible with the current configuration. The new configuration won't take effect until you reboot the system." >&2
+    exit 100
+fi
+
+echo "stopping the following units: $unit" >&2
+echo "activating the configuration..." >&2
+echo "setting up /etc..." >&2
+
+if [ "$extra_lines" -gt 0 ] && [ "$lines_per_second" -gt 0 ]; then
+    # Paced output for latency measurements: each line starts with the time
+    # it was printed (seconds.nanoseconds) and is 75 bytes with its newline.
+    pad=.................................
+    start=$(date +%s%N)
+    i=1
+    while [ "$i" -le "$extra_lines" ]; do
+        now=$(date +%s%N)
+        sec=${now%?????????}
+        printf '%s.%s paced line %08d %s\n' "$sec" "${now#"$sec"}" "$i" "$pad"
+        target=$((start + i * 1000000000 / lines_per_second))
+        now=$(date +%s%N)
+        rest=$((target - now))
+        if [ "$rest" -gt 0 ]; then
+            sleep "$((rest / 1000000000)).$(printf '%09d' $((rest % 1000000000)))"
+        fi
+        i=$((i + 1))
+    done
+elif [ "$extra_lines" -gt 0 ]; then
+    # 75 bytes a line including the newline, as fast as seq can print.
+    seq -f 'activation output line %012.0f ......................................' 1 "$extra_lines"
+fi
+
+tick=1
+while [ "$tick" -le "$sleep_ticks" ]; do
+    echo "activation in progress: step $tick of $sleep_ticks"
+    sleep 0.5
+    tick=$((tick + 1))
+done
+
+ln -sfn "$toplevel" "$current_system"
+
+if [ "$activation_exit" = 2 ]; then
+    echo "Activation script snippet 'testbed' failed (1)" >&2
+fi
+
+echo "reloading user units for root..." >&2
+echo "setting up tmpfiles" >&2
+
+if [ "$activation_exit" = 3 ]; then
+    echo "Failed to reload daemon: Connection timed out" >&2
+fi
+
+echo "restarting the following units: nscd.service" >&2
+echo "starting the following units: $unit" >&2
+
+if [ "$activation_exit" = 4 ]; then
+    echo "warning: the following units failed: foo.service" >&2
+    echo "" >&2
+    echo "× foo.service - Testbed unit that fails" >&2
+    echo "     Loaded: loaded (/etc/systemd/system/foo.service; enabled)" >&2
+    echo "     Active: failed (Result: exit-code)" >&2
+    exit 4
+fi
+
+echo "the following new units were started: $unit" >&2
+
+if [ "$activation_exit" != 0 ]; then
+    exit "$activation_exit"
+fi
+exit 0
