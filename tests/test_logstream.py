@@ -31,7 +31,7 @@ def test_every_line_is_stored_once_in_order(deployment):
 
 def test_chunks_tile_the_sequence_without_gaps(deployment):
     writer = logstream.LogWriter(deployment.pk, flush_interval=0.001, max_batch=100)
-    for i in range(2_345):
+    for _i in range(2_345):
         writer.write("out", b"x")
     writer.close()
     chunks = list(LogChunk.objects.filter(deployment=deployment).order_by("seq_start").values_list("seq_start", "seq_end"))
@@ -83,7 +83,7 @@ def test_a_slow_database_holds_the_reader_back_instead_of_buffering(deployment, 
     done = threading.Event()
 
     def produce():
-        for i in range(500):
+        for _i in range(500):
             writer.write("out", b"y")
         done.set()
 

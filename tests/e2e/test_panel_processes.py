@@ -16,46 +16,12 @@ import sys
 import pytest
 
 from tests.helpers import wait_for
-from tests.testbed import NodeConfigSpec, free_port, make_flake_repo
+from tests.testbed import free_port
 
+from .conftest import CHATTY_LINES
 from .panel import ROOT, Browser, Panel, read_log
 
 pytestmark = pytest.mark.e2e
-
-CHATTY_LINES = 3000
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    path = tmp_path_factory.mktemp("fleet") / "flake"
-    make_flake_repo(path, {
-        "devm": NodeConfigSpec(),
-        "failing": NodeConfigSpec(activation_exit=4),
-        "slow": NodeConfigSpec(sleep=60),
-        "chatty": NodeConfigSpec(extra_lines=CHATTY_LINES, lines_per_second=1500),
-    })
-    return path
-
-
-@pytest.fixture(scope="module")
-def panel(tmp_path_factory, testbed, fleet):
-    p = Panel(tmp_path_factory.mktemp("panel"))
-    try:
-        for attr in ("devm", "failing", "slow", "chatty"):
-            tb_node = testbed.add_node(f"e2e-{attr}-{testbed.token}")
-            p.register_node(tb_node, name=attr, attr=attr, repo_path=fleet)
-        p.start()
-        yield p
-    finally:
-        p.stop()
-
-
-@pytest.fixture
-def browser(panel):
-    b = Browser(panel)
-    b.login()
-    return b
-
 
 def final_status(result: dict) -> str:
     return result["statuses"][-1]["status"]
