@@ -6,6 +6,8 @@ where a user value follows, so no value can become an option or a command.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -29,7 +31,8 @@ class Archive:
 
 
 def _mirror_path(repo) -> Path:
-    return Path(settings.REPO_CACHE_DIR) / f"{repo.pk}.git"
+    # Keyed by URL, not id: a repository pointed elsewhere gets a fresh mirror, never a mix of two.
+    return Path(settings.REPO_CACHE_DIR) / f"{hashlib.sha256(repo.url.encode()).hexdigest()[:24]}.git"
 
 
 def _git(args: list[str], *, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> bytes:
@@ -57,10 +60,27 @@ def _ssh_env(repo, keyfile: str | None) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _locked(mirror: Path):
+    """One fetch per mirror at a time, across processes: concurrent git fetches fight over ref locks."""
+    with open(mirror.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def fetch(repo) -> Path:
     """Clone or update the panel's bare mirror of ``repo``; return its path."""
     mirror = _mirror_path(repo)
     mirror.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(mirror):
+        _fetch(repo, mirror)
+    return mirror
+
+
+def _fetch(repo, mirror: Path) -> None:
     keyfile = None
     try:
         if repo.deploy_key_id:
@@ -70,13 +90,10 @@ def fetch(repo) -> Path:
         env = _ssh_env(repo, keyfile)
         if not (mirror / "HEAD").exists():
             _git(["clone", "--bare", "--quiet", "--end-of-options", repo.url, str(mirror)], env=env)
-        else:
-            _git(["remote", "set-url", "origin", repo.url], cwd=mirror)
         _git(["fetch", "--quiet", "--prune", "--tags", "origin", "+refs/heads/*:refs/heads/*"], cwd=mirror, env=env)
     finally:
         if keyfile:
             os.unlink(keyfile)
-    return mirror
 
 
 def resolve(repo, revision: str = "") -> str:
