@@ -1,0 +1,265 @@
+"""Every URL and WebSocket route of the project, for every persona: allowed or denied, with the right status.
+
+The routes are enumerated from the URL resolver and the WebSocket routing, so a
+new view without a rule in ``RULES`` fails here until someone decides who may
+use it.  Node routes are tried on a node inside the persona's scope (web-1)
+and one outside it (db-1): unseen answers 404, seen but not allowed 403.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+
+from deployments.audit.models import AuditEvent
+from deployments.models import Deployment
+from deployments.routing import websocket_urlpatterns
+
+from .conftest import IN_SCOPE, OUT_OF_SCOPE, PERSONAS, level
+
+# Whole namespaces covered by one rule each.
+NAMESPACE_RULES = ("admin", "audit")
+
+
+def url_pattern_names() -> list[str]:
+    """``namespace:name`` of every URL pattern of the project (``admin:*`` for the whole admin)."""
+    names = []
+
+    def walk(patterns, namespace: str) -> None:
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                walk(p.url_patterns, ":".join(filter(None, [namespace, p.namespace])))
+            elif namespace.split(":")[0] in NAMESPACE_RULES:
+                names.append(namespace.split(":")[0] + ":*")
+            else:
+                assert isinstance(p, URLPattern)
+                names.append(f"{namespace}:{p.name or p.pattern}" if namespace else str(p.name or p.pattern))
+
+    walk(get_resolver().url_patterns, "")
+    return sorted(set(names) | {f"{ns}:*" for ns in NAMESPACE_RULES})
+
+
+def websocket_route_names() -> list[str]:
+    return sorted(f"ws:{p.name or p.pattern}" for p in websocket_urlpatterns)
+
+
+# --- expectations --------------------------------------------------------------
+
+def signed_in(ok: int, *, api: bool = False):
+    """Any signed-in user; lists inside are filtered, not refused."""
+    return lambda persona, lvl: (401 if api else 302) if persona == "anonymous" else ok
+
+
+def superuser_only(ok: int):
+    return lambda persona, lvl: 302 if persona == "anonymous" else ok if persona == "superuser" else 403
+
+
+def on_node(need: int, ok: int, *, api: bool = False):
+    """A node route: unseen 404, seen but below ``need`` 403, else ``ok``."""
+
+    def expect(persona, lvl):
+        if persona == "anonymous":
+            return 401 if api else 302
+        if lvl == 0:
+            return 404
+        return ok if lvl >= need else 403
+
+    return expect
+
+
+def anyone(ok: int):
+    return lambda persona, lvl: ok
+
+
+def auditors(persona, lvl):
+    if persona == "anonymous":
+        return 302
+    return 200 if persona in ("auditor", "superuser") else {403, 404}
+
+
+def staff_superusers(persona, lvl):
+    # Django's admin sends everyone else to its own login page.
+    return 200 if persona == "superuser" else 302
+
+
+@dataclass
+class Rule:
+    method: str
+    expect: Callable[[str, int], int | set[int]]
+    kwargs: Callable = lambda world, target: {}
+    data: dict = field(default_factory=dict)
+    node_route: bool = False  # tried on web-1 and db-1
+    api: bool = False
+    denial_audited: bool = False  # a 403 leaves a "denied" audit event
+    urls: Callable | None = None  # for namespace rules: the URLs to try
+
+
+def _deployment(world, target):
+    return {"pk": world.finished[target].pk}
+
+
+def _active(world, target):
+    return {"pk": world.queue(target).pk}
+
+
+def _node(world, target):
+    return {"name": target}
+
+
+def _admin_urls(world):
+    return [reverse("admin:index"), reverse("admin:access_team_changelist"),
+            reverse("admin:deployments_node_changelist"), reverse("admin:access_team_change", args=[world.ops.pk])]
+
+
+# Arguments for the audit pages that take some; an audit page missing here fails the matrix.
+AUDIT_KWARGS = {
+    "event-detail": lambda: {"seq": AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[0]},
+    "export": lambda: {"fmt": "csv"},
+}
+
+
+def _audit_urls(world):
+    urls = []
+    for p in get_resolver().url_patterns:
+        if isinstance(p, URLResolver) and p.namespace == "audit":
+            for sub in p.url_patterns:
+                if sub.pattern.converters and sub.name not in AUDIT_KWARGS:
+                    pytest.fail(f"audit:{sub.name} takes arguments: give them in AUDIT_KWARGS")
+                kwargs = AUDIT_KWARGS[sub.name]() if sub.pattern.converters else {}
+                urls.append(reverse(f"audit:{sub.name}", kwargs=kwargs))
+    return urls
+
+
+RULES: dict[str, Rule] = {
+    "login": Rule("GET", anyone(200)),
+    "logout": Rule("POST", anyone(302)),
+    "admin:*": Rule("GET", staff_superusers, urls=_admin_urls),
+    "audit:*": Rule("GET", auditors, urls=_audit_urls),
+    # Nodes and deployments.
+    "deployments:dashboard": Rule("GET", signed_in(200)),
+    "deployments:node-add": Rule("GET", superuser_only(200)),
+    "deployments:node-detail": Rule("GET", on_node(1, 200), _node, node_route=True),
+    "deployments:node-edit": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
+    "deployments:node-deploy": Rule("POST", on_node(2, 302), _node, {"action": "switch"}, node_route=True,
+                                    denial_audited=True),
+    "deployments:node-hostkey": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
+    "deployments:deployment-list": Rule("GET", signed_in(200)),
+    "deployments:deployment-detail": Rule("GET", on_node(1, 200), _deployment, node_route=True),
+    "deployments:deployment-cancel": Rule("POST", on_node(2, 302), _active, node_route=True, denial_audited=True),
+    "deployments:deployment-log": Rule("GET", on_node(1, 200), _deployment, node_route=True),
+    "deployments:api-nodes": Rule("GET", signed_in(200, api=True), api=True),
+    "deployments:api-deploy": Rule("POST", on_node(2, 201, api=True), _node, {"action": "switch"}, node_route=True,
+                                   api=True, denial_audited=True),
+    "deployments:api-deployment": Rule("GET", on_node(1, 200, api=True), _deployment, node_route=True, api=True),
+    "deployments:api-deployment-log": Rule("GET", on_node(1, 200, api=True), _deployment, node_route=True,
+                                           api=True),
+    "deployments:api-cancel": Rule("POST", on_node(2, 200, api=True), _active, node_route=True, api=True,
+                                   denial_audited=True),
+    # Teams and grants: superusers only; refused changes are audited.
+    "access:team-list": Rule("GET", superuser_only(200)),
+    "access:team-add": Rule("GET", superuser_only(200)),
+    "access:team-detail": Rule("GET", superuser_only(200), lambda w, t: {"pk": w.ops.pk}),
+    "access:team-edit": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk}, {"name": "ops2"},
+                             denial_audited=True),
+    "access:team-delete": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk}, denial_audited=True),
+    "access:member-add": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk},
+                              {"username": "zed"}, denial_audited=True),
+    "access:member-remove": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk, "user_id": w.zed.pk},
+                                 denial_audited=True),
+    "access:grant-add": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk},
+                             {"role": "deployer", "scope": "tag", "tag": "db-*"}, denial_audited=True),
+    "access:grant-remove": Rule("POST", superuser_only(302),
+                                lambda w, t: {"pk": w.ops.pk, "grant_id": w.ops_grant.pk}, denial_audited=True),
+}
+
+WEBSOCKET_RULES: dict[str, Callable[[World, str], str]] = {  # noqa: F821 (World only in the annotation)
+    "ws:ws-deployment-log": lambda world, target: f"/ws/deployments/{world.finished[target].pk}/log/",
+}
+
+
+def test_every_url_pattern_has_a_rule():
+    missing = [name for name in url_pattern_names() if name not in RULES]
+    assert not missing, f"URL patterns without a rule in the permission matrix: {missing}"
+    stale = [name for name in RULES if name not in url_pattern_names()]
+    assert not stale, f"rules for URL patterns that no longer exist: {stale}"
+
+
+def test_every_websocket_route_has_a_rule():
+    missing = [name for name in websocket_route_names() if name not in WEBSOCKET_RULES]
+    assert not missing, f"WebSocket routes without a rule in the permission matrix: {missing}"
+
+
+def _request(client, rule: Rule, url: str):
+    if rule.method == "GET":
+        return client.get(url)
+    if rule.api:
+        return client.post(url, json.dumps(rule.data), content_type="application/json")
+    return client.post(url, rule.data)
+
+
+@pytest.mark.parametrize("persona", PERSONAS)
+@pytest.mark.parametrize("route", url_pattern_names())
+def test_url_answers_each_persona_as_its_rule_says(client, world, route, persona):
+    rule = RULES.get(route)
+    if rule is None:
+        pytest.fail(f"{route} has no rule in the permission matrix")
+    user = world.persona(persona)
+    if user is not None:
+        client.force_login(user)
+    targets = (IN_SCOPE, OUT_OF_SCOPE) if rule.node_route else (IN_SCOPE,)
+    for target in targets:
+        if rule.urls is not None:
+            urls = rule.urls(world)
+        else:
+            urls = [reverse(route, kwargs=rule.kwargs(world, target))]
+        for url in urls:
+            expected = rule.expect(persona, level(persona, target))
+            denials_before = AuditEvent.objects.filter(outcome="denied").count()
+            deployments_before = Deployment.objects.count()
+            response = _request(client, rule, url)
+            allowed = expected if isinstance(expected, set) else {expected}
+            assert response.status_code in allowed, (
+                f"{persona} {rule.method} {url}: {response.status_code}, expected {expected}"
+            )
+            if response.status_code == 302 and persona == "anonymous" and not url.startswith("/admin/"):
+                assert response["Location"].startswith(reverse("login"))
+            if response.status_code == 403 and rule.denial_audited:
+                assert AuditEvent.objects.filter(outcome="denied").count() == denials_before + 1, (
+                    f"{persona} {rule.method} {url}: the refusal was not audited"
+                )
+            if route.endswith("deploy") and user is not None and response.status_code in (201, 302):
+                assert Deployment.objects.count() == deployments_before + 1, f"{persona} {url}: nothing queued"
+
+
+async def _connect(path: str, user) -> tuple[bool, int | None]:
+    communicator = WebsocketCommunicator(URLRouter(websocket_urlpatterns), path)
+    if user is not None:
+        communicator.scope["user"] = user
+    connected, code = await communicator.connect(timeout=5)
+    if connected:
+        await communicator.disconnect()
+    return connected, code
+
+
+@pytest.mark.parametrize("persona", PERSONAS)
+@pytest.mark.parametrize("route", websocket_route_names())
+def test_websocket_admits_only_who_may_see_the_deployment(consumer_world, route, persona):
+    from django.contrib.auth.models import AnonymousUser
+
+    make_path = WEBSOCKET_RULES.get(route)
+    if make_path is None:
+        pytest.fail(f"{route} has no rule in the permission matrix")
+    user = consumer_world.persona(persona) or AnonymousUser()
+    for target in (IN_SCOPE, OUT_OF_SCOPE):
+        connected, code = async_to_sync(_connect)(make_path(consumer_world, target), user)
+        if level(persona, target) >= 1:
+            assert connected, f"{persona} was refused the log of a deployment on {target} (code {code})"
+        else:
+            assert not connected and code == 4404, f"{persona} reached the log of a deployment on {target}"
