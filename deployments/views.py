@@ -36,7 +36,8 @@ def _attach_last(nodes) -> list[Node]:
 @login_required
 @require_GET
 def dashboard(request):
-    nodes = permissions.visible_nodes(request.user).prefetch_related("tags").select_related("repository")
+    nodes = permissions.annotate_permissions(permissions.visible_nodes(request.user), request.user)
+    nodes = nodes.prefetch_related("tags").select_related("repository")
     tag = request.GET.get("tag", "")
     if tag:
         nodes = nodes.filter(tags__name=tag)
@@ -108,6 +109,7 @@ def node_edit(request, name=None):
 def node_hostkey(request, name):
     """Scan shows the key the node presents now; pinning needs an explicit confirm of that fingerprint."""
     node = permissions.node_for(request.user, name, VIEW)
+    actions.require_permission(request.user, ADMIN, node, audit_action="hostkey.viewed")
     scanned = None
     if request.method == "POST":
         try:
@@ -125,8 +127,6 @@ def node_hostkey(request, name):
                 return HttpResponseBadRequest("Unknown operation.")
         except actions.ActionError as exc:
             messages.error(request, str(exc))
-    else:
-        actions.require_permission(request.user, ADMIN, node, audit_action="hostkey.viewed")
     return render(request, "deployments/node_hostkey.html", {
         "node": node, "scanned": scanned,
         "changed": bool(scanned and node.host_key and scanned.openssh != node.host_key),
@@ -157,6 +157,7 @@ def deployment_detail(request, pk):
         "deployment": deployment,
         "node": deployment.node,
         "can_cancel": deployment.is_active and permissions.can(request.user, DEPLOY, deployment.node),
+        "can_deploy": permissions.can(request.user, DEPLOY, deployment.node),
         "status_json": deployment.status_payload(),
     })
 

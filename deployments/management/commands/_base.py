@@ -1,7 +1,7 @@
 """Shared helpers of the panel's management commands."""
 
 from django.contrib.auth import get_user_model
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.management.base import CommandError
 
 
@@ -13,6 +13,27 @@ def acting_user(username: str | None):
         return get_user_model().objects.get(username=username, is_active=True)
     except get_user_model().DoesNotExist:
         raise CommandError(f"no active user {username!r}") from None
+
+
+def lookup_node(user, name: str, action: str = "view"):
+    """The node ``name`` as the gate lets ``user`` see it (anyone, for the command line itself)."""
+    from django.http import Http404
+
+    from deployments import permissions
+    from deployments.models import Node
+
+    try:
+        return permissions.node_for(user, name, action) if user else Node.objects.get(name=name)
+    except (Http404, Node.DoesNotExist):
+        raise CommandError(f"no node {name!r}") from None
+    except PermissionDenied as exc:
+        raise CommandError(f"refused: {exc}", returncode=2) from None
+
+
+def require_superuser(user, what: str) -> None:
+    """Inventory outside one node's scope (credentials, repositories, new nodes) is for superusers."""
+    if user is not None and not user.is_superuser:
+        raise CommandError(f"refused: only superusers may {what}", returncode=2)
 
 
 def clean(obj) -> None:

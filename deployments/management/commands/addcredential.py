@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 from deployments import actions
 from deployments.models import Credential
 
-from ._base import acting_user, clean
+from ._base import acting_user, clean, require_superuser
 
 
 class Command(BaseCommand):
@@ -28,6 +28,7 @@ class Command(BaseCommand):
 
     def handle(self, name, key_file, password_stdin, passphrase_stdin, as_user, **opts):
         user = acting_user(as_user)
+        require_superuser(user, "manage credentials")
         cred = Credential.objects.filter(name=name).first() or Credential(name=name)
         passphrase = ""
         if key_file:

@@ -6,7 +6,7 @@ from deployments import actions
 from deployments.models import Credential, Node, Repository
 from deployments.validators import validate_tag
 
-from ._base import acting_user, clean
+from ._base import acting_user, clean, lookup_node, require_superuser
 
 
 class Command(BaseCommand):
@@ -26,7 +26,11 @@ class Command(BaseCommand):
 
     def handle(self, name, host, port, user, sudo, attr, repo, credential, tag, as_user, **opts):
         acting = acting_user(as_user)
-        node = Node.objects.filter(name=name).first() or Node(name=name)
+        if Node.objects.filter(name=name).exists():
+            node = lookup_node(acting, name, "admin")
+        else:
+            require_superuser(acting, "add nodes")
+            node = Node(name=name)
         try:
             node.repository = Repository.objects.get(name=repo)
             node.credential = Credential.objects.get(name=credential)

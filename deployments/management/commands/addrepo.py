@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand
 from deployments import actions
 from deployments.models import Credential, Repository
 
-from ._base import acting_user, clean
+from ._base import acting_user, clean, require_superuser
 
 
 class Command(BaseCommand):
@@ -20,6 +20,7 @@ class Command(BaseCommand):
 
     def handle(self, name, url, branch, deploy_key, as_user, **opts):
         user = acting_user(as_user)
+        require_superuser(user, "manage repositories")
         repo = Repository.objects.filter(name=name).first() or Repository(name=name)
         repo.url, repo.branch = url, branch
         repo.deploy_key = Credential.objects.filter(name=deploy_key).first() if deploy_key else None

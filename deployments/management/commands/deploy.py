@@ -8,13 +8,12 @@ import sys
 import time
 
 from django.core.exceptions import PermissionDenied
-from django.core.management.base import BaseCommand, CommandError
-from django.http import Http404
+from django.core.management.base import BaseCommand
 
-from deployments import actions, logstream, permissions
-from deployments.models import Deployment, Node
+from deployments import actions, logstream
+from deployments.models import Deployment
 
-from ._base import acting_user
+from ._base import acting_user, lookup_node
 
 
 class Command(BaseCommand):
@@ -29,10 +28,7 @@ class Command(BaseCommand):
 
     def handle(self, node, action, rev, follow, as_user, **opts):
         user = acting_user(as_user)
-        try:
-            target = permissions.node_for(user, node) if user else Node.objects.get(name=node)
-        except (Http404, Node.DoesNotExist):
-            raise CommandError(f"no node {node!r}") from None
+        target = lookup_node(user, node)
         try:
             deployment = actions.request_deployment(
                 target, action=action, revision=rev, user=user, trigger=Deployment.Trigger.CLI

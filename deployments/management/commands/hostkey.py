@@ -1,11 +1,11 @@
 """Scan a node's SSH host key, and pin it when its fingerprint is confirmed."""
 
+from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 
 from deployments import actions
-from deployments.models import Node
 
-from ._base import acting_user
+from ._base import acting_user, lookup_node
 
 
 class Command(BaseCommand):
@@ -21,10 +21,7 @@ class Command(BaseCommand):
 
     def handle(self, node, pin, key, as_user, **opts):
         user = acting_user(as_user)
-        try:
-            node = Node.objects.get(name=node)
-        except Node.DoesNotExist:
-            raise CommandError(f"no node {node!r}") from None
+        node = lookup_node(user, node)
         try:
             if key:
                 actions.pin_host_key(node, key, user=user)
@@ -42,3 +39,5 @@ class Command(BaseCommand):
                 self.stdout.write(f"to pin it: manage.py hostkey {node.name} --pin {scanned.fingerprint}")
         except actions.ActionError as exc:
             raise CommandError(str(exc)) from None
+        except PermissionDenied as exc:
+            raise CommandError(f"refused: {exc}", returncode=2) from None
