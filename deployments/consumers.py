@@ -2,7 +2,7 @@
 
 On connect: permission through the gate (closed on denial, 4404 for an
 unseen deployment).  Then replay from the database after the client's last
-sequence number (``?after=N``), then follow: pushed "new lines" notices when
+sequence number (``?after=N``; or only the last lines, ``?tail=N``), then follow: pushed "new lines" notices when
 a cross-process channel layer exists, and in any case a database poll, so a
 lost notice only delays lines, never loses them.  The database is the source:
 every line is sent once, in order, across reconnects.  Permission is checked
@@ -34,19 +34,28 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.deployment_id = int(self.scope["url_route"]["kwargs"]["pk"])
         self.user = self.scope.get("user")
+        query = self._query()
         try:
-            self.after = int(self._query().get("after", "-1"))
+            self.after = int(query.get("after", "-1"))
+            tail = int(query["tail"]) if "tail" in query else None
         except ValueError:
-            self.after = -1
+            self.after, tail = -1, None
         if not await self._allowed():
             await self.close(code=4404)
             return
+        skipped = 0
+        if tail is not None and self.after < 0:
+            # A page showing only the last ``tail`` lines need not download a million first.
+            skipped = max(0, await database_sync_to_async(logstream.next_seq)(self.deployment_id) - max(tail, 0))
+            self.after = skipped - 1
         self.wakeup = asyncio.Event()
         self.group = logstream.group_name(self.deployment_id)
         self.push = logstream.has_push_layer()
         if self.push:
             await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
+        if skipped:
+            await self.send_json({"type": "skipped", "count": skipped})
         self.follower = asyncio.create_task(self._follow())
 
     def _query(self) -> dict[str, str]:

@@ -359,7 +359,9 @@
 
   function wsUrl() {
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
-    return `${scheme}://${location.host}${logEl.dataset.ws}?after=${state.lastSeq}`;
+    // First connection: only the lines the page keeps; the full log is a download.
+    const tail = state.lastSeq < 0 ? `&tail=${MAX_LINES}` : '';
+    return `${scheme}://${location.host}${logEl.dataset.ws}?after=${state.lastSeq}${tail}`;
   }
 
   function stopPing() {
@@ -399,6 +401,11 @@
       attempt = 0; // the server is talking: a later drop starts the backoff afresh
       if (msg.type === 'lines') {
         receiveLines(msg.lines);
+      } else if (msg.type === 'skipped') {
+        // The server started at the tail: the earlier lines are only in the download.
+        state.dropped += Number(msg.count) || 0;
+        state.lastSeq = Math.max(state.lastSeq, (Number(msg.count) || 0) - 1);
+        if (truncEl && state.dropped > 0) truncEl.hidden = false;
       } else if (msg.type === 'status') {
         applyStatus(msg);
       } else if (msg.type === 'end') {
