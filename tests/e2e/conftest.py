@@ -27,9 +27,8 @@ def fleet(tmp_path_factory):
 def panel(tmp_path_factory, testbed, fleet):
     p = Panel(tmp_path_factory.mktemp("panel"))
     try:
-        for attr in ("devm", "failing", "slow", "chatty"):
-            tb_node = testbed.add_node(f"e2e-{attr}-{testbed.token}")
-            p.register_node(tb_node, name=attr, attr=attr, repo_path=fleet)
+        attrs = ("devm", "failing", "slow", "chatty")
+        p.register_nodes([(a, a, testbed.add_node(f"e2e-{a}-{testbed.token}")) for a in attrs], repo_path=fleet)
         p.start()
         yield p
     finally:

@@ -70,20 +70,30 @@ class Panel:
             raise AssertionError(f"manage.py {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def register_nodes(self, nodes: list[tuple[str, str, object]], *, repo_path: Path) -> None:
+        """Register testbed nodes as an operator would, with the management commands (one process).
+
+        ``nodes`` holds (name, flake attribute, testbed node).  Each host key is pinned
+        only if the node presents the fingerprint known out of band (the testbed's key).
+        """
+        from deployments.models import host_key_fingerprint
+
+        calls = [f"call_command('addrepo', 'fleet', {str(repo_path)!r}, '--branch', 'main')"]
+        for name, attr, tb_node in nodes:
+            keyfile = self.workdir / f"{name}.key"
+            keyfile.write_text(tb_node.client_key_private)
+            keyfile.chmod(0o600)
+            fingerprint = host_key_fingerprint(tb_node.host_key_public)
+            calls += [
+                f"call_command('addcredential', '{name}-key', '--key-file', {str(keyfile)!r})",
+                f"call_command('addnode', {name!r}, {tb_node.host!r}, '--port', '{tb_node.port}', '--attr', {attr!r},"
+                f" '--repo', 'fleet', '--credential', '{name}-key')",
+                f"call_command('hostkey', {name!r}, '--pin', {fingerprint!r})",
+            ]
+        self.manage("shell", "-c", "from django.core.management import call_command\n" + "\n".join(calls))
+
     def register_node(self, tb_node, *, name: str, attr: str, repo_path: Path) -> None:
-        """Register a testbed node the way an operator would: with the management commands."""
-        keyfile = self.workdir / f"{name}.key"
-        keyfile.write_text(tb_node.client_key_private)
-        keyfile.chmod(0o600)
-        self.manage("addcredential", f"{name}-key", "--key-file", str(keyfile))
-        if not self.manage("shell", "-c", "from deployments.models import Repository;"
-                           "print(Repository.objects.filter(name='fleet').exists())").stdout.strip() == "True":
-            self.manage("addrepo", "fleet", str(repo_path), "--branch", "main")
-        self.manage("addnode", name, tb_node.host, "--port", str(tb_node.port), "--attr", attr,
-                    "--repo", "fleet", "--credential", f"{name}-key")
-        scanned = self.manage("hostkey", name).stdout
-        fingerprint = re.search(r"(SHA256:\S+)", scanned).group(1)
-        self.manage("hostkey", name, "--pin", fingerprint)
+        self.register_nodes([(name, attr, tb_node)], repo_path=repo_path)
 
     # -- processes --------------------------------------------------------------
     def start(self, *, daphne: bool = True, worker: bool = True) -> None:
@@ -117,16 +127,18 @@ class Panel:
 
     def stop(self) -> None:
         for name in list(self.procs):
-            proc = self.procs[name]
+            proc = self.procs.pop(name)
+            # SIGTERM to the leader only: it shuts its own children down in order.
+            proc.terminate()
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.procs.pop(name)
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
         if self._pg_db:
             self._pg_admin(f'DROP DATABASE IF EXISTS "{self._pg_db}" WITH (FORCE)')
             self._pg_db = None

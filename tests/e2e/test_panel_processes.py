@@ -133,6 +133,6 @@ def test_runpanel_creates_the_first_admin_and_serves_the_panel(tmp_path):
         status, _, page = b.request("GET", "/")
         assert status == 200 and b"NixOS" in page
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()  # runpanel stops daphne and the worker itself
         proc.wait(30)
     assert proc.returncode == 0
