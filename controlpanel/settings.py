@@ -191,8 +191,8 @@ DEPLOY_TIMEOUT = envint("PANEL_DEPLOY_TIMEOUT", 4 * 3600)
 HEARTBEAT_INTERVAL = envfloat("PANEL_HEARTBEAT_INTERVAL", 5.0)
 HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
 # How often the WebSocket follower looks at the database when nothing is pushed.
-LOG_POLL_INTERVAL = envfloat("PANEL_LOG_POLL_INTERVAL", 0.1)
-LOG_FLUSH_INTERVAL = envfloat("PANEL_LOG_FLUSH_INTERVAL", 0.05)
+LOG_POLL_INTERVAL = envfloat("PANEL_LOG_POLL_INTERVAL", 0.05)
+LOG_FLUSH_INTERVAL = envfloat("PANEL_LOG_FLUSH_INTERVAL", 0.025)
 
 BROKER = env("PANEL_BROKER", "redis" if REDIS_URL else "orm")
 if BROKER not in ("orm", "redis"):
@@ -208,7 +208,7 @@ Q_CLUSTER = {
     "max_attempts": 1,
     "ack_failures": True,
     "catch_up": False,
-    "poll": envfloat("PANEL_QUEUE_POLL", 0.1),
+    "poll": envfloat("PANEL_QUEUE_POLL", 0.05),
     "save_limit": 1000,
     "label": "Task queue",
 }

@@ -9,6 +9,7 @@ the shipped folder again.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import re
@@ -107,21 +108,19 @@ def remote_workdir(deployment_id: int, user: str = "root", nonce: str | None = N
     return f"{WORKDIR_ROOT}-{safe_user}/deploy-{deployment_id}{suffix}"
 
 
-def read_system_state(conn: Connection) -> SystemState:
-    """Read the system profile generation and current system of the node.
-
-    Missing links (not NixOS, first install) give ``generation=None`` and ''.
-    """
+def _state_script() -> str:
+    """Shell that prints three lines, each possibly empty: profile link target, its store path, current system."""
     p, c = shlex.quote(SYSTEM_PROFILE), shlex.quote(CURRENT_SYSTEM)
-    # Three lines, each possibly empty: profile link target, its store path, current system.
-    out = conn.read_output(
+    return (
         f"l=$(readlink {p} 2>/dev/null); "
         f"r=; [ -e {p} ] && r=$(readlink -f {p} 2>/dev/null); "
         f"s=; [ -e {c} ] && s=$(readlink -f {c} 2>/dev/null); "
         'printf "%s\\n%s\\n%s\\n" "$l" "$r" "$s"'
     )
-    lines = (out.split("\n") + ["", "", ""])[:3]
-    link, profile_path, current = (x.strip() for x in lines)
+
+
+def _parse_state(lines: list[str]) -> SystemState:
+    link, profile_path, current = (x.strip() for x in (list(lines) + ["", "", ""])[:3])
     m = _GENERATION_RE.match(os.path.basename(link))
     return SystemState(
         generation=int(m.group(1)) if m else None,
@@ -130,31 +129,104 @@ def read_system_state(conn: Connection) -> SystemState:
     )
 
 
+def read_system_state(conn: Connection) -> SystemState:
+    """Read the system profile generation and current system of the node.
+
+    Missing links (not NixOS, first install) give ``generation=None`` and ''.
+    """
+    return _parse_state(conn.read_output(_state_script()).split("\n"))
+
+
 def build_command(target: Target, action: str, workdir: str, attr: str) -> str:
     """The shell command that runs nixos-rebuild from ``workdir`` (where ``./result`` lands for ``build``).
 
     The flake ref is ``path:<workdir>#<attr>`` so Nix treats the shipped plain
     folder (no .git) as is; every value is validated and shell-quoted.
     """
+    return f"cd {shlex.quote(_check_remote_dir(workdir))} && {_invocation(target, action, workdir, attr)}"
+
+
+def _invocation(target: Target, action: str, workdir: str, attr: str) -> str:
     validate_action(action)
     validate_attr(attr)
     workdir = _check_remote_dir(workdir)
     if "#" in workdir or "?" in workdir:
         raise ValueError(f"workdir {workdir!r} cannot be used in a flake reference")
     ref = f"path:{workdir}#{attr}"
-    return (
-        f"cd {shlex.quote(workdir)} && "
-        f"{target.privileged_prefix()}nixos-rebuild {shlex.quote(action)} --flake {shlex.quote(ref)}"
-    )
+    return f"{target.privileged_prefix()}nixos-rebuild {shlex.quote(action)} --flake {shlex.quote(ref)}"
 
 
-def _resolve(conn: Connection, path: str) -> str | None:
-    q = shlex.quote(path)
-    try:
-        out = conn.read_output(f"[ -e {q} ] && readlink -f {q} || true").strip()
-    except RemoteError:
-        return None
-    return out or None
+# Marker lines of the ship-and-run script on stdout; run_rebuild consumes them.
+_STATE_MARK = b"__NIXOS_PANEL_STATE__ "
+_SHIPPED_MARK = b"__NIXOS_PANEL_SHIPPED__"
+# Exit code of the script when the parent of the workdir cannot be used.
+_PARENT_EXIT = 97
+_PW_VAR = "__nixos_panel_pw"
+
+
+def _ship_and_run_script(target: Target, action: str, workdir: str, attr: str) -> str:
+    """One remote command: read the state before, unpack the source from stdin, run nixos-rebuild.
+
+    stdin carries the sudo password line first (if any), then the tar archive.
+    stdout starts with three ``_STATE_MARK`` lines, then ``_SHIPPED_MARK`` once
+    the source is unpacked; after that it is nixos-rebuild's own output.  The
+    script exits ``_PARENT_EXIT`` if the parent folder is unusable and with tar's
+    status if unpacking failed (both before the shipped mark), else with
+    nixos-rebuild's.
+    """
+    workdir = _check_remote_dir(workdir)
+    invocation = _invocation(target, action, workdir, attr)
+    qp, qd = shlex.quote(os.path.dirname(workdir)), shlex.quote(workdir)
+    secret = target.privileged_stdin() is not None
+    p, c = shlex.quote(SYSTEM_PROFILE), shlex.quote(CURRENT_SYSTEM)
+    mark = _STATE_MARK.decode()
+    lines = [
+        # `read` takes stdin byte by byte, so tar gets exactly what follows the line.
+        f"IFS= read -r {_PW_VAR} || exit {_PARENT_EXIT - 1}" if secret else "",
+        f"{{ l=$(readlink {p} 2>/dev/null); r=; [ -e {p} ] && r=$(readlink -f {p} 2>/dev/null); "
+        f"s=; [ -e {c} ] && s=$(readlink -f {c} 2>/dev/null); "
+        f'printf \'{mark}%s\\n\' "$l" "$r" "$s"; }} </dev/null',
+        f"mkdir -p -m 700 -- {qp} && test -d {qp} && test ! -h {qp} && test -O {qp} || exit {_PARENT_EXIT}",
+        f"rm -rf -- {qd} && mkdir -m 700 -- {qd} && tar -x -f - -C {qd} || exit",
+        f"echo {_SHIPPED_MARK.decode()}",
+        f"cd {qd} && " + (f"printf '%s\\n' \"${_PW_VAR}\" | {invocation}" if secret else f"{invocation} </dev/null"),
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+class _Prelude:
+    """Filters the ship-and-run output: takes the state lines and the shipped mark.
+
+    Lines before the mark are held back: on success they are delivered (login
+    noise, or nixos-rebuild's first stderr lines if sshd forwarded them first);
+    on a shipping failure they are the error's tail, as put_archive reported it.
+    """
+
+    def __init__(
+        self, on_output: OutputCallback, on_state: Callable[[list[str]], None], on_shipped: Callable[[], None]
+    ) -> None:
+        self.on_output = on_output
+        self.on_state = on_state
+        self.on_shipped = on_shipped
+        self.state: list[str] = []
+        self.shipped = False
+        self.held: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
+
+    def __call__(self, stream: str, line: bytes) -> None:
+        if self.shipped:
+            self.on_output(stream, line)
+        elif stream == "out" and line.startswith(_STATE_MARK) and len(self.state) < 3:
+            self.state.append(line[len(_STATE_MARK) :].decode("utf-8", "replace"))
+            if len(self.state) == 3:
+                self.on_state(self.state)
+        elif stream == "out" and line == _SHIPPED_MARK:
+            self.shipped = True
+            self.on_shipped()
+            held, self.held = list(self.held), collections.deque()
+            for s, held_line in held:
+                self.on_output(s, held_line)
+        else:
+            self.held.append((stream, line))
 
 
 def run_rebuild(
@@ -177,58 +249,79 @@ def run_rebuild(
     * :class:`Cancelled` propagates after the remote process group was killed.
     * Once connected, the shipped folder is always removed (best effort).
     * Panel progress lines go to ``on_output("sys", b"...")``.
+
+    Each remote command costs a round trip and a process start on the node
+    (about 50-60 ms on the testbed), so there are two after connecting (three
+    with sudo): one reads the state before, unpacks the source streamed on its
+    stdin and runs nixos-rebuild; one resolves the toplevel, reads the state
+    after and removes the folder.
     """
     validate_action(action)
     validate_attr(attr)
     workdir = remote_workdir(deployment_id, target.user, secrets.token_hex(4))
+    script = _ship_and_run_script(target, action, workdir, attr)
+    command = build_command(target, action, workdir, attr)
 
     def note(msg: str) -> None:
         on_output("sys", msg.encode())
 
     if isinstance(archive, (bytes, bytearray, memoryview)):
-        size = len(archive)
-        digest = hashlib.sha256(archive).hexdigest()
+        payload = bytes(archive)
     else:
-        size = os.path.getsize(archive)
-        h = hashlib.sha256()
         with open(archive, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
+            payload = f.read()
+    size = len(payload)
+    digest = hashlib.sha256(payload).hexdigest()
 
     note(f"connecting to {target.user}@{target.address}")
     conn = Connection(target)
     conn.open()
+    cleaned = False
     try:
         note(f"host key verified ({target.host_key.fingerprint})")
         if target.sudo:
             _check_sudo(conn, target)
-        before = read_system_state(conn)
-        note(
-            f"system generation before: {before.generation if before.generation is not None else 'none'}"
-            + (f" ({before.current_system})" if before.current_system else "")
-        )
         note(f"shipping source ({size} bytes, sha256 {digest}) to {workdir}")
-        conn.put_archive(archive, workdir)
-        command = build_command(target, action, workdir, attr)
-        note(f"running: {command}")
+        states: list[SystemState] = []
+
+        def on_state(lines: list[str]) -> None:
+            states.append(_parse_state(lines))
+            before = states[0]
+            note(
+                f"system generation before: {before.generation if before.generation is not None else 'none'}"
+                + (f" ({before.current_system})" if before.current_system else "")
+            )
+
+        prelude = _Prelude(on_output, on_state, lambda: note(f"running: {command}"))
         exit_code = conn.run(
-            command,
-            on_output,
-            stdin=target.privileged_stdin(),
+            script,
+            prelude,
+            stdin=(target.privileged_stdin() or b"") + payload,
             should_cancel=should_cancel,
         )
+        if not prelude.shipped:
+            err = [line for stream, line in prelude.held if stream == "err"]
+            if exit_code == _PARENT_EXIT:
+                raise RemoteError(
+                    "ship",
+                    f"cannot use {os.path.dirname(workdir)} on {target.address}: "
+                    f"it must be a directory owned by {target.user!r}{_tail(err)}",
+                )
+            raise RemoteError(
+                "ship", f"unpacking the source into {target.address}:{workdir} failed (exit {exit_code}){_tail(err)}"
+            )
+        before = states[0] if states else _parse_state([])
         note(f"exit code {exit_code}")
-        toplevel = None
+        resolve = None
         if exit_code == 0:
             if action == "build":
-                toplevel = _resolve(conn, f"{workdir}/result")
+                resolve = f"{workdir}/result"
             elif action in ("switch", "test"):
-                toplevel = _resolve(conn, CURRENT_SYSTEM)
+                resolve = CURRENT_SYSTEM
             elif action == "boot":
-                toplevel = _resolve(conn, SYSTEM_PROFILE)
+                resolve = SYSTEM_PROFILE
             # dry-activate: nothing is recorded by nixos-rebuild we could read back.
-        after = read_system_state(conn)
+        after, toplevel, cleaned = _finish(conn, workdir, resolve)
         note(
             f"system generation after: {after.generation if after.generation is not None else 'none'}"
             + (f" ({after.current_system})" if after.current_system else "")
@@ -240,13 +333,37 @@ def run_rebuild(
         # Never let cleanup mask the real outcome (an exception or the result).
         try:
             note("cleaning up")
-            conn.remove_dir(workdir)
+            if not cleaned:
+                conn.remove_dir(workdir)
         except (RemoteError, RuntimeError, OSError) as e:
             try:
                 note(f"warning: could not remove {workdir}: {e}")
             except Exception:
                 pass
         conn.close()
+
+
+def _finish(conn: Connection, workdir: str, resolve: str | None) -> tuple[SystemState, str | None, bool]:
+    """In one command: resolve the toplevel link (if any), read the state after, remove ``workdir``.
+
+    Returns (state, toplevel or None, whether the folder was removed); if it was
+    not, run_rebuild's cleanup tries again with remove_dir, which reports why.
+    """
+    q = shlex.quote(resolve) if resolve else None
+    script = (
+        (f"t=; [ -e {q} ] && t=$(readlink -f {q} 2>/dev/null); " if q else "t=; ")
+        + _state_script()
+        + '; printf "%s\\n" "$t"'
+        + f"; rm -rf -- {shlex.quote(_check_remote_dir(workdir))} 2>/dev/null && echo removed || echo kept"
+    )
+    lines = conn.read_output(script).split("\n")
+    lines += [""] * (5 - len(lines))
+    return _parse_state(lines[:3]), (lines[3].strip() or None) if q else None, lines[4].strip() == "removed"
+
+
+def _tail(err_lines: list[bytes], n: int = 5) -> str:
+    lines = [line.decode("utf-8", "replace") for line in err_lines[-n:] if line.strip()]
+    return (": " + " | ".join(lines)) if lines else ""
 
 
 def _check_sudo(conn: Connection, target: Target) -> None:
