@@ -2,51 +2,92 @@
 
 ``record()`` must run inside the transaction of the change it records, so a
 change never lands without its event, nor an event without its change.
-Inserts are serialised (an advisory lock on PostgreSQL; SQLite's write lock,
-taken at BEGIN IMMEDIATE) so that concurrent writers cannot fork the chain.
+Inserts are serialised so that concurrent writers cannot fork the chain: an
+advisory transaction lock on PostgreSQL (held until the caller commits, so the
+next writer reads this event as the head), SQLite's single write lock (taken
+at BEGIN IMMEDIATE) otherwise.
+
+Time comes from one clock: the database's (``clock_timestamp()``, read after
+the lock is taken) on PostgreSQL, where workers on several machines write; and
+never goes backwards along the chain, so ordering by ``seq`` and by time agree.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ipaddress
 import json
+import math
+from datetime import datetime
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import connection
 from django.utils import timezone
+from django.utils.ipv6 import clean_ipv6_address
 
 from .context import current
 from .models import AuditEvent
+from .verify_export import GENESIS_HASH, HASHED_FIELDS, canonical, chain_hash  # noqa: F401  (re-exported)
 
-GENESIS_HASH = "0" * 64
 # Arbitrary constant naming the chain's advisory lock on PostgreSQL.
 CHAIN_LOCK_KEY = 0x6E69786F73  # "nixos"
 
-HASHED_FIELDS = (
-    "seq", "created_at", "actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id",
-    "object_repr", "node_id", "node_name", "outcome", "details", "source_ip", "user_agent", "request_id",
-)
+_INSERT_FIELDS = [f for f in AuditEvent._meta.concrete_fields if not f.primary_key]
+_INSERT_SQL = "INSERT INTO {} ({}) VALUES ({})".format(
+    AuditEvent._meta.db_table, ", ".join(f.column for f in _INSERT_FIELDS), ", ".join(["%s"] * len(_INSERT_FIELDS))
+) + " RETURNING id"
+_MAX = {f.name: f.max_length for f in AuditEvent._meta.concrete_fields if getattr(f, "max_length", None)}
 
 
-def canonical(event: dict[str, Any]) -> str:
-    """Canonical JSON of an event's hashed fields (sorted keys, no spaces, UTC ISO times)."""
-    doc = {}
-    for name in HASHED_FIELDS:
-        value = event.get(name)
-        if name == "created_at" and value is not None and not isinstance(value, str):
-            value = value.astimezone(timezone.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        doc[name] = value
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def _clean(value: Any) -> Any:
+    """JSON that reads back from any backend exactly as written (so its hash stays valid).
+
+    PostgreSQL's jsonb refuses NUL characters and turns ``1e+20`` into an
+    integer; such floats are stored as their text.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, float):
+        text = repr(value)
+        return value if math.isfinite(value) and "e" not in text else text
+    if isinstance(value, dict):
+        return {_clean(str(k)): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
 
 
-def chain_hash(prev_hash: str, event: dict[str, Any]) -> str:
-    return hashlib.sha256((prev_hash + canonical(event)).encode()).hexdigest()
+def _text(name: str, value: Any) -> str:
+    return _clean(str(value or ""))[: _MAX[name]]
 
 
-def _actor(user, actor_kind: str | None) -> tuple[str, int | None, str]:
+def _ip(value: str | None) -> str | None:
+    """The address as the database will give it back, or None if it is not one."""
+    try:
+        address = ipaddress.ip_address((value or "").strip())
+    except ValueError:
+        return None
+    return clean_ipv6_address(str(address)) if address.version == 6 else str(address)
+
+
+def _actor(user, actor_kind: str | None, actor_name: str) -> tuple[str, int | None, str]:
     if user is not None and getattr(user, "is_authenticated", False):
         return actor_kind or AuditEvent.ActorKind.USER, user.pk, user.get_username()
-    return actor_kind or AuditEvent.ActorKind.SYSTEM, None, "" if actor_kind != "cli" else "cli"
+    kind = actor_kind or AuditEvent.ActorKind.SYSTEM
+    return kind, None, actor_name or ("cli" if kind == AuditEvent.ActorKind.CLI else "")
+
+
+def _lock_and_read_head() -> tuple[int, str, datetime | None, datetime]:
+    """Take the chain lock; return the head's (seq, hash, time) and the clock's time now."""
+    with connection.cursor() as cur:
+        if connection.vendor == "postgresql":
+            # A function (migration 0003) so the head is read after the lock is granted, in one round trip.
+            cur.execute("SELECT * FROM audit_lock_chain_head(%s)", [CHAIN_LOCK_KEY])
+            now, seq, hash_, last_time = cur.fetchone()
+        else:
+            head = AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "created_at").first()
+            seq, hash_, last_time = head or (None, None, None)
+            now = timezone.now()
+    return (seq or 0), (hash_ or GENESIS_HASH), last_time, now
 
 
 def record(
@@ -54,6 +95,7 @@ def record(
     *,
     user=None,
     actor_kind: str | None = None,
+    actor_name: str = "",
     obj=None,
     object_type: str = "",
     object_id: str = "",
@@ -64,42 +106,46 @@ def record(
 ) -> AuditEvent:
     """Append one event to the chain, inside the caller's transaction.
 
-    ``details`` must never hold secrets; callers pass non-secret fields only.
+    ``user`` is the acting user (its id and username are kept); without one,
+    ``actor_kind`` says who acted (system, cli, webhook, anonymous) and
+    ``actor_name`` may name them (a failed login's username).  ``details`` must
+    never hold secrets; callers pass non-secret fields only.
     """
     if not connection.in_atomic_block:
         raise RuntimeError("audit.record() must run inside the transaction of the change it records")
     ctx = current.get()
-    kind, actor_id, actor_name = _actor(user, actor_kind)
+    kind, actor_id, actor_name = _actor(user, actor_kind, actor_name)
     if obj is not None:
         object_type = object_type or obj._meta.model_name
         object_id = object_id or str(obj.pk)
-        object_repr = object_repr or str(obj)[:300]
+        object_repr = object_repr or str(obj)
     if node is None and obj is not None and obj._meta.model_name == "node":
         node = obj
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", [CHAIN_LOCK_KEY])
-        last = AuditEvent.objects.order_by("-seq").values("seq", "hash").first()
-        seq, prev_hash = (last["seq"] + 1, last["hash"]) if last else (1, GENESIS_HASH)
-        fields = dict(
-            seq=seq,
-            created_at=timezone.now(),
-            actor_kind=kind,
-            actor_id=actor_id,
-            actor_name=actor_name,
-            action=action,
-            object_type=object_type,
-            object_id=str(object_id),
-            object_repr=object_repr,
-            node_id=node.pk if node is not None else None,
-            node_name=node.name if node is not None else "",
-            outcome=outcome,
-            details=json.loads(json.dumps(details or {}, default=str)),
-            source_ip=ctx.source_ip,
-            user_agent=ctx.user_agent,
-            request_id=ctx.request_id,
-        )
-        event = AuditEvent(prev_hash=prev_hash, hash=chain_hash(prev_hash, fields), **fields)
-        event.save(force_insert=True)
+    fields = dict(
+        actor_kind=kind,
+        actor_id=actor_id,
+        actor_name=_text("actor_name", actor_name),
+        action=_text("action", action),
+        object_type=_text("object_type", object_type),
+        object_id=_text("object_id", object_id),
+        object_repr=_text("object_repr", object_repr),
+        node_id=node.pk if node is not None else None,
+        node_name=_text("node_name", node.name if node is not None else ""),
+        outcome=outcome,
+        details=_clean(json.loads(json.dumps(details or {}, default=str))),
+        source_ip=_ip(ctx.source_ip),
+        user_agent=_text("user_agent", ctx.user_agent),
+        request_id=_text("request_id", ctx.request_id),
+    )
+    seq, prev_hash, last_time, now = _lock_and_read_head()
+    fields["seq"] = seq + 1
+    # Never before the previous event, even if a clock stepped back.
+    fields["created_at"] = max(now, last_time) if last_time else now
+    event = AuditEvent(prev_hash=prev_hash, hash=chain_hash(prev_hash, fields), **fields)
+    # A plain INSERT: the lock is held until the caller commits, so time spent here is everyone's.
+    with connection.cursor() as cur:
+        cur.execute(_INSERT_SQL, [f.get_db_prep_save(getattr(event, f.attname), connection) for f in _INSERT_FIELDS])
+        event.pk = cur.fetchone()[0]
+    event._state.adding = False
+    event._state.db = connection.alias
     return event

@@ -1,0 +1,164 @@
+"""The audit page for reviewers, one event's page, and filtered exports.
+
+Only users for whom ``can_audit`` holds see any of it (anonymous users are
+sent to log in; others get 403).  Pages are keyset-paginated on ``seq``
+(``?before=`` / ``?after=``), so the first and the thousandth page cost the
+same with a million events.
+"""
+
+from __future__ import annotations
+
+import json
+
+from asgiref.sync import sync_to_async
+from django.contrib.admin import site as admin_site
+from django.contrib.auth import get_user_model
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.core.handlers.asgi import ASGIRequest
+from django.db import transaction
+from django.http import Http404, StreamingHttpResponse
+from django.shortcuts import render
+from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+
+from deployments.permissions import can_audit, visible_nodes
+
+from . import export
+from .models import AuditEvent
+from .query import AuditFilter
+from .writer import record
+
+PAGE_SIZE = 50
+LIST_FIELDS = ("seq", "created_at", "actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id",
+               "object_repr", "node_id", "node_name", "outcome", "source_ip", "request_id")
+KNOWN_ACTIONS = (
+    "auth.login", "auth.logout", "auth.login_failed",
+    "deployment.requested", "deployment.started", "deployment.finished", "deployment.cancelled",
+    "deployment.cancel_requested", "deployment.cancel", "deployment.interrupted",
+    "hostkey.scanned", "hostkey.pinned", "hostkey.mismatch",
+    "node.created", "node.changed", "node.deleted", "credential.created", "credential.changed",
+    "credential.deleted", "repository.created", "repository.changed", "repository.deleted",
+    "team.created", "team.changed", "team.deleted", "team.member_added", "team.member_removed",
+    "team.grant_added", "team.grant_removed",
+    "audit.exported", "audit.verified", "audit.archived",
+)
+
+
+def _require_auditor(request) -> None:
+    if not can_audit(request.user):
+        raise PermissionDenied("You may not read the audit trail.")
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def object_links(event: AuditEvent) -> dict:
+    """Where the event's object (and, for deployments, its log) can be seen."""
+    links = {}
+    try:
+        if event.object_type == "deployment" and event.object_id.isdigit():
+            links["object"] = reverse("deployments:deployment-detail", args=[int(event.object_id)])
+            links["log"] = reverse("deployments:deployment-log", args=[int(event.object_id)])
+        elif event.object_type == "node" and event.node_name:
+            links["object"] = reverse("deployments:node-detail", args=[event.node_name])
+        elif event.object_type and event.object_id.isdigit():
+            for model in admin_site._registry:
+                if model._meta.model_name == event.object_type:
+                    opts = model._meta
+                    links["object"] = reverse(f"admin:{opts.app_label}_{opts.model_name}_change",
+                                              args=[int(event.object_id)])
+                    break
+        if event.node_name and event.object_type != "node":
+            links["node"] = reverse("deployments:node-detail", args=[event.node_name])
+    except NoReverseMatch:
+        pass
+    return links
+
+
+@login_required
+def event_list(request):
+    """Newest first, filtered; ``before``/``after`` are seq cursors."""
+    _require_auditor(request)
+    f, errors = AuditFilter.from_data(request.GET)
+    qs = f.queryset().only(*LIST_FIELDS)
+    before, after = _int(request.GET.get("before")), _int(request.GET.get("after"))
+    if after is not None:
+        events = list(qs.filter(seq__gt=after).order_by("seq")[: PAGE_SIZE + 1])
+        has_newer = len(events) > PAGE_SIZE
+        events = events[:PAGE_SIZE][::-1]
+        has_older = bool(events) and qs.filter(seq__lt=events[-1].seq).exists()
+    else:
+        page = qs.filter(seq__lt=before) if before is not None else qs
+        events = list(page.order_by("-seq")[: PAGE_SIZE + 1])
+        has_older = len(events) > PAGE_SIZE
+        events = events[:PAGE_SIZE]
+        has_newer = before is not None and bool(events) and qs.filter(seq__gt=events[0].seq).exists()
+    for event in events:
+        event.links = object_links(event)
+    return render(request, "audit/event_list.html", {
+        "events": events,
+        "filter": f,
+        "filtered": bool(f),
+        "errors": errors,
+        "has_newer": has_newer,
+        "has_older": has_older,
+        "newest_seq": events[0].seq if events else None,
+        "oldest_seq": events[-1].seq if events else None,
+        "outcomes": AuditEvent.Outcome.choices,
+        "known_actions": KNOWN_ACTIONS,
+        "node_names": visible_nodes(request.user).order_by("name").values_list("name", flat=True)[:500],
+        "actor_names": get_user_model().objects.order_by("username").values_list("username", flat=True)[:500],
+        "export_query": f.as_dict(),
+    })
+
+
+@login_required
+def event_detail(request, seq: int):
+    _require_auditor(request)
+    try:
+        event = AuditEvent.objects.get(seq=seq)
+    except AuditEvent.DoesNotExist:
+        raise Http404("No such audit event") from None
+    previous = AuditEvent.objects.filter(seq__lt=seq).order_by("-seq").values_list("seq", flat=True).first()
+    following = AuditEvent.objects.filter(seq__gt=seq).order_by("seq").values_list("seq", flat=True).first()
+    return render(request, "audit/event_detail.html", {
+        "event": event,
+        "links": object_links(event),
+        "details_json": json.dumps(event.details, indent=2, sort_keys=True, ensure_ascii=False),
+        "previous": previous,
+        "following": following,
+    })
+
+
+@login_required
+def event_export(request, fmt: str):
+    """The filtered view as CSV or JSON Lines, oldest first, streamed; the export itself is audited."""
+    _require_auditor(request)
+    if fmt not in export.FORMATS:
+        raise Http404("Unknown format")
+    f, errors = AuditFilter.from_data(request.GET)
+    if errors:
+        raise Http404("; ".join(errors))
+    through = export.head_seq()
+    with transaction.atomic():
+        record("audit.exported", user=request.user,
+               details={"format": fmt, "filters": f.as_dict(), "through_seq": through})
+    content = export.chunks(f.queryset(), fmt, through_seq=through)
+    if isinstance(request, ASGIRequest):
+        # Under daphne a sync iterator would be read whole into memory first; feed it batch by batch.
+        content = _async_chunks(content)
+    response = StreamingHttpResponse(content, content_type=export.FORMATS[fmt])
+    stamp = timezone.now().strftime("%Y%m%dT%H%M%SZ")
+    response["Content-Disposition"] = f'attachment; filename="audit-{stamp}-through-{through}.{fmt}"'
+    return response
+
+
+async def _async_chunks(chunks):
+    step = sync_to_async(lambda: next(chunks, None), thread_sensitive=True)
+    while (chunk := await step()) is not None:
+        yield chunk

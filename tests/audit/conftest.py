@@ -1,0 +1,54 @@
+"""Fixtures for the audit trail: an auditor, a private checkpoint directory, events, tampering."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection, transaction
+
+from deployments.audit.db import triggers_lifted
+from deployments.audit.writer import record
+
+
+@pytest.fixture(autouse=True)
+def audit_dirs(settings, tmp_path):
+    """Each test signs with its own key and writes checkpoints to its own directory."""
+    settings.AUDIT_SIGNING_KEY_FILE = str(tmp_path / "keys" / "audit-signing.key")
+    settings.AUDIT_CHECKPOINT_DIR = str(tmp_path / "checkpoints")
+    return tmp_path
+
+
+@pytest.fixture
+def carol(django_user_model):
+    """An auditor: a member of a team holding the (global) auditor role."""
+    from deployments.access.models import Grant, Team
+
+    user = django_user_model.objects.create_user("carol", "carol@example.com", "carol-password-1")
+    team = Team.objects.create(name="auditors")
+    team.members.add(user)
+    Grant.objects.create(team=team, role=Grant.Role.AUDITOR, scope=Grant.Scope.ALL)
+    return user
+
+
+def add_events(n: int, *, action: str = "test.event", **kwargs) -> list:
+    events = []
+    for i in range(n):
+        with transaction.atomic():
+            events.append(record(action, actor_kind="system", object_type="thing", object_id=str(i),
+                                 object_repr=f"thing {i}", details={"i": i}, **kwargs))
+    return events
+
+
+@pytest.fixture
+def events(db):
+    """Eight events on the chain, #1-#8."""
+    return add_events(8)
+
+
+def tamper(sql: str, params=()) -> None:
+    """Change the table behind the triggers' back, as a database administrator could."""
+    with transaction.atomic(), triggers_lifted(connection), connection.cursor() as cur:
+        cur.execute(sql, params)
+
+
+def is_postgres() -> bool:
+    return connection.vendor == "postgresql"

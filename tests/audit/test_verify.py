@@ -1,0 +1,130 @@
+"""`audit verify` names the first event that was modified, removed or reordered, and exits 1."""
+
+import io
+import json
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from deployments.audit import checkpoint
+from deployments.audit.models import AuditEvent
+from deployments.audit.verify_export import chain_hash
+
+from .conftest import add_events, tamper
+
+pytestmark = pytest.mark.django_db
+
+
+def verify(*args) -> tuple[int, str]:
+    out = io.StringIO()
+    try:
+        call_command("audit", "verify", *args, stdout=out)
+    except CommandError as exc:
+        return exc.returncode, out.getvalue() + str(exc)
+    return 0, out.getvalue()
+
+
+def test_verify_passes_an_untouched_chain(events):
+    status, output = verify()
+    assert status == 0
+    assert "OK: 8 events, #1-#8, chain intact" in output
+
+
+def test_verify_names_the_first_edited_event(events):
+    tamper("UPDATE audit_auditevent SET actor_name = 'mallory' WHERE seq = 3")
+    tamper("UPDATE audit_auditevent SET outcome = 'denied' WHERE seq = 6")
+    status, output = verify()
+    assert status == 1
+    assert "event #3 was modified" in output
+
+
+def test_verify_names_an_edited_event_whose_hash_was_recomputed(events):
+    row = AuditEvent.objects.values().get(seq=4)
+    row["object_repr"] = "innocent"
+    tamper("UPDATE audit_auditevent SET object_repr = %s, hash = %s WHERE seq = 4",
+           ["innocent", chain_hash(row["prev_hash"], row)])
+    status, output = verify()
+    assert status == 1
+    assert "event #4 was rewritten" in output
+
+
+def test_verify_names_a_deleted_event(events):
+    tamper("DELETE FROM audit_auditevent WHERE seq = 5")
+    status, output = verify()
+    assert status == 1
+    assert "event #5 removed" in output
+
+
+def test_verify_names_deleted_first_events(events):
+    tamper("DELETE FROM audit_auditevent WHERE seq <= 2")
+    status, output = verify()
+    assert status == 1
+    assert "events #1-#2 removed" in output
+
+
+def test_verify_names_the_first_of_two_swapped_events(events):
+    cols = ["actor_name", "action", "object_id", "object_repr", "details", "prev_hash", "hash"]
+    a, b = (AuditEvent.objects.values(*cols).get(seq=s) for s in (2, 6))
+    for seq, row in ((2, b), (6, a)):
+        row = {**row, "hash": "tmp" + row["hash"][3:] if seq == 2 else row["hash"], "details": json.dumps(row["details"])}
+        tamper("UPDATE audit_auditevent SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE seq = %s",
+               [row[c] for c in cols] + [seq])
+    status, output = verify()
+    assert status == 1
+    assert "event #2 was modified" in output
+
+
+def test_verify_names_reordered_events(events):
+    # Renumber #3 and #4 into each other's places.
+    tamper("UPDATE audit_auditevent SET seq = -3 WHERE seq = 3")
+    tamper("UPDATE audit_auditevent SET seq = 3 WHERE seq = 4")
+    tamper("UPDATE audit_auditevent SET seq = 4 WHERE seq = -3")
+    status, output = verify()
+    assert status == 1
+    assert "event #3 was modified" in output
+
+
+def test_a_cut_tail_shows_only_against_a_checkpoint(events):
+    path = checkpoint.write_checkpoint("manual")
+    tamper("DELETE FROM audit_auditevent WHERE seq >= 6")
+    status, output = verify()
+    assert status == 1
+    assert "events #6-#8 removed" in output and path.name in output
+
+
+def test_a_cut_tail_grown_back_does_not_match_the_checkpoint(events):
+    checkpoint.write_checkpoint("manual")
+    tamper("DELETE FROM audit_auditevent WHERE seq >= 6")
+    add_events(4, action="test.replacement")
+    status, output = verify()
+    assert status == 1
+    assert "event #8 does not match checkpoint" in output
+
+
+def test_verify_checks_the_checkpoint_it_is_given(events, tmp_path):
+    early = checkpoint.write_checkpoint("manual")
+    add_events(2)
+    checkpoint.write_checkpoint("manual")
+    tamper("DELETE FROM audit_auditevent WHERE seq >= 10")
+    assert verify("--checkpoint", str(early))[0] == 0
+    assert verify()[0] == 1
+
+
+def test_a_forged_checkpoint_is_refused(events, tmp_path):
+    doc = json.loads(checkpoint.write_checkpoint("manual").read_text())
+    doc["seq"] = 3
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(doc))
+    status, output = verify("--checkpoint", str(forged))
+    assert status == 1
+    assert "not signed by the panel's audit key" in output
+
+
+def test_verify_runs_are_audited(events):
+    verify()
+    tamper("UPDATE audit_auditevent SET action = 'x' WHERE seq = 2")
+    verify()
+    ok, failed = AuditEvent.objects.filter(action="audit.verified").order_by("seq")
+    assert (ok.outcome, ok.actor_kind) == ("success", "cli")
+    assert failed.outcome == "failure" and failed.details["first_bad_seq"] == 2
+
