@@ -155,6 +155,12 @@ def run_deployment(deployment_id: int) -> str:
             fields["error_message"] = f"{exc.message}; the activation may still complete on the node: check it"
         else:
             status, fields["error_message"] = Status.ERROR, exc.message
+        if exc.kind == "host-key-mismatch":
+            # Security-relevant on its own, not only as a failed deployment: someone may be in the middle.
+            with transaction.atomic():
+                record("hostkey.mismatch", actor_kind="system", obj=node, outcome="failure",
+                       details={"pinned": node.host_key_fingerprint, "error": exc.message,
+                                "deployment": deployment_id})
     except repos.RepositoryError as exc:
         status, fields["error_message"] = Status.ERROR, f"flake source: {exc}"
     except Exception:  # noqa: BLE001 - a panel bug must still end the deployment, with its traceback

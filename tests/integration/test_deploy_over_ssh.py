@@ -164,6 +164,9 @@ def test_a_changed_host_key_stops_the_deploy_and_says_so(add_node):
     assert d.status == "error"
     assert "host key" in d.error_message.lower() and pinned in d.error_message
     assert tb.generations() == gens
+    mismatch = AuditEvent.objects.get(action="hostkey.mismatch")
+    assert mismatch.outcome == "failure" and mismatch.details["pinned"] == pinned
+    assert mismatch.node_name == node.name
 
 
 def test_password_login_works(add_node):
