@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 from django.contrib import messages
@@ -187,6 +188,9 @@ def deployment_log(request, pk):
 # --- JSON API (session authentication; CSRF applies to POST) ------------------
 
 def _api_login_required(view):
+    """JSON errors instead of redirects: 401 anonymous, 404 unseen, 403 not allowed."""
+
+    @functools.wraps(view)
     def wrapped(request, *args, **kwargs):
         if not request.user.is_authenticated:
             return JsonResponse({"error": "authentication required"}, status=401)
@@ -197,8 +201,6 @@ def _api_login_required(view):
         except PermissionDenied as exc:
             return JsonResponse({"error": str(exc) or "forbidden"}, status=403)
 
-    wrapped.__name__ = view.__name__
-    wrapped.__doc__ = view.__doc__
     return wrapped
 
 
