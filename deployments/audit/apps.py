@@ -29,14 +29,19 @@ def after_migrate(sender, using="default", **kwargs) -> None:
     from django.db import connections
 
     from . import conf
-    from .db import SQLITE_TRIGGERS, TABLE
+    from .db import SEARCH_TABLE, SQLITE_SEARCH_TRIGGERS, SQLITE_TRIGGERS, TABLE
 
     connection = connections[using]
     # SQLite rebuilds a table (dropping its triggers) when a later migration alters it.
-    if connection.vendor == "sqlite" and TABLE in connection.introspection.table_names():
-        with connection.cursor() as cur:
-            for sql in SQLITE_TRIGGERS.values():
-                cur.execute(sql)
+    if connection.vendor == "sqlite":
+        tables = connection.introspection.table_names()
+        if TABLE in tables:
+            with connection.cursor() as cur:
+                for sql in SQLITE_TRIGGERS.values():
+                    cur.execute(sql)
+                if SEARCH_TABLE in tables:
+                    for sql in SQLITE_SEARCH_TRIGGERS.values():
+                        cur.execute(sql)
 
     from django_q.models import Schedule
 

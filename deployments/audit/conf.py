@@ -6,6 +6,8 @@
                                    Default DATA_DIR/audit-checkpoints.
 ``PANEL_AUDIT_CHECKPOINT_URL``     optional: every checkpoint is also POSTed here (JSON).
 ``PANEL_AUDIT_CHECKPOINT_MINUTES`` how often the periodic checkpoint runs; 0 disables it.  Default 15.
+``PANEL_AUDIT_ASYNC_COMMIT``       PostgreSQL only: commit transactions that write an audit event with
+                                   ``synchronous_commit = off`` (docs/audit.md: the trade-off).  Default off.
 
 They are functions, not constants, so tests (and ``override_settings``) can
 point them elsewhere.
@@ -48,3 +50,15 @@ def checkpoint_minutes() -> int:
     if minutes < 0:
         raise ImproperlyConfigured("PANEL_AUDIT_CHECKPOINT_MINUTES must be 0 (off) or more")
     return minutes
+
+
+def async_commit() -> bool:
+    value = _get("AUDIT_ASYNC_COMMIT", "PANEL_AUDIT_ASYNC_COMMIT", False)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"PANEL_AUDIT_ASYNC_COMMIT={value!r}: use on or off")

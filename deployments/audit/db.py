@@ -74,3 +74,51 @@ def triggers_lifted(connection):
             else:
                 for name in present:
                     cur.execute(f"ALTER TABLE {TABLE} ENABLE TRIGGER {name}")
+
+
+# --- the free-text search index (migration 0005) ------------------------------------------
+#
+# SQLite: an FTS5 trigram table over object_repr and node_name, external content (the audit
+# table), fed by triggers.  A derived index: search narrows with it and still applies the LIKE
+# condition; verification never reads it.  PostgreSQL: pg_trgm GIN indexes, used by the planner
+# for Django's icontains as is (nothing to do here).
+
+SEARCH_TABLE = "audit_auditevent_search"
+SQLITE_SEARCH_TRIGGERS = {
+    "audit_auditevent_search_insert":
+        f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_insert AFTER INSERT ON {TABLE} BEGIN "
+        f"INSERT INTO {SEARCH_TABLE} (rowid, object_repr, node_name) "
+        f"VALUES (new.id, new.object_repr, new.node_name); END",
+    "audit_auditevent_search_update":
+        f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_update AFTER UPDATE ON {TABLE} BEGIN "
+        f"INSERT INTO {SEARCH_TABLE} ({SEARCH_TABLE}, rowid, object_repr, node_name) "
+        f"VALUES ('delete', old.id, old.object_repr, old.node_name); "
+        f"INSERT INTO {SEARCH_TABLE} (rowid, object_repr, node_name) "
+        f"VALUES (new.id, new.object_repr, new.node_name); END",
+    "audit_auditevent_search_delete":
+        f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_delete AFTER DELETE ON {TABLE} BEGIN "
+        f"INSERT INTO {SEARCH_TABLE} ({SEARCH_TABLE}, rowid, object_repr, node_name) "
+        f"VALUES ('delete', old.id, old.object_repr, old.node_name); END",
+}
+SEARCH_MIN_LENGTH = 3  # a trigram index finds substrings of 3 characters or more
+_search_tables: dict[tuple, bool] = {}
+
+
+def has_search_table(connection) -> bool:
+    """Whether this SQLite database has the FTS5 search table (asked once per database)."""
+    if connection.vendor != "sqlite":
+        return False
+    key = (connection.alias, str(connection.settings_dict["NAME"]))
+    if key not in _search_tables:
+        with connection.cursor() as cur:
+            cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = %s", [SEARCH_TABLE])
+            found = cur.fetchone() is not None
+        if not found:
+            return False  # not cached: a migrate may add it later
+        _search_tables[key] = True
+    return _search_tables[key]
+
+
+def search_phrase(text: str) -> str:
+    """``text`` as one FTS5 phrase: a substring to find, whatever characters it holds."""
+    return '"' + text.replace('"', '""') + '"'

@@ -11,12 +11,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime, time, timedelta
 
-from django.db.models import Q, QuerySet
+from django.db import connections
+from django.db.models import Max, Q, QuerySet
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 
+from .db import SEARCH_MIN_LENGTH, SEARCH_TABLE, has_search_table, search_phrase
 from .models import AuditEvent
 
+# Free text: how many events next to the page's cursor are filtered directly before the search index is asked.
+SEARCH_WINDOW = 20_000
 FILTER_NAMES = ("actor", "node", "action", "outcome", "since", "until", "q", "request", "object_type", "object_id")
 
 
@@ -93,7 +98,8 @@ class AuditFilter:
                 return 1, 0
         return lo, hi
 
-    def queryset(self, qs: QuerySet | None = None) -> QuerySet:
+    def queryset(self, qs: QuerySet | None = None, *, indexed: bool = True) -> QuerySet:
+        """The matching events; ``indexed=False`` leaves out SQLite's search-index narrowing."""
         qs = AuditEvent.objects.all() if qs is None else qs
         if self.actor:
             qs = qs.filter(actor_name=self.actor)
@@ -113,9 +119,51 @@ class AuditFilter:
             qs = qs.filter(object_id=self.object_id)
         if self.q:
             qs = qs.filter(Q(object_repr__icontains=self.q) | Q(node_name__icontains=self.q))
+            # PostgreSQL answers the icontains above from its pg_trgm indexes (migration 0005); SQLite
+            # narrows by its FTS5 trigram table first (a superset: it folds case more widely than LIKE).
+            connection = connections[qs.db]
+            if indexed and len(self.q) >= SEARCH_MIN_LENGTH and has_search_table(connection):
+                qs = qs.filter(id__in=RawSQL(f"SELECT rowid FROM {SEARCH_TABLE} WHERE {SEARCH_TABLE} MATCH %s",
+                                             [search_phrase(self.q)]))
         lo, hi = self.seq_range()
         if lo is not None:
             qs = qs.filter(seq__gte=lo)
         if hi is not None:
             qs = qs.filter(seq__lte=hi)
         return qs
+
+    def page(self, *, below: int | None = None, above: int | None = None, limit: int,
+             fields: tuple[str, ...] = ()) -> list[AuditEvent]:
+        """Up to ``limit`` matching events with ``seq < below`` newest first, or ``seq > above`` oldest first.
+
+        Free text is found two ways, so both a term that matches every few events
+        and one that matches none stay one short walk: first the ``SEARCH_WINDOW``
+        events next to the cursor are filtered directly (a common term fills the
+        page there), then, only if the page is not full, the rest of the trail
+        through the search index (pg_trgm on PostgreSQL, FTS5 on SQLite), which
+        finds a rare term's few events without reading the others.
+        """
+        descending = above is None
+        order = "-seq" if descending else "seq"
+        if not self.q:
+            qs = self.queryset().only(*fields) if fields else self.queryset()
+            if below is not None:
+                qs = qs.filter(seq__lt=below)
+            if above is not None:
+                qs = qs.filter(seq__gt=above)
+            return list(qs.order_by(order)[:limit])
+        if descending:
+            top = below if below is not None else (AuditEvent.objects.aggregate(m=Max("seq"))["m"] or 0) + 1
+            near = {"seq__lt": top, "seq__gte": top - SEARCH_WINDOW}
+            far = {"seq__lt": top - SEARCH_WINDOW}
+        else:
+            near = {"seq__gt": above, "seq__lte": above + SEARCH_WINDOW}
+            far = {"seq__gt": above + SEARCH_WINDOW}
+        found = []
+        for qs in (self.queryset(indexed=False).filter(**near), self.queryset().filter(**far)):
+            if fields:
+                qs = qs.only(*fields)
+            found += qs.order_by(order)[: limit - len(found)]
+            if len(found) >= limit:
+                break
+        return found

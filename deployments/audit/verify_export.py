@@ -67,6 +67,30 @@ def chain_hash(prev_hash: str, event) -> str:
     return hashlib.sha256((prev_hash + canonical(event)).encode()).hexdigest()
 
 
+# Keys sort as: action, actor_*, created_at, details, node_*, object_*, outcome, request_id, seq, source_ip, …
+_BEFORE_TIME = tuple(k for k in sorted(HASHED_FIELDS) if k < "created_at")
+_BETWEEN = tuple(k for k in sorted(HASHED_FIELDS) if "created_at" < k < "seq")
+_AFTER_SEQ = tuple(k for k in sorted(HASHED_FIELDS) if k > "seq")
+
+
+def canonical_parts(event) -> tuple[str, str, str]:
+    """``canonical(event)`` cut around the two values only known under the chain lock.
+
+    ``canonical(event) == head + format_time(created_at) + middle + str(seq) + tail``
+    whatever the event's ``seq`` and ``created_at``: the same string, built in
+    two steps, so the writer can encode the rest before it takes the lock and
+    PostgreSQL can finish the hash inside it (migration 0004).  Not a second
+    format: ``canonical()`` above stays the definition.
+    """
+    def inner(keys):
+        return _ENCODE({k: event.get(k) for k in keys})[1:-1]
+
+    a, b, c = inner(_BEFORE_TIME), inner(_BETWEEN), inner(_AFTER_SEQ)
+    return ("{" + a + ("," if a else "") + '"created_at":"',
+            '",' + b + ("," if b else "") + '"seq":',
+            ("," + c if c else "") + "}")
+
+
 # --- Ed25519 signature check (RFC 8032, section 6 reference code) -------------
 
 _P = 2**255 - 19

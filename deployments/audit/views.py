@@ -85,19 +85,18 @@ def event_list(request):
     """Newest first, filtered; ``before``/``after`` are seq cursors."""
     _require_auditor(request)
     f, errors = AuditFilter.from_data(request.GET)
-    qs = f.queryset().only(*LIST_FIELDS)
     before, after = _int(request.GET.get("before")), _int(request.GET.get("after"))
     if after is not None:
-        events = list(qs.filter(seq__gt=after).order_by("seq")[: PAGE_SIZE + 1])
+        events = f.page(above=after, limit=PAGE_SIZE + 1, fields=LIST_FIELDS)
         has_newer = len(events) > PAGE_SIZE
         events = events[:PAGE_SIZE][::-1]
-        has_older = bool(events) and qs.filter(seq__lt=events[-1].seq).exists()
+        has_older = bool(events) and bool(f.page(below=events[-1].seq, limit=1, fields=("seq",)))
     else:
-        page = qs.filter(seq__lt=before) if before is not None else qs
-        events = list(page.order_by("-seq")[: PAGE_SIZE + 1])
+        events = f.page(below=before, limit=PAGE_SIZE + 1, fields=LIST_FIELDS)
         has_older = len(events) > PAGE_SIZE
         events = events[:PAGE_SIZE]
-        has_newer = before is not None and bool(events) and qs.filter(seq__gt=events[0].seq).exists()
+        has_newer = (before is not None and bool(events)
+                     and bool(f.page(above=events[0].seq, limit=1, fields=("seq",))))
     for event in events:
         event.links = object_links(event)
     return render(request, "audit/event_list.html", {

@@ -5,7 +5,9 @@ change never lands without its event, nor an event without its change.
 Inserts are serialised so that concurrent writers cannot fork the chain: an
 advisory transaction lock on PostgreSQL (held until the caller commits, so the
 next writer reads this event as the head), SQLite's single write lock (taken
-at BEGIN IMMEDIATE) otherwise.
+at BEGIN IMMEDIATE) otherwise.  On PostgreSQL everything under the lock is one
+call of ``audit_append()`` (migration 0004): the event's fields are encoded
+before it, and the database fills in seq, time and hash.
 
 Time comes from one clock: the database's (``clock_timestamp()``, read after
 the lock is taken) on PostgreSQL, where workers on several machines write; and
@@ -24,9 +26,17 @@ from django.db import connection
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
+from . import conf
 from .context import current
 from .models import AuditEvent
-from .verify_export import GENESIS_HASH, HASHED_FIELDS, canonical, chain_hash  # noqa: F401  (re-exported)
+from .verify_export import (  # noqa: F401  (re-exported)
+    GENESIS_HASH,
+    HASHED_FIELDS,
+    canonical,
+    canonical_json,
+    canonical_parts,
+    chain_hash,
+)
 
 # Arbitrary constant naming the chain's advisory lock on PostgreSQL.
 CHAIN_LOCK_KEY = 0x6E69786F73  # "nixos"
@@ -35,6 +45,14 @@ _INSERT_FIELDS = [f for f in AuditEvent._meta.concrete_fields if not f.primary_k
 _INSERT_SQL = "INSERT INTO {} ({}) VALUES ({})".format(
     AuditEvent._meta.db_table, ", ".join(f.column for f in _INSERT_FIELDS), ", ".join(["%s"] * len(_INSERT_FIELDS))
 ) + " RETURNING id"
+# PostgreSQL: lock, head, clock, hash and INSERT in one call (migration 0004).
+_APPEND_SQL = ("SELECT new_id, new_seq, new_time, new_prev, new_hash FROM audit_append("
+               "%s::bigint, %s::boolean, %s::text, %s::text, %s::text, "
+               "%s::text, %s::bigint, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bigint, %s::text, "
+               "%s::text, %s::text, %s::text, %s::text, %s::text)")
+_ATTNAMES = tuple(f.attname for f in AuditEvent._meta.concrete_fields)
+_APPEND_FIELDS = ("actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id", "object_repr",
+                  "node_id", "node_name", "outcome", "details", "source_ip", "user_agent", "request_id")
 _MAX = {f.name: f.max_length for f in AuditEvent._meta.concrete_fields if getattr(f, "max_length", None)}
 
 
@@ -76,18 +94,15 @@ def _actor(user, actor_kind: str | None, actor_name: str) -> tuple[str, int | No
     return kind, None, actor_name or ("cli" if kind == AuditEvent.ActorKind.CLI else "")
 
 
-def _lock_and_read_head() -> tuple[int, str, datetime | None, datetime]:
-    """Take the chain lock; return the head's (seq, hash, time) and the clock's time now."""
-    with connection.cursor() as cur:
-        if connection.vendor == "postgresql":
-            # A function (migration 0003) so the head is read after the lock is granted, in one round trip.
-            cur.execute("SELECT * FROM audit_lock_chain_head(%s)", [CHAIN_LOCK_KEY])
-            now, seq, hash_, last_time = cur.fetchone()
-        else:
-            head = AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "created_at").first()
-            seq, hash_, last_time = head or (None, None, None)
-            now = timezone.now()
-    return (seq or 0), (hash_ or GENESIS_HASH), last_time, now
+def _read_head_sqlite() -> tuple[int, str, datetime | None, datetime]:
+    """The head's (seq, hash, time) and the clock's time now, under SQLite's write lock.
+
+    The caller's transaction holds the write lock from BEGIN IMMEDIATE (the
+    settings' ``transaction_mode``), so no other writer can append meanwhile.
+    """
+    head = AuditEvent.objects.order_by("-seq").values_list("seq", "hash", "created_at").first()
+    seq, hash_, last_time = head or (None, None, None)
+    return (seq or 0), (hash_ or GENESIS_HASH), last_time, timezone.now()
 
 
 def record(
@@ -137,7 +152,9 @@ def record(
         user_agent=_text("user_agent", ctx.user_agent),
         request_id=_text("request_id", ctx.request_id),
     )
-    seq, prev_hash, last_time, now = _lock_and_read_head()
+    if connection.vendor == "postgresql":
+        return _append_postgresql(fields)
+    seq, prev_hash, last_time, now = _read_head_sqlite()
     fields["seq"] = seq + 1
     # Never before the previous event, even if a clock stepped back.
     fields["created_at"] = max(now, last_time) if last_time else now
@@ -146,6 +163,28 @@ def record(
     with connection.cursor() as cur:
         cur.execute(_INSERT_SQL, [f.get_db_prep_save(getattr(event, f.attname), connection) for f in _INSERT_FIELDS])
         event.pk = cur.fetchone()[0]
+    return _saved(event)
+
+
+def _append_postgresql(fields: dict) -> AuditEvent:
+    """Everything under the chain lock in one round trip: ``audit_append()`` (migration 0004).
+
+    The event's own fields are encoded here, before the lock; the function
+    fills in seq and created_at, hashes and inserts.  The lock is then held
+    until the caller's COMMIT, as before, but for one round trip instead of two.
+    """
+    head, middle, tail = canonical_parts(fields)
+    params = [CHAIN_LOCK_KEY, conf.async_commit(), head, middle, tail]
+    params += [canonical_json(fields[name]) if name == "details" else fields[name] for name in _APPEND_FIELDS]
+    with connection.cursor() as cur:
+        cur.execute(_APPEND_SQL, params)
+        pk, seq, created_at, prev_hash, hash_ = cur.fetchone()
+    # Positional: Django's fast path (the caller's COMMIT, and so the chain lock's release, waits for this).
+    values = {**fields, "id": pk, "seq": seq, "created_at": created_at, "prev_hash": prev_hash, "hash": hash_}
+    return _saved(AuditEvent(*[values[name] for name in _ATTNAMES]))
+
+
+def _saved(event: AuditEvent) -> AuditEvent:
     event._state.adding = False
     event._state.db = connection.alias
     return event
