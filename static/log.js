@@ -207,6 +207,11 @@
       rafPending = true;
       requestAnimationFrame(flush);
     }
+    // The recorded counts arrive with the final status; until then show what has streamed.
+    if (!TERMINAL.has(state.status)) {
+      const countEl = document.getElementById('line-count');
+      if (countEl) countEl.textContent = (state.lastSeq + 1).toLocaleString();
+    }
   }
 
   function trim() {
