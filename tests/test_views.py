@@ -140,3 +140,14 @@ def test_the_node_form_saves_tags(admin_client, inventory):
             "tag_names": "web, prod"}
     assert admin_client.post("/nodes/web1/edit/", data).status_code == 302
     assert sorted(node.tags.values_list("name", flat=True)) == ["prod", "web"]
+
+
+def test_history_tables_show_outcome_commit_and_trigger(admin_client, inventory):
+    d = Deployment.objects.create(node=inventory["node"], action="boot", commit_sha=inventory["sha"],
+                                  flake_attr="devm", status="failed", exit_code=1, requested_revision="main",
+                                  trigger="cli", requested_by_name="alice")
+    for url in ["/deployments/", "/nodes/web1/"]:
+        page = admin_client.get(url).content.decode()
+        assert f"#{d.pk}" in page and "exit 1" in page and "via Command line" in page
+        assert inventory["sha"][:10] in page
+    assert 'class="node-link" href="/nodes/web1/"' in admin_client.get("/deployments/").content.decode()
