@@ -137,7 +137,7 @@ def measure(users: dict, runs: int) -> dict:
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
-    from deployments import permissions
+    from deployments.access import gate
 
     def client_for(user) -> Client:
         client = Client(HTTP_HOST="localhost")
@@ -168,9 +168,9 @@ def measure(users: dict, runs: int) -> dict:
     user = users["tagged"]
     gate_times = []
     for _ in range(runs):
-        permissions.forget(user)
+        gate.forget(user)
         start = time.perf_counter()
-        nodes = permissions.annotate_permissions(permissions.visible_nodes(user), user)
+        nodes = gate.annotate_permissions(gate.visible_nodes(user), user)
         nodes.count()
         page = list(nodes.order_by("name")[:100])
         gate_times.append((time.perf_counter() - start) * 1000)
@@ -178,8 +178,8 @@ def measure(users: dict, runs: int) -> dict:
 
     return {
         "gate_ms": statistics.median(gate_times),
-        "visible": permissions.visible_nodes(users["tagged"]).count(),
-        "deployable": permissions.nodes_for(users["tagged"], permissions.DEPLOY).count(),
+        "visible": gate.visible_nodes(users["tagged"]).count(),
+        "deployable": gate.nodes_for(users["tagged"], gate.DEPLOY).count(),
         "shown": shown,
         "median_ms": statistics.median(times),
         "p90_ms": sorted(times)[int(len(times) * 0.9) - 1],

@@ -4,11 +4,13 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from deployments.access import gate
+
 admin.site.site_header = "NixOS control panel"
 admin.site.site_title = "NixOS control panel"
 # The Django admin bypasses the node permission gate, so it is for superusers only;
 # everyone else works through the panel's pages, which ask the gate.
-admin.site.has_permission = lambda request: request.user.is_active and request.user.is_superuser
+admin.site.has_permission = lambda request: gate.may(request.user, gate.ADMIN_SITE)
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),

@@ -1,23 +1,23 @@
-"""Admin pages for the inventory.  Every save goes through ``actions`` so it is audited;
+"""Admin pages for the inventory.  Every save goes through ``inventory`` so it is audited;
 secrets are write-only; deployments and logs are read-only here."""
 
 from django.contrib import admin
 
-from . import actions
+from . import inventory
 from .forms import CredentialForm, NodeForm
 from .models import Credential, Deployment, Node, Repository, Tag
 
 
 class AuditedAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
-        actions.save_object(obj, user=request.user)
+        inventory.save_object(obj, user=request.user)
 
     def delete_model(self, request, obj):
-        actions.delete_object(obj, user=request.user)
+        inventory.delete_object(obj, user=request.user)
 
     def delete_queryset(self, request, queryset):
         for obj in queryset:
-            actions.delete_object(obj, user=request.user)
+            inventory.delete_object(obj, user=request.user)
 
 
 @admin.register(Credential)
@@ -29,7 +29,7 @@ class CredentialAdmin(AuditedAdmin):
 
     def save_model(self, request, obj, form, change):
         data = form.cleaned_data
-        actions.save_credential(
+        inventory.save_credential(
             obj, secret=data.get("secret") or None, passphrase=data.get("passphrase") or "",
             sudo_password=data.get("sudo_password") or None, user=request.user,
         )
@@ -54,7 +54,7 @@ class NodeAdmin(AuditedAdmin):
     readonly_fields = ["host_key_fingerprint", "host_key_pinned_at", "host_key_pinned_by"]
 
     def save_model(self, request, obj, form, change):
-        actions.save_object(obj, user=request.user, tags=form.cleaned_data.get("tag_names"))
+        inventory.save_object(obj, user=request.user, tags=form.cleaned_data.get("tag_names"))
 
     def save_related(self, request, form, formsets, change):
         """Nothing: tags were saved by save_object() inside the audited transaction."""

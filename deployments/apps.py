@@ -8,7 +8,7 @@ def ensure_schedules(sender, **kwargs) -> None:
 
     Schedule.objects.update_or_create(
         name="reap-stale-deployments",
-        defaults={"func": "deployments.tasks.reap_stale", "schedule_type": Schedule.MINUTES, "minutes": 1,
+        defaults={"func": "deployments.lifecycle.reap_stale", "schedule_type": Schedule.MINUTES, "minutes": 1,
                   "repeats": -1},
     )
 

@@ -21,8 +21,8 @@ from django.conf import settings
 from django.http import Http404
 
 from . import logstream
+from .access.gate import deployment_for
 from .models import Deployment
-from .permissions import deployment_for
 
 log = logging.getLogger(__name__)
 

@@ -1,20 +1,20 @@
 """django-q2 entry points.  Every task has the same shape: claim, run, finish.
 
-``run_deployment`` claims its row with a conditional UPDATE, so each
-deployment runs at most once whatever the broker delivers; an expected
-failure becomes ``failed`` or ``error`` with a message, anything else
-``error`` with the traceback stored.  No task dies silently.
+``run_deployment`` claims its row (``lifecycle.claim``, a conditional
+UPDATE), so each deployment runs at most once whatever the broker delivers; an
+expected failure becomes ``failed`` or ``error`` with a message, anything else
+``error`` with the traceback stored.  No task dies silently.  The runner that
+does the remote work is an argument, so every outcome can be tested with a
+stand-in runner as well as over real SSH.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import traceback
-from datetime import timedelta
+from collections.abc import Callable
 
 from django.conf import settings
 from django.db import transaction
@@ -22,56 +22,12 @@ from django.utils import timezone
 
 from . import logstream, repos
 from .audit.writer import record
+from .lifecycle import claim, finish
 from .models import Deployment
-from .remote.rebuild import run_rebuild
-from .remote.ssh import Cancelled, HostKey, RemoteError, Target
+from .remote import Cancelled, HostKey, RebuildResult, RemoteError, Target, run_rebuild
 
 log = logging.getLogger(__name__)
 Status = Deployment.Status
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def claim(deployment_id: int) -> bool:
-    """queued → running, atomically; False if someone else has it or it was cancelled."""
-    now = timezone.now()
-    with transaction.atomic():
-        claimed = Deployment.objects.filter(pk=deployment_id, status=Status.QUEUED).update(
-            status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
-        )
-        if claimed:
-            deployment = Deployment.objects.select_related("node").get(pk=deployment_id)
-            record("deployment.started", actor_kind="system", obj=deployment, node=deployment.node,
-                   details={"worker": deployment.worker, "commit": deployment.commit_sha, "action": deployment.action})
-    return bool(claimed)
-
-
-def finish(deployment_id: int, status: str, **fields) -> Deployment:
-    """running → a terminal state, with its audit event; refuses anything else."""
-    if status not in Deployment.TERMINAL:
-        raise ValueError(f"finish() needs a terminal status, not {status!r}")
-    with transaction.atomic():
-        updated = Deployment.objects.filter(pk=deployment_id, status=Status.RUNNING).update(
-            status=status, finished_at=timezone.now(), **fields
-        )
-        deployment = Deployment.objects.select_related("node").get(pk=deployment_id)
-        if updated:
-            record(
-                "deployment.finished", actor_kind="system", obj=deployment, node=deployment.node,
-                outcome="success" if status == Status.SUCCEEDED else "failure",
-                details={
-                    "status": status, "exit_code": deployment.exit_code, "commit": deployment.commit_sha,
-                    "flake_attr": deployment.flake_attr, "action": deployment.action,
-                    "toplevel": deployment.toplevel, "generation_before": deployment.generation_before,
-                    "generation_after": deployment.generation_after, "system_before": deployment.system_before,
-                    "system_after": deployment.system_after, "log_sha256": deployment.log_sha256,
-                    "archive_sha256": deployment.archive_sha256, "error": deployment.error_message[:500],
-                },
-            )
-    logstream.notify(deployment_id, {"type": "deployment.status"})
-    return deployment
 
 
 def target_for(node) -> Target:
@@ -109,8 +65,12 @@ class Heartbeat:
             self.cancel.set()
 
 
-def run_deployment(deployment_id: int) -> str:
-    """Claim, run and finish one deployment; return its final status."""
+# What does the remote work: ``run_rebuild``'s signature (target, keyword arguments) → RebuildResult.
+Runner = Callable[..., RebuildResult]
+
+
+def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
+    """Claim, run and finish one deployment with ``runner``; return its final status."""
     if not claim(deployment_id):
         log.info("deployment %s was not queued any more; nothing to do", deployment_id)
         return "skipped"
@@ -124,7 +84,7 @@ def run_deployment(deployment_id: int) -> str:
                             f"{node.name} ({deployment.flake_attr}) at {deployment.commit_sha}")
         archive = repos.archive(node.repository, deployment.commit_sha)
         fields["archive_sha256"] = archive.sha256
-        result = run_rebuild(
+        result = runner(
             target_for(node),
             deployment_id=deployment_id,
             archive=archive.data,
@@ -180,23 +140,3 @@ def run_deployment(deployment_id: int) -> str:
             fields["error_message"] = (fields.get("error_message", "") + f"\nlog could not be stored: {exc.__cause__}").strip()
         finish(deployment_id, status, **fields)
     return status
-
-
-def reap_stale(stale_after: float | None = None) -> int:
-    """Mark running deployments whose worker stopped beating as interrupted (never re-run them)."""
-    stale_after = settings.HEARTBEAT_STALE_AFTER if stale_after is None else stale_after
-    cutoff = timezone.now() - timedelta(seconds=stale_after)
-    count = 0
-    for pk in Deployment.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff).values_list("pk", flat=True):
-        with transaction.atomic():
-            updated = Deployment.objects.filter(pk=pk, status=Status.RUNNING, heartbeat_at__lt=cutoff).update(
-                status=Status.INTERRUPTED, finished_at=timezone.now(),
-                error_message=f"the worker stopped responding (no heartbeat for {stale_after:.0f} s); the node may be mid-change: check it and deploy again",
-            )
-            if updated:
-                d = Deployment.objects.select_related("node").get(pk=pk)
-                record("deployment.interrupted", actor_kind="system", obj=d, node=d.node, outcome="failure",
-                       details={"worker": d.worker, "last_heartbeat": d.heartbeat_at.isoformat()})
-                count += 1
-        logstream.notify(pk, {"type": "deployment.status"})
-    return count

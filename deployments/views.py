@@ -1,4 +1,4 @@
-"""Pages and the JSON API.  Thin: gate, validate, call one action."""
+"""Pages and the JSON API.  Thin: ask the gate first, then validate, then call one state change."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from django.http import Http404, HttpResponseBadRequest, JsonResponse, Streaming
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from . import actions, logstream, permissions
+from . import inventory, lifecycle, logstream
+from .access import gate
+from .access.gate import ADMIN, DEPLOY, VIEW
+from .errors import NodeBusy, RequestError
 from .forms import DeployForm, NodeForm, PinHostKeyForm
 from .models import Deployment, Node
-from .permissions import ADMIN, DEPLOY, VIEW
 
 
 def _with_last_deployment(nodes):
@@ -37,7 +39,7 @@ def _attach_last(nodes) -> list[Node]:
 @login_required
 @require_GET
 def dashboard(request):
-    nodes = permissions.annotate_permissions(permissions.visible_nodes(request.user), request.user)
+    nodes = gate.annotate_permissions(gate.visible_nodes(request.user), request.user)
     nodes = nodes.prefetch_related("tags").select_related("repository")
     tag = request.GET.get("tag", "")
     if tag:
@@ -47,24 +49,24 @@ def dashboard(request):
         nodes = nodes.filter(name__icontains=query)
     page = Paginator(_with_last_deployment(nodes).order_by("name"), 100).get_page(request.GET.get("page"))
     page.object_list = _attach_last(page.object_list)
-    active = permissions.visible_deployments(request.user).filter(status__in=Deployment.ACTIVE).count()
+    active = gate.visible_deployments(request.user).filter(status__in=Deployment.ACTIVE).count()
     return render(request, "deployments/dashboard.html", {
         "page": page, "nodes": page.object_list, "tag": tag, "q": query, "active_count": active,
-        "can_add_node": request.user.is_superuser,
+        "can_add_node": gate.may(request.user, gate.MANAGE_INVENTORY),
     })
 
 
 @login_required
 @require_GET
 def node_detail(request, name):
-    node = permissions.node_for(request.user, name, VIEW)
+    node = gate.node_for(request.user, name, VIEW)
     deployments = Paginator(node.deployments.all(), 25).get_page(request.GET.get("page"))
     return render(request, "deployments/node_detail.html", {
         "node": node,
         "deployments": deployments,
         "form": DeployForm(),
-        "can_deploy": permissions.can(request.user, DEPLOY, node),
-        "can_admin": permissions.can(request.user, ADMIN, node),
+        "can_deploy": gate.can(request.user, DEPLOY, node),
+        "can_admin": gate.can(request.user, ADMIN, node),
         "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
     })
 
@@ -72,7 +74,7 @@ def node_detail(request, name):
 @login_required
 @require_POST
 def node_deploy(request, name):
-    node = permissions.node_for(request.user, name, VIEW)
+    node = gate.node_for(request.user, name, VIEW)
     form = DeployForm(request.POST)
     if not form.is_valid():
         for field, errors in form.errors.items():
@@ -80,10 +82,10 @@ def node_deploy(request, name):
                 messages.error(request, f"{field}: {error}")
         return redirect(node)
     try:
-        deployment = actions.request_deployment(
+        deployment = lifecycle.request_deployment(
             node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"], user=request.user
         )
-    except actions.ActionError as exc:
+    except RequestError as exc:
         messages.error(request, str(exc))
         return redirect(node)
     return redirect(deployment)
@@ -92,15 +94,14 @@ def node_deploy(request, name):
 @login_required
 def node_edit(request, name=None):
     if name is None:
-        if not request.user.is_superuser:
-            raise PermissionDenied("Only administrators add nodes.")
+        gate.require_global(request.user, gate.MANAGE_INVENTORY, event="node.created", object_type="node")
         node = Node()
     else:
-        node = permissions.node_for(request.user, name, VIEW)
-        actions.require_permission(request.user, ADMIN, node, audit_action="node.changed")
+        node = gate.node_for(request.user, name, VIEW)
+        gate.require(request.user, ADMIN, node, event="node.changed")
     form = NodeForm(request.POST or None, instance=node)
     if request.method == "POST" and form.is_valid():
-        node = actions.save_object(form.save(commit=False), user=request.user, tags=form.cleaned_data["tag_names"])
+        node = inventory.save_object(form.save(commit=False), user=request.user, tags=form.cleaned_data["tag_names"])
         messages.success(request, f"Saved {node.name}.")
         return redirect(node)
     return render(request, "deployments/node_form.html", {"form": form, "node": node})
@@ -109,24 +110,24 @@ def node_edit(request, name=None):
 @login_required
 def node_hostkey(request, name):
     """Scan shows the key the node presents now; pinning needs an explicit confirm of that fingerprint."""
-    node = permissions.node_for(request.user, name, VIEW)
-    actions.require_permission(request.user, ADMIN, node, audit_action="hostkey.viewed")
+    node = gate.node_for(request.user, name, VIEW)
+    gate.require(request.user, ADMIN, node, event="hostkey.viewed")
     scanned = None
     if request.method == "POST":
         try:
             if request.POST.get("op") == "scan":
-                scanned = actions.scan_host_key(node, user=request.user)
+                scanned = inventory.scan_host_key(node, user=request.user)
             elif request.POST.get("op") == "pin":
                 form = PinHostKeyForm(request.POST)
                 if not form.is_valid():
                     return HttpResponseBadRequest("Missing key or fingerprint.")
-                actions.pin_host_key(node, form.cleaned_data["key"], user=request.user,
+                inventory.pin_host_key(node, form.cleaned_data["key"], user=request.user,
                                      expected_fingerprint=form.cleaned_data["fingerprint"])
                 messages.success(request, f"Pinned host key {node.host_key_fingerprint} for {node.name}.")
                 return redirect(node)
             else:
                 return HttpResponseBadRequest("Unknown operation.")
-        except actions.ActionError as exc:
+        except RequestError as exc:
             messages.error(request, str(exc))
     return render(request, "deployments/node_hostkey.html", {
         "node": node, "scanned": scanned,
@@ -137,7 +138,7 @@ def node_hostkey(request, name):
 @login_required
 @require_GET
 def deployment_list(request):
-    qs = permissions.visible_deployments(request.user).select_related("node")
+    qs = gate.visible_deployments(request.user).select_related("node")
     status = request.GET.get("status", "")
     if status in Deployment.Status.values:
         qs = qs.filter(status=status)
@@ -153,24 +154,25 @@ def deployment_list(request):
 @login_required
 @require_GET
 def deployment_detail(request, pk):
-    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    deployment = gate.deployment_for(request.user, pk, VIEW)
     return render(request, "deployments/deployment_detail.html", {
         "deployment": deployment,
         "node": deployment.node,
-        "can_cancel": deployment.is_active and permissions.can(request.user, DEPLOY, deployment.node),
-        "can_deploy": permissions.can(request.user, DEPLOY, deployment.node),
+        "can_cancel": deployment.is_active and gate.can(request.user, DEPLOY, deployment.node),
+        "can_deploy": gate.can(request.user, DEPLOY, deployment.node),
         "status_json": deployment.status_payload(),
+        "terminal_statuses": [str(s) for s in Deployment.TERMINAL],
     })
 
 
 @login_required
 @require_POST
 def deployment_cancel(request, pk):
-    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    deployment = gate.deployment_for(request.user, pk, VIEW)
     try:
-        actions.cancel_deployment(deployment, user=request.user)
+        lifecycle.cancel_deployment(deployment, user=request.user)
         messages.info(request, f"Cancellation of #{deployment.pk} requested.")
-    except actions.ActionError as exc:
+    except RequestError as exc:
         messages.error(request, str(exc))
     return redirect(deployment)
 
@@ -179,7 +181,7 @@ def deployment_cancel(request, pk):
 @require_GET
 def deployment_log(request, pk):
     """The full log as plain text; its SHA-256 equals the deployment's log_sha256 once finished."""
-    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    deployment = gate.deployment_for(request.user, pk, VIEW)
     response = StreamingHttpResponse(logstream.iter_log_text(deployment.pk), content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="deployment-{deployment.pk}-{deployment.node.name}.log"'
     return response
@@ -214,7 +216,7 @@ def _node_json(node: Node) -> dict:
 @_api_login_required
 @require_GET
 def api_nodes(request):
-    nodes = permissions.visible_nodes(request.user).prefetch_related("tags")
+    nodes = gate.visible_nodes(request.user).prefetch_related("tags")
     return JsonResponse({"nodes": [_node_json(n) for n in nodes]})
 
 
@@ -222,7 +224,7 @@ def api_nodes(request):
 @require_POST
 def api_deploy(request, name):
     """POST {"action": "switch", "revision": ""} → 201 with the deployment, 409 if the node is busy."""
-    node = permissions.node_for(request.user, name, VIEW)
+    node = gate.node_for(request.user, name, VIEW)
     try:
         body = json.loads(request.body or b"{}")
         if not isinstance(body, dict):
@@ -233,13 +235,13 @@ def api_deploy(request, name):
     if not form.is_valid():
         return JsonResponse({"error": "invalid input", "fields": form.errors.get_json_data()}, status=400)
     try:
-        deployment = actions.request_deployment(
+        deployment = lifecycle.request_deployment(
             node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"],
             user=request.user, trigger=Deployment.Trigger.API,
         )
-    except actions.NodeBusy as exc:
+    except NodeBusy as exc:
         return JsonResponse({"error": str(exc)}, status=409)
-    except actions.ActionError as exc:
+    except RequestError as exc:
         return JsonResponse({"error": str(exc)}, status=400)
     return JsonResponse({"deployment": deployment.status_payload(), "url": deployment.get_absolute_url()}, status=201)
 
@@ -247,7 +249,7 @@ def api_deploy(request, name):
 @_api_login_required
 @require_GET
 def api_deployment(request, pk):
-    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    deployment = gate.deployment_for(request.user, pk, VIEW)
     return JsonResponse({"deployment": {**deployment.status_payload(), "node": deployment.node.name}})
 
 
@@ -255,7 +257,7 @@ def api_deployment(request, pk):
 @require_GET
 def api_deployment_log(request, pk):
     """Lines after ``?after=N`` (default all), at most 5,000 per call."""
-    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    deployment = gate.deployment_for(request.user, pk, VIEW)
     try:
         after = int(request.GET.get("after", "-1"))
     except ValueError:
@@ -267,9 +269,9 @@ def api_deployment_log(request, pk):
 @_api_login_required
 @require_POST
 def api_cancel(request, pk):
-    deployment = permissions.deployment_for(request.user, pk, VIEW)
+    deployment = gate.deployment_for(request.user, pk, VIEW)
     try:
-        deployment = actions.cancel_deployment(deployment, user=request.user)
-    except actions.ActionError as exc:
+        deployment = lifecycle.cancel_deployment(deployment, user=request.user)
+    except RequestError as exc:
         return JsonResponse({"error": str(exc)}, status=409)
     return JsonResponse({"deployment": deployment.status_payload()})

@@ -10,7 +10,8 @@
   const BACKOFF_MIN = 500;
   const BACKOFF_MAX = 5000;
   const PING_EVERY = 25000;
-  const TERMINAL = new Set(['succeeded', 'failed', 'error', 'cancelled', 'interrupted']);
+  // Rendered into the page from Deployment.TERMINAL: one definition of which statuses are final.
+  const TERMINAL = new Set(JSON.parse(document.getElementById('terminal-statuses').textContent));
   const DENIED_CODES = new Set([4403, 4404]);
   const STATE_LABELS = {
     connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…', complete: 'complete', denied: 'no access',

@@ -29,14 +29,14 @@ def flake_repo(tmp_path):
 @pytest.fixture
 def inventory(db, flake_repo):
     """A repository, a key credential and a node (not reachable) ready to be deployed."""
-    from deployments import actions
+    from deployments import inventory
     from deployments.models import Credential, Node, Repository
 
     from .helpers import ed25519_private_key
 
     repo = Repository.objects.create(name="fleet", url=str(flake_repo[0]), branch="main")
     cred = Credential(name="deploy-key", kind=Credential.Kind.SSH_KEY)
-    actions.save_credential(cred, secret=ed25519_private_key(), actor_kind="cli")
+    inventory.save_credential(cred, secret=ed25519_private_key(), actor_kind="cli")
     node = Node.objects.create(
         name="web1", host="192.0.2.10", port=22, flake_attr="devm", repository=repo, credential=cred,
         host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",

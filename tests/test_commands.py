@@ -5,6 +5,7 @@ import io
 import pytest
 from django.core.management import CommandError, call_command
 
+from deployments.audit.models import AuditEvent
 from deployments.models import Credential, Node, Repository
 
 from .helpers import ed25519_private_key
@@ -66,15 +67,18 @@ def test_addnode_registers_a_node_with_tags_and_says_its_key_is_not_pinned(inven
 def test_inventory_commands_acting_for_a_plain_user_are_refused(inventory, bob, tmp_path):
     key = tmp_path / "id"
     key.write_text(ed25519_private_key())
-    with pytest.raises(CommandError, match="only superusers") as exc:
+    with pytest.raises(CommandError, match="Only superusers") as exc:
         run("addcredential", "k9", "--key-file", str(key), "--as", "bob")
     assert exc.value.returncode == 2
-    with pytest.raises(CommandError, match="only superusers"):
+    with pytest.raises(CommandError, match="Only superusers"):
         run("addrepo", "other", "/tmp/x", "--as", "bob")
-    with pytest.raises(CommandError, match="only superusers"):
+    with pytest.raises(CommandError, match="Only superusers"):
         run("addnode", "web3", "10.0.0.3", "--attr", "devm", "--repo", "fleet", "--credential", "deploy-key",
             "--as", "bob")
     assert not Repository.objects.filter(name="other").exists()
+    # Each refusal is one audit event, in bob's name.
+    refused = AuditEvent.objects.filter(outcome="denied", actor_name="bob").order_by("seq")
+    assert list(refused.values_list("action", flat=True)) == ["credential.created", "repository.created", "node.created"]
 
 
 def test_hostkey_for_a_user_who_cannot_see_the_node_does_not_reveal_it(inventory, bob):

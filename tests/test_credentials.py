@@ -3,7 +3,7 @@
 import pytest
 from django.db import connection
 
-from deployments import actions
+from deployments import inventory
 from deployments.models import Credential
 
 from .helpers import ed25519_private_key, rsa_private_key_text
@@ -19,7 +19,7 @@ def _raw_rows():
 
 def test_a_private_key_is_stored_encrypted_and_fingerprinted():
     secret = ed25519_private_key()
-    cred = actions.save_credential(Credential(name="k", kind="ssh-key"), secret=secret, actor_kind="cli")
+    cred = inventory.save_credential(Credential(name="k", kind="ssh-key"), secret=secret, actor_kind="cli")
     body = secret.splitlines()[1]
     assert all(body not in row for row in _raw_rows())
     assert cred.fingerprint.startswith("SHA256:")
@@ -27,7 +27,7 @@ def test_a_private_key_is_stored_encrypted_and_fingerprinted():
 
 
 def test_a_password_is_stored_encrypted():
-    actions.save_credential(Credential(name="p", kind="password"), secret="hunter2-but-long", actor_kind="cli")
+    inventory.save_credential(Credential(name="p", kind="password"), secret="hunter2-but-long", actor_kind="cli")
     assert all("hunter2" not in row for row in _raw_rows())
     assert Credential.objects.get(name="p").display_fingerprint == "password (set)"
 
@@ -40,7 +40,7 @@ def test_an_rsa_key_with_a_passphrase_round_trips():
     key = paramiko.RSAKey.generate(2048)
     out = io.StringIO()
     key.write_private_key(out, password="s3cret-phrase")
-    cred = actions.save_credential(Credential(name="r", kind="ssh-key"), secret=out.getvalue(),
+    cred = inventory.save_credential(Credential(name="r", kind="ssh-key"), secret=out.getvalue(),
                                    passphrase="s3cret-phrase", actor_kind="cli")
     assert "s3cret-phrase" not in " ".join(_raw_rows())
     assert Credential.objects.get(pk=cred.pk).passphrase() == "s3cret-phrase"
@@ -62,7 +62,7 @@ def test_the_audit_trail_never_holds_the_secret():
     from deployments.audit.models import AuditEvent
 
     secret = rsa_private_key_text()
-    actions.save_credential(Credential(name="k2", kind="ssh-key"), secret=secret, actor_kind="cli")
+    inventory.save_credential(Credential(name="k2", kind="ssh-key"), secret=secret, actor_kind="cli")
     event = AuditEvent.objects.get(action="credential.created")
     dumped = str(event.details)
     assert secret.splitlines()[1] not in dumped
@@ -71,7 +71,7 @@ def test_the_audit_trail_never_holds_the_secret():
 
 def test_the_admin_form_never_renders_a_stored_secret(client, alice):
     secret = ed25519_private_key()
-    cred = actions.save_credential(Credential(name="k3", kind="ssh-key"), secret=secret, actor_kind="cli")
+    cred = inventory.save_credential(Credential(name="k3", kind="ssh-key"), secret=secret, actor_kind="cli")
     client.force_login(alice)
     page = client.get(f"/admin/deployments/credential/{cred.pk}/change/").content.decode()
     assert cred.fingerprint in page
@@ -80,7 +80,7 @@ def test_the_admin_form_never_renders_a_stored_secret(client, alice):
 
 
 def test_an_undecryptable_secret_says_the_key_is_wrong(settings):
-    cred = actions.save_credential(Credential(name="k4", kind="password"), secret="pw-1234567", actor_kind="cli")
+    cred = inventory.save_credential(Credential(name="k4", kind="password"), secret="pw-1234567", actor_kind="cli")
     from cryptography.fernet import Fernet
 
     settings.CREDENTIAL_KEYS = [Fernet.generate_key().decode()]

@@ -2,12 +2,13 @@
 
 from django.utils.functional import SimpleLazyObject
 
-from deployments import permissions
+from . import gate
 
 
 def access(request) -> dict:
     user = getattr(request, "user", None)
     return {
-        "can_audit": SimpleLazyObject(lambda: permissions.can_audit(user)),
-        "can_manage_teams": SimpleLazyObject(lambda: permissions.can_manage_teams(user)),
+        "can_audit": SimpleLazyObject(lambda: gate.may(user, gate.AUDIT)),
+        "can_manage_teams": SimpleLazyObject(lambda: gate.may(user, gate.MANAGE_TEAMS)),
+        "can_use_admin_site": SimpleLazyObject(lambda: gate.may(user, gate.ADMIN_SITE)),
     }

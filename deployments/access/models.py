@@ -1,7 +1,7 @@
 """Teams of users and the grants they hold: a role over a scope of nodes.
 
 A user's permissions are the union of the grants of every team they belong
-to.  ``deployments.permissions`` is the only reader of these rows; nothing
+to.  ``deployments.access.gate`` is the only reader of these rows; nothing
 else decides access.
 """
 

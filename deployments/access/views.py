@@ -1,4 +1,4 @@
-"""Team and grant pages: superusers only, every change through ``actions`` (audited)."""
+"""Team and grant pages: for those the gate lets manage teams; every change through ``teams`` (audited)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,21 @@ from django.db.models import Count
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from deployments.permissions import can_manage_teams
-
-from . import actions
+from . import gate, teams
 from .forms import GrantForm, MemberForm, TeamForm
 from .models import Grant, Team
 
 
-def manager_required(audit_action: str):
-    """Only superusers pass; a refused change (POST) is recorded in the audit trail."""
+def manager_required(event: str):
+    """Only team managers pass; a refused change (POST) is recorded in the audit trail as ``event``."""
 
     def decorator(view):
         @login_required
         @wraps(view)
         def wrapped(request, *args, **kwargs):
-            if not can_manage_teams(request.user):
+            if not gate.may(request.user, gate.MANAGE_TEAMS):
                 if request.method == "POST":
-                    actions.require_manager(request.user, audit_action=audit_action)
+                    teams.require_manager(request.user, event=event)
                 raise PermissionDenied("Only superusers manage teams and grants.")
             return view(request, *args, **kwargs)
 
@@ -65,7 +63,7 @@ def team_edit(request, pk=None):
     team = get_object_or_404(Team, pk=pk) if pk is not None else Team()
     form = TeamForm(request.POST or None, instance=team)
     if request.method == "POST" and form.is_valid():
-        team = actions.save_team(form.save(commit=False), user=request.user)
+        team = teams.save_team(form.save(commit=False), user=request.user)
         messages.success(request, f"Saved team {team.name}.")
         return redirect("access:team-detail", team.pk)
     return render(request, "access/team_form.html", {"form": form, "team": team})
@@ -75,7 +73,7 @@ def team_edit(request, pk=None):
 @require_POST
 def team_delete(request, pk):
     team = get_object_or_404(Team, pk=pk)
-    actions.delete_team(team, user=request.user)
+    teams.delete_team(team, user=request.user)
     messages.success(request, f"Deleted team {team.name}.")
     return redirect("access:team-list")
 
@@ -88,7 +86,7 @@ def member_add(request, pk):
     if not form.is_valid():
         return _detail(request, team, member_form=form)
     member = form.cleaned_data["username"]
-    actions.add_member(team, member, user=request.user)
+    teams.add_member(team, member, user=request.user)
     messages.success(request, f"Added {member.get_username()} to {team.name}.")
     return redirect("access:team-detail", team.pk)
 
@@ -98,7 +96,7 @@ def member_add(request, pk):
 def member_remove(request, pk, user_id):
     team = get_object_or_404(Team, pk=pk)
     member = get_object_or_404(get_user_model(), pk=user_id, teams=team)
-    actions.remove_member(team, member, user=request.user)
+    teams.remove_member(team, member, user=request.user)
     messages.success(request, f"Removed {member.get_username()} from {team.name}.")
     return redirect("access:team-detail", team.pk)
 
@@ -110,7 +108,7 @@ def grant_add(request, pk):
     form = GrantForm(request.POST, team=team)
     if form.is_valid():
         try:
-            grant = actions.add_grant(form.save(commit=False), user=request.user)
+            grant = teams.add_grant(form.save(commit=False), user=request.user)
         except ValidationError as exc:
             form.add_error(None, exc)
         else:
@@ -123,6 +121,6 @@ def grant_add(request, pk):
 @require_POST
 def grant_remove(request, pk, grant_id):
     grant = get_object_or_404(Grant.objects.select_related("team", "node"), pk=grant_id, team_id=pk)
-    actions.remove_grant(grant, user=request.user)
+    teams.remove_grant(grant, user=request.user)
     messages.success(request, f"Removed {grant.get_role_display().lower()} on {grant.scope_label}.")
     return redirect("access:team-detail", pk)

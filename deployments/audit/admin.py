@@ -2,7 +2,7 @@
 
 from django.contrib import admin
 
-from deployments.permissions import can_audit
+from deployments.access import gate
 
 from .models import AuditEvent
 
@@ -19,7 +19,7 @@ class AuditEventAdmin(admin.ModelAdmin):
         return [f.name for f in self.model._meta.fields]
 
     def has_view_permission(self, request, obj=None):
-        return can_audit(request.user)
+        return gate.may(request.user, gate.AUDIT)
 
     def has_add_permission(self, request):
         return False

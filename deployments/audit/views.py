@@ -1,6 +1,6 @@
 """The audit page for reviewers, one event's page, and filtered exports.
 
-Only users for whom ``can_audit`` holds see any of it (anonymous users are
+Only users the gate lets audit (``gate.AUDIT``) see any of it (anonymous users are
 sent to log in; others get 403).  Pages are keyset-paginated on ``seq``
 (``?before=`` / ``?after=``), so the first and the thousandth page cost the
 same with a million events.
@@ -22,9 +22,11 @@ from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 
-from deployments.permissions import can_audit, visible_nodes
+from deployments.access import gate
+from deployments.access.gate import visible_nodes
 
 from . import export
+from .events import EVENT_NAMES
 from .models import AuditEvent
 from .query import AuditFilter
 from .writer import record
@@ -32,21 +34,10 @@ from .writer import record
 PAGE_SIZE = 50
 LIST_FIELDS = ("seq", "created_at", "actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id",
                "object_repr", "node_id", "node_name", "outcome", "source_ip", "request_id")
-KNOWN_ACTIONS = (
-    "auth.login", "auth.logout", "auth.login_failed",
-    "deployment.requested", "deployment.started", "deployment.finished", "deployment.cancelled",
-    "deployment.cancel_requested", "deployment.cancel", "deployment.interrupted",
-    "hostkey.scanned", "hostkey.pinned", "hostkey.mismatch",
-    "node.created", "node.changed", "node.deleted", "credential.created", "credential.changed",
-    "credential.deleted", "repository.created", "repository.changed", "repository.deleted",
-    "team.created", "team.changed", "team.deleted", "team.member_added", "team.member_removed",
-    "team.grant_added", "team.grant_removed",
-    "audit.exported", "audit.verified", "audit.archived",
-)
 
 
 def _require_auditor(request) -> None:
-    if not can_audit(request.user):
+    if not gate.may(request.user, gate.AUDIT):
         raise PermissionDenied("You may not read the audit trail.")
 
 
@@ -109,7 +100,7 @@ def event_list(request):
         "newest_seq": events[0].seq if events else None,
         "oldest_seq": events[-1].seq if events else None,
         "outcomes": AuditEvent.Outcome.choices,
-        "known_actions": KNOWN_ACTIONS,
+        "known_events": EVENT_NAMES,
         "node_names": visible_nodes(request.user).order_by("name").values_list("name", flat=True)[:500],
         "actor_names": get_user_model().objects.order_by("username").values_list("username", flat=True)[:500],
         "export_query": f.as_dict(),

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 from django.contrib.auth import get_user_model
 
-from deployments import actions
+from deployments import inventory
 from deployments.access.models import Grant, Team
 from deployments.models import Credential, Deployment, Node, Repository
 
@@ -76,7 +76,7 @@ class World:
             node = Node(name=name, host=f"{name}.example.test", flake_attr=name, repository=self.repository,
                         credential=credential, host_key=HOST_KEY)
             node.host_key_fingerprint = "SHA256:test"
-            actions.save_object(node, tags=[tag])
+            inventory.save_object(node, tags=[tag])
             self.nodes[name] = node
         self.finished = {
             name: Deployment.objects.create(node=node, action="switch", commit_sha=COMMIT, flake_attr=name,

@@ -6,10 +6,10 @@ from django.db import connection
 from django.http import Http404
 from django.test.utils import CaptureQueriesContext
 
-from deployments import permissions
+from deployments.access import gate
+from deployments.access.gate import ADMIN, DEPLOY, VIEW
 from deployments.access.models import Grant, Team
 from deployments.models import Node
-from deployments.permissions import ADMIN, DEPLOY, VIEW
 
 from .conftest import HOST_KEY, grant
 
@@ -20,36 +20,36 @@ def test_a_deployer_may_view_and_deploy_but_not_administer(world, users):
     _, bob, _ = users
     grant(bob, "deployer", node=world.nodes["web-1"])
     web = world.nodes["web-1"]
-    assert permissions.can(bob, VIEW, web) and permissions.can(bob, DEPLOY, web)
-    assert not permissions.can(bob, ADMIN, web)
-    assert not permissions.can(bob, VIEW, world.nodes["db-1"])
+    assert gate.can(bob, VIEW, web) and gate.can(bob, DEPLOY, web)
+    assert not gate.can(bob, ADMIN, web)
+    assert not gate.can(bob, VIEW, world.nodes["db-1"])
 
 
 def test_permissions_are_the_union_over_bobs_teams(world, users):
     _, bob, _ = users
     grant(bob, "viewer", tag="web", team_name="web-readers")
     grant(bob, "admin", node=world.nodes["db-1"], team_name="db-admins")
-    assert set(permissions.visible_nodes(bob).values_list("name", flat=True)) == {"web-1", "db-1"}
-    assert list(permissions.nodes_for(bob, ADMIN).values_list("name", flat=True)) == ["db-1"]
-    assert not permissions.can(bob, DEPLOY, world.nodes["web-1"])
+    assert set(gate.visible_nodes(bob).values_list("name", flat=True)) == {"web-1", "db-1"}
+    assert list(gate.nodes_for(bob, ADMIN).values_list("name", flat=True)) == ["db-1"]
+    assert not gate.can(bob, DEPLOY, world.nodes["web-1"])
 
 
 def test_the_auditor_reads_everything_and_changes_nothing(world, users):
     _, bob, _ = users
     grant(bob, "auditor")
-    assert permissions.can_audit(bob)
-    assert permissions.visible_nodes(bob).count() == 2
-    assert permissions.visible_deployments(bob).count() == 2
-    assert not permissions.can(bob, DEPLOY) and not permissions.nodes_for(bob, DEPLOY).exists()
+    assert gate.may(bob, gate.AUDIT)
+    assert gate.visible_nodes(bob).count() == 2
+    assert gate.visible_deployments(bob).count() == 2
+    assert not gate.can(bob, DEPLOY) and not gate.nodes_for(bob, DEPLOY).exists()
     with pytest.raises(PermissionDenied):
-        permissions.node_for(bob, "web-1", DEPLOY)
+        gate.node_for(bob, "web-1", DEPLOY)
 
 
 def test_only_superusers_and_auditors_may_audit(world, users):
     alice, bob, charlie = users
     grant(charlie, "admin")
-    assert permissions.can_audit(alice)
-    assert not permissions.can_audit(bob) and not permissions.can_audit(charlie)
+    assert gate.may(alice, gate.AUDIT)
+    assert not gate.may(bob, gate.AUDIT) and not gate.may(charlie, gate.AUDIT)
 
 
 def test_an_auditor_grant_must_cover_all_nodes(world):
@@ -74,37 +74,37 @@ def test_an_inactive_member_may_do_nothing(world, users):
     _, bob, _ = users
     grant(bob, "admin")
     bob.is_active = False
-    assert not permissions.can(bob, VIEW, world.nodes["web-1"])
-    assert not permissions.visible_nodes(bob).exists()
+    assert not gate.can(bob, VIEW, world.nodes["web-1"])
+    assert not gate.visible_nodes(bob).exists()
 
 
 def test_unseen_nodes_answer_404_and_seen_ones_403(world, users):
     _, bob, _ = users
     grant(bob, "viewer", node=world.nodes["web-1"])
     with pytest.raises(Http404):
-        permissions.node_for(bob, "db-1")
+        gate.node_for(bob, "db-1")
     with pytest.raises(Http404):
-        permissions.node_for(bob, "no-such-node")
+        gate.node_for(bob, "no-such-node")
     with pytest.raises(PermissionDenied):
-        permissions.node_for(bob, "web-1", ADMIN)
+        gate.node_for(bob, "web-1", ADMIN)
     with pytest.raises(Http404):
-        permissions.deployment_for(bob, world.finished["db-1"].pk)
+        gate.deployment_for(bob, world.finished["db-1"].pk)
 
 
 def test_grants_are_read_once_per_user_object(world, users, django_assert_num_queries):
     _, bob, _ = users
     grant(bob, "deployer", tag="web")
     with django_assert_num_queries(2):  # the grants, then the nodes
-        list(permissions.visible_nodes(bob))
+        list(gate.visible_nodes(bob))
     with django_assert_num_queries(1):
-        list(permissions.nodes_for(bob, DEPLOY))
+        list(gate.nodes_for(bob, DEPLOY))
 
 
 def test_annotated_flags_drive_deploy_buttons_without_a_query_per_node(world, users):
     _, bob, _ = users
     grant(bob, "viewer")
     grant(bob, "deployer", tag="web", team_name="web-deployers")
-    nodes = permissions.annotate_permissions(permissions.visible_nodes(bob), bob)
+    nodes = gate.annotate_permissions(gate.visible_nodes(bob), bob)
     with CaptureQueriesContext(connection) as queries:
         flags = {n.name: (n.can_deploy, n.can_admin) for n in nodes}
     assert flags == {"web-1": (True, False), "db-1": (False, False)}

@@ -9,7 +9,7 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 
 from deployments import consumers
-from deployments.access import actions
+from deployments.access import teams
 from deployments.models import Deployment
 from deployments.routing import websocket_urlpatterns
 
@@ -46,7 +46,7 @@ def test_removing_bob_from_his_team_closes_his_open_log_socket(consumer_world, u
         communicator.scope["user"] = bob
         connected, _ = await communicator.connect(timeout=5)
         assert connected
-        await database_sync_to_async(actions.remove_member)(team_grant.team, bob)
+        await database_sync_to_async(teams.remove_member)(team_grant.team, bob)
         code = await close_code(communicator, time.monotonic() + DEADLINE)
         await communicator.disconnect()
         return code
@@ -70,7 +70,7 @@ def test_a_socket_stays_open_while_bob_keeps_his_access(consumer_world, users, q
         connected, _ = await communicator.connect(timeout=5)
         assert connected
         # Still a viewer through the other team: the socket must survive several re-checks.
-        await database_sync_to_async(actions.remove_member)(web_team, bob)
+        await database_sync_to_async(teams.remove_member)(web_team, bob)
         code = await close_code(communicator, time.monotonic() + 0.5)
         await communicator.disconnect()
         return code

@@ -2,8 +2,9 @@
 
 import pytest
 
-from deployments import actions, permissions
-from deployments.permissions import DEPLOY, VIEW
+from deployments import inventory
+from deployments.access import gate
+from deployments.access.gate import DEPLOY, VIEW
 
 from .conftest import grant
 
@@ -11,7 +12,7 @@ pytestmark = pytest.mark.django_db
 
 
 def retag(node, *tags):
-    actions.save_object(node, tags=list(tags))
+    inventory.save_object(node, tags=list(tags))
 
 
 def test_tagging_a_node_later_lets_charlie_see_it(client, world, users):
@@ -37,17 +38,17 @@ def test_a_prefix_scope_covers_every_tag_starting_with_it(world, users):
     _, bob, _ = users
     grant(bob, "deployer", tag="db-*")
     retag(world.nodes["web-1"], "dbx")
-    assert list(permissions.nodes_for(bob, DEPLOY).values_list("name", flat=True)) == ["db-1"]
+    assert list(gate.nodes_for(bob, DEPLOY).values_list("name", flat=True)) == ["db-1"]
     retag(world.nodes["web-1"], "db-replica")
-    permissions.forget(bob)
-    assert sorted(permissions.nodes_for(bob, DEPLOY).values_list("name", flat=True)) == ["db-1", "web-1"]
+    gate.forget(bob)
+    assert sorted(gate.nodes_for(bob, DEPLOY).values_list("name", flat=True)) == ["db-1", "web-1"]
 
 
 def test_a_prefix_is_matched_literally_not_as_a_sql_wildcard(world, users):
     _, bob, _ = users
     grant(bob, "viewer", tag="db_*")  # "_" is a LIKE wildcard: it must not match "db-main"
-    assert not permissions.visible_nodes(bob).exists()
-    assert not permissions.can(bob, VIEW, world.nodes["db-1"])
+    assert not gate.visible_nodes(bob).exists()
+    assert not gate.can(bob, VIEW, world.nodes["db-1"])
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -55,11 +56,11 @@ def test_can_agrees_with_the_queryset_whether_tags_are_prefetched_or_not(world, 
     _, bob, _ = users
     grant(bob, "deployer", tag="db-*")
     grant(bob, "viewer", tag="web")
-    nodes = permissions.visible_nodes(bob)
+    nodes = gate.visible_nodes(bob)
     if prefetch:
         nodes = nodes.prefetch_related("tags")
-    deployable = set(permissions.nodes_for(bob, DEPLOY).values_list("pk", flat=True))
+    deployable = set(gate.nodes_for(bob, DEPLOY).values_list("pk", flat=True))
     for node in nodes:
-        assert permissions.can(bob, VIEW, node)
-        assert permissions.can(bob, DEPLOY, node) == (node.pk in deployable)
+        assert gate.can(bob, VIEW, node)
+        assert gate.can(bob, DEPLOY, node) == (node.pk in deployable)
     assert deployable == {world.nodes["db-1"].pk}

@@ -15,25 +15,29 @@ def acting_user(username: str | None):
         raise CommandError(f"no active user {username!r}") from None
 
 
-def lookup_node(user, name: str, action: str = "view"):
+def lookup_node(user, name: str, permission: str = "view"):
     """The node ``name`` as the gate lets ``user`` see it (anyone, for the command line itself)."""
     from django.http import Http404
 
-    from deployments import permissions
+    from deployments.access import gate
     from deployments.models import Node
 
     try:
-        return permissions.node_for(user, name, action) if user else Node.objects.get(name=name)
+        return gate.node_for(user, name, permission) if user else Node.objects.get(name=name)
     except (Http404, Node.DoesNotExist):
         raise CommandError(f"no node {name!r}") from None
     except PermissionDenied as exc:
         raise CommandError(f"refused: {exc}", returncode=2) from None
 
 
-def require_superuser(user, what: str) -> None:
-    """Inventory outside one node's scope (credentials, repositories, new nodes) is for superusers."""
-    if user is not None and not user.is_superuser:
-        raise CommandError(f"refused: only superusers may {what}", returncode=2)
+def require_capability(user, *, event: str, object_type: str) -> None:
+    """Inventory outside one node's scope (credentials, repositories, new nodes): the gate decides, audited."""
+    from deployments.access import gate
+
+    try:
+        gate.require_global(user, gate.MANAGE_INVENTORY, event=event, object_type=object_type, actor_kind="cli")
+    except PermissionDenied as exc:
+        raise CommandError(f"refused: {exc}", returncode=2) from None
 
 
 def clean(obj) -> None:

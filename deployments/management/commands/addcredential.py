@@ -9,10 +9,10 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from deployments import actions
+from deployments import inventory
 from deployments.models import Credential
 
-from ._base import acting_user, clean, require_superuser
+from ._base import acting_user, clean, require_capability
 
 
 class Command(BaseCommand):
@@ -28,7 +28,7 @@ class Command(BaseCommand):
 
     def handle(self, name, key_file, password_stdin, passphrase_stdin, as_user, **opts):
         user = acting_user(as_user)
-        require_superuser(user, "manage credentials")
+        require_capability(user, event="credential.created", object_type="credential")
         cred = Credential.objects.filter(name=name).first() or Credential(name=name)
         passphrase = ""
         if key_file:
@@ -49,6 +49,6 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         clean(cred)
-        actions.save_credential(cred, secret=secret, passphrase=passphrase, user=user,
+        inventory.save_credential(cred, secret=secret, passphrase=passphrase, user=user,
                                 actor_kind=None if user else "cli")
         self.stdout.write(f"credential {cred.name}: {cred.display_fingerprint}")

@@ -2,11 +2,11 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from deployments import actions
+from deployments import inventory
 from deployments.models import Credential, Node, Repository
 from deployments.validators import validate_tag
 
-from ._base import acting_user, clean, lookup_node, require_superuser
+from ._base import acting_user, clean, lookup_node, require_capability
 
 
 class Command(BaseCommand):
@@ -29,7 +29,7 @@ class Command(BaseCommand):
         if Node.objects.filter(name=name).exists():
             node = lookup_node(acting, name, "admin")
         else:
-            require_superuser(acting, "add nodes")
+            require_capability(acting, event="node.created", object_type="node")
             node = Node(name=name)
         try:
             node.repository = Repository.objects.get(name=repo)
@@ -45,6 +45,6 @@ class Command(BaseCommand):
                 validate_tag(t)
             except Exception as exc:  # noqa: BLE001 - ValidationError, shown as text
                 raise CommandError(f"tag {t!r}: {' '.join(getattr(exc, 'messages', [str(exc)]))}") from None
-        actions.save_object(node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None)
+        inventory.save_object(node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None)
         self.stdout.write(f"node {node.name}: {node.address} {node.flake_attr}"
                           + ("" if node.host_key else " (host key not pinned: run `manage.py hostkey " + node.name + "`)"))

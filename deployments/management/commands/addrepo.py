@@ -2,10 +2,10 @@
 
 from django.core.management.base import BaseCommand
 
-from deployments import actions
+from deployments import inventory
 from deployments.models import Credential, Repository
 
-from ._base import acting_user, clean, require_superuser
+from ._base import acting_user, clean, require_capability
 
 
 class Command(BaseCommand):
@@ -20,10 +20,10 @@ class Command(BaseCommand):
 
     def handle(self, name, url, branch, deploy_key, as_user, **opts):
         user = acting_user(as_user)
-        require_superuser(user, "manage repositories")
+        require_capability(user, event="repository.created", object_type="repository")
         repo = Repository.objects.filter(name=name).first() or Repository(name=name)
         repo.url, repo.branch = url, branch
         repo.deploy_key = Credential.objects.filter(name=deploy_key).first() if deploy_key else None
         clean(repo)
-        actions.save_object(repo, user=user, actor_kind=None if user else "cli")
+        inventory.save_object(repo, user=user, actor_kind=None if user else "cli")
         self.stdout.write(f"repository {repo.name}: {repo.url} ({repo.branch})")

@@ -10,7 +10,8 @@ import time
 from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand
 
-from deployments import actions, logstream
+from deployments import lifecycle, logstream
+from deployments.errors import RequestError
 from deployments.models import Deployment
 
 from ._base import acting_user, lookup_node
@@ -30,10 +31,10 @@ class Command(BaseCommand):
         user = acting_user(as_user)
         target = lookup_node(user, node)
         try:
-            deployment = actions.request_deployment(
+            deployment = lifecycle.request_deployment(
                 target, action=action, revision=rev, user=user, trigger=Deployment.Trigger.CLI
             )
-        except (actions.ActionError, PermissionDenied) as exc:
+        except (RequestError, PermissionDenied) as exc:
             self.stderr.write(f"refused: {exc}")
             sys.exit(2)
         self.stderr.write(f"deployment #{deployment.pk}: {action} {target.name} at {deployment.commit_sha}")

@@ -3,7 +3,8 @@
 from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 
-from deployments import actions
+from deployments import inventory
+from deployments.errors import RequestError
 
 from ._base import acting_user, lookup_node
 
@@ -24,20 +25,20 @@ class Command(BaseCommand):
         node = lookup_node(user, node)
         try:
             if key:
-                actions.pin_host_key(node, key, user=user)
+                inventory.pin_host_key(node, key, user=user)
                 self.stdout.write(f"pinned {node.host_key_fingerprint} for {node.name}")
                 return
-            scanned = actions.scan_host_key(node, user=user)
+            scanned = inventory.scan_host_key(node, user=user)
             self.stdout.write(f"{node.name} ({node.host}:{node.port}) presents {scanned.key_type} {scanned.fingerprint}")
             if node.host_key:
                 same = node.host_key == scanned.openssh
                 self.stdout.write(f"pinned: {node.host_key_fingerprint} ({'matches' if same else 'DIFFERENT'})")
             if pin:
-                actions.pin_host_key(node, scanned.openssh, user=user, expected_fingerprint=pin)
+                inventory.pin_host_key(node, scanned.openssh, user=user, expected_fingerprint=pin)
                 self.stdout.write(f"pinned {node.host_key_fingerprint} for {node.name}")
             elif not node.host_key:
                 self.stdout.write(f"to pin it: manage.py hostkey {node.name} --pin {scanned.fingerprint}")
-        except actions.ActionError as exc:
+        except RequestError as exc:
             raise CommandError(str(exc)) from None
         except PermissionDenied as exc:
             raise CommandError(f"refused: {exc}", returncode=2) from None

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand
 
-from deployments.tasks import reap_stale
+from deployments.lifecycle import reap_stale
 
 
 class Command(BaseCommand):

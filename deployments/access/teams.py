@@ -9,12 +9,11 @@ WebSockets close at the consumer's next permission check.
 
 from __future__ import annotations
 
-from django.core.exceptions import PermissionDenied
 from django.db import transaction
 
 from deployments.audit.writer import record
-from deployments.permissions import can_manage_teams
 
+from . import gate
 from .models import Grant, Team
 
 
@@ -30,36 +29,31 @@ def team_snapshot(team: Team) -> dict:
     }
 
 
-def require_manager(user, *, audit_action: str, team: Team | None = None) -> None:
-    """Refuse (and audit the refusal) unless ``user`` may manage teams."""
-    if user is None or can_manage_teams(user):
-        return
-    with transaction.atomic():
-        record(audit_action, user=user, obj=team if team is not None and team.pk else None,
-               object_type="team", outcome="denied", details={"required": "superuser"})
-    raise PermissionDenied("Only superusers manage teams and grants.")
+def require_manager(user, *, event: str, team: Team | None = None) -> None:
+    """Refuse (and audit the refusal as ``event``) unless ``user`` may manage teams."""
+    gate.require_global(user, gate.MANAGE_TEAMS, event=event, obj=team, object_type="team")
 
 
-def _record(action: str, team: Team, before: dict, *, user, node=None, details: dict | None = None) -> None:
-    record(action, user=user, obj=team, node=node,
+def _record(event: str, team: Team, before: dict, *, user, node=None, details: dict | None = None) -> None:
+    record(event, user=user, obj=team, node=node,
            details={**(details or {}), "before": before, "after": team_snapshot(team)})
 
 
 def save_team(team: Team, *, user=None) -> Team:
     """Create or rename/describe a team (already validated)."""
     created = team.pk is None
-    action = "team.created" if created else "team.changed"
-    require_manager(user, audit_action=action, team=team)
+    event = "team.created" if created else "team.changed"
+    require_manager(user, event=event, team=team)
     with transaction.atomic():
         before = {} if created else team_snapshot(Team.objects.get(pk=team.pk))
         team.save()
-        _record(action, team, before, user=user)
+        _record(event, team, before, user=user)
     return team
 
 
 def delete_team(team: Team, *, user=None) -> None:
     """Delete a team with its grants: its members lose what it granted."""
-    require_manager(user, audit_action="team.deleted", team=team)
+    require_manager(user, event="team.deleted", team=team)
     with transaction.atomic():
         before = team_snapshot(team)
         pk, name = team.pk, team.name
@@ -69,7 +63,7 @@ def delete_team(team: Team, *, user=None) -> None:
 
 
 def add_member(team: Team, member, *, user=None) -> None:
-    require_manager(user, audit_action="team.member_added", team=team)
+    require_manager(user, event="team.member_added", team=team)
     with transaction.atomic():
         before = team_snapshot(team)
         team.members.add(member)
@@ -77,7 +71,7 @@ def add_member(team: Team, member, *, user=None) -> None:
 
 
 def remove_member(team: Team, member, *, user=None) -> None:
-    require_manager(user, audit_action="team.member_removed", team=team)
+    require_manager(user, event="team.member_removed", team=team)
     with transaction.atomic():
         before = team_snapshot(team)
         team.members.remove(member)
@@ -86,7 +80,7 @@ def remove_member(team: Team, member, *, user=None) -> None:
 
 def add_grant(grant: Grant, *, user=None) -> Grant:
     """Give ``grant.team`` a role over a scope; ValidationError if invalid or already held."""
-    require_manager(user, audit_action="team.grant_added", team=grant.team)
+    require_manager(user, event="team.grant_added", team=grant.team)
     grant.full_clean()
     with transaction.atomic():
         before = team_snapshot(grant.team)
@@ -97,7 +91,7 @@ def add_grant(grant: Grant, *, user=None) -> Grant:
 
 
 def remove_grant(grant: Grant, *, user=None) -> None:
-    require_manager(user, audit_action="team.grant_removed", team=grant.team)
+    require_manager(user, event="team.grant_removed", team=grant.team)
     with transaction.atomic():
         team = grant.team
         before = team_snapshot(team)

@@ -4,8 +4,10 @@ import pytest
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, transaction
 
-from deployments import actions
+from deployments import lifecycle
 from deployments.audit.models import AuditEvent
+from deployments.errors import NodeBusy, RequestError
+from deployments.inventory import pin_host_key, save_object
 from deployments.models import Deployment
 
 from .testbed import commit_change
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.django_db
 
 def test_a_request_pins_the_branch_head_and_audits_it(inventory, alice, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks() as callbacks:
-        d = actions.request_deployment(inventory["node"], action="switch", user=alice)
+        d = lifecycle.request_deployment(inventory["node"], action="switch", user=alice)
     assert d.status == "queued" and d.commit_sha == inventory["sha"] and d.requested_by == alice
     event = AuditEvent.objects.get(action="deployment.requested")
     assert event.details["commit"] == inventory["sha"] and event.actor_name == "alice"
@@ -24,39 +26,39 @@ def test_a_request_pins_the_branch_head_and_audits_it(inventory, alice, django_c
 
 def test_a_request_resolves_a_tag_or_short_sha_to_the_full_commit(inventory, alice):
     new_sha = commit_change(inventory["repo_path"], "devm")
-    d = actions.request_deployment(inventory["node"], action="build", revision=new_sha[:12], user=alice)
+    d = lifecycle.request_deployment(inventory["node"], action="build", revision=new_sha[:12], user=alice)
     assert d.commit_sha == new_sha
 
 
 def test_an_unknown_revision_is_refused_with_its_name(inventory, alice):
-    with pytest.raises(actions.ActionError, match="no-such-branch"):
-        actions.request_deployment(inventory["node"], action="switch", revision="no-such-branch", user=alice)
+    with pytest.raises(RequestError, match="no-such-branch"):
+        lifecycle.request_deployment(inventory["node"], action="switch", revision="no-such-branch", user=alice)
     assert not Deployment.objects.exists()
 
 
 @pytest.mark.parametrize("revision", ["main;reboot", "$(id)", "-h", "a b"])
 def test_a_revision_with_shell_syntax_is_refused(inventory, alice, revision):
-    with pytest.raises(actions.ActionError):
-        actions.request_deployment(inventory["node"], action="switch", revision=revision, user=alice)
+    with pytest.raises(RequestError):
+        lifecycle.request_deployment(inventory["node"], action="switch", revision=revision, user=alice)
 
 
 def test_an_unknown_action_is_refused(inventory, alice):
-    with pytest.raises(actions.ActionError, match="Unknown action"):
-        actions.request_deployment(inventory["node"], action="rm -rf", user=alice)
+    with pytest.raises(RequestError, match="Unknown action"):
+        lifecycle.request_deployment(inventory["node"], action="rm -rf", user=alice)
 
 
 def test_a_node_without_a_pinned_host_key_cannot_be_deployed(inventory, alice):
     node = inventory["node"]
     node.host_key = ""
     node.save()
-    with pytest.raises(actions.ActionError, match="pinned host key"):
-        actions.request_deployment(node, action="switch", user=alice)
+    with pytest.raises(RequestError, match="pinned host key"):
+        lifecycle.request_deployment(node, action="switch", user=alice)
 
 
 def test_a_second_request_to_a_busy_node_is_refused(inventory, alice):
-    actions.request_deployment(inventory["node"], action="switch", user=alice)
-    with pytest.raises(actions.NodeBusy, match="already has a deployment in progress"):
-        actions.request_deployment(inventory["node"], action="boot", user=alice)
+    lifecycle.request_deployment(inventory["node"], action="switch", user=alice)
+    with pytest.raises(NodeBusy, match="already has a deployment in progress"):
+        lifecycle.request_deployment(inventory["node"], action="boot", user=alice)
     assert Deployment.objects.count() == 1
 
 
@@ -70,44 +72,44 @@ def test_the_database_itself_allows_one_active_deployment_per_node(inventory):
 
 def test_a_user_without_the_right_is_refused_and_the_refusal_is_audited(inventory, bob):
     with pytest.raises(PermissionDenied):
-        actions.request_deployment(inventory["node"], action="switch", user=bob)
+        lifecycle.request_deployment(inventory["node"], action="switch", user=bob)
     event = AuditEvent.objects.get(action="deployment.requested")
     assert event.outcome == "denied" and event.actor_name == "bob"
     assert not Deployment.objects.exists()
 
 
 def test_cancelling_a_queued_deployment_finishes_it_at_once(inventory, alice):
-    d = actions.request_deployment(inventory["node"], action="switch", user=alice)
-    d = actions.cancel_deployment(d, user=alice)
+    d = lifecycle.request_deployment(inventory["node"], action="switch", user=alice)
+    d = lifecycle.cancel_deployment(d, user=alice)
     assert d.status == "cancelled" and d.finished_at is not None
-    with pytest.raises(actions.ActionError, match="already finished"):
-        actions.cancel_deployment(d, user=alice)
+    with pytest.raises(RequestError, match="already finished"):
+        lifecycle.cancel_deployment(d, user=alice)
 
 
 def test_cancelling_a_running_deployment_asks_the_worker(inventory, alice):
     d = Deployment.objects.create(node=inventory["node"], action="switch", commit_sha="a" * 40,
                                   flake_attr="devm", status="running")
-    d = actions.cancel_deployment(d, user=alice)
+    d = lifecycle.cancel_deployment(d, user=alice)
     assert d.status == "running" and d.cancel_requested
 
 
 def test_pinning_refuses_a_key_other_than_the_confirmed_one(inventory, alice):
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
-    with pytest.raises(actions.ActionError, match="not the"):
-        actions.pin_host_key(inventory["node"], key, user=alice, expected_fingerprint="SHA256:somethingelse")
-    node = actions.pin_host_key(inventory["node"], key, user=alice)
+    with pytest.raises(RequestError, match="not the"):
+        pin_host_key(inventory["node"], key, user=alice, expected_fingerprint="SHA256:somethingelse")
+    node = pin_host_key(inventory["node"], key, user=alice)
     assert node.host_key_fingerprint.startswith("SHA256:") and node.host_key_pinned_by == alice
 
 
 def test_pinning_refuses_junk(inventory, alice):
-    with pytest.raises(actions.ActionError, match="Not an SSH public key"):
-        actions.pin_host_key(inventory["node"], "ssh-ed25519 not;base64", user=alice)
+    with pytest.raises(RequestError, match="Not an SSH public key"):
+        pin_host_key(inventory["node"], "ssh-ed25519 not;base64", user=alice)
 
 
 def test_changing_a_nodes_address_unpins_its_key(inventory, alice):
     node = inventory["node"]
     node.host = "192.0.2.99"
-    actions.save_object(node, user=alice)
+    save_object(node, user=alice)
     node.refresh_from_db()
     assert node.host_key == ""
     change = AuditEvent.objects.get(action="node.changed")

@@ -1,9 +1,13 @@
-"""The one permission gate: "may this user do ACTION to this node?".
+"""The one permission gate: "may this user have PERMISSION on this node?" and
+"may this user do this panel-wide thing?".
 
-Views, forms, the API, management commands acting for a user and the
-WebSocket consumer all ask here.  What a user may not see does not exist for
-them: lookups answer 404, not 403.  Only the inside of this module changes
-when roles change.
+Views, forms, the API, the Django admin, management commands acting for a
+user, templates (through the context processor) and the WebSocket consumer all
+ask here, and nowhere else decides: no other module reads ``is_superuser`` or
+the grant rows.  What a user may not see does not exist for them: lookups
+answer 404, not 403.  ``require`` and ``require_global`` also record each
+refusal in the audit trail.  Only the inside of this module changes when roles
+change.
 
 Permissions come from team grants (``deployments.access``): a role (viewer <
 deployer < admin, or the global auditor) over a scope (one node, a tag or tag
@@ -22,20 +26,32 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import BooleanField, Case, Q, QuerySet, Value, When
 from django.http import Http404
 
-from .models import Deployment, Node
+from deployments.audit.writer import record
+from deployments.models import Deployment, Node
 
+from .models import Grant
+
+# Permissions on a node, weakest first; each includes those before it.
 VIEW = "view"  # see the node, its deployments and logs
 DEPLOY = "deploy"  # request and cancel deployments
 ADMIN = "admin"  # edit the node, pin host keys, assign credentials
-ACTIONS = (VIEW, DEPLOY, ADMIN)
+PERMISSIONS = (VIEW, DEPLOY, ADMIN)
 
-# The least rank a role must have to do an action; roles include those below them.
-_ACTION_RANK = {VIEW: 1, DEPLOY: 2, ADMIN: 3}
+# Panel-wide capabilities, not tied to one node.
+AUDIT = "audit"  # read and export the whole audit trail
+MANAGE_TEAMS = "manage-teams"  # create teams, change members and grants
+MANAGE_INVENTORY = "manage-inventory"  # add nodes; manage credentials and repositories
+ADMIN_SITE = "admin-site"  # the Django admin, which bypasses the node gate
+CAPABILITIES = (AUDIT, MANAGE_TEAMS, MANAGE_INVENTORY, ADMIN_SITE)
+
+# The least rank a grant must have for a permission; roles include those below them.
+_PERMISSION_RANK = {VIEW: 1, DEPLOY: 2, ADMIN: 3}
 # The auditor sees everything and acts on nothing: rank 1, but only over all nodes.
-_ROLE_RANK = {"viewer": 1, "deployer": 2, "admin": 3, "auditor": 1}
+ROLE_RANK = {Grant.Role.VIEWER: 1, Grant.Role.DEPLOYER: 2, Grant.Role.ADMIN: 3, Grant.Role.AUDITOR: 1}
 
 _CACHE_ATTR = "_access_grants"
 
@@ -63,8 +79,6 @@ def _grants(user) -> _Grants:
     cached = getattr(user, _CACHE_ATTR, None)
     if cached is not None:
         return cached
-    from .access.models import Grant
-
     grants = _Grants()
     for role, scope, node_id, tag in (
         Grant.objects.filter(team__members=user.pk)
@@ -72,7 +86,7 @@ def _grants(user) -> _Grants:
         .values_list("role", "scope", "node_id", "tag")
         .distinct()
     ):
-        rank = _ROLE_RANK[role]
+        rank = ROLE_RANK[role]
         if role == Grant.Role.AUDITOR:
             grants.auditor = True
         if scope == Grant.Scope.ALL:
@@ -93,11 +107,11 @@ def forget(user) -> None:
         delattr(user, _CACHE_ATTR)
 
 
-def _check_action(action: str) -> int:
+def _rank(permission: str) -> int:
     try:
-        return _ACTION_RANK[action]
+        return _PERMISSION_RANK[permission]
     except KeyError:
-        raise ValueError(f"unknown action {action!r}") from None
+        raise ValueError(f"unknown permission {permission!r}") from None
 
 
 def _tag_q(grants: _Grants, rank: int, prefix: str = "") -> Q | None:
@@ -111,9 +125,9 @@ def _tag_q(grants: _Grants, rank: int, prefix: str = "") -> Q | None:
     return q
 
 
-def _scope_q(user, action: str, node_field: str = "pk") -> Q | bool:
-    """A filter on ``node_field`` for the nodes ``user`` may ``action``; True for all, False for none."""
-    rank = _check_action(action)
+def _scope_q(user, permission: str, node_field: str = "pk") -> Q | bool:
+    """A filter on ``node_field`` for the nodes where ``user`` has ``permission``; True for all, False for none."""
+    rank = _rank(permission)
     if not _active(user):
         return False
     if user.is_superuser:
@@ -131,9 +145,9 @@ def _scope_q(user, action: str, node_field: str = "pk") -> Q | bool:
     return q if q else False
 
 
-def nodes_for(user, action: str) -> QuerySet[Node]:
-    """Nodes where ``user`` may do ``action``, as one SQL query."""
-    q = _scope_q(user, action)
+def nodes_for(user, permission: str) -> QuerySet[Node]:
+    """Nodes where ``user`` has ``permission``, as one SQL query."""
+    q = _scope_q(user, permission)
     if q is True:
         return Node.objects.all()
     if q is False:
@@ -144,8 +158,8 @@ def nodes_for(user, action: str) -> QuerySet[Node]:
 def annotate_permissions(nodes: QuerySet[Node], user) -> QuerySet[Node]:
     """``nodes`` with boolean ``can_deploy`` and ``can_admin`` computed in the same query (for buttons)."""
     flags = {}
-    for name, action in (("can_deploy", DEPLOY), ("can_admin", ADMIN)):
-        q = _scope_q(user, action)
+    for name, permission in (("can_deploy", DEPLOY), ("can_admin", ADMIN)):
+        q = _scope_q(user, permission)
         if isinstance(q, bool):
             flags[name] = Value(q, output_field=BooleanField())
         else:
@@ -166,9 +180,9 @@ def _node_matches_tags(node: Node, grants: _Grants, rank: int) -> bool:
     return node.tags.filter(tags).exists()
 
 
-def can(user, action: str, node: Node | None = None) -> bool:
-    """True if ``user`` may do ``action`` to ``node`` (or to some node, if None)."""
-    rank = _check_action(action)
+def can(user, permission: str, node: Node | None = None) -> bool:
+    """True if ``user`` has ``permission`` on ``node`` (or on some node, if None)."""
+    rank = _rank(permission)
     if not _active(user):
         return False
     if user.is_superuser:
@@ -181,14 +195,54 @@ def can(user, action: str, node: Node | None = None) -> bool:
     return _node_matches_tags(node, grants, rank)
 
 
-def can_audit(user) -> bool:
-    """True if ``user`` may read and export the whole audit trail."""
-    return _active(user) and (user.is_superuser or _grants(user).auditor)
+def may(user, capability: str) -> bool:
+    """True if ``user`` has the panel-wide ``capability``.
+
+    Only superusers manage teams, the inventory outside one node's scope and the
+    Django admin; auditors (and superusers) read the audit trail.
+    """
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}")
+    if not _active(user):
+        return False
+    if user.is_superuser:
+        return True
+    return capability == AUDIT and _grants(user).auditor
 
 
-def can_manage_teams(user) -> bool:
-    """True if ``user`` may create teams and change their members and grants (superusers only)."""
-    return _active(user) and user.is_superuser
+def _refuse(user, event: str, message: str, *, actor_kind: str | None, obj, object_type: str, required: str):
+    with transaction.atomic():
+        record(event, user=user, actor_kind=actor_kind, obj=obj, object_type=object_type, outcome="denied",
+               details={"required": required})
+    raise PermissionDenied(message)
+
+
+def require(user, permission: str, node: Node, *, event: str, actor_kind: str | None = None) -> None:
+    """Refuse with 403, and record the refusal as ``event``, unless ``user`` has ``permission`` on ``node``.
+
+    ``user=None`` is the system or the command line itself, which may do anything.
+    """
+    if user is None or can(user, permission, node):
+        return
+    _refuse(user, event, f"You may not {permission} on {node.name}.", actor_kind=actor_kind, obj=node,
+            object_type="", required=permission)
+
+
+def require_global(user, capability: str, *, event: str, obj=None, object_type: str = "",
+                   actor_kind: str | None = None) -> None:
+    """Refuse with 403, and record the refusal as ``event``, unless ``user`` has ``capability``."""
+    if user is None or may(user, capability):
+        return
+    _refuse(user, event, _REFUSALS[capability], actor_kind=actor_kind,
+            obj=obj if obj is not None and obj.pk else None, object_type=object_type, required=capability)
+
+
+_REFUSALS = {
+    AUDIT: "Only auditors read the audit trail.",
+    MANAGE_TEAMS: "Only superusers manage teams and grants.",
+    MANAGE_INVENTORY: "Only superusers add nodes and manage credentials and repositories.",
+    ADMIN_SITE: "Only superusers use the Django admin.",
+}
 
 
 def visible_nodes(user) -> QuerySet[Node]:
@@ -206,23 +260,23 @@ def visible_deployments(user) -> QuerySet[Deployment]:
     return Deployment.objects.filter(q)
 
 
-def node_for(user, name: str, action: str = VIEW) -> Node:
-    """The node named ``name`` if ``user`` may do ``action``; 404 if unseen, 403 if seen but not allowed."""
+def node_for(user, name: str, permission: str = VIEW) -> Node:
+    """The node named ``name`` if ``user`` has ``permission``; 404 if unseen, 403 if seen but not allowed."""
     try:
         node = visible_nodes(user).get(name=name)
     except Node.DoesNotExist:
         raise Http404("No such node") from None
-    if action != VIEW and not can(user, action, node):
-        raise PermissionDenied(f"You may not {action} on {node.name}")
+    if permission != VIEW and not can(user, permission, node):
+        raise PermissionDenied(f"You may not {permission} on {node.name}")
     return node
 
 
-def deployment_for(user, pk: int, action: str = VIEW) -> Deployment:
-    """The deployment ``pk`` if ``user`` may do ``action`` to its node; 404 if unseen, 403 if not allowed."""
+def deployment_for(user, pk: int, permission: str = VIEW) -> Deployment:
+    """The deployment ``pk`` if ``user`` has ``permission`` on its node; 404 if unseen, 403 if not allowed."""
     try:
         deployment = visible_deployments(user).select_related("node").get(pk=pk)
     except Deployment.DoesNotExist:
         raise Http404("No such deployment") from None
-    if action != VIEW and not can(user, action, deployment.node):
-        raise PermissionDenied(f"You may not {action} on {deployment.node.name}")
+    if permission != VIEW and not can(user, permission, deployment.node):
+        raise PermissionDenied(f"You may not {permission} on {deployment.node.name}")
     return deployment

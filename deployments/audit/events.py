@@ -1,0 +1,62 @@
+"""Every audit event name the panel writes, defined once.
+
+``record()`` refuses a name that is not here, so the review page's filter
+(which offers these names) can never miss one.  An event name is
+``<subject>.<what happened>``; a refusal is the event of what was attempted
+with ``outcome=denied``.  The stored field is called ``action`` (it is part of
+the hashed record format, see docs/audit.md); in code it is the *event*.
+"""
+
+from __future__ import annotations
+
+EVENTS: dict[str, str] = {
+    # Sign-in
+    "auth.login": "a user signed in",
+    "auth.logout": "a user signed out",
+    "auth.login_failed": "a sign-in was refused (wrong name or password)",
+    # Deployments
+    "deployment.requested": "a deployment was requested (or refused: outcome denied)",
+    "deployment.started": "a worker claimed the deployment and started it",
+    "deployment.finished": "the deployment ended: succeeded, failed, error",
+    "deployment.cancel": "a cancel was refused",
+    "deployment.cancelled": "a queued deployment was cancelled before it started",
+    "deployment.cancel_requested": "a running deployment was asked to stop",
+    "deployment.interrupted": "the worker stopped beating; the deployment was marked interrupted",
+    # Host keys
+    "hostkey.viewed": "the host key page was refused",
+    "hostkey.scanned": "the key a node presents was fetched (nothing pinned)",
+    "hostkey.pinned": "a host key was pinned after an explicit confirmation",
+    "hostkey.mismatch": "a node presented a key other than the pinned one",
+    # Inventory
+    "node.created": "a node was added",
+    "node.changed": "a node was edited (before/after)",
+    "node.deleted": "a node was deleted",
+    "credential.created": "a credential was added (the secret never appears)",
+    "credential.changed": "a credential was edited or its secret replaced",
+    "credential.deleted": "a credential was deleted",
+    "repository.created": "a repository was added",
+    "repository.changed": "a repository was edited",
+    "repository.deleted": "a repository was deleted",
+    # Teams and grants
+    "team.viewed": "the team pages were refused",
+    "team.created": "a team was created",
+    "team.changed": "a team was renamed or described",
+    "team.deleted": "a team was deleted with its grants",
+    "team.member_added": "a user joined a team",
+    "team.member_removed": "a user left a team",
+    "team.grant_added": "a team was given a role over a scope",
+    "team.grant_removed": "a team lost a role over a scope",
+    # The trail itself
+    "audit.exported": "the trail (or a filtered part) was exported",
+    "audit.verified": "the chain was verified from the command line",
+    "audit.archived": "old events were archived and sealed",
+}
+
+EVENT_NAMES: tuple[str, ...] = tuple(EVENTS)
+
+
+def check_event(name: str) -> str:
+    """``name`` if it is a registered event name; ValueError (a panel bug) otherwise."""
+    if name not in EVENTS:
+        raise ValueError(f"unregistered audit event {name!r}: add it to deployments/audit/events.py")
+    return name

@@ -1,0 +1,169 @@
+"""The deployment state machine: every change of a deployment's status, one function each.
+
+    (request) ──> queued ──claim──> running ──finish──> succeeded | failed | error | cancelled | interrupted
+                    │                  │
+                    └──cancel──> cancelled   └──reap (no heartbeat)──> interrupted
+
+Each transition is the same three steps: a conditional UPDATE that only
+succeeds from the expected status (so two workers, a cancel and a reaper can
+race safely), the audit event in the same transaction, then a notify so open
+log pages refresh.  No other module writes ``Deployment.status``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from . import logstream, repos
+from .access import gate
+from .audit.writer import record
+from .errors import NodeBusy, RequestError
+from .models import Deployment, Node
+from .validators import validate_revision
+
+Status = Deployment.Status
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _transition(deployment_id: int, *, expect: dict, event: str, set_fields: dict, details=None,
+                actor_kind: str = "system", user=None, outcome: str = "success") -> Deployment | None:
+    """UPDATE the row if it still matches ``expect``; if it did, record ``event``.  The row, or None if not."""
+    with transaction.atomic():
+        if not Deployment.objects.filter(pk=deployment_id, **expect).update(**set_fields):
+            return None
+        deployment = Deployment.objects.select_related("node").get(pk=deployment_id)
+        record(event, user=user, actor_kind=None if user else actor_kind, obj=deployment, node=deployment.node,
+               outcome=outcome, details=details(deployment) if callable(details) else (details or {}))
+    return deployment
+
+
+def request_deployment(node: Node, *, action: str, revision: str = "", user=None,
+                       trigger: str = Deployment.Trigger.WEB) -> Deployment:
+    """Resolve ``revision`` to a commit and queue ``nixos-rebuild <action>`` on ``node``.
+
+    ``user=None`` means the system acts (only management commands do that).
+    The gate decides first (403, audited).  Raises ``NodeBusy`` if the node
+    already has an active deployment, ``RequestError`` for an unknown action or
+    revision or an unpinned host key.
+    """
+    actor_kind = "cli" if trigger == Deployment.Trigger.CLI else None
+    gate.require(user, gate.DEPLOY, node, event="deployment.requested", actor_kind=actor_kind)
+    if action not in Deployment.Action.values:
+        raise RequestError(f"Unknown action {action!r}: use one of {', '.join(Deployment.Action.values)}.")
+    if revision:
+        try:
+            validate_revision(revision)
+        except ValidationError as exc:
+            raise RequestError(exc.messages[0]) from None
+    if not node.host_key:
+        raise RequestError(f"Node {node.name} has no pinned host key: scan and pin it first.")
+    if Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).exists():
+        raise NodeBusy(f"Node {node.name} already has a deployment in progress.")
+    try:
+        sha = repos.resolve(node.repository, revision)
+    except repos.RepositoryError as exc:
+        raise RequestError(str(exc)) from None
+    acting = user if user is not None and user.is_authenticated else None
+    try:
+        with transaction.atomic():
+            deployment = Deployment.objects.create(
+                node=node, action=action, requested_revision=revision or node.repository.branch, commit_sha=sha,
+                flake_attr=node.flake_attr, requested_by=acting,
+                requested_by_name=acting.get_username() if acting else trigger, trigger=trigger,
+            )
+            record("deployment.requested", user=user, actor_kind=actor_kind, obj=deployment, node=node,
+                   details={"action": action, "revision": deployment.requested_revision, "commit": sha,
+                            "flake_attr": node.flake_attr, "trigger": trigger})
+            transaction.on_commit(lambda: enqueue(deployment.pk))
+    except IntegrityError:
+        # The database's one-active-deployment constraint caught a race the check above missed.
+        raise NodeBusy(f"Node {node.name} already has a deployment in progress.") from None
+    return deployment
+
+
+def enqueue(deployment_id: int) -> None:
+    """Hand the deployment id (only the id) to django-q2."""
+    from django_q.tasks import async_task
+
+    async_task("deployments.tasks.run_deployment", deployment_id, task_name=f"deployment-{deployment_id}",
+               ack_failure=True)
+
+
+def cancel_deployment(deployment: Deployment, *, user=None) -> Deployment:
+    """Cancel a queued deployment now, or ask the worker to stop a running one (it kills the remote tree)."""
+    gate.require(user, gate.DEPLOY, deployment.node, event="deployment.cancel")
+    done = _transition(
+        deployment.pk, expect={"status": Status.QUEUED}, event="deployment.cancelled", user=user,
+        set_fields={"status": Status.CANCELLED, "finished_at": timezone.now(), "cancel_requested": True},
+        details={"was": "queued"},
+    ) or _transition(
+        deployment.pk, expect={"status": Status.RUNNING, "cancel_requested": False},
+        event="deployment.cancel_requested", user=user, set_fields={"cancel_requested": True},
+    )
+    deployment.refresh_from_db()
+    if done is None and not deployment.is_active:
+        raise RequestError(f"Deployment #{deployment.pk} has already finished.")
+    logstream.notify(deployment.pk, {"type": "deployment.status"})
+    return deployment
+
+
+def claim(deployment_id: int) -> bool:
+    """queued → running for this worker; False if someone else has it or it was cancelled."""
+    now = timezone.now()
+    return _transition(
+        deployment_id, expect={"status": Status.QUEUED}, event="deployment.started",
+        set_fields={"status": Status.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker_name()},
+        details=lambda d: {"worker": d.worker, "commit": d.commit_sha, "action": d.action},
+    ) is not None
+
+
+def _finished_details(d: Deployment) -> dict:
+    return {
+        "status": d.status, "exit_code": d.exit_code, "commit": d.commit_sha, "flake_attr": d.flake_attr,
+        "action": d.action, "toplevel": d.toplevel, "generation_before": d.generation_before,
+        "generation_after": d.generation_after, "system_before": d.system_before, "system_after": d.system_after,
+        "log_sha256": d.log_sha256, "archive_sha256": d.archive_sha256, "error": d.error_message[:500],
+    }
+
+
+def finish(deployment_id: int, status: str, **fields) -> Deployment:
+    """running → a terminal status, with its audit event; a row no longer running is left as it is."""
+    if status not in Deployment.TERMINAL:
+        raise ValueError(f"finish() needs a terminal status, not {status!r}")
+    _transition(
+        deployment_id, expect={"status": Status.RUNNING}, event="deployment.finished",
+        set_fields={"status": status, "finished_at": timezone.now(), **fields},
+        outcome="success" if status == Status.SUCCEEDED else "failure", details=_finished_details,
+    )
+    logstream.notify(deployment_id, {"type": "deployment.status"})
+    return Deployment.objects.select_related("node").get(pk=deployment_id)
+
+
+def reap_stale(stale_after: float | None = None) -> int:
+    """Mark running deployments whose worker stopped beating as interrupted (never re-run them)."""
+    stale_after = settings.HEARTBEAT_STALE_AFTER if stale_after is None else stale_after
+    cutoff = timezone.now() - timedelta(seconds=stale_after)
+    count = 0
+    for pk in Deployment.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff).values_list("pk", flat=True):
+        reaped = _transition(
+            pk, expect={"status": Status.RUNNING, "heartbeat_at__lt": cutoff}, event="deployment.interrupted",
+            outcome="failure",
+            set_fields={"status": Status.INTERRUPTED, "finished_at": timezone.now(),
+                        "error_message": f"the worker stopped responding (no heartbeat for {stale_after:.0f} s); "
+                                         "the node may be mid-change: check it and deploy again"},
+            details=lambda d: {"worker": d.worker, "last_heartbeat": d.heartbeat_at.isoformat()},
+        )
+        if reaped is not None:
+            count += 1
+            logstream.notify(pk, {"type": "deployment.status"})
+    return count
