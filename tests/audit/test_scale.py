@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 from django.db import connection, transaction
 
-from deployments.audit import query, verify
+from deployments.audit import query, verify, walk
 from deployments.audit.models import AuditEvent
 from deployments.audit.query import AuditFilter
 from deployments.audit.verify import verify_chain
@@ -43,14 +43,14 @@ def test_canonical_parts_rebuild_the_canonical_form(seq):
 
 def test_verify_builds_the_same_canonical_form_from_a_row():
     event = awkward_event()
-    row = [event[name] for name in verify._SORTED] + ["", ""]
+    row = [event[name] for name in walk._SORTED] + ["", ""]
     import json
 
-    row[verify._DETAILS] = json.dumps(AWKWARD)
-    row[verify._TIME] = format_time(event["created_at"])  # as the database gives it
-    assert verify._canonical_row(row, format_time(event["created_at"])) == canonical(event)
-    row[verify._DETAILS] = "{}"
-    assert verify._canonical_row(row, format_time(event["created_at"])) == canonical({**event, "details": {}})
+    row[walk._DETAILS] = json.dumps(AWKWARD)
+    row[walk._TIME] = format_time(event["created_at"])  # as the database gives it
+    assert walk._canonical_row(row, format_time(event["created_at"])) == canonical(event)
+    row[walk._DETAILS] = "{}"
+    assert walk._canonical_row(row, format_time(event["created_at"])) == canonical({**event, "details": {}})
 
 
 @pytest.mark.django_db
@@ -128,6 +128,19 @@ def test_a_segment_boundary_link_is_checked(monkeypatch):
     for workers in (1, 2, 3):  # with 2 workers x 2 segments, #8 starts a segment
         report = verify_chain(workers=workers, batch=3)
         assert "event #7 was rewritten" in str(report.problem), workers
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.django_db(transaction=True)
+def test_stopping_at_the_first_bad_segment_never_hangs(monkeypatch):
+    # A forked Pool hung in terminate() on this early exit, in about half the runs.
+    add_events(40)
+    tamper("UPDATE audit_auditevent SET actor_name = 'mallory' WHERE seq = 3")
+    monkeypatch.setattr(verify, "SEGMENTS_PER_WORKER", 4)  # 8 segments: 7 are pending or running at the stop
+    for attempt in range(20):
+        report = verify_chain(workers=2, batch=2)
+        assert not report.ok and "event #3 was modified" in str(report.problem), attempt
+        assert report.count == 2, attempt
 
 
 def search(**params) -> list[int]:
