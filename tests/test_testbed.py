@@ -5,9 +5,14 @@ The ``testbed`` fixture comes from tests/conftest.py (``from tests.testbed impor
 
 from __future__ import annotations
 
+import os
+import secrets
 import shlex
+import signal
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -19,8 +24,8 @@ from tests.testbed import (
     commit_change,
     git_archive,
     make_flake_repo,
+    refusing_address,
     rotate_host_key,
-    unused_address,
 )
 from tests.testbed.nodes import closing_server, namespaces_missing_reason
 
@@ -344,11 +349,10 @@ def test_rotated_host_key_is_rejected_when_the_old_one_is_pinned(testbed):
 
 
 def test_unreachable_addresses_fail_fast():
-    host, port = unused_address()
     client = paramiko.SSHClient()
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     started = time.monotonic()
-    with pytest.raises(paramiko.ssh_exception.NoValidConnectionsError):
+    with refusing_address() as (host, port), pytest.raises(paramiko.ssh_exception.NoValidConnectionsError):
         client.connect(host, port, username="root", timeout=5)
     assert time.monotonic() - started < 2
     with closing_server() as (host, port):
@@ -425,15 +429,32 @@ def test_slow_activation_prints_while_it_runs_and_stops_with_the_node(testbed, f
 
 def test_stopped_node_leaves_no_namespace(testbed):
     needs_namespaces(testbed)
-    import subprocess
-
     node = testbed.add_node("ephemeral")
-    netns = node.netns
-    assert netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    netns = Path("/run/netns") / node.netns
+    assert netns.exists() and node.processes()
 
     node.stop()
 
-    assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not netns.exists()
+
+
+def test_a_node_lists_only_its_own_processes(testbed):
+    a, b = testbed.add_node("own-a"), testbed.add_node("own-b")
+    text = f"sleep 60.{secrets.randbelow(10**6):06d}"
+    outside = subprocess.Popen(text.split())  # the same command line, not on any node
+    try:
+        a.run(f"{text} >/dev/null 2>&1 &")
+
+        on_a = [pid for pid, cmdline in a.processes().items() if text in cmdline]
+
+        assert on_a and outside.pid not in on_a
+        assert not [pid for pid, cmdline in b.processes().items() if text in cmdline]
+    finally:
+        outside.kill()
+        outside.wait()
+        for pid, cmdline in a.processes().items():
+            if text in cmdline:
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_nodes_start_quickly(testbed):

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from deployments import actions
+from deployments import inventory
 from deployments.models import Credential, Node, Repository
 
 _names = itertools.count(1)
@@ -29,14 +29,21 @@ def add_node(testbed, repository):
         tb_node = testbed.add_node(name, password="correct-horse-battery" if password else None)
         if password:
             cred = Credential(name=f"{name}-pw", kind=Credential.Kind.PASSWORD)
-            actions.save_credential(cred, secret=tb_node.password, actor_kind="cli")
+            inventory.save_credential(cred, secret=tb_node.password, actor_kind="cli")
         else:
             cred = Credential(name=f"{name}-key", kind=Credential.Kind.SSH_KEY)
-            actions.save_credential(cred, secret=tb_node.client_key_private, actor_kind="cli")
-        node = Node.objects.create(name=name, host=tb_node.host, port=tb_node.port, ssh_user=tb_node.user,
-                                   flake_attr=attr, repository=repository, credential=cred)
+            inventory.save_credential(cred, secret=tb_node.client_key_private, actor_kind="cli")
+        node = Node.objects.create(
+            name=name,
+            host=tb_node.host,
+            port=tb_node.port,
+            ssh_user=tb_node.user,
+            flake_attr=attr,
+            repository=repository,
+            credential=cred,
+        )
         if pin:
-            actions.pin_host_key(node, tb_node.host_key_public)
+            inventory.pin_host_key(node, tb_node.host_key_public)
         return node, tb_node
 
     return make

@@ -5,23 +5,27 @@ The worker function runs in-process here; tests/e2e runs it in a real qcluster.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import shlex
+import signal
 import threading
 
 import pytest
 
-from deployments import actions, logstream, tasks
+from deployments import inventory, lifecycle, logstream, tasks
 from deployments.audit.models import AuditEvent
+from deployments.errors import NodeBusy
 from deployments.models import Credential, Deployment
 from tests.helpers import ed25519_private_key, wait_for
-from tests.testbed import closing_server, commit_change, rotate_host_key, unused_address
+from tests.testbed import closing_server, commit_change, refusing_address, rotate_host_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def deploy(node, action="switch", revision="", user=None) -> Deployment:
-    d = actions.request_deployment(node, action=action, revision=revision, user=user,
-                                   trigger=Deployment.Trigger.CLI)
+    d = lifecycle.request_deployment(node, action=action, revision=revision, user=user, trigger=Deployment.Trigger.CLI)
     tasks.run_deployment(d.pk)
     d.refresh_from_db()
     return d
@@ -65,7 +69,9 @@ def test_the_shipped_source_is_removed_afterwards(add_node):
     node, tb = add_node()
     d = deploy(node)
     assert d.status == "succeeded"
-    assert tb.run(f"test -e /tmp/nixos-panel-root/deploy-{d.pk}", check=False).returncode != 0
+    shipped = [t.rsplit(" to ", 1)[1] for t in log_text(d) if t.startswith("shipping source")]
+    assert shipped and f"/deploy-{d.pk}-" in shipped[0]
+    assert tb.run(f"test -e {shlex.quote(shipped[0])}", check=False).returncode == 1
     assert d.archive_sha256 and len(d.archive_sha256) == 64
 
 
@@ -128,9 +134,10 @@ def test_an_unknown_host_is_an_error_that_names_it(add_node):
 
 def test_an_unreachable_port_is_an_error_that_says_so(add_node):
     node, _ = add_node()
-    node.host, node.port = unused_address()
-    node.save()
-    d = deploy(node)
+    with refusing_address() as (host, port):
+        node.host, node.port = host, port
+        node.save()
+        d = deploy(node)
     assert d.status == "error"
     assert "refused" in d.error_message.lower() or "unreachable" in d.error_message.lower()
 
@@ -147,7 +154,7 @@ def test_a_server_that_hangs_up_at_once_is_an_error(add_node):
 def test_a_refused_login_is_an_error_that_says_so(add_node):
     node, _ = add_node()
     wrong = Credential(name="wrong-key", kind=Credential.Kind.SSH_KEY)
-    actions.save_credential(wrong, secret=ed25519_private_key(), actor_kind="cli")
+    inventory.save_credential(wrong, secret=ed25519_private_key(), actor_kind="cli")
     node.credential = wrong
     node.save()
     d = deploy(node)
@@ -186,15 +193,15 @@ def test_the_password_never_reaches_the_log_or_the_trail(add_node):
 
 def test_a_second_deploy_to_a_busy_node_is_refused(add_node):
     node, tb = add_node("slow")
-    d = actions.request_deployment(node, action="switch")
+    d = lifecycle.request_deployment(node, action="switch")
     worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
     worker.start()
     try:
         wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
-        with pytest.raises(actions.NodeBusy):
-            actions.request_deployment(node, action="switch")
+        with pytest.raises(NodeBusy):
+            lifecycle.request_deployment(node, action="switch")
     finally:
-        actions.cancel_deployment(d)
+        lifecycle.cancel_deployment(d)
         worker.join(60)
     d.refresh_from_db()
     assert d.status == "cancelled"
@@ -203,22 +210,24 @@ def test_a_second_deploy_to_a_busy_node_is_refused(add_node):
 
 def test_cancel_stops_the_remote_process(add_node):
     node, tb = add_node("slow")
-    d = actions.request_deployment(node, action="switch")
+    d = lifecycle.request_deployment(node, action="switch")
     worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
     worker.start()
     wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
-    actions.cancel_deployment(d)
+    lifecycle.cancel_deployment(d)
     worker.join(60)
     d.refresh_from_db()
     assert d.status == "cancelled"
-    wait_for(lambda: tb.run("pgrep -f '[s]witch-to-configuration'", check=False).returncode == 1,
-             timeout=15, what="the remote activation to be gone")
-    assert AuditEvent.objects.filter(action="deployment.finished", object_id=str(d.pk)).get().details["status"] == "cancelled"
+    wait_for(lambda: not _running(tb, "switch-to-configuration"), timeout=15, what="the remote activation to be gone")
+    assert (
+        AuditEvent.objects.filter(action="deployment.finished", object_id=str(d.pk)).get().details["status"]
+        == "cancelled"
+    )
 
 
 def test_a_deploy_running_twice_from_the_broker_runs_once(add_node):
     node, tb = add_node()
-    d = actions.request_deployment(node, action="switch")
+    d = lifecycle.request_deployment(node, action="switch")
     results = []
     threads = [threading.Thread(target=lambda: results.append(tasks.run_deployment(d.pk))) for _ in range(3)]
     for t in threads:
@@ -232,7 +241,7 @@ def test_a_deploy_running_twice_from_the_broker_runs_once(add_node):
 def test_an_attribute_with_shell_syntax_never_reaches_the_node(add_node):
     node, tb = add_node()
     # Forced past the validators, as if written straight into the database.
-    d = actions.request_deployment(node, action="switch")
+    d = lifecycle.request_deployment(node, action="switch")
     Deployment.objects.filter(pk=d.pk).update(flake_attr="devm;touch /tmp/pwned")
     tasks.run_deployment(d.pk)
     d.refresh_from_db()
@@ -240,31 +249,23 @@ def test_an_attribute_with_shell_syntax_never_reaches_the_node(add_node):
     assert tb.run("test -e /tmp/pwned", check=False).returncode != 0
 
 
+def _running(tb, text: str) -> list[int]:
+    """Pids of the node's own processes whose command line contains ``text``."""
+    return [pid for pid, cmdline in tb.processes().items() if text in cmdline]
+
+
 def _kill_ssh_sessions(tb) -> int:
     """SIGKILL the node's per-connection sshd processes (not the listener): the link drops."""
-    import os
-    import signal
-
-    killed = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == tb.sshd_pid:
-            continue
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
-            netns = os.readlink(f"/proc/{pid}/ns/net")
-        except OSError:
-            continue
-        if cmdline.startswith(b"sshd: ") and netns == os.readlink(f"/proc/{tb.sshd_pid}/ns/net"):
-            os.kill(int(pid), signal.SIGKILL)
-            killed += 1
-    return killed
+    sessions = [pid for pid, cmdline in tb.processes().items() if cmdline.startswith(("sshd: ", "sshd-session: "))]
+    for pid in sessions:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return len(sessions)
 
 
 def test_a_dropped_connection_mid_run_is_interrupted_not_lost(add_node):
     node, tb = add_node("slow")
-    if not tb.isolated:
-        pytest.skip("needs the node's own network namespace to tell its sshd sessions apart (root only)")
-    d = actions.request_deployment(node, action="switch")
+    d = lifecycle.request_deployment(node, action="switch")
     worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
     worker.start()
     wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")

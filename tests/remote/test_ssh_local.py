@@ -45,6 +45,7 @@ from deployments.remote import (
     validate_attr,
     validate_rev,
 )
+from tests.testbed import free_port, node_processes, refusing_address
 
 SSHD = "/usr/sbin/sshd"
 IS_ROOT = os.geteuid() == 0
@@ -96,12 +97,6 @@ def wait_until(pred, timeout: float, interval: float = 0.02, what: str = "condit
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def keygen(path: Path, kind: str, passphrase: str = "") -> tuple[str, str]:
     args = ["ssh-keygen", "-q", "-t", kind, "-N", passphrase, "-C", "", "-f", str(path)]
     if kind == "rsa":
@@ -113,26 +108,6 @@ def keygen(path: Path, kind: str, passphrase: str = "") -> tuple[str, str]:
 def ssh_keygen_fingerprint(pub_path: Path) -> str:
     out = subprocess.run(["ssh-keygen", "-lf", str(pub_path)], check=True, capture_output=True, text=True).stdout
     return out.split()[1]
-
-
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            kids.append(int(entry))
-    return kids
-
-
-def pids_matching(marker: str) -> list[int]:
-    r = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
-    return [int(x) for x in r.stdout.split()]
 
 
 @dataclass
@@ -149,6 +124,12 @@ class Node:
     passphrase: str = ""
     unauthorized_key: str = ""
     sudo_password: str = ""
+    session_marker: str = field(default_factory=lambda: "PANEL_TEST_NODE=" + secrets.token_hex(8))
+
+    def pids(self, text: str) -> list[int]:
+        """Pids of this sshd's own processes (sessions, and orphans of its sessions) whose command line has ``text``."""
+        found = node_processes(below=self.proc.pid, environ=self.session_marker)
+        return [pid for pid, cmdline in found.items() if text in cmdline]
 
     def target(self, key: str = "ed25519", **kw) -> Target:
         t = Target(self.host, self.port, self.user, self.host_key, private_key=self.keys[key][0])
@@ -230,7 +211,7 @@ KbdInteractiveAuthentication no
 MaxStartups 50
 MaxSessions 50
 LogLevel VERBOSE
-SetEnv PATH={bindir}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin
+SetEnv PATH={bindir}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin {n.session_marker}
 Subsystem sftp /usr/lib/openssh/sftp-server
 """
     )
@@ -292,8 +273,8 @@ def test_scan_errors():
     with pytest.raises(RemoteError) as e:
         scan_host_key("nonexistent.invalid", 22, timeout=5)
     assert e.value.kind == "unknown-host"
-    with pytest.raises(RemoteError) as e:
-        scan_host_key("127.0.0.1", free_port(), timeout=5)
+    with refusing_address() as (host, port), pytest.raises(RemoteError) as e:
+        scan_host_key(host, port, timeout=5)
     assert e.value.kind == "unreachable"
 
 
@@ -352,9 +333,8 @@ def test_unknown_host_and_closed_port():
         Connection(Target("nonexistent.invalid", 22, "root", hk, password="x")).open()
     assert e.value.kind == "unknown-host"
     assert "nonexistent.invalid" in e.value.message
-    port = free_port()
-    with pytest.raises(RemoteError) as e:
-        Connection(Target("127.0.0.1", port, "root", hk, password="x", connect_timeout=3)).open()
+    with refusing_address() as (host, port), pytest.raises(RemoteError) as e:
+        Connection(Target(host, port, "root", hk, password="x", connect_timeout=3)).open()
     assert e.value.kind == "unreachable"
     assert str(port) in e.value.message
 
@@ -497,7 +477,7 @@ def test_cancel_kills_the_remote_process_group(node):
         assert time.monotonic() - t0 < 4  # SIGTERM sufficed; no 5 s KILL grace needed
         # The connection stays usable after a cancel.
         assert conn.read_output("echo still-here") == "still-here"
-    wait_until(lambda: not pids_matching(marker), 5, what="remote sleep to be gone")
+    wait_until(lambda: not node.pids(marker), 5, what="remote sleep to be gone")
     assert ("out", b"never") not in lines
 
 
@@ -515,7 +495,7 @@ def test_cancel_escalates_to_kill_when_term_is_ignored(node, monkeypatch):
     with Connection(node.target()) as conn:
         with pytest.raises(Cancelled):
             conn.run(f"trap '' TERM; {marker} & echo started; wait", out, should_cancel=lambda: flag["now"], poll=0.05)
-    wait_until(lambda: not pids_matching(marker), 5, what="remote sleep to be gone")
+    wait_until(lambda: not node.pids(marker), 5, what="remote sleep to be gone")
 
 
 def test_dropped_connection_is_disconnected(node):
@@ -524,13 +504,11 @@ def test_dropped_connection_is_disconnected(node):
 
     def out(stream, line):
         if line == b"started" and not killed:
-            # Kill this connection's sshd processes (the per-connection children
-            # of the listening sshd and their children).
-            for child in children_of(node.proc.pid):
-                for pid in [child, *children_of(child)]:
-                    if Path(f"/proc/{pid}/comm").exists() and "sshd" in Path(f"/proc/{pid}/comm").read_text():
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
+            # Kill this connection's sshd processes (those below the listening sshd).
+            for pid, cmdline in node_processes(below=node.proc.pid).items():
+                if cmdline.startswith(("sshd: ", "sshd-session: ")):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
 
     conn = Connection(node.target())
     conn.open()
@@ -546,7 +524,7 @@ def test_dropped_connection_is_disconnected(node):
         assert e2.value.kind == "disconnected"
     finally:
         conn.close()
-        for pid in pids_matching(marker):  # the orphaned remote sleep, by id
+        for pid in node.pids(marker):  # the orphaned remote sleep
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -18,8 +18,9 @@ from .nodes import (
     closing_server,
     fetch_host_key,
     free_port,
+    node_processes,
+    refusing_address,
     rotate_host_key,
-    unused_address,
 )
 
 __all__ = [
@@ -37,9 +38,10 @@ __all__ = [
     "free_port",
     "git_archive",
     "make_flake_repo",
+    "node_processes",
+    "refusing_address",
     "rotate_host_key",
     "testbed",
-    "unused_address",
 ]
 
 

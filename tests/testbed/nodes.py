@@ -115,9 +115,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def unused_address() -> tuple[str, int]:
-    """A (host, port) where connecting is refused at once: for 'unreachable node' tests."""
-    return "127.0.0.1", free_port()
+@contextlib.contextmanager
+def refusing_address(host: str = "127.0.0.1"):
+    """Yield (host, port) where connecting is refused at once: for 'unreachable node' tests.
+
+    The port stays bound (never listening) until the block ends, so nothing
+    else on the machine can start listening there meanwhile.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        yield host, s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -362,6 +369,20 @@ class Node:
         client.connect(**kwargs)
         return client
 
+    def processes(self) -> dict[int, str]:
+        """Command lines (arguments joined by spaces) of the node's own processes, by pid.
+
+        Only this node's, so other tests or other work on the machine never
+        count: as root, the processes in its network namespace; without root,
+        those below its sshd plus those carrying its session environment (an
+        orphan reparented to init still does).
+        """
+        if self.isolated and self.netns:
+            return node_processes(netns=f"/run/netns/{self.netns}")
+        marker = f"TESTBED_SYSTEM_PROFILE={_local_session_env(self.dir)['TESTBED_SYSTEM_PROFILE']}"
+        below = self._proc.pid if self._proc is not None else None
+        return node_processes(below=below, environ=marker)
+
     def stop(self) -> None:
         """Kill every process of the node and remove its network namespace."""
         if self._stopped:
@@ -398,6 +419,43 @@ def _local_session_env(node_dir: Path) -> dict[str, str]:
         "TESTBED_CURRENT_SYSTEM": str(node_dir / "run" / "current-system"),
         "XDG_CONFIG_HOME": str(node_dir / "xdg"),
     }
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace") or None
+
+
+def node_processes(*, netns: str | None = None, below: int | None = None, environ: str | None = None) -> dict[int, str]:
+    """Command lines by pid of the processes that belong to one node, and no others.
+
+    A process belongs if it is in the network namespace ``netns`` (a path such
+    as ``/run/netns/<name>``), or below pid ``below``, or its environment holds
+    the entry ``environ`` (``NAME=value``, as sshd's SetEnv gives each session).
+    Kernel threads (no command line) and the calling process are left out.
+    """
+    pids: set[int] = set()
+    if below is not None:
+        pids.update(_descendants(below))
+    ns_ino = os.stat(netns).st_ino if netns is not None else None
+    wanted = environ.encode() if environ is not None else None
+    if ns_ino is not None or wanted is not None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if ns_ino is not None and os.stat(f"/proc/{entry}/ns/net").st_ino == ns_ino:
+                    pids.add(int(entry))
+                elif wanted is not None and wanted in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    pids.add(int(entry))
+            except OSError:
+                continue
+    pids.discard(os.getpid())
+    found = {pid: _cmdline(pid) for pid in pids}
+    return {pid: cmd for pid, cmd in found.items() if cmd}
 
 
 def _descendants(root: int) -> list[int]:
@@ -527,6 +585,9 @@ class Testbed:
             if self.workdir == Path(mount) or Path(mount) in self.workdir.parents:
                 if mount != "/tmp":
                     raise TestbedError(f"testbed workdir {self.workdir} is hidden in nodes by {mount}")
+        # Debian's nix-bin alone ships no /etc/nix, and a bind mount needs its
+        # mount point: an empty directory changes nothing for the host's Nix.
+        os.makedirs("/etc/nix", mode=0o755, exist_ok=True)
 
     def _used_networks(self) -> list[ipaddress.IPv4Network]:
         out = subprocess.run(["ip", "-4", "-j", "route", "show", "table", "all"], capture_output=True, text=True)
