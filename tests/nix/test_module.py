@@ -24,6 +24,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -652,9 +653,48 @@ def http_get(url: str) -> tuple[int, str] | None:
         return None
 
 
-def test_the_generated_units_start_a_working_panel(tmp_path):
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own, on a unix socket only (as redis.createLocally sets up)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server not installed (`make test` installs it)")
+    socket_path = Path(tempfile.mkdtemp(prefix="panel-redis-")) / "redis.sock"
+    proc = subprocess.Popen(
+        [
+            server,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(socket_path.parent),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(socket_path.exists, timeout=10, what="redis-server's socket")
+        yield f"unix://{socket_path}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(socket_path.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("queue", ["embedded", "redis"])
+def test_the_generated_units_start_a_working_panel(tmp_path, request, queue):
     """migrate, then the worker's ExecStartPre and ExecStart, then the web's ExecStart, as
-    the module generates them (on the default SQLite set-up, secrets as credentials)."""
+    the module generates them, secrets as credentials, on the embedded SQLite database; with
+    the ORM queue and in-memory channel layer, then with Redis on a unix socket (the URL form
+    redis.createLocally gives: channels-redis and django-q2's Redis broker)."""
     from cryptography.fernet import Fernet
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -672,8 +712,10 @@ def test_the_generated_units_start_a_working_panel(tmp_path):
         )
     )
     port = free_port()
+    redis_options = {"redis": {"url": request.getfixturevalue("private_redis")}} if queue == "redis" else {}
     svc = services(
         {
+            **redis_options,
             "dataDir": str(data),
             "port": port,
             "workers": 1,
@@ -685,6 +727,7 @@ def test_the_generated_units_start_a_working_panel(tmp_path):
     )
     assert set(svc) == set(UNITS)
     assert "DATABASE_URL" not in svc["nixos-panel-web"]["environment"]  # the embedded SQLite set-up
+    assert ("REDIS_URL" in svc["nixos-panel-web"]["environment"]) == (queue == "redis")
 
     runners = {}
     for name in UNITS:
@@ -714,7 +757,7 @@ def test_the_generated_units_start_a_working_panel(tmp_path):
         status, url = wait_for(web_answers, timeout=30, interval=0.2, what="the web unit to answer")
         assert status == 200 and "/login/" in url, (status, url)
 
-        # The worker unit takes tasks off the queue (the ORM broker here) and the migrate unit
+        # The worker unit takes tasks off the queue (ORM or Redis broker) and the migrate unit
         # left the reaper's schedule for it; asked through the same environment as the units.
         probe = runners["nixos-panel-worker"].run(
             [
