@@ -81,21 +81,28 @@ let
 
   toEnv = value: if lib.isBool value then lib.boolToString value else toString value;
 
-  environment =
-    {
-      PANEL_DATA_DIR = cfg.dataDir;
-      PANEL_HOST = cfg.host;
-      PANEL_PORT = toString cfg.port;
-      PANEL_WORKERS = toString cfg.workers;
-      PYTHONUNBUFFERED = "1";
-    }
-    // lib.optionalAttrs (databaseUrl != null) { DATABASE_URL = databaseUrl; }
-    // lib.optionalAttrs (redisUrl != null) { REDIS_URL = redisUrl; }
-    // lib.mapAttrs' (name: _: lib.nameValuePair "${name}_FILE" "%d/${name}") credentials
+  # The environment as the panel reads it ...
+  values = {
+    PANEL_DATA_DIR = cfg.dataDir;
+    PANEL_HOST = cfg.host;
+    PANEL_PORT = toString cfg.port;
+    PANEL_WORKERS = toString cfg.workers;
+    PYTHONUNBUFFERED = "1";
+  }
+  // lib.optionalAttrs (databaseUrl != null) { DATABASE_URL = databaseUrl; }
+  // lib.optionalAttrs (redisUrl != null) { REDIS_URL = redisUrl; }
+  // lib.mapAttrs (_: toEnv) cfg.settings;
+  # ... and the variables naming a file of the credentials directory (variable -> credential).
+  credentialFiles =
+    lib.mapAttrs' (name: _: lib.nameValuePair "${name}_FILE" name) credentials
     // lib.optionalAttrs (cfg.auditSigningKeyFile != null) {
-      PANEL_AUDIT_SIGNING_KEY_FILE = "%d/${auditKeyCredential}";
-    }
-    // lib.mapAttrs (_: toEnv) cfg.settings;
+      PANEL_AUDIT_SIGNING_KEY_FILE = auditKeyCredential;
+    };
+  # systemd resolves specifiers in Environment=, so a literal % (the %2F of the local
+  # PostgreSQL URL) is written %%, and %d is the credentials directory.
+  environment =
+    lib.mapAttrs (_: lib.replaceStrings [ "%" ] [ "%%" ]) values
+    // lib.mapAttrs (_: credential: "%d/${credential}") credentialFiles;
 
   # git (repository mirrors) and ssh (git over SSH) are run by the web process (it resolves
   # revisions when a deploy is requested) and by the worker.
@@ -161,13 +168,10 @@ let
 
   # nixos-panel-manage for administrators: manage.py as the panel's user, with the units'
   # environment and credentials, in a transient unit (systemd-run) so LoadCredential works.
-  # The credentials directory of a unit is /run/credentials/<unit>; %d is spelled out here.
-  setenv =
-    name: value:
-    if lib.hasPrefix "%d/" value then
-      "--setenv=${name}=\"$creds\"/${lib.escapeShellArg (lib.removePrefix "%d/" value)}"
-    else
-      "--setenv=${lib.escapeShellArg "${name}=${value}"}";
+  # systemd-run resolves no specifiers: values go as they are, and the credentials directory
+  # (%d in the units) is spelled out, /run/credentials/<unit>.
+  setenv = name: value: "--setenv=${lib.escapeShellArg "${name}=${value}"}";
+  setenvCredential = name: credential: "--setenv=${name}=\"$creds\"/${lib.escapeShellArg credential}";
   manageArgs = [
     "--unit=\"$unit\""
     "--property=User=${lib.escapeShellArg cfg.user}"
@@ -180,7 +184,8 @@ let
     "--property=UMask=0077"
   ]
   ++ map (c: "--property=LoadCredential=${lib.escapeShellArg c}") loadCredential
-  ++ lib.mapAttrsToList setenv (environment // { PATH = lib.makeBinPath path; });
+  ++ lib.mapAttrsToList setenv (values // { PATH = lib.makeBinPath path; })
+  ++ lib.mapAttrsToList setenvCredential credentialFiles;
   manageScript = pkgs.writeShellScriptBin "nixos-panel-manage" ''
     # Runs ${manage} "$@" as ${cfg.user}, the way the panel's units run it.
     if [ "$(id -u)" != 0 ]; then

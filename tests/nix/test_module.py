@@ -323,7 +323,8 @@ def test_create_locally_runs_a_redis_server_on_a_unix_socket_only():
 def test_local_services_are_wired_into_every_unit():
     for name, unit in services(LOCAL).items():
         env = unit["environment"]
-        assert env["DATABASE_URL"] == "postgres://nixos-panel@%2Frun%2Fpostgresql/nixos-panel", name
+        # systemd resolves specifiers in Environment=: the URL's %2F is written %%2F.
+        assert env["DATABASE_URL"] == "postgres://nixos-panel@%%2Frun%%2Fpostgresql/nixos-panel", name
         assert env["REDIS_URL"] == "unix:///run/redis-nixos-panel/redis.sock"
         assert unit["serviceConfig"]["SupplementaryGroups"] == ["redis-nixos-panel"]
         assert {
@@ -340,7 +341,12 @@ def test_the_local_urls_mean_what_the_module_intends_to_the_panel_libraries():
     import dj_database_url
     import redis
 
-    env = services(LOCAL)["nixos-panel-worker"]["environment"]
+    unit = services(LOCAL)["nixos-panel-worker"]["environment"]
+    env = {
+        name: expand_specifiers(value, Path("/run/credentials/nixos-panel-worker.service"))
+        for name, value in unit.items()
+    }
+    assert env["DATABASE_URL"] == "postgres://nixos-panel@%2Frun%2Fpostgresql/nixos-panel"
     db = dj_database_url.parse(env["DATABASE_URL"])
     assert (db["ENGINE"], db["HOST"], db["USER"], db["NAME"], db["PASSWORD"]) == (
         "django.db.backends.postgresql",
@@ -357,11 +363,15 @@ def test_the_local_urls_mean_what_the_module_intends_to_the_panel_libraries():
 def test_databases_elsewhere_are_given_by_url():
     env = services(
         {
-            "database": {"url": "postgres://panel@db.example.org/panel"},
+            "database": {"url": "postgres://panel@db.example.org/panel?options=-c%20search_path%3Dpanel"},
             "redis": {"url": "redis://cache.example.org:6379/0"},
         }
     )["nixos-panel-web"]["environment"]
-    assert env["DATABASE_URL"] == "postgres://panel@db.example.org/panel"
+    assert env["DATABASE_URL"] == "postgres://panel@db.example.org/panel?options=-c%%20search_path%%3Dpanel"
+    assert (
+        expand_specifiers(env["DATABASE_URL"], Path("/unused"))
+        == "postgres://panel@db.example.org/panel?options=-c%20search_path%3Dpanel"
+    )
     assert env["REDIS_URL"] == "redis://cache.example.org:6379/0"
     assert (
         evaluate({"database": {"url": "postgres://panel@db.example.org/panel"}}, attr="postgresql")["enable"] is False
@@ -462,7 +472,8 @@ def test_nixos_panel_manage_runs_manage_py_like_the_units_in_a_transient_unit(tm
         worker["serviceConfig"]["LoadCredential"]
     )
     setenv = dict(a.removeprefix("--setenv=").split("=", 1) for a in argv if a.startswith("--setenv="))
-    expected = {k: v.replace("%d/", f"/run/credentials/{unit}.service/") for k, v in worker["environment"].items()}
+    credentials = Path(f"/run/credentials/{unit}.service")
+    expected = {k: expand_specifiers(v, credentials) for k, v in worker["environment"].items()}
     assert setenv == {**expected, "PATH": "/usr/bin:/usr/bin"}  # git's and openssh's bin (fake-pkgs: /usr)
     assert setenv["SECRET_KEY_FILE"] == f"/run/credentials/{unit}.service/SECRET_KEY"
 
