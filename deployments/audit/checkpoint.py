@@ -25,8 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from django.utils import timezone
 
 from . import conf
-from .models import AuditEvent
-from .verify_export import (
+from .chain import (
     CHECKPOINT_FORMAT,
     GENESIS_HASH,
     checkpoint_is_signed_by,
@@ -34,6 +33,7 @@ from .verify_export import (
     format_time,
     key_id,
 )
+from .models import AuditEvent
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Exports of the audit trail as CSV or JSON Lines, streamed in flat memory.
 
 Events go out oldest first (chain order), each with ``prev_hash`` and
-``hash``, in exactly the canonical form the hash covers, so
-``verify_export.py`` can check them with no access to the panel.  Batches
+``hash``, in exactly the canonical form the hash covers, so the offline
+verifier (``deployments/audit/chain.py``) can check them with no access to
+the panel.  Batches
 are read by keyset (``seq > last``), never with OFFSET, and the export stops
 at the head it started from so a long export is one consistent prefix.
 """
@@ -13,13 +14,13 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from datetime import UTC
 
 from django.db import connections
 from django.db.models import QuerySet
 
+from .chain import EXPORT_FIELDS, canonical_json
 from .models import AuditEvent
-from .verify_export import EXPORT_FIELDS, canonical_json, format_time
+from .walk import canonical_time
 
 # Small batches keep the export's own memory to a few MB above Django's (a 500-row batch is
 # ~250 KB of text); the query is compiled once and re-run per batch with the next keyset bound.
@@ -62,13 +63,7 @@ _SOURCE_IP = EXPORT_FIELDS.index("source_ip")
 
 def _event(row) -> dict:
     event = dict(zip(EXPORT_FIELDS, row, strict=True))
-    created_at = row[_CREATED_AT]
-    if isinstance(created_at, str):  # SQLite: naive UTC text, "YYYY-MM-DD HH:MM:SS[.ffffff]"
-        event["created_at"] = created_at.replace(" ", "T") + ("Z" if "." in created_at else ".000000Z")
-    else:
-        if created_at.tzinfo is None:  # SQLite's converter: naive, but UTC (never the process's local zone)
-            created_at = created_at.replace(tzinfo=UTC)
-        event["created_at"] = format_time(created_at)
+    event["created_at"] = canonical_time(row[_CREATED_AT])
     details = row[_DETAILS]
     event["details"] = json.loads(details) if isinstance(details, str | bytes) else details
     if row[_SOURCE_IP] is not None:

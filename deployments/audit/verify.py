@@ -19,8 +19,8 @@ from pathlib import Path
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from . import checkpoint as checkpoints
+from .chain import GENESIS_HASH, ChainWalker, Problem
 from .models import AuditEvent
-from .verify_export import GENESIS_HASH, ChainWalker, Problem
 from .walk import Segment, start_worker, walk_segment
 
 # Chains at least this long are split across processes (one per CPU), when the

@@ -20,17 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from json.encoder import encode_basestring as _escape
+from datetime import UTC
 
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from .verify_export import HASHED_FIELDS, ChainWalker, Problem, canonical_json, format_time
+from .chain import CANONICAL_ORDER, ChainWalker, Problem, canonical_encoded, encode_value, format_time
 
-# The hashed fields in sorted order (the canonical form sorts keys), then the two hashes.
-_SORTED = tuple(sorted(HASHED_FIELDS))
-_SEQ, _TIME, _DETAILS = _SORTED.index("seq"), _SORTED.index("created_at"), _SORTED.index("details")
+# A row holds the hashed fields in the canonical form's order, then the two hashes.
+_COLUMNS = CANONICAL_ORDER + ("prev_hash", "hash")
+_SEQ, _TIME, _DETAILS = _COLUMNS.index("seq"), _COLUMNS.index("created_at"), _COLUMNS.index("details")
+_PREV, _HASH, _FIELDS = _COLUMNS.index("prev_hash"), _COLUMNS.index("hash"), len(CANONICAL_ORDER)
 _CANONICAL_TIME = {
-    # The canonical time, formatted by the database (PostgreSQL) or as Django stores it (SQLite: naive UTC text).
+    # The canonical time (chain.TIME_FORMAT), formatted by the database (PostgreSQL, as audit_append() does)
+    # or as Django stores it (SQLite: naive UTC text, made canonical by canonical_time()).
     "postgresql": """to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')""",
     "sqlite": "CAST(created_at AS TEXT)",
 }
@@ -69,9 +71,9 @@ def walk_segment(segment: Segment, anchor_seq: int, anchor_hash: str, expected: 
 def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dict, batch: int) -> Segment:
     connection = connections[DEFAULT_DB_ALIAS]
     time_sql = _CANONICAL_TIME.get(connection.vendor, "created_at")
-    columns = ", ".join(time_sql if name == "created_at" else name for name in _SORTED)
+    columns = ", ".join(time_sql if name == "created_at" else name for name in _COLUMNS)
     upper = "" if segment.stop is None else f" AND seq < {int(segment.stop)}"
-    sql = f"SELECT {columns}, prev_hash, hash FROM audit_auditevent WHERE seq > %s{upper} ORDER BY seq LIMIT {batch}"
+    sql = f"SELECT {columns} FROM audit_auditevent WHERE seq > %s{upper} ORDER BY seq LIMIT {batch}"
 
     last_seq, last_hash, last_time = anchor_seq, anchor_hash, ""
     with connection.cursor() as cur:
@@ -80,7 +82,7 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
                         f"ORDER BY seq DESC LIMIT 1", [segment.start])
             before = cur.fetchone()
             if before is not None:
-                last_seq, last_hash, last_time = before[0], before[1], _time(before[2])
+                last_seq, last_hash, last_time = before[0], before[1], canonical_time(before[2])
             bound = segment.start - 1
         else:
             cur.execute("SELECT MIN(seq) FROM audit_auditevent")
@@ -93,8 +95,8 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
             if not rows:
                 break
             for row in rows:
-                seq, prev_hash, hash_ = row[_SEQ], row[16], row[17]
-                created_at = _time(row[_TIME]) if sqlite else row[_TIME]
+                seq, prev_hash, hash_ = row[_SEQ], row[_PREV], row[_HASH]
+                created_at = canonical_time(row[_TIME]) if sqlite else row[_TIME]
                 # The plainly sound case, inline; anything else goes to ChainWalker for its verdict.
                 if (seq == last_seq + 1 and prev_hash == last_hash and type(created_at) is str
                         and created_at >= last_time and seq not in expected
@@ -102,7 +104,7 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
                     last_seq, last_hash, last_time = seq, hash_, created_at
                     count += 1
                     continue
-                event = dict(zip(_SORTED, row, strict=False))  # the 16 fields, then the hashes
+                event = dict(zip(_COLUMNS, row, strict=True))
                 event.update(created_at=created_at, details=_details(row[_DETAILS]), prev_hash=prev_hash, hash=hash_)
                 judge = ChainWalker(anchor_seq=anchor_seq, anchor_hash=anchor_hash, expected=expected)
                 judge.last_seq, judge.last_hash, judge.last_time = last_seq, last_hash, last_time
@@ -122,22 +124,7 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
     return segment
 
 
-# canonical() of a row, built field by field in the sorted key order: the same string as
-# canonical_json() of the event's dict (every value encoded by the same encoder), without
-# building the dict; a value of any other type than str, int or None is encoded by the encoder.
-_KEYS = tuple(("{" if i == 0 else ",") + _escape(name) + ":" for i, name in enumerate(_SORTED))
 _sha256 = hashlib.sha256
-
-
-def _value(value, _escape=_escape, _encode=canonical_json) -> str:
-    kind = type(value)
-    if kind is str:
-        return _escape(value)
-    if value is None:
-        return "null"
-    if kind is int:
-        return int.__repr__(value)
-    return _encode(value)
 
 
 def _details(value):
@@ -145,17 +132,24 @@ def _details(value):
 
 
 def _canonical_row(row, created_at: str) -> str:
+    """``chain.canonical()`` of a row, from its values (no dict built); details arrive as JSON text."""
+    values = [encode_value(x) for x in row[:_FIELDS]]
     details = row[_DETAILS]
-    details = "{}" if details == "{}" else canonical_json(_details(details))
-    values = [_value(x) for x in row[:16]]
-    values[_TIME], values[_DETAILS] = _escape(created_at), details
-    return "".join([key + value for key, value in zip(_KEYS, values, strict=True)]) + "}"
+    values[_TIME], values[_DETAILS] = encode_value(created_at), "{}" if details == "{}" else encode_value(_details(details))
+    return canonical_encoded(values)
 
 
-def _time(value) -> str:
-    """A stored time in the canonical form: SQLite keeps naive UTC text ``YYYY-MM-DD HH:MM:SS[.ffffff]``."""
+def canonical_time(value) -> str:
+    """A stored time as ``chain.format_time()`` gives it, whatever the backend returned.
+
+    SQLite keeps naive UTC text ``YYYY-MM-DD HH:MM:SS[.ffffff]`` (Django's
+    converter makes it a naive datetime, also UTC, never the local zone);
+    PostgreSQL an aware datetime, or the canonical text when formatted in SQL.
+    """
     if isinstance(value, str):
         if value.endswith("Z"):
             return value
         return value.replace(" ", "T") + ("Z" if "." in value else ".000000Z")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
     return format_time(value)

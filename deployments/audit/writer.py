@@ -27,16 +27,9 @@ from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
 from . import conf
+from .chain import GENESIS_HASH, canonical_json, canonical_parts, chain_hash
 from .context import current
 from .models import AuditEvent
-from .verify_export import (  # noqa: F401  (re-exported)
-    GENESIS_HASH,
-    HASHED_FIELDS,
-    canonical,
-    canonical_json,
-    canonical_parts,
-    chain_hash,
-)
 
 # Arbitrary constant naming the chain's advisory lock on PostgreSQL.
 CHAIN_LOCK_KEY = 0x6E69786F73  # "nixos"

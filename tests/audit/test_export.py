@@ -1,7 +1,8 @@
-"""Exports carry their hashes and verify offline with the standalone, standard-library-only script."""
+"""Exports carry their hashes and verify offline with chain.py, standard library only."""
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from deployments.audit.models import AuditEvent
 from .conftest import add_events
 
 pytestmark = pytest.mark.django_db
-SCRIPT = Path(__file__).resolve().parents[2] / "deployments" / "audit" / "verify_export.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "deployments" / "audit" / "chain.py"
 
 
 def offline_verify(*args) -> subprocess.CompletedProcess:
@@ -28,6 +29,25 @@ def export(tmp_path, fmt="jsonl", *filters) -> Path:
     path = tmp_path / f"export.{fmt}"
     call_command("audit", "export", "--format", fmt, "-o", str(path), *filters, stderr=io.StringIO())
     return path
+
+
+def test_a_plain_python3_verifies_an_export_and_rejects_a_tampered_one(events, tmp_path):
+    # What a reviewer runs: the system's python3, isolated, in another directory, Django nowhere on its path.
+    python3 = shutil.which("python3")
+    if python3 is None:
+        pytest.skip("no python3 on PATH")
+    path = export(tmp_path)
+
+    def run(*args):
+        return subprocess.run([python3, "-I", str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                              cwd=tmp_path)
+
+    result = run(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: 8 events, #1-#8, chain intact" in result.stdout
+    path.write_text(path.read_text().replace('"thing 2"', '"thing two"'))
+    result = run(path)
+    assert result.returncode == 1 and "event #3 was modified" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])

@@ -1,56 +1,25 @@
 """The paths that keep the trail fast at a million events say the same as the simple ones.
 
-* the PostgreSQL writer finishes the hash in the database from ``canonical_parts``;
+* the PostgreSQL writer finishes the hash in the database from ``canonical_parts``
+  (test_chain.py proves the pieces agree);
 * verify reads raw rows, builds the canonical form field by field and splits the
   chain across processes, and still names the same first bad event;
 * free text is narrowed by a search index (pg_trgm / FTS5) and a window next to
   the cursor, and finds exactly what ``icontains`` finds.
 """
 
-from datetime import UTC, datetime
-
 import pytest
 from django.db import connection, transaction
 
-from deployments.audit import query, verify, walk
+from deployments.audit import query, verify
+from deployments.audit.chain import chain_hash
 from deployments.audit.models import AuditEvent
 from deployments.audit.query import AuditFilter
 from deployments.audit.verify import verify_chain
-from deployments.audit.verify_export import HASHED_FIELDS, canonical, canonical_parts, chain_hash, format_time
 from deployments.audit.writer import record
 
 from .conftest import add_events, is_postgres, tamper
-
-AWKWARD = {
-    "seq": 99, "created_at": "not the time", '"seq":': "\\", "é\u2028": ["\x01", 1.5, True, None],
-    "nested": {"z": 1, "a": {"created_at": 0}},
-}
-
-
-def awkward_event(seq=7, created_at=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)) -> dict:
-    event = {name: "" for name in HASHED_FIELDS}
-    event.update(seq=seq, created_at=created_at, actor_id=None, node_id=3, source_ip=None, details=AWKWARD,
-                 actor_name='a"b\\c', object_repr='"created_at":"x","seq":1', node_name="wéb-1")
-    return event
-
-
-@pytest.mark.parametrize("seq", [1, 7, 12345678901])
-def test_canonical_parts_rebuild_the_canonical_form(seq):
-    event = awkward_event(seq)
-    head, middle, tail = canonical_parts(event)
-    assert head + format_time(event["created_at"]) + middle + str(seq) + tail == canonical(event)
-
-
-def test_verify_builds_the_same_canonical_form_from_a_row():
-    event = awkward_event()
-    row = [event[name] for name in walk._SORTED] + ["", ""]
-    import json
-
-    row[walk._DETAILS] = json.dumps(AWKWARD)
-    row[walk._TIME] = format_time(event["created_at"])  # as the database gives it
-    assert walk._canonical_row(row, format_time(event["created_at"])) == canonical(event)
-    row[walk._DETAILS] = "{}"
-    assert walk._canonical_row(row, format_time(event["created_at"])) == canonical({**event, "details": {}})
+from .test_chain import AWKWARD
 
 
 @pytest.mark.django_db

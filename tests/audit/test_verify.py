@@ -7,8 +7,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from deployments.audit import checkpoint
+from deployments.audit.chain import chain_hash
 from deployments.audit.models import AuditEvent
-from deployments.audit.verify_export import chain_hash
 
 from .conftest import add_events, tamper
 

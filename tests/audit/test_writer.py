@@ -6,9 +6,9 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from deployments.audit.chain import GENESIS_HASH, chain_hash
 from deployments.audit.models import AuditEvent
 from deployments.audit.verify import verify_chain
-from deployments.audit.verify_export import GENESIS_HASH, chain_hash
 from deployments.audit.writer import record
 
 from .conftest import add_events

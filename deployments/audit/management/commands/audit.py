@@ -22,11 +22,11 @@ from django.db import connection, transaction
 
 from deployments.audit import checkpoint as checkpoints
 from deployments.audit import export
+from deployments.audit.chain import GENESIS_HASH
 from deployments.audit.db import triggers_lifted
 from deployments.audit.models import AuditEvent
 from deployments.audit.query import FILTER_NAMES, AuditFilter, parse_time
 from deployments.audit.verify import verify_chain
-from deployments.audit.verify_export import GENESIS_HASH
 from deployments.audit.writer import record
 
 

@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
-"""Verify an audit export offline, with nothing but Python's standard library.
+"""The audit chain's one definition, and its offline verifier (Python's standard library only).
 
-    python verify_export.py export.jsonl
-    python verify_export.py export.csv --checkpoint cp.json --public-key audit-signing.pub
+    python3 chain.py trail.jsonl
+    python3 chain.py trail.csv --checkpoint cp.json --public-key audit-signing.pub
+
+``hash = SHA-256(prev_hash || canonical(event))``: this module defines the
+hashed fields, the canonical form, the time format, the genesis hash and the
+walk over a chain.  The panel imports it (the writer, ``audit verify``,
+checkpoints, exports) and PostgreSQL's ``audit_append()`` finishes the hash
+from ``canonical_parts()`` (a test proves they agree), so the writer and every
+verifier agree by construction.  It imports nothing from the panel or Django:
+a reviewer copies this one file and runs it on an export.
 
 Exit status 0: every event's hash matches its content, each event links to the
 one before it (seq gap-free, prev_hash = previous hash), times never go
@@ -13,10 +21,6 @@ reordered is named.  Exit status 2: the files could not be read.
 A filtered export is not a contiguous run of the chain: pass ``--subset`` to
 check each event's own hash and order only (see docs/audit.md for how to tie
 a filtered export to a verified full one).
-
-This module is also the panel's single definition of the canonical form and
-the hash (``deployments.audit.writer`` imports it), so the writer and every
-verifier agree by construction.
 """
 
 from __future__ import annotations
@@ -27,21 +31,26 @@ import csv
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from json.encoder import encode_basestring
 
-GENESIS_HASH = "0" * 64
+GENESIS_HASH = "0" * 64  # the prev_hash of the chain's first event
 HASHED_FIELDS = (
     "seq", "created_at", "actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id",
     "object_repr", "node_id", "node_name", "outcome", "details", "source_ip", "user_agent", "request_id",
 )
 EXPORT_FIELDS = HASHED_FIELDS + ("prev_hash", "hash")
+# The canonical form's key order (sorted), which is also the order verify reads a row's columns in.
+CANONICAL_ORDER = tuple(sorted(HASHED_FIELDS))
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, microseconds; PostgreSQL: 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
 CHECKPOINT_FORMAT = "nixos-panel-audit-checkpoint/1"
 
 
 def format_time(value: datetime) -> str:
     """The canonical time: UTC, microseconds, ``Z``."""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # noqa: UP017  (runs on 3.10)
+    return value.astimezone(timezone.utc).strftime(TIME_FORMAT)  # noqa: UP017  (runs on 3.10)
 
 
 # One encoder, built once: json.dumps() with options builds a new one per call.
@@ -53,13 +62,50 @@ def canonical_json(doc) -> str:
     return _ENCODE(doc)
 
 
+# --- the canonical form ------------------------------------------------------------
+#
+# canonical(event) is canonical_json() of the event's 16 hashed fields, ``created_at``
+# formatted by format_time().  It is built here field by field, in CANONICAL_ORDER,
+# each value by the same encoder (the same string, without building a dict), so a
+# verifier can feed values straight from a database row (encode_value() and
+# canonical_encoded()), and the writer can cut it around the two values only known
+# under the chain lock (canonical_parts()).  One way of building it serves all three.
+
+_KEYS = tuple(("{" if i == 0 else ",") + encode_basestring(name) + ":" for i, name in enumerate(CANONICAL_ORDER))
+_TIME_AT, _SEQ_AT = CANONICAL_ORDER.index("created_at"), CANONICAL_ORDER.index("seq")
+
+
+def encode_value(value, _str=encode_basestring, _encode=_ENCODE) -> str:
+    """One value as the canonical form holds it (``canonical_json(value)``, with the common types inline)."""
+    kind = type(value)
+    if kind is str:
+        return _str(value)
+    if value is None:
+        return "null"
+    if kind is int:
+        return int.__repr__(value)
+    return _encode(value)
+
+
+def canonical_encoded(encoded: Sequence[str]) -> str:
+    """The canonical form from the 16 values already encoded (``encode_value``), in ``CANONICAL_ORDER``."""
+    return "".join([key + value for key, value in zip(_KEYS, encoded, strict=True)]) + "}"
+
+
+def _encoded(event) -> list[str]:
+    values = [event.get(name) for name in CANONICAL_ORDER]
+    if isinstance(values[_TIME_AT], datetime):
+        values[_TIME_AT] = format_time(values[_TIME_AT])
+    return [encode_value(value) for value in values]
+
+
 def canonical(event) -> str:
-    """Canonical JSON of an event's hashed fields (sorted keys, no spaces, UTC ISO times)."""
-    created_at = event.get("created_at")
-    doc = {name: event.get(name) for name in HASHED_FIELDS}
-    if isinstance(created_at, datetime):
-        doc["created_at"] = format_time(created_at)
-    return canonical_json(doc)
+    """Canonical JSON of an event's hashed fields (sorted keys, no spaces, UTC times as ``TIME_FORMAT``).
+
+    ``event`` maps field names to values; a missing field is ``null``; ``created_at``
+    is a datetime or already the canonical text.
+    """
+    return canonical_encoded(_encoded(event))
 
 
 def chain_hash(prev_hash: str, event) -> str:
@@ -67,28 +113,19 @@ def chain_hash(prev_hash: str, event) -> str:
     return hashlib.sha256((prev_hash + canonical(event)).encode()).hexdigest()
 
 
-# Keys sort as: action, actor_*, created_at, details, node_*, object_*, outcome, request_id, seq, source_ip, …
-_BEFORE_TIME = tuple(k for k in sorted(HASHED_FIELDS) if k < "created_at")
-_BETWEEN = tuple(k for k in sorted(HASHED_FIELDS) if "created_at" < k < "seq")
-_AFTER_SEQ = tuple(k for k in sorted(HASHED_FIELDS) if k > "seq")
-
-
 def canonical_parts(event) -> tuple[str, str, str]:
     """``canonical(event)`` cut around the two values only known under the chain lock.
 
     ``canonical(event) == head + format_time(created_at) + middle + str(seq) + tail``
-    whatever the event's ``seq`` and ``created_at``: the same string, built in
-    two steps, so the writer can encode the rest before it takes the lock and
-    PostgreSQL can finish the hash inside it (migration 0004).  Not a second
-    format: ``canonical()`` above stays the definition.
+    whatever the event's ``seq`` and ``created_at`` (absent here): the same
+    string, built in two steps, so the writer can encode the rest before it
+    takes the lock and PostgreSQL can finish the hash inside it (``audit_append()``,
+    migration 0004).
     """
-    def inner(keys):
-        return _ENCODE({k: event.get(k) for k in keys})[1:-1]
-
-    a, b, c = inner(_BEFORE_TIME), inner(_BETWEEN), inner(_AFTER_SEQ)
-    return ("{" + a + ("," if a else "") + '"created_at":"',
-            '",' + b + ("," if b else "") + '"seq":',
-            ("," + c if c else "") + "}")
+    pieces = [key + value for key, value in zip(_KEYS, _encoded(event), strict=True)]
+    return ("".join(pieces[:_TIME_AT]) + _KEYS[_TIME_AT] + '"',
+            '"' + "".join(pieces[_TIME_AT + 1:_SEQ_AT]) + _KEYS[_SEQ_AT],
+            "".join(pieces[_SEQ_AT + 1:]) + "}")
 
 
 # --- Ed25519 signature check (RFC 8032, section 6 reference code) -------------
@@ -316,7 +353,8 @@ def read_csv(path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Verify an audit trail export (CSV or JSON Lines) offline.")
+    parser = argparse.ArgumentParser(prog="chain.py",
+                                     description="Verify an audit trail export (CSV or JSON Lines) offline.")
     parser.add_argument("export", help="the exported file (.csv or .jsonl)")
     parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from the file name")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
