@@ -67,9 +67,19 @@ let
   );
   # The audit signing key is a key file, not a value: its variable already names a file.
   auditKeyCredential = "audit-signing.key";
-  loadCredential =
-    lib.mapAttrsToList (name: file: "${name}:${file}") credentials
+  loadCredentialOf =
+    creds:
+    lib.mapAttrsToList (name: file: "${name}:${file}") creds
     ++ lib.optional (cfg.auditSigningKeyFile != null) "${auditKeyCredential}:${cfg.auditSigningKeyFile}";
+  loadCredential = loadCredentialOf credentials;
+  # The migrate unit may connect as the tables' owner while web and worker connect as a role
+  # that cannot drop the audit triggers (docs/audit.md, "PostgreSQL roles").
+  migrateLoadCredential = loadCredentialOf (
+    credentials
+    // lib.optionalAttrs (cfg.database.migrationUrlFile != null) {
+      DATABASE_URL = cfg.database.migrationUrlFile;
+    }
+  );
 
   databaseUrl =
     if cfg.database.createLocally then
@@ -381,6 +391,16 @@ in
         example = "/run/secrets/nixos-panel/database-url";
         description = "A file holding DATABASE_URL (with its password), as a systemd credential.";
       };
+      migrationUrlFile = mkOption {
+        type = types.nullOr secretPath;
+        default = null;
+        example = "/run/secrets/nixos-panel/database-url-owner";
+        description = ''
+          A file holding the DATABASE_URL of the migrate unit only: the role owning the tables,
+          while urlFile's role, used by web and worker, cannot drop or disable the audit
+          triggers (docs/audit.md, "PostgreSQL roles"). Needs urlFile.
+        '';
+      };
     };
 
     redis = {
@@ -415,6 +435,10 @@ in
       {
         assertion = cfg.database.url == null || cfg.database.urlFile == null;
         message = "services.nixos-panel.database: set url or urlFile, not both.";
+      }
+      {
+        assertion = cfg.database.migrationUrlFile != null -> cfg.database.urlFile != null;
+        message = "services.nixos-panel.database.migrationUrlFile: set urlFile too (web and worker connect with it).";
       }
       {
         assertion = cfg.database.createLocally -> cfg.database.name == cfg.database.user;
@@ -501,6 +525,7 @@ in
         serviceConfig = commonServiceConfig // {
           Type = "oneshot";
           RemainAfterExit = true;
+          LoadCredential = migrateLoadCredential;
           ExecStart = "${manage} migrate --no-input";
         };
       };

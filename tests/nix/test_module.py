@@ -378,6 +378,15 @@ def test_databases_elsewhere_are_given_by_url():
     )
 
 
+def test_the_migrate_unit_may_connect_as_the_owner_role_and_the_others_not():
+    svc = services({"database": {"urlFile": "/run/secrets/db-app", "migrationUrlFile": "/run/secrets/db-owner"}})
+    assert svc["nixos-panel-migrate"]["serviceConfig"]["LoadCredential"] == ["DATABASE_URL:/run/secrets/db-owner"]
+    for name in ("nixos-panel-web", "nixos-panel-worker"):
+        assert svc[name]["serviceConfig"]["LoadCredential"] == ["DATABASE_URL:/run/secrets/db-app"]
+    for unit in svc.values():
+        assert unit["environment"]["DATABASE_URL_FILE"] == "%d/DATABASE_URL"
+
+
 def test_a_password_in_a_url_warns_that_it_lands_in_the_store():
     warnings = evaluate(
         {"database": {"url": "postgres://panel:hunter2@db/panel"}, "redis": {"url": "redis://:hunter2@cache:6379/0"}},
@@ -398,6 +407,7 @@ def test_a_password_in_a_url_warns_that_it_lands_in_the_store():
         ({"redis": {"createLocally": True, "url": "redis://cache/0"}}, "createLocally sets REDIS_URL itself"),
         ({"redis": {"url": "redis://cache/0", "urlFile": "/run/secrets/redis"}}, "set url or urlFile, not both"),
         ({"web": {"enable": False}, "worker": {"enable": False}}, "enable the web unit, the worker unit or both"),
+        ({"database": {"migrationUrlFile": "/run/secrets/db-owner"}}, "migrationUrlFile: set urlFile too"),
         ({"settings": {"DATABASE_URL": "postgres://x@db/x"}}, "settings.DATABASE_URL: set by the module's own options"),
         ({"settings": {"PANEL_PORT": 9000}}, "settings.PANEL_PORT: set by the module's own options"),
         ({"secretFiles": {"SECRET_KEY": "/run/secrets/k"}}, "secretFiles.SECRET_KEY: use the module's own option"),
