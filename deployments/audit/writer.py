@@ -52,14 +52,14 @@ _MAX = {f.name: f.max_length for f in AuditEvent._meta.concrete_fields if getatt
 def _clean(value: Any) -> Any:
     """JSON that reads back from any backend exactly as written (so its hash stays valid).
 
-    PostgreSQL's jsonb refuses NUL characters and turns ``1e+20`` into an
-    integer; such floats are stored as their text.
+    PostgreSQL's jsonb refuses NUL characters, turns ``1e+20`` into an
+    integer (such floats are stored as their text) and ``-0.0`` into ``0.0``.
     """
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
     if isinstance(value, float):
         text = repr(value)
-        return value if math.isfinite(value) and "e" not in text else text
+        return (value + 0.0) if math.isfinite(value) and "e" not in text else text  # + 0.0: -0.0 is 0.0
     if isinstance(value, dict):
         return {_clean(str(k)): _clean(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -113,7 +113,7 @@ AGREEMENT_CASES = {
     "control characters": (dict(object_repr="tab\there\nnew\rline\x01\x1f\x7f", object_type="t\x02",
                                 details={"c": "\x08\x0c\x1b[31m", "nul": "a\x00b"}),
                            RequestContext("r\n1", "2001:db8::1", "ua\tx")),
-    "nested details": (dict(details={"a": [{"b": {"c": [1, 2.5, -1.25, 0.1, 1.10, None, True, False, ""]}}],
+    "nested details": (dict(details={"a": [{"b": {"c": [1, 2.5, -1.25, 0.1, -0.0, 1.10, None, True, False, ""]}}],
                                      "": "", "z": {}, "big": 2**70, "float": 1e20, "neg": -7, "list": [[], [{}]]}),
                        RequestContext()),
     "empty details": (dict(details={}), RequestContext("", "::ffff:192.0.2.1", "")),
