@@ -292,6 +292,16 @@ in
       description = "Run the web unit here (false: a worker-only machine of a scaled-out panel).";
     };
 
+    web.proxyHeaders = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Run daphne with --proxy-headers: take the client address from X-Forwarded-For (the
+        audit trail's source_ip). Only behind a reverse proxy, with `host` on loopback:
+        anyone who reaches daphne directly could set the header.
+      '';
+    };
+
     worker.enable = mkOption {
       type = types.bool;
       default = true;
@@ -541,7 +551,7 @@ in
             commonServiceConfig
             // {
               Type = "exec";
-              ExecStart = "${cfg.package}/bin/nixos-panel-web";
+              ExecStart = "${cfg.package}/bin/nixos-panel-web" + lib.optionalString cfg.web.proxyHeaders " --proxy-headers";
               Restart = "on-failure";
               RestartSec = "5s";
             }

@@ -118,6 +118,11 @@ def test_each_unit_runs_a_command_of_the_package():
         assert svc[name]["serviceConfig"]["Restart"] == "on-failure"
 
 
+def test_behind_a_proxy_daphne_may_take_the_client_address_from_its_headers():
+    web = services({"web": {"proxyHeaders": True}})["nixos-panel-web"]
+    assert web["serviceConfig"]["ExecStart"] == f"{FAKE_PACKAGE}/bin/nixos-panel-web --proxy-headers"
+
+
 def test_a_package_given_in_the_configuration_replaces_the_default():
     svc = services(panelPath="/nix/store/11111111111111111111111111111111-my-panel")
     assert (
@@ -733,7 +738,12 @@ def test_the_generated_units_start_a_working_panel(tmp_path, request, queue):
         )
     )
     port = free_port()
-    redis_options = {"redis": {"url": request.getfixturevalue("private_redis")}} if queue == "redis" else {}
+    # The Redis run also passes daphne an argument through the web unit's ExecStart.
+    redis_options = (
+        {"redis": {"url": request.getfixturevalue("private_redis")}, "web": {"proxyHeaders": True}}
+        if queue == "redis"
+        else {}
+    )
     svc = services(
         {
             **redis_options,
