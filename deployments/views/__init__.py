@@ -1,0 +1,1 @@
+"""The panel's HTTP views: ``pages`` (nodes, deployments) and ``api`` (JSON)."""
