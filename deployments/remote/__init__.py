@@ -2,48 +2,31 @@
 
 This package has no Django imports on purpose: the qcluster worker (tasks.py)
 drives it, and it can be tested against a plain sshd without a database.
+
+* ``keys``: host keys to pin, private keys to log in with, SHA256 fingerprints.
+* ``connection``: TCP and the SSH handshake against the pinned key; Target, errors.
+* ``stream``: running a command with stdout/stderr streamed apart, cancellable.
+* ``rebuild``: one nixos-rebuild run from a shipped flake source.
 """
 
-from .rebuild import (
-    ACTIONS,
-    RebuildResult,
-    SystemState,
-    build_command,
-    read_system_state,
-    remote_workdir,
-    run_rebuild,
-    validate_action,
-    validate_attr,
-    validate_rev,
-)
-from .ssh import (
-    Cancelled,
-    Connection,
-    HostKey,
-    RemoteError,
-    Target,
-    key_fingerprint,
-    load_private_key,
-    scan_host_key,
-)
+from .connection import REMOTE_ERROR_KINDS, Cancelled, RemoteError, Target, scan_host_key
+from .keys import HostKey, key_fingerprint, load_private_key, openssh_fingerprint
+from .rebuild import COMMIT_SHA_RE, FLAKE_ATTR_RE, REBUILD_ACTIONS, RebuildResult, SystemState, run_rebuild
 
 __all__ = [
-    "ACTIONS",
+    "COMMIT_SHA_RE",
+    "FLAKE_ATTR_RE",
+    "REBUILD_ACTIONS",
+    "REMOTE_ERROR_KINDS",
     "Cancelled",
-    "Connection",
     "HostKey",
     "RebuildResult",
     "RemoteError",
     "SystemState",
     "Target",
-    "build_command",
     "key_fingerprint",
     "load_private_key",
-    "read_system_state",
-    "remote_workdir",
+    "openssh_fingerprint",
     "run_rebuild",
     "scan_host_key",
-    "validate_action",
-    "validate_attr",
-    "validate_rev",
 ]

@@ -1,10 +1,10 @@
 """Run ``nixos-rebuild`` on a node from a shipped flake source archive.
 
-No Django here. The worker gives a :class:`~.ssh.Target`, the ``git archive``
-bytes of the pinned commit, the flake attribute and the action; this module
-connects, records the system generation before and after, ships the source,
-runs ``nixos-rebuild <action> --flake 'path:<dir>#<attr>'`` and always removes
-the shipped folder again.
+No Django here. The worker gives a :class:`~.connection.Target`, the ``git
+archive`` bytes of the pinned commit, the flake attribute and the nixos-rebuild
+action; this module connects, records the system generation before and after,
+streams the source to the node on stdin, runs ``nixos-rebuild <action> --flake
+'path:<dir>#<attr>'`` and always removes the shipped folder again.
 """
 
 from __future__ import annotations
@@ -12,32 +12,32 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import posixpath
 import re
 import secrets
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ssh import Cancelled, Connection, OutputCallback, RemoteError, Target, _check_remote_dir
+from .connection import Connection, RemoteError, Target
+from .stream import OutputCallback, read_output, run_command, stderr_tail
 
 __all__ = [
-    "ACTIONS",
-    "ATTR_RE",
-    "REV_RE",
+    "COMMIT_SHA_RE",
+    "FLAKE_ATTR_RE",
+    "REBUILD_ACTIONS",
     "RebuildResult",
     "SystemState",
-    "build_command",
-    "read_system_state",
-    "remote_workdir",
     "run_rebuild",
-    "validate_action",
-    "validate_attr",
-    "validate_rev",
 ]
 
-ACTIONS = ("switch", "boot", "test", "dry-activate", "build")
-ATTR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-REV_RE = re.compile(r"^[0-9a-f]{40}$")
+# The nixos-rebuild actions the panel runs ("action" means only this, everywhere in the panel).
+REBUILD_ACTIONS = ("switch", "boot", "test", "dry-activate", "build")
+# A flake attribute under nixosConfigurations: it reaches a remote shell, so nothing
+# but these characters. \A and \Z so that match() and fullmatch() agree (no "$" before "\n").
+FLAKE_ATTR_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
+# A full git commit id as a deployment pins it (branch and tag names are resolved to one first).
+COMMIT_SHA_RE = re.compile(r"\A[0-9a-f]{40}\Z")
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
 CURRENT_SYSTEM = "/run/current-system"
 WORKDIR_ROOT = "/tmp/nixos-panel"
@@ -45,30 +45,26 @@ _GENERATION_RE = re.compile(r"^system-(\d+)-link$")
 _USER_SAFE_RE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def validate_attr(attr: str) -> str:
-    """Return ``attr`` if it is a safe flake attribute name (``nixosConfigurations.<attr>``), else ValueError."""
-    if not isinstance(attr, str) or not ATTR_RE.fullmatch(attr):
+def _check_attr(attr: str) -> None:
+    if not isinstance(attr, str) or not FLAKE_ATTR_RE.match(attr):
         raise ValueError(
             f"invalid flake attribute {attr!r}: use 1-100 characters from A-Z a-z 0-9 _ . -, not starting with . or -"
         )
-    return attr
 
 
-def validate_action(action: str) -> str:
-    """Return ``action`` if it is one of :data:`ACTIONS`, else ValueError."""
-    if not isinstance(action, str) or action not in ACTIONS:
-        raise ValueError(f"invalid action {action!r}: must be one of {', '.join(ACTIONS)}")
-    return action
+def _check_action(action: str) -> None:
+    if not isinstance(action, str) or action not in REBUILD_ACTIONS:
+        raise ValueError(f"invalid nixos-rebuild action {action!r}: must be one of {', '.join(REBUILD_ACTIONS)}")
 
 
-def validate_rev(rev: str) -> str:
-    """Return ``rev`` if it is a full, lower-case 40-hex git commit SHA, else ValueError.
-
-    Branch names and short SHAs must be resolved to a full SHA first.
-    """
-    if not isinstance(rev, str) or not REV_RE.fullmatch(rev):
-        raise ValueError(f"invalid revision {rev!r}: expected a full 40-character lower-case hex commit SHA")
-    return rev
+def _check_remote_dir(remote_dir: str) -> str:
+    """Refuse paths that would make ``rm -rf``/``mkdir`` dangerous; return the normalised path."""
+    if not isinstance(remote_dir, str) or "\x00" in remote_dir or "\n" in remote_dir:
+        raise ValueError("invalid remote directory")
+    norm = posixpath.normpath(remote_dir)
+    if not norm.startswith("/") or norm.startswith("//") or len([p for p in norm.split("/") if p]) < 2:
+        raise ValueError(f"refusing remote directory {remote_dir!r}: must be absolute and at least two levels deep")
+    return norm
 
 
 @dataclass
@@ -78,6 +74,11 @@ class SystemState:
     generation: int | None
     profile_path: str  # store path the system profile points to (readlink -f)
     current_system: str  # store path of /run/current-system (readlink -f)
+
+    def describe(self, when: str) -> str:
+        """The log line ``system generation <when>: <n or none> (<current system>)``."""
+        generation = "none" if self.generation is None else self.generation
+        return f"system generation {when}: {generation}" + (f" ({self.current_system})" if self.current_system else "")
 
 
 @dataclass
@@ -90,32 +91,28 @@ class RebuildResult:
     toplevel: str | None
 
 
-def remote_workdir(deployment_id: int, user: str = "root", nonce: str | None = None) -> str:
-    """Per-deployment folder on the node: ``/tmp/nixos-panel-<user>/deploy-<id>[-<nonce>]``.
+def _new_workdir(deployment_id: int, user: str) -> str:
+    """A fresh folder on the node for one run: ``/tmp/nixos-panel-<user>/deploy-<id>-<nonce>``.
 
-    Per login user, so a non-root sudo user can create and own it. run_rebuild
-    adds a random nonce so two panels (or test databases) that reuse an id can
-    never clean up each other's folder on a shared node.
+    Per login user, so a non-root sudo user can create and own it. The random
+    nonce keeps two panels (or test databases) that reuse an id from ever
+    cleaning up each other's folder on a shared node.
     """
     if isinstance(deployment_id, bool) or not isinstance(deployment_id, int) or deployment_id < 0:
         raise ValueError(f"invalid deployment id {deployment_id!r}")
     safe_user = _USER_SAFE_RE.sub("_", user or "unknown")
-    suffix = ""
-    if nonce is not None:
-        if not re.fullmatch(r"[A-Za-z0-9]{1,32}", nonce):
-            raise ValueError("nonce must be 1-32 letters/digits")
-        suffix = f"-{nonce}"
-    return f"{WORKDIR_ROOT}-{safe_user}/deploy-{deployment_id}{suffix}"
+    return f"{WORKDIR_ROOT}-{safe_user}/deploy-{deployment_id}-{secrets.token_hex(4)}"
 
 
-def _state_script() -> str:
-    """Shell that prints three lines, each possibly empty: profile link target, its store path, current system."""
+def _state_script(mark: str = "") -> str:
+    """Shell that prints three lines, each ``mark`` then possibly nothing: the
+    profile link's target, its store path, the current system."""
     p, c = shlex.quote(SYSTEM_PROFILE), shlex.quote(CURRENT_SYSTEM)
     return (
         f"l=$(readlink {p} 2>/dev/null); "
         f"r=; [ -e {p} ] && r=$(readlink -f {p} 2>/dev/null); "
         f"s=; [ -e {c} ] && s=$(readlink -f {c} 2>/dev/null); "
-        'printf "%s\\n%s\\n%s\\n" "$l" "$r" "$s"'
+        f'printf \'{mark}%s\\n\' "$l" "$r" "$s"'
     )
 
 
@@ -129,26 +126,14 @@ def _parse_state(lines: list[str]) -> SystemState:
     )
 
 
-def read_system_state(conn: Connection) -> SystemState:
-    """Read the system profile generation and current system of the node.
-
-    Missing links (not NixOS, first install) give ``generation=None`` and ''.
-    """
-    return _parse_state(conn.read_output(_state_script()).split("\n"))
-
-
-def build_command(target: Target, action: str, workdir: str, attr: str) -> str:
-    """The shell command that runs nixos-rebuild from ``workdir`` (where ``./result`` lands for ``build``).
+def _invocation(target: Target, action: str, workdir: str, attr: str) -> str:
+    """The nixos-rebuild command line, run from ``workdir`` (where ``./result`` lands for ``build``).
 
     The flake ref is ``path:<workdir>#<attr>`` so Nix treats the shipped plain
     folder (no .git) as is; every value is validated and shell-quoted.
     """
-    return f"cd {shlex.quote(_check_remote_dir(workdir))} && {_invocation(target, action, workdir, attr)}"
-
-
-def _invocation(target: Target, action: str, workdir: str, attr: str) -> str:
-    validate_action(action)
-    validate_attr(attr)
+    _check_action(action)
+    _check_attr(attr)
     workdir = _check_remote_dir(workdir)
     if "#" in workdir or "?" in workdir:
         raise ValueError(f"workdir {workdir!r} cannot be used in a flake reference")
@@ -164,8 +149,8 @@ _PARENT_EXIT = 97
 _PW_VAR = "__nixos_panel_pw"
 
 
-def _ship_and_run_script(target: Target, action: str, workdir: str, attr: str) -> str:
-    """One remote command: read the state before, unpack the source from stdin, run nixos-rebuild.
+def _ship_and_run_script(target: Target, workdir: str, invocation: str) -> str:
+    """One remote command: read the state before, unpack the source from stdin, run ``invocation``.
 
     stdin carries the sudo password line first (if any), then the tar archive.
     stdout starts with three ``_STATE_MARK`` lines, then ``_SHIPPED_MARK`` once
@@ -175,17 +160,12 @@ def _ship_and_run_script(target: Target, action: str, workdir: str, attr: str) -
     nixos-rebuild's.
     """
     workdir = _check_remote_dir(workdir)
-    invocation = _invocation(target, action, workdir, attr)
     qp, qd = shlex.quote(os.path.dirname(workdir)), shlex.quote(workdir)
     secret = target.privileged_stdin() is not None
-    p, c = shlex.quote(SYSTEM_PROFILE), shlex.quote(CURRENT_SYSTEM)
-    mark = _STATE_MARK.decode()
     lines = [
         # `read` takes stdin byte by byte, so tar gets exactly what follows the line.
         f"IFS= read -r {_PW_VAR} || exit {_PARENT_EXIT - 1}" if secret else "",
-        f"{{ l=$(readlink {p} 2>/dev/null); r=; [ -e {p} ] && r=$(readlink -f {p} 2>/dev/null); "
-        f"s=; [ -e {c} ] && s=$(readlink -f {c} 2>/dev/null); "
-        f'printf \'{mark}%s\\n\' "$l" "$r" "$s"; }} </dev/null',
+        f"{{ {_state_script(_STATE_MARK.decode())}; }} </dev/null",
         f"mkdir -p -m 700 -- {qp} && test -d {qp} && test ! -h {qp} && test -O {qp} || exit {_PARENT_EXIT}",
         f"rm -rf -- {qd} && mkdir -m 700 -- {qd} && tar -x -f - -C {qd} || exit",
         f"echo {_SHIPPED_MARK.decode()}",
@@ -199,7 +179,7 @@ class _Prelude:
 
     Lines before the mark are held back: on success they are delivered (login
     noise, or nixos-rebuild's first stderr lines if sshd forwarded them first);
-    on a shipping failure they are the error's tail, as put_archive reported it.
+    on a shipping failure their stderr ends the error message.
     """
 
     def __init__(
@@ -233,13 +213,13 @@ def run_rebuild(
     target: Target,
     *,
     deployment_id: int,
-    archive: bytes | str | os.PathLike,
+    archive: bytes,
     attr: str,
     action: str,
     on_output: OutputCallback,
     should_cancel: Callable[[], bool] | None = None,
 ) -> RebuildResult:
-    """Deploy a flake source archive to one node with nixos-rebuild.
+    """Deploy a flake source archive (``git archive`` tar bytes) to one node with nixos-rebuild.
 
     Contract:
     * ValueError for an invalid attr/action/id (before any connection).
@@ -256,22 +236,15 @@ def run_rebuild(
     stdin and runs nixos-rebuild; one resolves the toplevel, reads the state
     after and removes the folder.
     """
-    validate_action(action)
-    validate_attr(attr)
-    workdir = remote_workdir(deployment_id, target.user, secrets.token_hex(4))
-    script = _ship_and_run_script(target, action, workdir, attr)
-    command = build_command(target, action, workdir, attr)
+    workdir = _new_workdir(deployment_id, target.user)
+    invocation = _invocation(target, action, workdir, attr)
+    script = _ship_and_run_script(target, workdir, invocation)
 
     def note(msg: str) -> None:
         on_output("sys", msg.encode())
 
-    if isinstance(archive, (bytes, bytearray, memoryview)):
-        payload = bytes(archive)
-    else:
-        with open(archive, "rb") as f:
-            payload = f.read()
-    size = len(payload)
-    digest = hashlib.sha256(payload).hexdigest()
+    size = len(archive)
+    digest = hashlib.sha256(archive).hexdigest()
 
     note(f"connecting to {target.user}@{target.address}")
     conn = Connection(target)
@@ -286,17 +259,14 @@ def run_rebuild(
 
         def on_state(lines: list[str]) -> None:
             states.append(_parse_state(lines))
-            before = states[0]
-            note(
-                f"system generation before: {before.generation if before.generation is not None else 'none'}"
-                + (f" ({before.current_system})" if before.current_system else "")
-            )
+            note(states[0].describe("before"))
 
-        prelude = _Prelude(on_output, on_state, lambda: note(f"running: {command}"))
-        exit_code = conn.run(
+        prelude = _Prelude(on_output, on_state, lambda: note(f"running: {invocation}"))
+        exit_code = run_command(
+            conn,
             script,
             prelude,
-            stdin=(target.privileged_stdin() or b"") + payload,
+            stdin=(target.privileged_stdin() or b"") + archive,
             should_cancel=should_cancel,
         )
         if not prelude.shipped:
@@ -305,10 +275,11 @@ def run_rebuild(
                 raise RemoteError(
                     "ship",
                     f"cannot use {os.path.dirname(workdir)} on {target.address}: "
-                    f"it must be a directory owned by {target.user!r}{_tail(err)}",
+                    f"it must be a directory owned by {target.user!r}{stderr_tail(err)}",
                 )
             raise RemoteError(
-                "ship", f"unpacking the source into {target.address}:{workdir} failed (exit {exit_code}){_tail(err)}"
+                "ship",
+                f"unpacking the source into {target.address}:{workdir} failed (exit {exit_code}){stderr_tail(err)}",
             )
         before = states[0] if states else _parse_state([])
         note(f"exit code {exit_code}")
@@ -322,10 +293,7 @@ def run_rebuild(
                 resolve = SYSTEM_PROFILE
             # dry-activate: nothing is recorded by nixos-rebuild we could read back.
         after, toplevel, cleaned = _finish(conn, workdir, resolve)
-        note(
-            f"system generation after: {after.generation if after.generation is not None else 'none'}"
-            + (f" ({after.current_system})" if after.current_system else "")
-        )
+        note(after.describe("after"))
         if toplevel:
             note(f"toplevel: {toplevel}")
         return RebuildResult(exit_code=exit_code, before=before, after=after, toplevel=toplevel)
@@ -334,7 +302,7 @@ def run_rebuild(
         try:
             note("cleaning up")
             if not cleaned:
-                conn.remove_dir(workdir)
+                read_output(conn, f"rm -rf -- {shlex.quote(workdir)}")
         except (RemoteError, RuntimeError, OSError) as e:
             try:
                 note(f"warning: could not remove {workdir}: {e}")
@@ -347,7 +315,7 @@ def _finish(conn: Connection, workdir: str, resolve: str | None) -> tuple[System
     """In one command: resolve the toplevel link (if any), read the state after, remove ``workdir``.
 
     Returns (state, toplevel or None, whether the folder was removed); if it was
-    not, run_rebuild's cleanup tries again with remove_dir, which reports why.
+    not, run_rebuild's cleanup tries again and reports why it failed.
     """
     q = shlex.quote(resolve) if resolve else None
     script = (
@@ -356,31 +324,20 @@ def _finish(conn: Connection, workdir: str, resolve: str | None) -> tuple[System
         + '; printf "%s\\n" "$t"'
         + f"; rm -rf -- {shlex.quote(_check_remote_dir(workdir))} 2>/dev/null && echo removed || echo kept"
     )
-    lines = conn.read_output(script).split("\n")
+    lines = read_output(conn, script).split("\n")
     lines += [""] * (5 - len(lines))
     return _parse_state(lines[:3]), (lines[3].strip() or None) if q else None, lines[4].strip() == "removed"
-
-
-def _tail(err_lines: list[bytes], n: int = 5) -> str:
-    lines = [line.decode("utf-8", "replace") for line in err_lines[-n:] if line.strip()]
-    return (": " + " | ".join(lines)) if lines else ""
 
 
 def _check_sudo(conn: Connection, target: Target) -> None:
     """Fail early with kind "sudo" instead of a confusing nixos-rebuild failure."""
     err: list[bytes] = []
-    code = conn.run(
+    code = run_command(
+        conn,
         f"{target.privileged_prefix()}true",
         lambda stream, line: err.append(line) if stream == "err" else None,
         stdin=target.privileged_stdin(),
     )
     if code != 0:
-        detail = " | ".join(x.decode("utf-8", "replace") for x in err[-3:] if x.strip())
         how = "with the stored password" if target.sudo_secret() else "without a password (sudo -n)"
-        raise RemoteError(
-            "sudo", f"sudo as {target.user!r} on {target.address} failed {how}" + (f": {detail}" if detail else "")
-        )
-
-
-# Re-exported for callers catching everything from one place.
-__all__ += ["Cancelled", "RemoteError"]
+        raise RemoteError("sudo", f"sudo as {target.user!r} on {target.address} failed {how}{stderr_tail(err, 3)}")

@@ -1,0 +1,320 @@
+"""Reaching a node: TCP, the SSH handshake against the pinned host key, login.
+
+No Django here. Everything that can go wrong on the wire is reported as a
+:class:`RemoteError` with a machine-readable ``kind`` and a human message that
+names the cause and never contains a password, passphrase or private key.
+
+Host keys are pinned: the only known key for a connection is
+``Target.host_key``; anything else is rejected (``RejectPolicy``).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+import paramiko
+
+from .keys import HOST_KEY_TYPES, HostKey, load_private_key, openssh_fingerprint
+
+__all__ = ["REMOTE_ERROR_KINDS", "Cancelled", "Connection", "RemoteError", "Target", "scan_host_key"]
+
+REMOTE_ERROR_KINDS = (
+    "unknown-host",
+    "unreachable",
+    "host-key-mismatch",
+    "host-key-missing",
+    "auth",
+    "ship",
+    "disconnected",
+    "protocol",
+    "sudo",
+)
+
+# Host key algorithms in the order scanning asks for them: the pinnable types in
+# their order, an RSA key under its SHA-2 signature algorithms first.
+_SCAN_ALGORITHM_ORDER = (
+    *(t for t in HOST_KEY_TYPES if t != "ssh-rsa"),
+    "rsa-sha2-512",
+    "rsa-sha2-256",
+    "ssh-rsa",
+)
+
+KEEPALIVE_SECONDS = 15
+
+
+class RemoteError(Exception):
+    """A problem reaching or talking to a node (not a non-zero exit of the command).
+
+    ``kind`` is one of :data:`REMOTE_ERROR_KINDS`; ``message`` is for humans and
+    never contains secrets.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        if kind not in REMOTE_ERROR_KINDS:
+            raise ValueError(f"unknown RemoteError kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"RemoteError({self.kind!r}, {self.message!r})"
+
+
+class Cancelled(Exception):
+    """A requested cancel killed the remote command (raised by ``stream.run_command``)."""
+
+
+@dataclass
+class Target:
+    """Where and how to log in. Secrets are excluded from ``repr``.
+
+    ``sudo=True``: privileged commands are prefixed with ``sudo -S -p ''`` and the
+    password (``sudo_password`` or else ``password``) is fed on stdin; with no
+    password, ``sudo -n`` (must be NOPASSWD).
+    """
+
+    host: str
+    port: int
+    user: str
+    host_key: HostKey | None
+    private_key: str | None = field(default=None, repr=False)
+    passphrase: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    sudo: bool = False
+    sudo_password: str | None = field(default=None, repr=False)
+    connect_timeout: float = 10
+
+    def __repr__(self) -> str:
+        auth = []
+        if self.private_key:
+            auth.append("key")
+        if self.password:
+            auth.append("password")
+        hk = self.host_key.fingerprint if self.host_key else None
+        return (
+            f"Target({self.user}@{self.host}:{self.port}, host_key={hk}, "
+            f"auth={'+'.join(auth) or 'none'}, sudo={self.sudo})"
+        )
+
+    __str__ = __repr__
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def sudo_secret(self) -> str | None:
+        """The password sudo will read on stdin, if any."""
+        if not self.sudo:
+            return None
+        return self.sudo_password or self.password or None
+
+    def privileged_prefix(self) -> str:
+        """Shell prefix for commands that need root ('' when not using sudo)."""
+        if not self.sudo:
+            return ""
+        if self.sudo_secret():
+            return "sudo -S -p '' "
+        return "sudo -n "
+
+    def privileged_stdin(self) -> bytes | None:
+        secret = self.sudo_secret()
+        return (secret + "\n").encode() if secret else None
+
+
+def _open_socket(host: str, port: int, timeout: float) -> socket.socket:
+    """TCP connect, mapping failures to RemoteError unknown-host / unreachable."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as e:
+        raise RemoteError("unknown-host", f"cannot resolve host name {host!r}: {e.strerror or e}") from None
+    except TimeoutError:
+        raise RemoteError("unreachable", f"connection to {host}:{port} timed out after {timeout:g} s") from None
+    except ConnectionRefusedError:
+        raise RemoteError(
+            "unreachable", f"connection to {host}:{port} refused (is sshd running on that port?)"
+        ) from None
+    except OSError as e:
+        raise RemoteError("unreachable", f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+    # Detect a silently vanished peer: SSH keepalives plus TCP_USER_TIMEOUT make
+    # unacknowledged sends fail within about a minute instead of ~15 minutes.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 60_000)
+    except OSError:
+        pass
+    return sock
+
+
+def scan_host_key(host: str, port: int = 22, timeout: float = 10) -> HostKey:
+    """Fetch a node's host key like ``ssh-keyscan`` (no authentication, nothing trusted).
+
+    Prefers Ed25519, then ECDSA, then RSA. Raises RemoteError (unknown-host,
+    unreachable, protocol). The caller must show the fingerprint to an admin
+    before pinning it.
+    """
+    sock = _open_socket(host, port, timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.banner_timeout = timeout
+        opts = transport.get_security_options()
+        available = list(opts.key_types)
+        opts.key_types = [k for k in _SCAN_ALGORITHM_ORDER if k in available] + [
+            k for k in available if k not in _SCAN_ALGORITHM_ORDER
+        ]
+        try:
+            transport.start_client(timeout=timeout)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            raise RemoteError("protocol", f"SSH handshake with {host}:{port} failed: {e}") from None
+        key = transport.get_remote_server_key()
+        return HostKey.from_pkey(key)
+    finally:
+        transport.close()
+
+
+def _offered(key: paramiko.PKey) -> str:
+    """``"<type> SHA256:..."`` of a key a server presented, for error messages."""
+    return f"{key.get_name()} {openssh_fingerprint(f'{key.get_name()} {key.get_base64()}')}"
+
+
+class Connection:
+    """An SSH session to one node. Use as a context manager or call open()/close().
+
+    Commands run through :mod:`.stream`. Not thread-safe: one thread drives a Connection.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self._client: paramiko.SSHClient | None = None
+
+    def __enter__(self) -> Connection:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self._client is not None else "closed"
+        return f"<Connection {self.target!r} {state}>"
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        if self._client is None or self._client.get_transport() is None:
+            raise RuntimeError("connection is not open")
+        return self._client.get_transport()
+
+    def open(self) -> None:
+        """Connect and authenticate, trusting only ``target.host_key``.
+
+        Raises RemoteError: host-key-missing, unknown-host, unreachable,
+        host-key-mismatch (different key, or the server offers another key type),
+        auth, protocol.
+        """
+        if self._client is not None:
+            return  # already open
+        t = self.target
+        where = t.address
+        if t.host_key is None:
+            raise RemoteError(
+                "host-key-missing", f"no pinned host key for {where}: scan the node and pin its key first"
+            )
+        pkey = None
+        if t.private_key:
+            try:
+                pkey = load_private_key(t.private_key, t.passphrase)
+            except ValueError as e:
+                raise RemoteError("auth", f"cannot use the private key for {t.user}@{where}: {e}") from None
+        if pkey is None and not t.password:
+            raise RemoteError("auth", f"no private key or password configured for {t.user}@{where}")
+
+        sock = _open_socket(t.host, t.port, t.connect_timeout)
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        # Exactly one known key; OpenSSH's known_hosts naming so paramiko finds it.
+        known_name = t.host if t.port == 22 else f"[{t.host}]:{t.port}"
+        client.get_host_keys().add(known_name, t.host_key.key_type, t.host_key.to_pkey())
+        expected = f"{t.host_key.key_type} {t.host_key.fingerprint}"
+        try:
+            client.connect(
+                t.host,
+                port=t.port,
+                username=t.user,
+                pkey=pkey,
+                password=t.password or None,
+                sock=sock,
+                timeout=t.connect_timeout,
+                banner_timeout=t.connect_timeout,
+                auth_timeout=t.connect_timeout,
+                channel_timeout=t.connect_timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException as e:
+            client.close()
+            raise RemoteError(
+                "host-key-mismatch",
+                f"host key mismatch for {where}: expected {expected}, got {_offered(e.key)}. "
+                "If the node was reinstalled, re-scan and re-pin its key; otherwise this may be an attack.",
+            ) from None
+        except paramiko.AuthenticationException:
+            client.close()
+            methods = " and ".join(
+                m for m, on in (("public key", pkey is not None), ("password", bool(t.password))) if on
+            )
+            raise RemoteError("auth", f"authentication as {t.user!r} on {where} failed (tried {methods})") from None
+        except paramiko.SSHException as e:
+            msg = str(e)
+            if "not found in known_hosts" in msg:
+                # The server offered only key types other than the pinned one.
+                tr = client.get_transport()
+                offered = tr.get_remote_server_key() if tr is not None else None
+                got = f", server offered {_offered(offered)}" if offered is not None else ""
+                client.close()
+                raise RemoteError(
+                    "host-key-mismatch", f"host key mismatch for {where}: expected {expected}{got}"
+                ) from None
+            client.close()
+            if "No authentication methods" in msg:
+                raise RemoteError("auth", f"authentication as {t.user!r} on {where} failed: {msg}") from None
+            raise RemoteError("protocol", f"SSH handshake with {where} failed: {msg}") from None
+        except TimeoutError:
+            client.close()
+            raise RemoteError("unreachable", f"{where} timed out during the SSH handshake") from None
+        except EOFError:
+            client.close()
+            raise RemoteError("protocol", f"{where} closed the connection during the SSH handshake") from None
+        except OSError as e:
+            client.close()
+            raise RemoteError("unreachable", f"connection to {where} failed: {e.strerror or e}") from None
+        client.get_transport().set_keepalive(KEEPALIVE_SECONDS)
+        self._client = client
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def open_channel(self) -> paramiko.Channel:
+        """A new session channel. Raises RemoteError disconnected (link lost) or protocol."""
+        tr = self.transport
+        try:
+            if tr.is_active():
+                return tr.open_session(timeout=self.target.connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            if tr.is_active():
+                raise RemoteError("protocol", f"cannot open an SSH session on {self.target.address}: {e}") from None
+        raise RemoteError("disconnected", f"connection to {self.target.address} was lost")
+
+    def lost(self) -> RemoteError:
+        """The error for a link that dropped while a command was running."""
+        return RemoteError(
+            "disconnected",
+            f"connection to {self.target.address} dropped while a command was running; "
+            "its outcome on the node is unknown",
+        )

@@ -1,0 +1,111 @@
+"""deployments.remote.connection: scanning, the pinned host key, login, and errors that name the cause."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from deployments.remote import HostKey, RemoteError, Target, scan_host_key
+from deployments.remote.connection import Connection
+from deployments.remote.stream import read_output
+from tests.testbed import refusing_address
+
+from .sshd import IS_ROOT, keygen, ssh_keygen_fingerprint
+
+pytestmark = pytest.mark.timeout(120)
+
+SOME_KEY = HostKey.parse("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHAlM0yNmeVN1XCm8+N+f2E4mbSmTHcSWdHnGEB1qhlA")
+
+
+def test_scan_host_key_matches_ssh_keygen(node):
+    key = scan_host_key(node.host, node.port, timeout=5)
+    assert key == node.host_key
+    assert key.key_type == "ssh-ed25519"
+    assert key.openssh == " ".join(node.host_key_pub.read_text().split()[:2])
+    assert key.fingerprint == ssh_keygen_fingerprint(node.host_key_pub)
+
+
+def test_scan_errors_name_the_cause():
+    with pytest.raises(RemoteError) as e:
+        scan_host_key("nonexistent.invalid", 22, timeout=5)
+    assert e.value.kind == "unknown-host"
+    with refusing_address() as (host, port), pytest.raises(RemoteError) as e:
+        scan_host_key(host, port, timeout=5)
+    assert e.value.kind == "unreachable"
+
+
+@pytest.mark.parametrize("key", ["ed25519", "rsa", "ecdsa", "ed25519-enc"])
+def test_pinned_key_login_with_each_key_type(node, key):
+    t0 = time.monotonic()
+    with Connection(node.target(key)) as conn:
+        connect_s = time.monotonic() - t0
+        assert read_output(conn, "echo hello; id -un") == f"hello\n{node.user}"
+    assert connect_s < 5
+
+
+# The server has only an ed25519 key: another ed25519 key, or a key of a type
+# it does not offer at all, must not be accepted.
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_another_pinned_key_is_a_mismatch_naming_both_fingerprints(node, tmp_path, kind):
+    _, other_pub = keygen(tmp_path / "other", kind)
+    pinned = HostKey.parse(other_pub)
+    with pytest.raises(RemoteError) as e:
+        Connection(node.target(host_key=pinned)).open()
+    assert e.value.kind == "host-key-mismatch"
+    assert pinned.fingerprint in e.value.message
+    assert node.host_key.fingerprint in e.value.message
+    assert f"{node.host}:{node.port}" in e.value.message
+
+
+def test_missing_pinned_key(node):
+    with pytest.raises(RemoteError) as e:
+        Connection(node.target(host_key=None)).open()
+    assert e.value.kind == "host-key-missing"
+
+
+def test_refused_login_is_auth(node):
+    t = Target(node.host, node.port, node.user, node.host_key, private_key=node.unauthorized_key)
+    with pytest.raises(RemoteError) as e:
+        Connection(t).open()
+    assert e.value.kind == "auth"
+    assert node.user in e.value.message
+
+
+def test_unknown_host_and_closed_port():
+    with pytest.raises(RemoteError) as e:
+        Connection(Target("nonexistent.invalid", 22, "root", SOME_KEY, password="x")).open()
+    assert e.value.kind == "unknown-host"
+    assert "nonexistent.invalid" in e.value.message
+    with refusing_address() as (host, port), pytest.raises(RemoteError) as e:
+        Connection(Target(host, port, "root", SOME_KEY, password="x", connect_timeout=3)).open()
+    assert e.value.kind == "unreachable"
+    assert str(port) in e.value.message
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="password login needs a throwaway user (root only)")
+def test_password_login_and_secret_hygiene(node):
+    t = Target(node.host, node.port, node.password_user, node.host_key, password=node.password)
+    with Connection(t) as conn:
+        assert read_output(conn, "id -un") == node.password_user
+
+    bad = replace(t, password="wrong-" + node.password)
+    with pytest.raises(RemoteError) as e:
+        Connection(bad).open()
+    assert e.value.kind == "auth"
+    assert bad.password not in e.value.message and bad.password not in repr(e.value)
+
+
+def test_secrets_absent_from_repr_and_errors(node):
+    t = node.target("ed25519-enc", password="s3cret-pw", sudo=True, sudo_password="sudo-s3cret")
+    for text in (repr(t), str(t), repr(Connection(t))):
+        assert "s3cret" not in text
+        assert node.passphrase not in text
+        assert "PRIVATE KEY" not in text and t.private_key.splitlines()[1][:20] not in text
+    wrong = replace(t, passphrase="wrong-passphrase-xyz", host_key=node.host_key)
+    with pytest.raises(RemoteError) as e:
+        Connection(wrong).open()
+    assert e.value.kind == "auth"
+    assert "wrong-passphrase-xyz" not in e.value.message and "s3cret" not in e.value.message
+    assert "passphrase" in e.value.message
