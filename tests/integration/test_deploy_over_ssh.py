@@ -242,11 +242,12 @@ def test_an_attribute_with_shell_syntax_never_reaches_the_node(add_node):
     node, tb = add_node()
     # Forced past the validators, as if written straight into the database.
     d = lifecycle.request_deployment(node, action="switch")
-    Deployment.objects.filter(pk=d.pk).update(flake_attr="devm;touch /tmp/pwned")
+    pwned = f"{tb.home}/pwned"  # the node's own directory: nothing else on the machine counts
+    Deployment.objects.filter(pk=d.pk).update(flake_attr=f"devm;touch {pwned}")
     tasks.run_deployment(d.pk)
     d.refresh_from_db()
     assert d.status == "error"
-    assert tb.run("test -e /tmp/pwned", check=False).returncode != 0
+    assert tb.run(f"test -e {shlex.quote(pwned)}", check=False).returncode == 1
 
 
 def _running(tb, text: str) -> list[int]:
