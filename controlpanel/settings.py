@@ -242,6 +242,21 @@ REPO_CACHE_DIR = DATA_DIR / "repos"
 # The panel's own known_hosts for fetching private git repositories over SSH.
 GIT_KNOWN_HOSTS = Path(env("PANEL_GIT_KNOWN_HOSTS", str(DATA_DIR / "git_known_hosts")))
 
+# The audit trail (docs/audit.md).
+# Ed25519 private key (PEM) that signs checkpoints, created 0600 on first use; its .pub next to it.
+AUDIT_SIGNING_KEY_FILE = Path(env("PANEL_AUDIT_SIGNING_KEY_FILE") or DATA_DIR / "audit-signing.key")
+# Where checkpoints are written, one file each, never rewritten.
+AUDIT_CHECKPOINT_DIR = Path(env("PANEL_AUDIT_CHECKPOINT_DIR") or DATA_DIR / "audit-checkpoints")
+# Optional: every checkpoint is also POSTed here (JSON).
+AUDIT_CHECKPOINT_URL = env("PANEL_AUDIT_CHECKPOINT_URL", "")
+# How often the periodic checkpoint runs; 0 disables it.
+AUDIT_CHECKPOINT_MINUTES = envint("PANEL_AUDIT_CHECKPOINT_MINUTES", 15)
+if AUDIT_CHECKPOINT_MINUTES < 0:
+    raise ImproperlyConfigured("PANEL_AUDIT_CHECKPOINT_MINUTES must be 0 (off) or more")
+# PostgreSQL only: commit transactions that write an audit event with synchronous_commit = off
+# (docs/audit.md: the trade-off).
+AUDIT_ASYNC_COMMIT = envbool("PANEL_AUDIT_ASYNC_COMMIT", False)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

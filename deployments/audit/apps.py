@@ -26,9 +26,9 @@ class AuditConfig(AppConfig):
 
 def after_migrate(sender, using="default", **kwargs) -> None:
     """Keep the triggers and the checkpoint schedule in place after every migrate."""
+    from django.conf import settings
     from django.db import connections
 
-    from . import conf
     from .db import SEARCH_TABLE, SQLITE_SEARCH_TRIGGERS, SQLITE_TRIGGERS, TABLE
 
     connection = connections[using]
@@ -45,7 +45,7 @@ def after_migrate(sender, using="default", **kwargs) -> None:
 
     from django_q.models import Schedule
 
-    minutes = conf.checkpoint_minutes()
+    minutes = settings.AUDIT_CHECKPOINT_MINUTES
     if minutes == 0:
         Schedule.objects.using(using).filter(name=SCHEDULE_NAME).delete()
         return

@@ -5,7 +5,7 @@ the kind (``periodic``, ``manual``, or ``archive`` for the seal left by
 ``audit archive``), signed with an Ed25519 key that lives in a file, not in
 the database.  Files are created once (O_EXCL, read-only) and never rewritten;
 an operator can make the directory append-only (``chattr +a``) or ship each
-one elsewhere via ``PANEL_AUDIT_CHECKPOINT_URL``.  Whoever rewrites the
+one elsewhere via ``PANEL_AUDIT_CHECKPOINT_URL`` (settings: ``AUDIT_*``).  Whoever rewrites the
 database cannot forge a checkpoint, so cutting off the chain's tail or
 re-hashing it shows at the next verification.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from django.conf import settings
 from django.utils import timezone
 
-from . import conf
 from .chain import (
     CHECKPOINT_FORMAT,
     GENESIS_HASH,
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def signing_key() -> Ed25519PrivateKey:
     """The checkpoint signing key, created (0600, in a 0700 directory) on first use."""
-    path = conf.signing_key_file()
+    path = Path(settings.AUDIT_SIGNING_KEY_FILE)
     try:
         return serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
@@ -61,7 +61,7 @@ def signing_key() -> Ed25519PrivateKey:
 
 
 def public_key_file() -> Path:
-    path = conf.signing_key_file()
+    path = Path(settings.AUDIT_SIGNING_KEY_FILE)
     return path.with_name(path.name.removesuffix(".key") + ".pub")
 
 
@@ -119,7 +119,7 @@ def write_checkpoint(kind: str = "periodic", *, force: bool = False, seq: int | 
         return None
     now = timezone.now()
     doc = sign({"kind": kind, "seq": seq, "hash": hash_, "created_at": format_time(now), **(extra or {})})
-    directory = conf.checkpoint_dir()
+    directory = Path(settings.AUDIT_CHECKPOINT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
     path = directory / f"checkpoint-{seq:012d}-{stamp}-{kind}.json"
@@ -134,7 +134,7 @@ def write_checkpoint(kind: str = "periodic", *, force: bool = False, seq: int | 
 
 
 def _ship(doc: dict) -> None:
-    url = conf.checkpoint_url()
+    url = settings.AUDIT_CHECKPOINT_URL
     if not url:
         return
     request = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
@@ -153,7 +153,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 def checkpoints(kind: str | None = None) -> list[Checkpoint]:
     """Every checkpoint in the directory, oldest chain position first."""
-    directory = conf.checkpoint_dir()
+    directory = Path(settings.AUDIT_CHECKPOINT_DIR)
     if not directory.is_dir():
         return []
     found = []
@@ -170,7 +170,7 @@ def checkpoints(kind: str | None = None) -> list[Checkpoint]:
 
 def latest_checkpoint() -> Checkpoint | None:
     """The checkpoint furthest along the chain (file names sort by seq, then time)."""
-    directory = conf.checkpoint_dir()
+    directory = Path(settings.AUDIT_CHECKPOINT_DIR)
     if not directory.is_dir():
         return None
     for path in sorted(directory.glob("checkpoint-*.json"), reverse=True):

@@ -22,11 +22,11 @@ import math
 from datetime import datetime
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
-from . import conf
 from .chain import GENESIS_HASH, canonical_json, canonical_parts, chain_hash
 from .context import current
 from .models import AuditEvent
@@ -167,7 +167,7 @@ def _append_postgresql(fields: dict) -> AuditEvent:
     until the caller's COMMIT, as before, but for one round trip instead of two.
     """
     head, middle, tail = canonical_parts(fields)
-    params = [CHAIN_LOCK_KEY, conf.async_commit(), head, middle, tail]
+    params = [CHAIN_LOCK_KEY, bool(settings.AUDIT_ASYNC_COMMIT), head, middle, tail]
     params += [canonical_json(fields[name]) if name == "details" else fields[name] for name in _APPEND_FIELDS]
     with connection.cursor() as cur:
         cur.execute(_APPEND_SQL, params)

@@ -47,9 +47,9 @@ def test_async_commit_is_off_unless_the_operator_turns_it_on(settings):
                 return cur.fetchone()[0]
 
     assert setting() == "on"
-    settings.AUDIT_ASYNC_COMMIT = "on"
+    settings.AUDIT_ASYNC_COMMIT = True
     assert setting() == "off"
-    settings.AUDIT_ASYNC_COMMIT = ""
+    settings.AUDIT_ASYNC_COMMIT = False
     # SET LOCAL: the next transaction is back to the server's setting.
     with connection.cursor() as cur:
         cur.execute("SHOW synchronous_commit")
