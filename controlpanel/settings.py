@@ -6,14 +6,17 @@ channel layer).  Scale-out: ``DATABASE_URL`` (PostgreSQL) and ``REDIS_URL``
 (channels-redis, and the django-q2 Redis broker unless ``PANEL_BROKER=orm``).
 Secrets may come from ``NAME_FILE`` instead of ``NAME`` (systemd credentials).
 Bad values raise ``ImproperlyConfigured`` rather than being guessed around.
+
+Importing this module only computes paths and reads what exists: it creates
+no folder and writes no file.  The data directory and the keys generated in
+it are made at start-up, by ``controlpanel/bootstrap.py`` (``runpanel`` and
+``migrate`` call it).
 """
 
 import os
-import secrets
 from pathlib import Path
 
 import dj_database_url
-from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -63,33 +66,27 @@ def envfloat(name: str, default: float) -> float:
         raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
 
 
-def secret_file(path: Path, make) -> str:
-    """Read a secret kept in ``path``, creating it with mode 0600 on first use."""
+def read_secret(path: Path) -> str:
+    """The secret kept in ``path`` (a key generated at start-up), or "" if there is none yet."""
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        value = make()
-        # O_EXCL: two processes starting together must not each write a different key.
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_text().strip()
-        with os.fdopen(fd, "w") as fh:
-            fh.write(value + "\n")
-        return value
+        return ""
+    except OSError as exc:
+        raise ImproperlyConfigured(f"{path}: {exc.strerror}") from exc
 
 
 DATA_DIR = Path(env("PANEL_DATA_DIR", str(BASE_DIR / "var"))).resolve()
-DATA_DIR.mkdir(parents=True, exist_ok=True)
 
-SECRET_KEY = env("SECRET_KEY") or secret_file(DATA_DIR / "secret_key", lambda: secrets.token_urlsafe(50))
+# Keys given neither as NAME nor NAME_FILE are generated in the data directory on the
+# first start (controlpanel/bootstrap.py) and read from there afterwards; until then
+# they are empty, and a system check names the variable.
+SECRET_KEY_PATH = DATA_DIR / "secret_key"
+SECRET_KEY = env("SECRET_KEY") or read_secret(SECRET_KEY_PATH)
 # Fernet key(s) that encrypt credentials at rest.  Several keys, comma separated,
 # allow rotation: the first encrypts, all decrypt.
-CREDENTIAL_KEYS = (
-    env("PANEL_CREDENTIAL_KEY")
-    or secret_file(DATA_DIR / "credential.key", lambda: Fernet.generate_key().decode())
-).split(",")
+CREDENTIAL_KEY_PATH = DATA_DIR / "credential.key"
+CREDENTIAL_KEYS = [k for k in (env("PANEL_CREDENTIAL_KEY") or read_secret(CREDENTIAL_KEY_PATH)).split(",") if k.strip()]
 
 DEBUG = envbool("DEBUG", False)
 ALLOWED_HOSTS = [h.strip() for h in env("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h.strip()]
@@ -233,8 +230,7 @@ USE_I18N = False
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = DATA_DIR / "static"
-STATIC_ROOT.mkdir(exist_ok=True)  # whitenoise serves from finders; it only needs the folder to exist
+STATIC_ROOT = DATA_DIR / "static"  # whitenoise serves from finders; it only needs the folder to exist (bootstrap)
 STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
 WHITENOISE_USE_FINDERS = True
 

@@ -10,6 +10,11 @@ from django.core.exceptions import ImproperlyConfigured
 
 
 def _fernet() -> MultiFernet:
+    if not any(k.strip() for k in settings.CREDENTIAL_KEYS):
+        raise ImproperlyConfigured(
+            f"PANEL_CREDENTIAL_KEY is not set and there is no generated key in {settings.CREDENTIAL_KEY_PATH} yet: "
+            f"give it, or run `manage.py migrate` or `manage.py runpanel` once to generate it"
+        )
     try:
         return MultiFernet([Fernet(k.strip().encode()) for k in settings.CREDENTIAL_KEYS if k.strip()])
     except (ValueError, TypeError) as exc:

@@ -1,7 +1,9 @@
-"""Start the whole panel on one machine: migrate, first admin, daphne and the qcluster worker.
+"""Start the whole panel on one machine: data directory and keys, migrate, first admin, daphne and the worker.
 
 This is the README's one command for trying the panel: it runs on the
-embedded defaults (SQLite, the django-q2 ORM broker) with no other service.
+embedded defaults (SQLite, the django-q2 ORM broker) with no other service,
+and on a fresh machine creates the data directory and its keys first
+(controlpanel/bootstrap.py: importing the settings writes nothing).
 """
 
 import os
@@ -16,11 +18,14 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
-from deployments.tasks import reap_stale
+from controlpanel.bootstrap import ensure_data_dir
+from deployments.lifecycle import reap_stale
 
 
 class Command(BaseCommand):
     help = "Run daphne and the qcluster worker together (Ctrl-C stops both)."
+    # Checked in handle(), once the keys the checks look for exist.
+    requires_system_checks = []
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default=os.environ.get("PANEL_HOST", "127.0.0.1"))
@@ -28,6 +33,9 @@ class Command(BaseCommand):
         parser.add_argument("--no-admin", action="store_true", help="do not create a first admin account")
 
     def handle(self, host, port, no_admin, **opts):
+        for path in ensure_data_dir():
+            self.stdout.write(f"Generated {path}")
+        self.check()
         call_command("migrate", interactive=False, verbosity=0)
         User = get_user_model()
         if not no_admin and not User.objects.exists():
