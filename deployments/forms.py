@@ -69,7 +69,7 @@ class CredentialForm(forms.ModelForm):
         if not self.instance.pk and not secret:
             self.add_error("secret", "A new credential needs its private key or password.")
         if secret and kind == Credential.Kind.SSH_KEY:
-            from .remote.ssh import load_private_key
+            from .remote import load_private_key
 
             try:
                 load_private_key(secret, data.get("passphrase") or None)

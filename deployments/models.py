@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -12,6 +9,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from . import crypto, validators
+from .remote import REBUILD_ACTIONS
 
 
 class Credential(models.Model):
@@ -44,7 +42,7 @@ class Credential(models.Model):
 
     def set_secret(self, secret: str, passphrase: str = "") -> None:
         """Store a new secret; computes the fingerprint of a key (ValueError if unreadable)."""
-        from .remote.ssh import key_fingerprint, load_private_key
+        from .remote import key_fingerprint, load_private_key
 
         if self.kind == self.Kind.SSH_KEY:
             pkey = load_private_key(secret, passphrase or None)
@@ -158,12 +156,8 @@ class Deployment(models.Model):
     ACTIVE = (Status.QUEUED, Status.RUNNING)
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.ERROR, Status.CANCELLED, Status.INTERRUPTED)
 
-    class Action(models.TextChoices):
-        SWITCH = "switch", "switch"
-        BOOT = "boot", "boot"
-        TEST = "test", "test"
-        DRY_ACTIVATE = "dry-activate", "dry-activate"
-        BUILD = "build", "build"
+    # The nixos-rebuild actions, from their one definition (remote.REBUILD_ACTIONS): SWITCH, BOOT, TEST, …
+    Action = models.TextChoices("Action", [(a.upper().replace("-", "_"), (a, a)) for a in REBUILD_ACTIONS])
 
     class Trigger(models.TextChoices):
         WEB = "web", "Web"
@@ -279,9 +273,3 @@ class LogChunk(models.Model):
     def lines(self) -> list[tuple[int, str, str]]:
         """Return ``(seq, stream, text)`` for each line of the chunk."""
         return [(self.seq_start + i, entry[:1], entry[1:]) for i, entry in enumerate(self.data.split("\n"))]
-
-
-def host_key_fingerprint(openssh: str) -> str:
-    """SHA256 fingerprint of an OpenSSH public key line, as ``ssh-keygen -l`` prints it."""
-    blob = base64.b64decode(openssh.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from .validators import SHA_RE
+from .remote import COMMIT_SHA_RE
 
 
 class RepositoryError(Exception):
@@ -105,14 +105,14 @@ def resolve(repo, revision: str = "") -> str:
     except RepositoryError:
         raise RepositoryError(f"revision {rev!r} not found in repository {repo.name}") from None
     sha = out.decode().strip()
-    if not SHA_RE.match(sha):
+    if not COMMIT_SHA_RE.match(sha):
         raise RepositoryError(f"git returned an unexpected revision {sha!r}")
     return sha
 
 
 def archive(repo, sha: str) -> Archive:
     """A tar of the tree at commit ``sha`` (which must already be fetched)."""
-    if not SHA_RE.match(sha):
+    if not COMMIT_SHA_RE.match(sha):
         raise RepositoryError(f"not a full commit SHA: {sha!r}")
     mirror = _mirror_path(repo)
     if not (mirror / "HEAD").exists():

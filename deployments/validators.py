@@ -8,15 +8,17 @@ import re
 
 from django.core.exceptions import ValidationError
 
-NODE_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-ATTR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-HOST_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
-IPV6_RE = re.compile(r"^[0-9A-Fa-f:.]+$")
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,49}$")
-# Branches, tags and SHAs: no leading dash (option injection), no "..", no spaces or shell characters.
-REV_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<!\.lock)(?<!/)$")
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+from .remote import COMMIT_SHA_RE, FLAKE_ATTR_RE  # noqa: F401  (defined once, beside the code that quotes them)
+
+# Every pattern is anchored with \A…\Z: "$" would also accept a trailing newline.
+NODE_NAME_RE = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+HOST_RE = re.compile(r"\A(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
+IPV6_RE = re.compile(r"\A[0-9A-Fa-f:.]+\Z")
+USER_RE = re.compile(r"\A[a-z_][a-z0-9_-]{0,31}\Z")
+TAG_RE = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,49}\Z")
+# A branch, tag or commit a user names (resolved to a COMMIT_SHA_RE by the mirror): no leading dash
+# (option injection), no "..", no spaces or shell characters.
+GIT_REF_RE = re.compile(r"\A(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<!\.lock)(?<!/)\Z")
 BAD_SHELL_CHARS = set(";&|`$<>()\\\"' \t\n*?[]{}!#~")
 
 
@@ -38,7 +40,7 @@ def validate_node_name(value: str) -> None:
 
 
 def validate_flake_attr(value: str) -> None:
-    if not ATTR_RE.match(value or ""):
+    if not FLAKE_ATTR_RE.match(value or ""):
         raise ValidationError(
             "A flake attribute (nixosConfigurations.<attr>) uses letters, digits, '_', '.', '-'%(hint)s.",
             code="invalid_attr",
@@ -75,7 +77,7 @@ def validate_tag(value: str) -> None:
 
 
 def validate_revision(value: str) -> None:
-    if not REV_RE.match(value or ""):
+    if not GIT_REF_RE.match(value or ""):
         raise ValidationError(
             "A revision is a branch, tag or commit SHA (letters, digits, '.', '_', '/', '-', not starting with '-')%(hint)s.",
             code="invalid_revision",

@@ -5,7 +5,7 @@ from django.core.exceptions import ValidationError
 
 from deployments import validators
 
-HOSTILE = ["a;rm -rf /", "$(reboot)", "`id`", "x|y", "x&y", "a b", "x>y", "x\ny", "'q'", '"q"', "-oProxyCommand=x", ""]
+HOSTILE = ["a;rm -rf /", "web\n", "main\n", "$(reboot)", "`id`", "x|y", "x&y", "a b", "x>y", "x\ny", "'q'", '"q"', "-oProxyCommand=x", ""]
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -63,3 +63,14 @@ def test_ordinary_revisions_pass(good):
 @pytest.mark.parametrize("good", ["10.0.0.5", "node1.example.org", "fe80::1", "localhost"])
 def test_ordinary_hosts_pass(good):
     validators.validate_host(good)
+
+
+@pytest.mark.parametrize(
+    "validate",
+    [validators.validate_flake_attr, validators.validate_node_name, validators.validate_revision,
+     validators.validate_host, validators.validate_ssh_user, validators.validate_tag],
+)
+def test_a_trailing_newline_is_refused_by_every_pattern(validate):
+    # "$" in a pattern matches before a final newline; every pattern is anchored with \Z instead.
+    with pytest.raises(ValidationError):
+        validate("devm\n")

@@ -18,7 +18,7 @@ from deployments.models import Node
 from deployments.validators import TAG_RE
 
 # A tag scope names one tag (``web``) or every tag starting with a prefix (``db-*``).
-TAG_PATTERN_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,49}\*?$")
+TAG_PATTERN_RE = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,49}\*?\Z")
 
 
 def validate_tag_pattern(value: str) -> None:

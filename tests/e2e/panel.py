@@ -76,14 +76,14 @@ class Panel:
         ``nodes`` holds (name, flake attribute, testbed node).  Each host key is pinned
         only if the node presents the fingerprint known out of band (the testbed's key).
         """
-        from deployments.models import host_key_fingerprint
+        from deployments.remote import openssh_fingerprint
 
         calls = [f"call_command('addrepo', 'fleet', {str(repo_path)!r}, '--branch', 'main')"]
         for name, attr, tb_node in nodes:
             keyfile = self.workdir / f"{name}.key"
             keyfile.write_text(tb_node.client_key_private)
             keyfile.chmod(0o600)
-            fingerprint = host_key_fingerprint(tb_node.host_key_public)
+            fingerprint = openssh_fingerprint(tb_node.host_key_public)
             calls += [
                 f"call_command('addcredential', '{name}-key', '--key-file', {str(keyfile)!r})",
                 f"call_command('addnode', {name!r}, {tb_node.host!r}, '--port', '{tb_node.port}', '--attr', {attr!r},"
