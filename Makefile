@@ -38,6 +38,7 @@ test: apt-test venv-dev services lint test-default test-scaleout
 
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	PANEL_DATA_DIR=$$(mktemp -d) $(BIN)/python manage.py check
 	PANEL_DATA_DIR=$$(mktemp -d) $(BIN)/python manage.py makemigrations --check --dry-run
 

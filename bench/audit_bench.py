@@ -33,10 +33,21 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ACTIONS = [("deployment.requested", 20), ("deployment.started", 20), ("deployment.finished", 20),
-           ("auth.login", 15), ("auth.logout", 10), ("auth.login_failed", 3), ("hostkey.scanned", 3),
-           ("hostkey.pinned", 2), ("node.changed", 3), ("credential.changed", 1), ("deployment.cancelled", 1),
-           ("audit.exported", 1), ("repository.changed", 1)]
+ACTIONS = [
+    ("deployment.requested", 20),
+    ("deployment.started", 20),
+    ("deployment.finished", 20),
+    ("auth.login", 15),
+    ("auth.logout", 10),
+    ("auth.login_failed", 3),
+    ("hostkey.scanned", 3),
+    ("hostkey.pinned", 2),
+    ("node.changed", 3),
+    ("credential.changed", 1),
+    ("deployment.cancelled", 1),
+    ("audit.exported", 1),
+    ("repository.changed", 1),
+]
 
 
 def recreate_database(url: str) -> None:
@@ -67,8 +78,8 @@ def generate(n: int, *, seed: int = 1) -> None:
     """Insert ``n`` events with a valid chain, in batches, bypassing record() for speed only."""
     from django.db import connection, transaction
 
+    from deployments.audit.chain import GENESIS_HASH, chain_hash
     from deployments.audit.models import AuditEvent
-    from deployments.audit.verify_export import GENESIS_HASH, chain_hash
 
     rnd = random.Random(seed)
     names, weights = zip(*ACTIONS, strict=True)
@@ -163,9 +174,13 @@ def run_child(args: list[str], env: dict) -> tuple[float, int, int, str]:
     """Run ``manage.py args``; return (seconds, peak RSS in MB, exit status, output)."""
     with tempfile.NamedTemporaryFile(prefix="audit-bench-rss-") as peak:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, peak.name, sys.executable,
-                                 str(ROOT / "manage.py"), *args], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-c", _LAUNCHER, peak.name, sys.executable, str(ROOT / "manage.py"), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         out = proc.stdout.read()
         proc.wait()
         seconds = time.perf_counter() - t0
@@ -182,8 +197,14 @@ def writer(count: int, barrier) -> None:
     barrier.wait()
     for i in range(count):
         with transaction.atomic():
-            record("bench.write", actor_kind="system", object_type="bench", object_id=str(i),
-                   object_repr=f"bench {os.getpid()} {i}", details={"i": i})
+            record(
+                "bench.write",
+                actor_kind="system",
+                object_type="bench",
+                object_id=str(i),
+                object_repr=f"bench {os.getpid()} {i}",
+                details={"i": i},
+            )
     connections.close_all()
 
 
@@ -211,21 +232,35 @@ def bench_writers(url: str, writers: int, each: int, data_dir: str) -> dict:
     assert all(p.exitcode == 0 for p in procs)
     seqs = list(AuditEvent.objects.order_by("seq").values_list("seq", flat=True))
     gap_free = seqs == list(range(1, writers * each + 1))
-    return {"writers": writers, "events": writers * each, "seconds": elapsed,
-            "events_per_s": writers * each / elapsed, "gap_free": gap_free, "verifies": verify_chain().ok}
+    return {
+        "writers": writers,
+        "events": writers * each,
+        "seconds": elapsed,
+        "events_per_s": writers * each / elapsed,
+        "gap_free": gap_free,
+        "verifies": verify_chain().ok,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--database-url", default="", help="PostgreSQL URL to (re)create; default: SQLite in a temp dir")
+    parser.add_argument(
+        "--database-url", default="", help="PostgreSQL URL to (re)create; default: SQLite in a temp dir"
+    )
     parser.add_argument("--runs", type=int, default=15, help="requests per page for the median")
-    parser.add_argument("--writers-url", default="postgres://postgres@127.0.0.1:5432/panel_audit_bench_writers",
-                        help="PostgreSQL database (re-created) for the concurrent write test; '' to skip")
+    parser.add_argument(
+        "--writers-url",
+        default="postgres://postgres@127.0.0.1:5432/panel_audit_bench_writers",
+        help="PostgreSQL database (re-created) for the concurrent write test; '' to skip",
+    )
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--per-writer", type=int, default=2500)
-    parser.add_argument("--async-commit", action="store_true",
-                        help="writers run with PANEL_AUDIT_ASYNC_COMMIT=on (docs/audit.md: the trade-off)")
+    parser.add_argument(
+        "--async-commit",
+        action="store_true",
+        help="writers run with PANEL_AUDIT_ASYNC_COMMIT=on (docs/audit.md: the trade-off)",
+    )
     parser.add_argument("--writers-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -244,8 +279,11 @@ def main() -> int:
 
     from deployments.audit.models import AuditEvent
 
-    results: dict = {"backend": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1], "events": args.events,
-                     "cpus": os.cpu_count()}
+    results: dict = {
+        "backend": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
+        "events": args.events,
+        "cpus": os.cpu_count(),
+    }
     call_command("migrate", verbosity=0)
     t0 = time.perf_counter()
     generate(args.events)
@@ -281,8 +319,11 @@ def main() -> int:
     results["export_jsonl"] = {"s": round(seconds, 1), "peak_rss_mb": rss, "mb": out_file.stat().st_size >> 20}
     print(f"export jsonl: {seconds:.1f} s, peak RSS {rss} MB, {out_file.stat().st_size >> 20} MB", flush=True)
     t0 = time.perf_counter()
-    check = subprocess.run([sys.executable, "-I", "-S", str(ROOT / "deployments/audit/verify_export.py"),
-                            str(out_file)], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-I", "-S", str(ROOT / "deployments/audit/chain.py"), str(out_file)],
+        capture_output=True,
+        text=True,
+    )
     results["offline_verify_s"] = round(time.perf_counter() - t0, 1)
     assert check.returncode == 0, check.stdout + check.stderr
     print(f"offline verify of the export: {results['offline_verify_s']} s", flush=True)
@@ -293,17 +334,28 @@ def main() -> int:
 
     if args.writers_url:
         # A process of its own: this one's default database may be SQLite.
-        proc = subprocess.run([sys.executable, __file__, "--writers-only", "--writers-url", args.writers_url,
-                               "--writers", str(args.writers), "--per-writer", str(args.per_writer)]
-                              + (["--async-commit"] if args.async_commit else []),
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--writers-only",
+                "--writers-url",
+                args.writers_url,
+                "--writers",
+                str(args.writers),
+                "--per-writer",
+                str(args.per_writer),
+            ]
+            + (["--async-commit"] if args.async_commit else []),
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         results["pg_writers"] = json.loads(proc.stdout)
         print(f"record() on PostgreSQL: {results['pg_writers']}", flush=True)
 
     print(json.dumps(results, indent=2))
-    missed = [f"page {label}: {ms} ms (budget 200 ms)" for label, ms in results["page_median_ms"].items()
-              if ms >= 200]
+    missed = [f"page {label}: {ms} ms (budget 200 ms)" for label, ms in results["page_median_ms"].items() if ms >= 200]
     if results["verify_s"] >= 15:
         missed.append(f"verify: {results['verify_s']} s (budget 15 s)")
     for fmt in ("export_jsonl", "export_csv"):
@@ -311,12 +363,13 @@ def main() -> int:
             missed.append(f"{fmt}: peak RSS {results[fmt]['peak_rss_mb']} MB (budget 100 MB)")
     writers = results.get("pg_writers")
     if writers and (writers["events_per_s"] < 2000 or not writers["gap_free"] or not writers["verifies"]):
-        missed.append(f"PostgreSQL writers: {writers['events_per_s']:.0f} events/s (target 2,000), "
-                      f"gap-free {writers['gap_free']}, verifies {writers['verifies']}")
+        missed.append(
+            f"PostgreSQL writers: {writers['events_per_s']:.0f} events/s (target 2,000), "
+            f"gap-free {writers['gap_free']}, verifies {writers['verifies']}"
+        )
     for line in missed:
         print(f"MISSED: {line}")
     return 1 if missed else 0
-
 
 
 if __name__ == "__main__":

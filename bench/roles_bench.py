@@ -63,12 +63,21 @@ def build(seed: int = 1) -> dict:
     tags = Tag.objects.bulk_create([Tag(name=f"{g}-{i:02d}") for g in TAG_GROUPS for i in range(20)])
     tags += Tag.objects.bulk_create([Tag(name="small"), Tag(name="page")])
     by_name = {t.name: t for t in tags}
-    nodes = Node.objects.bulk_create([
-        Node(name=f"node-{i:05d}", host=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", flake_attr=f"node{i}",
-             repository=repo, credential=credential, host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBENCH",
-             host_key_fingerprint="SHA256:bench")
-        for i in range(NODES)
-    ], batch_size=2000)
+    nodes = Node.objects.bulk_create(
+        [
+            Node(
+                name=f"node-{i:05d}",
+                host=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}",
+                flake_attr=f"node{i}",
+                repository=repo,
+                credential=credential,
+                host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBENCH",
+                host_key_fingerprint="SHA256:bench",
+            )
+            for i in range(NODES)
+        ],
+        batch_size=2000,
+    )
     through = Node.tags.through
     links = []
     for i, node in enumerate(nodes):
@@ -79,11 +88,20 @@ def build(seed: int = 1) -> dict:
     links += [through(node_id=n.pk, tag_id=by_name["small"].pk) for n in nodes[:10]]
     links += [through(node_id=n.pk, tag_id=by_name["page"].pk) for n in nodes[100:200]]
     through.objects.bulk_create(links, batch_size=5000)
-    Deployment.objects.bulk_create([
-        Deployment(node=node, action="switch", commit_sha="0" * 40, flake_attr=node.flake_attr,
-                   status=Deployment.Status.SUCCEEDED, requested_by_name="bench")
-        for node in nodes
-    ], batch_size=2000)
+    Deployment.objects.bulk_create(
+        [
+            Deployment(
+                node=node,
+                action="switch",
+                commit_sha="0" * 40,
+                flake_attr=node.flake_attr,
+                status=Deployment.Status.SUCCEEDED,
+                requested_by_name="bench",
+            )
+            for node in nodes
+        ],
+        batch_size=2000,
+    )
 
     password = make_password("bench-password-1")
     users = User.objects.bulk_create([User(username=f"user{i:03d}", password=password) for i in range(USERS)])
@@ -215,14 +233,19 @@ def main() -> int:
         connection.creation.destroy_test_db(old_name, verbosity=0)
 
     (n10, q10), (n100, q100) = result["counts"]["sees_10"], result["counts"]["sees_100"]
-    print(f"roles bench on {vendor}: {NODES} nodes, {TEAMS} teams, {GRANTS} grants, {USERS} users "
-          f"(built in {built_s:.1f} s)")
-    print(f"  tag-scoped user: sees {result['visible']} nodes, may deploy to {result['deployable']}, "
-          f"dashboard shows {result['shown']}")
-    print(f"  dashboard: median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms, "
-          f"min {result['min_ms']:.1f} ms over {args.runs} requests (budget {args.budget_ms:.0f} ms)")
-    print(f"  gate alone (grants + count + a page of 100 with can_deploy/can_admin): "
-          f"median {result['gate_ms']:.1f} ms")
+    print(
+        f"roles bench on {vendor}: {NODES} nodes, {TEAMS} teams, {GRANTS} grants, {USERS} users "
+        f"(built in {built_s:.1f} s)"
+    )
+    print(
+        f"  tag-scoped user: sees {result['visible']} nodes, may deploy to {result['deployable']}, "
+        f"dashboard shows {result['shown']}"
+    )
+    print(
+        f"  dashboard: median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms, "
+        f"min {result['min_ms']:.1f} ms over {args.runs} requests (budget {args.budget_ms:.0f} ms)"
+    )
+    print(f"  gate alone (grants + count + a page of 100 with can_deploy/can_admin): median {result['gate_ms']:.1f} ms")
     print(f"  queries: {q10} with {n10} nodes shown, {q100} with {n100} nodes shown")
     ok = result["median_ms"] <= args.budget_ms and q10 == q100 and (n10, n100) == (10, 100)
     print("  OK" if ok else "  FAILED")

@@ -80,7 +80,7 @@ def check_keys(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
         checks.Warning(
             f"{variable} is not set and there is no generated key in {getattr(settings, path_setting)} yet",
             hint=f"Give {variable} (or {variable}_FILE), or run `manage.py migrate` or `manage.py runpanel` "
-                 f"once to generate it.",
+            f"once to generate it.",
             id="panel.W001",
         )
         for setting, (variable, path_setting, _) in GENERATED.items()

@@ -30,8 +30,11 @@ class CredentialAdmin(AuditedAdmin):
     def save_model(self, request, obj, form, change):
         data = form.cleaned_data
         inventory.save_credential(
-            obj, secret=data.get("secret") or None, passphrase=data.get("passphrase") or "",
-            sudo_password=data.get("sudo_password") or None, user=request.user,
+            obj,
+            secret=data.get("secret") or None,
+            passphrase=data.get("passphrase") or "",
+            sudo_password=data.get("sudo_password") or None,
+            user=request.user,
         )
 
 

@@ -8,8 +8,12 @@ def ensure_schedules(sender, **kwargs) -> None:
 
     Schedule.objects.update_or_create(
         name="reap-stale-deployments",
-        defaults={"func": "deployments.lifecycle.reap_stale", "schedule_type": Schedule.MINUTES, "minutes": 1,
-                  "repeats": -1},
+        defaults={
+            "func": "deployments.lifecycle.reap_stale",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": 1,
+            "repeats": -1,
+        },
     )
 
 
@@ -19,4 +23,10 @@ class DeploymentsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.core import checks
+
+        from controlpanel.bootstrap import check_keys
+
+        # Missing generated keys (secret key, credential key) are named with their variable.
+        checks.register(check_keys)
         post_migrate.connect(ensure_schedules, sender=self)

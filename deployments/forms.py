@@ -11,7 +11,9 @@ from .validators import validate_revision, validate_tag
 class DeployForm(forms.Form):
     action = forms.ChoiceField(choices=Deployment.Action.choices, initial=Deployment.Action.SWITCH)
     revision = forms.CharField(
-        required=False, max_length=200, validators=[validate_revision],
+        required=False,
+        max_length=200,
+        validators=[validate_revision],
         help_text="Branch, tag or commit; empty means the tracked branch's head.",
         widget=forms.TextInput(attrs={"placeholder": "tracked branch"}),
     )
@@ -50,14 +52,24 @@ class CredentialForm(forms.ModelForm):
     """Secrets are write-only: the form never renders a stored secret back."""
 
     secret = forms.CharField(
-        label="Private key or password", required=False, strip=False,
+        label="Private key or password",
+        required=False,
+        strip=False,
         widget=forms.Textarea(attrs={"rows": 6, "autocomplete": "off", "spellcheck": "false"}),
         help_text="Ed25519, RSA or ECDSA private key (OpenSSH/PEM), or the password. Leave empty to keep the stored one.",
     )
-    passphrase = forms.CharField(required=False, strip=False, widget=forms.PasswordInput(render_value=False),
-                                 help_text="Only for an encrypted private key.")
-    sudo_password = forms.CharField(required=False, strip=False, widget=forms.PasswordInput(render_value=False),
-                                    help_text="Only for a non-root user with sudo; leave empty to keep.")
+    passphrase = forms.CharField(
+        required=False,
+        strip=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Only for an encrypted private key.",
+    )
+    sudo_password = forms.CharField(
+        required=False,
+        strip=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="Only for a non-root user with sudo; leave empty to keep.",
+    )
 
     class Meta:
         model = Credential

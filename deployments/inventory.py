@@ -28,9 +28,16 @@ def scan_host_key(node: Node, *, user=None) -> HostKey:
             record("hostkey.scanned", user=user, obj=node, outcome="failure", details={"error": exc.message})
         raise RequestError(exc.message) from None
     with transaction.atomic():
-        record("hostkey.scanned", user=user, obj=node,
-               details={"fingerprint": key.fingerprint, "key_type": key.key_type,
-                        "matches_pinned": node.host_key == key.openssh})
+        record(
+            "hostkey.scanned",
+            user=user,
+            obj=node,
+            details={
+                "fingerprint": key.fingerprint,
+                "key_type": key.key_type,
+                "matches_pinned": node.host_key == key.openssh,
+            },
+        )
     return key
 
 
@@ -46,9 +53,7 @@ def pin_host_key(node: Node, key_text: str, *, user=None, expected_fingerprint: 
     except ValueError as exc:
         raise RequestError(f"Not an SSH public key: {exc}") from None
     if expected_fingerprint and key.fingerprint != expected_fingerprint:
-        raise RequestError(
-            f"The key is {key.fingerprint}, not the {expected_fingerprint} you confirmed; scan again."
-        )
+        raise RequestError(f"The key is {key.fingerprint}, not the {expected_fingerprint} you confirmed; scan again.")
     with transaction.atomic():
         before = node.host_key_fingerprint
         node.host_key = key.openssh
@@ -56,8 +61,13 @@ def pin_host_key(node: Node, key_text: str, *, user=None, expected_fingerprint: 
         node.host_key_pinned_at = timezone.now()
         node.host_key_pinned_by = user if user is not None and user.is_authenticated else None
         node.save(update_fields=["host_key", "host_key_fingerprint", "host_key_pinned_at", "host_key_pinned_by"])
-        record("hostkey.pinned", user=user, actor_kind=None if user else "cli", obj=node,
-               details={"before": before, "after": node.host_key_fingerprint})
+        record(
+            "hostkey.pinned",
+            user=user,
+            actor_kind=None if user else "cli",
+            obj=node,
+            details={"before": before, "after": node.host_key_fingerprint},
+        )
     return node
 
 
@@ -80,8 +90,11 @@ def snapshot(obj) -> dict:
 
 
 def diff(before: dict, after: dict) -> dict:
-    return {k: {"before": before.get(k), "after": after.get(k)} for k in sorted(set(before) | set(after))
-            if before.get(k) != after.get(k)}
+    return {
+        k: {"before": before.get(k), "after": after.get(k)}
+        for k in sorted(set(before) | set(after))
+        if before.get(k) != after.get(k)
+    }
 
 
 def record_saved(obj, *, user=None, created: bool, before: dict | None = None, actor_kind: str | None = None) -> None:
@@ -91,18 +104,37 @@ def record_saved(obj, *, user=None, created: bool, before: dict | None = None, a
     details = {"after": after} if created else {"changes": diff(before or {}, after)}
     if kind == "credential":
         details["secret"] = "set" if created else "unchanged-or-replaced"
-    record(f"{kind}.{'created' if created else 'changed'}", user=user, actor_kind=actor_kind, obj=obj,
-           node=obj if kind == "node" else None, details=details)
+    record(
+        f"{kind}.{'created' if created else 'changed'}",
+        user=user,
+        actor_kind=actor_kind,
+        obj=obj,
+        node=obj if kind == "node" else None,
+        details=details,
+    )
 
 
 def record_deleted(obj, *, user=None, actor_kind: str | None = None) -> None:
     kind = obj._meta.model_name
-    record(f"{kind}.deleted", user=user, actor_kind=actor_kind, obj=obj,
-           node=obj if kind == "node" else None, details={"before": snapshot(obj)})
+    record(
+        f"{kind}.deleted",
+        user=user,
+        actor_kind=actor_kind,
+        obj=obj,
+        node=obj if kind == "node" else None,
+        details={"before": snapshot(obj)},
+    )
 
 
-def save_credential(credential: Credential, *, secret: str | None, passphrase: str = "", sudo_password: str | None = None,
-                    user=None, actor_kind: str | None = None) -> Credential:
+def save_credential(
+    credential: Credential,
+    *,
+    secret: str | None,
+    passphrase: str = "",
+    sudo_password: str | None = None,
+    user=None,
+    actor_kind: str | None = None,
+) -> Credential:
     """Create or update a credential; ``secret=None`` keeps the stored one."""
     created = credential.pk is None
     before = {} if created else snapshot(Credential.objects.get(pk=credential.pk))
@@ -140,5 +172,3 @@ def delete_object(obj, *, user=None, actor_kind: str | None = None) -> None:
     with transaction.atomic():
         record_deleted(obj, user=user, actor_kind=actor_kind)
         obj.delete()
-
-

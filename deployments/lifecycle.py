@@ -35,20 +35,37 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _transition(deployment_id: int, *, expect: dict, event: str, set_fields: dict, details=None,
-                actor_kind: str = "system", user=None, outcome: str = "success") -> Deployment | None:
+def _transition(
+    deployment_id: int,
+    *,
+    expect: dict,
+    event: str,
+    set_fields: dict,
+    details=None,
+    actor_kind: str = "system",
+    user=None,
+    outcome: str = "success",
+) -> Deployment | None:
     """UPDATE the row if it still matches ``expect``; if it did, record ``event``.  The row, or None if not."""
     with transaction.atomic():
         if not Deployment.objects.filter(pk=deployment_id, **expect).update(**set_fields):
             return None
         deployment = Deployment.objects.select_related("node").get(pk=deployment_id)
-        record(event, user=user, actor_kind=None if user else actor_kind, obj=deployment, node=deployment.node,
-               outcome=outcome, details=details(deployment) if callable(details) else (details or {}))
+        record(
+            event,
+            user=user,
+            actor_kind=None if user else actor_kind,
+            obj=deployment,
+            node=deployment.node,
+            outcome=outcome,
+            details=details(deployment) if callable(details) else (details or {}),
+        )
     return deployment
 
 
-def request_deployment(node: Node, *, action: str, revision: str = "", user=None,
-                       trigger: str = Deployment.Trigger.WEB) -> Deployment:
+def request_deployment(
+    node: Node, *, action: str, revision: str = "", user=None, trigger: str = Deployment.Trigger.WEB
+) -> Deployment:
     """Resolve ``revision`` to a commit and queue ``nixos-rebuild <action>`` on ``node``.
 
     ``user=None`` means the system acts (only management commands do that).
@@ -77,13 +94,29 @@ def request_deployment(node: Node, *, action: str, revision: str = "", user=None
     try:
         with transaction.atomic():
             deployment = Deployment.objects.create(
-                node=node, action=action, requested_revision=revision or node.repository.branch, commit_sha=sha,
-                flake_attr=node.flake_attr, requested_by=acting,
-                requested_by_name=acting.get_username() if acting else trigger, trigger=trigger,
+                node=node,
+                action=action,
+                requested_revision=revision or node.repository.branch,
+                commit_sha=sha,
+                flake_attr=node.flake_attr,
+                requested_by=acting,
+                requested_by_name=acting.get_username() if acting else trigger,
+                trigger=trigger,
             )
-            record("deployment.requested", user=user, actor_kind=actor_kind, obj=deployment, node=node,
-                   details={"action": action, "revision": deployment.requested_revision, "commit": sha,
-                            "flake_attr": node.flake_attr, "trigger": trigger})
+            record(
+                "deployment.requested",
+                user=user,
+                actor_kind=actor_kind,
+                obj=deployment,
+                node=node,
+                details={
+                    "action": action,
+                    "revision": deployment.requested_revision,
+                    "commit": sha,
+                    "flake_attr": node.flake_attr,
+                    "trigger": trigger,
+                },
+            )
             transaction.on_commit(lambda: enqueue(deployment.pk))
     except IntegrityError:
         # The database's one-active-deployment constraint caught a race the check above missed.
@@ -95,20 +128,27 @@ def enqueue(deployment_id: int) -> None:
     """Hand the deployment id (only the id) to django-q2."""
     from django_q.tasks import async_task
 
-    async_task("deployments.tasks.run_deployment", deployment_id, task_name=f"deployment-{deployment_id}",
-               ack_failure=True)
+    async_task(
+        "deployments.tasks.run_deployment", deployment_id, task_name=f"deployment-{deployment_id}", ack_failure=True
+    )
 
 
 def cancel_deployment(deployment: Deployment, *, user=None) -> Deployment:
     """Cancel a queued deployment now, or ask the worker to stop a running one (it kills the remote tree)."""
     gate.require(user, gate.DEPLOY, deployment.node, event="deployment.cancel")
     done = _transition(
-        deployment.pk, expect={"status": Status.QUEUED}, event="deployment.cancelled", user=user,
+        deployment.pk,
+        expect={"status": Status.QUEUED},
+        event="deployment.cancelled",
+        user=user,
         set_fields={"status": Status.CANCELLED, "finished_at": timezone.now(), "cancel_requested": True},
         details={"was": "queued"},
     ) or _transition(
-        deployment.pk, expect={"status": Status.RUNNING, "cancel_requested": False},
-        event="deployment.cancel_requested", user=user, set_fields={"cancel_requested": True},
+        deployment.pk,
+        expect={"status": Status.RUNNING, "cancel_requested": False},
+        event="deployment.cancel_requested",
+        user=user,
+        set_fields={"cancel_requested": True},
     )
     deployment.refresh_from_db()
     if done is None and not deployment.is_active:
@@ -120,19 +160,33 @@ def cancel_deployment(deployment: Deployment, *, user=None) -> Deployment:
 def claim(deployment_id: int) -> bool:
     """queued → running for this worker; False if someone else has it or it was cancelled."""
     now = timezone.now()
-    return _transition(
-        deployment_id, expect={"status": Status.QUEUED}, event="deployment.started",
-        set_fields={"status": Status.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker_name()},
-        details=lambda d: {"worker": d.worker, "commit": d.commit_sha, "action": d.action},
-    ) is not None
+    return (
+        _transition(
+            deployment_id,
+            expect={"status": Status.QUEUED},
+            event="deployment.started",
+            set_fields={"status": Status.RUNNING, "started_at": now, "heartbeat_at": now, "worker": worker_name()},
+            details=lambda d: {"worker": d.worker, "commit": d.commit_sha, "action": d.action},
+        )
+        is not None
+    )
 
 
 def _finished_details(d: Deployment) -> dict:
     return {
-        "status": d.status, "exit_code": d.exit_code, "commit": d.commit_sha, "flake_attr": d.flake_attr,
-        "action": d.action, "toplevel": d.toplevel, "generation_before": d.generation_before,
-        "generation_after": d.generation_after, "system_before": d.system_before, "system_after": d.system_after,
-        "log_sha256": d.log_sha256, "archive_sha256": d.archive_sha256, "error": d.error_message[:500],
+        "status": d.status,
+        "exit_code": d.exit_code,
+        "commit": d.commit_sha,
+        "flake_attr": d.flake_attr,
+        "action": d.action,
+        "toplevel": d.toplevel,
+        "generation_before": d.generation_before,
+        "generation_after": d.generation_after,
+        "system_before": d.system_before,
+        "system_after": d.system_after,
+        "log_sha256": d.log_sha256,
+        "archive_sha256": d.archive_sha256,
+        "error": d.error_message[:500],
     }
 
 
@@ -141,9 +195,12 @@ def finish(deployment_id: int, status: str, **fields) -> Deployment:
     if status not in Deployment.TERMINAL:
         raise ValueError(f"finish() needs a terminal status, not {status!r}")
     _transition(
-        deployment_id, expect={"status": Status.RUNNING}, event="deployment.finished",
+        deployment_id,
+        expect={"status": Status.RUNNING},
+        event="deployment.finished",
         set_fields={"status": status, "finished_at": timezone.now(), **fields},
-        outcome="success" if status == Status.SUCCEEDED else "failure", details=_finished_details,
+        outcome="success" if status == Status.SUCCEEDED else "failure",
+        details=_finished_details,
     )
     logstream.notify(deployment_id, {"type": "deployment.status"})
     return Deployment.objects.select_related("node").get(pk=deployment_id)
@@ -156,11 +213,16 @@ def reap_stale(stale_after: float | None = None) -> int:
     count = 0
     for pk in Deployment.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff).values_list("pk", flat=True):
         reaped = _transition(
-            pk, expect={"status": Status.RUNNING, "heartbeat_at__lt": cutoff}, event="deployment.interrupted",
+            pk,
+            expect={"status": Status.RUNNING, "heartbeat_at__lt": cutoff},
+            event="deployment.interrupted",
             outcome="failure",
-            set_fields={"status": Status.INTERRUPTED, "finished_at": timezone.now(),
-                        "error_message": f"the worker stopped responding (no heartbeat for {stale_after:.0f} s); "
-                                         "the node may be mid-change: check it and deploy again"},
+            set_fields={
+                "status": Status.INTERRUPTED,
+                "finished_at": timezone.now(),
+                "error_message": f"the worker stopped responding (no heartbeat for {stale_after:.0f} s); "
+                "the node may be mid-change: check it and deploy again",
+            },
             details=lambda d: {"worker": d.worker, "last_heartbeat": d.heartbeat_at.isoformat()},
         )
         if reaped is not None:

@@ -76,9 +76,15 @@ class Repository(models.Model):
 
     name = models.CharField(max_length=100, unique=True, validators=[validators.validate_node_name])
     url = models.CharField("git URL or local path", max_length=500, validators=[validators.validate_repo_url])
-    branch = models.CharField("tracked branch", max_length=200, default="main", validators=[validators.validate_revision])
+    branch = models.CharField(
+        "tracked branch", max_length=200, default="main", validators=[validators.validate_revision]
+    )
     deploy_key = models.ForeignKey(
-        Credential, null=True, blank=True, on_delete=models.PROTECT, limit_choices_to={"kind": "ssh-key"},
+        Credential,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        limit_choices_to={"kind": "ssh-key"},
         help_text="Only for private repositories fetched over SSH.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
@@ -112,7 +118,9 @@ class Node(models.Model):
     ssh_user = models.CharField(max_length=32, default="root", validators=[validators.validate_ssh_user])
     use_sudo = models.BooleanField(default=False, help_text="Run nixos-rebuild with sudo (for a non-root SSH user).")
     flake_attr = models.CharField(
-        "flake attribute", max_length=100, validators=[validators.validate_flake_attr],
+        "flake attribute",
+        max_length=100,
+        validators=[validators.validate_flake_attr],
         help_text="The <attr> of nixosConfigurations.<attr>.",
     )
     repository = models.ForeignKey(Repository, on_delete=models.PROTECT, related_name="nodes")

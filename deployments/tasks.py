@@ -80,8 +80,11 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
     writer = logstream.LogWriter(deployment_id, start_seq=logstream.next_seq(deployment_id), on_flush=beat)
     status, fields = Status.ERROR, {}
     try:
-        writer.write("sys", f"deployment #{deployment_id}: nixos-rebuild {deployment.action} "
-                            f"{node.name} ({deployment.flake_attr}) at {deployment.commit_sha}")
+        writer.write(
+            "sys",
+            f"deployment #{deployment_id}: nixos-rebuild {deployment.action} "
+            f"{node.name} ({deployment.flake_attr}) at {deployment.commit_sha}",
+        )
         archive = repos.archive(node.repository, deployment.commit_sha)
         fields["archive_sha256"] = archive.sha256
         result = runner(
@@ -118,9 +121,13 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
         if exc.kind == "host-key-mismatch":
             # Security-relevant on its own, not only as a failed deployment: someone may be in the middle.
             with transaction.atomic():
-                record("hostkey.mismatch", actor_kind="system", obj=node, outcome="failure",
-                       details={"pinned": node.host_key_fingerprint, "error": exc.message,
-                                "deployment": deployment_id})
+                record(
+                    "hostkey.mismatch",
+                    actor_kind="system",
+                    obj=node,
+                    outcome="failure",
+                    details={"pinned": node.host_key_fingerprint, "error": exc.message, "deployment": deployment_id},
+                )
     except repos.RepositoryError as exc:
         status, fields["error_message"] = Status.ERROR, f"flake source: {exc}"
     except Exception:  # noqa: BLE001 - a panel bug must still end the deployment, with its traceback
@@ -137,6 +144,8 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             fields.update(line_count=summary.line_count, byte_count=summary.byte_count, log_sha256=summary.sha256)
         except RuntimeError as exc:
             status = Status.ERROR
-            fields["error_message"] = (fields.get("error_message", "") + f"\nlog could not be stored: {exc.__cause__}").strip()
+            fields["error_message"] = (
+                fields.get("error_message", "") + f"\nlog could not be stored: {exc.__cause__}"
+            ).strip()
         finish(deployment_id, status, **fields)
     return status

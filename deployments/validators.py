@@ -12,7 +12,9 @@ from .remote import COMMIT_SHA_RE, FLAKE_ATTR_RE  # noqa: F401  (defined once, b
 
 # Every pattern is anchored with \A…\Z: "$" would also accept a trailing newline.
 NODE_NAME_RE = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
-HOST_RE = re.compile(r"\A(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
+HOST_RE = re.compile(
+    r"\A(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z"
+)
 IPV6_RE = re.compile(r"\A[0-9A-Fa-f:.]+\Z")
 USER_RE = re.compile(r"\A[a-z_][a-z0-9_-]{0,31}\Z")
 TAG_RE = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,49}\Z")
@@ -93,7 +95,10 @@ def validate_repo_url(value: str) -> None:
             code="invalid_repo",
             params={"hint": _shell_hint(value)},
         )
-    if not (value.startswith(("https://", "http://", "ssh://", "git://", "file://", "/")) or re.match(r"^[\w.-]+@[\w.-]+:", value)):
+    if not (
+        value.startswith(("https://", "http://", "ssh://", "git://", "file://", "/"))
+        or re.match(r"^[\w.-]+@[\w.-]+:", value)
+    ):
         raise ValidationError(
             "Enter a git URL (https://, ssh://, git@host:path) or an absolute local path.", code="invalid_repo"
         )

@@ -38,7 +38,12 @@ def inventory(db, flake_repo):
     cred = Credential(name="deploy-key", kind=Credential.Kind.SSH_KEY)
     inventory.save_credential(cred, secret=ed25519_private_key(), actor_kind="cli")
     node = Node.objects.create(
-        name="web1", host="192.0.2.10", port=22, flake_attr="devm", repository=repo, credential=cred,
+        name="web1",
+        host="192.0.2.10",
+        port=22,
+        flake_attr="devm",
+        repository=repo,
+        credential=cred,
         host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
         host_key_fingerprint="SHA256:test",
     )

@@ -58,8 +58,21 @@ def test_addnode_names_what_is_missing_or_malformed(inventory):
 
 
 def test_addnode_registers_a_node_with_tags_and_says_its_key_is_not_pinned(inventory):
-    out = run("addnode", "web2", "10.0.0.2", "--attr", "devm", "--repo", "fleet", "--credential", "deploy-key",
-              "--tag", "web", "--tag", "prod")
+    out = run(
+        "addnode",
+        "web2",
+        "10.0.0.2",
+        "--attr",
+        "devm",
+        "--repo",
+        "fleet",
+        "--credential",
+        "deploy-key",
+        "--tag",
+        "web",
+        "--tag",
+        "prod",
+    )
     assert "host key not pinned" in out
     assert sorted(Node.objects.get(name="web2").tags.values_list("name", flat=True)) == ["prod", "web"]
 
@@ -73,12 +86,27 @@ def test_inventory_commands_acting_for_a_plain_user_are_refused(inventory, bob, 
     with pytest.raises(CommandError, match="Only superusers"):
         run("addrepo", "other", "/tmp/x", "--as", "bob")
     with pytest.raises(CommandError, match="Only superusers"):
-        run("addnode", "web3", "10.0.0.3", "--attr", "devm", "--repo", "fleet", "--credential", "deploy-key",
-            "--as", "bob")
+        run(
+            "addnode",
+            "web3",
+            "10.0.0.3",
+            "--attr",
+            "devm",
+            "--repo",
+            "fleet",
+            "--credential",
+            "deploy-key",
+            "--as",
+            "bob",
+        )
     assert not Repository.objects.filter(name="other").exists()
     # Each refusal is one audit event, in bob's name.
     refused = AuditEvent.objects.filter(outcome="denied", actor_name="bob").order_by("seq")
-    assert list(refused.values_list("action", flat=True)) == ["credential.created", "repository.created", "node.created"]
+    assert list(refused.values_list("action", flat=True)) == [
+        "credential.created",
+        "repository.created",
+        "node.created",
+    ]
 
 
 def test_hostkey_for_a_user_who_cannot_see_the_node_does_not_reveal_it(inventory, bob):
@@ -92,8 +120,9 @@ def test_an_unknown_acting_user_is_an_error(inventory):
 
 
 def test_hostkey_pins_a_given_key_and_refuses_junk(inventory):
-    out = run("hostkey", "web1", "--key",
-              "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl")
+    out = run(
+        "hostkey", "web1", "--key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    )
     assert "pinned SHA256:" in out
     with pytest.raises(CommandError, match="Not an SSH public key"):
         run("hostkey", "web1", "--key", "ssh-ed25519 $(reboot)")

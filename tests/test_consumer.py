@@ -14,8 +14,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def finished(inventory):
-    d = Deployment.objects.create(node=inventory["node"], action="switch", commit_sha=inventory["sha"],
-                                  flake_attr="devm", status="running")
+    d = Deployment.objects.create(
+        node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm", status="running"
+    )
     writer = logstream.LogWriter(d.pk, max_batch=7, flush_interval=0.001)
     for i in range(100):
         writer.write("err" if i % 10 == 0 else "out", f"line {i}")

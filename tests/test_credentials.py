@@ -13,7 +13,9 @@ pytestmark = pytest.mark.django_db
 
 def _raw_rows():
     with connection.cursor() as cur:
-        cur.execute("SELECT secret_encrypted, passphrase_encrypted, fingerprint, public_key FROM deployments_credential")
+        cur.execute(
+            "SELECT secret_encrypted, passphrase_encrypted, fingerprint, public_key FROM deployments_credential"
+        )
         return [" ".join(str(c) for c in row) for row in cur.fetchall()]
 
 
@@ -40,8 +42,9 @@ def test_an_rsa_key_with_a_passphrase_round_trips():
     key = paramiko.RSAKey.generate(2048)
     out = io.StringIO()
     key.write_private_key(out, password="s3cret-phrase")
-    cred = inventory.save_credential(Credential(name="r", kind="ssh-key"), secret=out.getvalue(),
-                                   passphrase="s3cret-phrase", actor_kind="cli")
+    cred = inventory.save_credential(
+        Credential(name="r", kind="ssh-key"), secret=out.getvalue(), passphrase="s3cret-phrase", actor_kind="cli"
+    )
     assert "s3cret-phrase" not in " ".join(_raw_rows())
     assert Credential.objects.get(pk=cred.pk).passphrase() == "s3cret-phrase"
 

@@ -87,8 +87,9 @@ def test_cancelling_a_queued_deployment_finishes_it_at_once(inventory, alice):
 
 
 def test_cancelling_a_running_deployment_asks_the_worker(inventory, alice):
-    d = Deployment.objects.create(node=inventory["node"], action="switch", commit_sha="a" * 40,
-                                  flake_attr="devm", status="running")
+    d = Deployment.objects.create(
+        node=inventory["node"], action="switch", commit_sha="a" * 40, flake_attr="devm", status="running"
+    )
     d = lifecycle.cancel_deployment(d, user=alice)
     assert d.status == "running" and d.cancel_requested
 

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def deployment(inventory):
-    return Deployment.objects.create(node=inventory["node"], action="switch", commit_sha=inventory["sha"],
-                                     flake_attr="devm", status="running")
+    return Deployment.objects.create(
+        node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm", status="running"
+    )
 
 
 def test_every_line_is_stored_once_in_order(deployment):
@@ -34,7 +35,9 @@ def test_chunks_tile_the_sequence_without_gaps(deployment):
     for _i in range(2_345):
         writer.write("out", b"x")
     writer.close()
-    chunks = list(LogChunk.objects.filter(deployment=deployment).order_by("seq_start").values_list("seq_start", "seq_end"))
+    chunks = list(
+        LogChunk.objects.filter(deployment=deployment).order_by("seq_start").values_list("seq_start", "seq_end")
+    )
     assert chunks[0][0] == 0 and chunks[-1][1] == 2_345
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:], strict=False))
 

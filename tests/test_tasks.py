@@ -23,13 +23,18 @@ def runner_returning(exit_code: int, lines=(("err", "building the system configu
     calls = []
 
     def runner(target, *, deployment_id, archive, attr, action, on_output, should_cancel):
-        calls.append({"target": target, "deployment_id": deployment_id, "attr": attr, "action": action,
-                      "archive": archive})
+        calls.append(
+            {"target": target, "deployment_id": deployment_id, "attr": attr, "action": action, "archive": archive}
+        )
         for stream, text in lines:
             on_output(stream, text)
         after = _state(2, "/nix/store/new-system") if exit_code == 0 else _state(1, "/nix/store/old-system")
-        return RebuildResult(exit_code=exit_code, before=_state(1, "/nix/store/old-system"), after=after,
-                             toplevel="/nix/store/new-system")
+        return RebuildResult(
+            exit_code=exit_code,
+            before=_state(1, "/nix/store/old-system"),
+            after=after,
+            toplevel="/nix/store/new-system",
+        )
 
     runner.calls = calls
     return runner

@@ -5,7 +5,22 @@ from django.core.exceptions import ValidationError
 
 from deployments import validators
 
-HOSTILE = ["a;rm -rf /", "web\n", "main\n", "$(reboot)", "`id`", "x|y", "x&y", "a b", "x>y", "x\ny", "'q'", '"q"', "-oProxyCommand=x", ""]
+HOSTILE = [
+    "a;rm -rf /",
+    "web\n",
+    "main\n",
+    "$(reboot)",
+    "`id`",
+    "x|y",
+    "x&y",
+    "a b",
+    "x>y",
+    "x\ny",
+    "'q'",
+    '"q"',
+    "-oProxyCommand=x",
+    "",
+]
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -67,8 +82,14 @@ def test_ordinary_hosts_pass(good):
 
 @pytest.mark.parametrize(
     "validate",
-    [validators.validate_flake_attr, validators.validate_node_name, validators.validate_revision,
-     validators.validate_host, validators.validate_ssh_user, validators.validate_tag],
+    [
+        validators.validate_flake_attr,
+        validators.validate_node_name,
+        validators.validate_revision,
+        validators.validate_host,
+        validators.validate_ssh_user,
+        validators.validate_tag,
+    ],
 )
 def test_a_trailing_newline_is_refused_by_every_pattern(validate):
     # "$" in a pattern matches before a final newline; every pattern is anchored with \Z instead.

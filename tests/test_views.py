@@ -30,8 +30,14 @@ def test_the_api_answers_401_to_anonymous_users(client, inventory):
 
 
 def test_the_dashboard_lists_nodes_with_their_last_deployment(admin_client, inventory, alice):
-    Deployment.objects.create(node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm",
-                              status="succeeded", requested_by_name="alice")
+    Deployment.objects.create(
+        node=inventory["node"],
+        action="switch",
+        commit_sha=inventory["sha"],
+        flake_attr="devm",
+        status="succeeded",
+        requested_by_name="alice",
+    )
     page = admin_client.get("/").content.decode()
     assert "web1" in page and inventory["sha"][:10] in page
 
@@ -68,9 +74,15 @@ def test_the_deploy_form_refuses_a_busy_node_clearly(admin_client, inventory):
     assert Deployment.objects.count() == 1
 
 
-@pytest.mark.parametrize("body,status", [
-    ("not json", 400), ("[1, 2]", 400), ('{"action": "explode"}', 400), ('{"revision": "$(id)"}', 400),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ("not json", 400),
+        ("[1, 2]", 400),
+        ('{"action": "explode"}', 400),
+        ('{"revision": "$(id)"}', 400),
+    ],
+)
 def test_the_api_rejects_malformed_input_with_a_reason(admin_client, inventory, body, status):
     response = admin_client.post("/api/nodes/web1/deploy/", body, content_type="application/json")
     assert response.status_code == status and "error" in response.json()
@@ -78,7 +90,9 @@ def test_the_api_rejects_malformed_input_with_a_reason(admin_client, inventory, 
 
 
 def test_the_api_deploys_and_reports_409_when_busy(admin_client, inventory):
-    first = admin_client.post("/api/nodes/web1/deploy/", json.dumps({"action": "test"}), content_type="application/json")
+    first = admin_client.post(
+        "/api/nodes/web1/deploy/", json.dumps({"action": "test"}), content_type="application/json"
+    )
     assert first.status_code == 201 and first.json()["deployment"]["commit_sha"] == inventory["sha"]
     second = admin_client.post("/api/nodes/web1/deploy/", "{}", content_type="application/json")
     assert second.status_code == 409
@@ -95,8 +109,9 @@ def test_get_is_not_allowed_on_state_changes(admin_client, inventory):
 
 @pytest.mark.django_db(transaction=True)
 def test_the_full_log_download_matches_the_recorded_hash(admin_client, inventory):
-    d = Deployment.objects.create(node=inventory["node"], action="switch", commit_sha=inventory["sha"],
-                                  flake_attr="devm", status="running")
+    d = Deployment.objects.create(
+        node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm", status="running"
+    )
     writer = logstream.LogWriter(d.pk)
     for i in range(1000):
         writer.write("err" if i % 2 else "out", f"\x1b[1mline\x1b[0m {i}".encode())
@@ -108,8 +123,9 @@ def test_the_full_log_download_matches_the_recorded_hash(admin_client, inventory
 
 @pytest.mark.django_db(transaction=True)
 def test_the_api_log_resumes_after_a_sequence_number(admin_client, inventory):
-    d = Deployment.objects.create(node=inventory["node"], action="switch", commit_sha=inventory["sha"],
-                                  flake_attr="devm", status="running")
+    d = Deployment.objects.create(
+        node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm", status="running"
+    )
     writer = logstream.LogWriter(d.pk)
     for i in range(10):
         writer.write("out", str(i))
@@ -119,13 +135,22 @@ def test_the_api_log_resumes_after_a_sequence_number(admin_client, inventory):
     assert admin_client.get(f"/api/deployments/{d.pk}/log/?after=x").status_code == 400
 
 
-@pytest.mark.parametrize("field,value", [("name", "web;1"), ("host", "$(reboot)"), ("flake_attr", "a b"),
-                                         ("ssh_user", "root;id"), ("port", "70000")])
+@pytest.mark.parametrize(
+    "field,value",
+    [("name", "web;1"), ("host", "$(reboot)"), ("flake_attr", "a b"), ("ssh_user", "root;id"), ("port", "70000")],
+)
 def test_the_node_form_rejects_hostile_values(admin_client, inventory, field, value):
     node = inventory["node"]
-    data = {"name": node.name, "host": node.host, "port": node.port, "ssh_user": node.ssh_user,
-            "flake_attr": node.flake_attr, "repository": node.repository_id, "credential": node.credential_id,
-            "tag_names": "web"}
+    data = {
+        "name": node.name,
+        "host": node.host,
+        "port": node.port,
+        "ssh_user": node.ssh_user,
+        "flake_attr": node.flake_attr,
+        "repository": node.repository_id,
+        "credential": node.credential_id,
+        "tag_names": "web",
+    }
     data[field] = value
     response = admin_client.post("/nodes/web1/edit/", data)
     assert response.status_code == 200, "the form is shown again with its error"
@@ -135,17 +160,32 @@ def test_the_node_form_rejects_hostile_values(admin_client, inventory, field, va
 
 def test_the_node_form_saves_tags(admin_client, inventory):
     node = inventory["node"]
-    data = {"name": node.name, "host": node.host, "port": node.port, "ssh_user": node.ssh_user,
-            "flake_attr": node.flake_attr, "repository": node.repository_id, "credential": node.credential_id,
-            "tag_names": "web, prod"}
+    data = {
+        "name": node.name,
+        "host": node.host,
+        "port": node.port,
+        "ssh_user": node.ssh_user,
+        "flake_attr": node.flake_attr,
+        "repository": node.repository_id,
+        "credential": node.credential_id,
+        "tag_names": "web, prod",
+    }
     assert admin_client.post("/nodes/web1/edit/", data).status_code == 302
     assert sorted(node.tags.values_list("name", flat=True)) == ["prod", "web"]
 
 
 def test_history_tables_show_outcome_commit_and_trigger(admin_client, inventory):
-    d = Deployment.objects.create(node=inventory["node"], action="boot", commit_sha=inventory["sha"],
-                                  flake_attr="devm", status="failed", exit_code=1, requested_revision="main",
-                                  trigger="cli", requested_by_name="alice")
+    d = Deployment.objects.create(
+        node=inventory["node"],
+        action="boot",
+        commit_sha=inventory["sha"],
+        flake_attr="devm",
+        status="failed",
+        exit_code=1,
+        requested_revision="main",
+        trigger="cli",
+        requested_by_name="alice",
+    )
     for url in ["/deployments/", "/nodes/web1/"]:
         page = admin_client.get(url).content.decode()
         assert f"#{d.pk}" in page and "exit 1" in page and "via Command line" in page

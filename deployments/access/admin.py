@@ -53,9 +53,16 @@ class TeamAdmin(TeamManagersOnly, admin.ModelAdmin):
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
         team = form.instance
-        record("team.changed" if change else "team.created", user=request.user, obj=team,
-               details={"before": getattr(request, "_team_before", {}), "after": teams.team_snapshot(team),
-                        "via": "admin"})
+        record(
+            "team.changed" if change else "team.created",
+            user=request.user,
+            obj=team,
+            details={
+                "before": getattr(request, "_team_before", {}),
+                "after": teams.team_snapshot(team),
+                "via": "admin",
+            },
+        )
 
     def delete_model(self, request, obj):
         teams.delete_team(obj, user=request.user)

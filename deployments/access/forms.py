@@ -17,8 +17,9 @@ class TeamForm(forms.ModelForm):
 
 
 class MemberForm(forms.Form):
-    username = forms.CharField(max_length=150, widget=forms.TextInput(attrs={"placeholder": "username",
-                                                                             "autocomplete": "off"}))
+    username = forms.CharField(
+        max_length=150, widget=forms.TextInput(attrs={"placeholder": "username", "autocomplete": "off"})
+    )
 
     def clean_username(self):
         username = self.cleaned_data["username"].strip()
@@ -32,7 +33,9 @@ class GrantForm(forms.ModelForm):
     """A role over one node (by name), a tag or tag prefix, or all nodes."""
 
     node = forms.ModelChoiceField(
-        queryset=Node.objects.all(), to_field_name="name", required=False,
+        queryset=Node.objects.all(),
+        to_field_name="name",
+        required=False,
         widget=forms.TextInput(attrs={"placeholder": "node name", "autocomplete": "off"}),
         error_messages={"invalid_choice": "No node with this name."},
         help_text="Only for the one-node scope.",

@@ -212,8 +212,15 @@ def may(user, capability: str) -> bool:
 
 def _refuse(user, event: str, message: str, *, actor_kind: str | None, obj, object_type: str, required: str):
     with transaction.atomic():
-        record(event, user=user, actor_kind=actor_kind, obj=obj, object_type=object_type, outcome="denied",
-               details={"required": required})
+        record(
+            event,
+            user=user,
+            actor_kind=actor_kind,
+            obj=obj,
+            object_type=object_type,
+            outcome="denied",
+            details={"required": required},
+        )
     raise PermissionDenied(message)
 
 
@@ -224,17 +231,32 @@ def require(user, permission: str, node: Node, *, event: str, actor_kind: str | 
     """
     if user is None or can(user, permission, node):
         return
-    _refuse(user, event, f"You may not {permission} on {node.name}.", actor_kind=actor_kind, obj=node,
-            object_type="", required=permission)
+    _refuse(
+        user,
+        event,
+        f"You may not {permission} on {node.name}.",
+        actor_kind=actor_kind,
+        obj=node,
+        object_type="",
+        required=permission,
+    )
 
 
-def require_global(user, capability: str, *, event: str, obj=None, object_type: str = "",
-                   actor_kind: str | None = None) -> None:
+def require_global(
+    user, capability: str, *, event: str, obj=None, object_type: str = "", actor_kind: str | None = None
+) -> None:
     """Refuse with 403, and record the refusal as ``event``, unless ``user`` has ``capability``."""
     if user is None or may(user, capability):
         return
-    _refuse(user, event, _REFUSALS[capability], actor_kind=actor_kind,
-            obj=obj if obj is not None and obj.pk else None, object_type=object_type, required=capability)
+    _refuse(
+        user,
+        event,
+        _REFUSALS[capability],
+        actor_kind=actor_kind,
+        obj=obj if obj is not None and obj.pk else None,
+        object_type=object_type,
+        required=capability,
+    )
 
 
 _REFUSALS = {

@@ -69,7 +69,10 @@ class Grant(models.Model):
     scope = models.CharField(max_length=4, choices=Scope.choices)
     node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="grants")
     tag = models.CharField(
-        "tag or tag prefix", max_length=51, blank=True, validators=[validate_tag_pattern],
+        "tag or tag prefix",
+        max_length=51,
+        blank=True,
+        validators=[validate_tag_pattern],
         help_text="A tag (web) or a prefix ending in * (db-*); every node carrying a matching tag, now or later.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
@@ -87,15 +90,28 @@ class Grant(models.Model):
                 violation_error_message="A node scope names a node, a tag scope a tag, and an all scope neither.",
             ),
             models.CheckConstraint(
-                name="grant_auditor_global", condition=~Q(role="auditor") | Q(scope="all"),
+                name="grant_auditor_global",
+                condition=~Q(role="auditor") | Q(scope="all"),
                 violation_error_message="The auditor role is global: its scope must be all nodes.",
             ),
-            models.UniqueConstraint(fields=["team", "role", "node"], condition=Q(scope="node"),
-                                    name="grant_unique_node", violation_error_message="The team already has this grant."),
-            models.UniqueConstraint(fields=["team", "role", "tag"], condition=Q(scope="tag"),
-                                    name="grant_unique_tag", violation_error_message="The team already has this grant."),
-            models.UniqueConstraint(fields=["team", "role"], condition=Q(scope="all"),
-                                    name="grant_unique_all", violation_error_message="The team already has this grant."),
+            models.UniqueConstraint(
+                fields=["team", "role", "node"],
+                condition=Q(scope="node"),
+                name="grant_unique_node",
+                violation_error_message="The team already has this grant.",
+            ),
+            models.UniqueConstraint(
+                fields=["team", "role", "tag"],
+                condition=Q(scope="tag"),
+                name="grant_unique_tag",
+                violation_error_message="The team already has this grant.",
+            ),
+            models.UniqueConstraint(
+                fields=["team", "role"],
+                condition=Q(scope="all"),
+                name="grant_unique_all",
+                violation_error_message="The team already has this grant.",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -127,5 +143,10 @@ class Grant(models.Model):
 
     def snapshot(self) -> dict:
         """What the audit trail keeps of a grant."""
-        return {"id": self.pk, "role": self.role, "scope": self.scope,
-                "node": self.node.name if self.node_id else None, "tag": self.tag or None}
+        return {
+            "id": self.pk,
+            "role": self.role,
+            "scope": self.scope,
+            "node": self.node.name if self.node_id else None,
+            "tag": self.tag or None,
+        }

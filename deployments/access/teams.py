@@ -35,8 +35,13 @@ def require_manager(user, *, event: str, team: Team | None = None) -> None:
 
 
 def _record(event: str, team: Team, before: dict, *, user, node=None, details: dict | None = None) -> None:
-    record(event, user=user, obj=team, node=node,
-           details={**(details or {}), "before": before, "after": team_snapshot(team)})
+    record(
+        event,
+        user=user,
+        obj=team,
+        node=node,
+        details={**(details or {}), "before": before, "after": team_snapshot(team)},
+    )
 
 
 def save_team(team: Team, *, user=None) -> Team:
@@ -58,8 +63,14 @@ def delete_team(team: Team, *, user=None) -> None:
         before = team_snapshot(team)
         pk, name = team.pk, team.name
         team.delete()
-        record("team.deleted", user=user, object_type="team", object_id=str(pk), object_repr=name,
-               details={"before": before, "after": {}})
+        record(
+            "team.deleted",
+            user=user,
+            object_type="team",
+            object_id=str(pk),
+            object_repr=name,
+            details={"before": before, "after": {}},
+        )
 
 
 def add_member(team: Team, member, *, user=None) -> None:
@@ -85,8 +96,7 @@ def add_grant(grant: Grant, *, user=None) -> Grant:
     with transaction.atomic():
         before = team_snapshot(grant.team)
         grant.save()
-        _record("team.grant_added", grant.team, before, user=user, node=grant.node,
-                details={"grant": grant.snapshot()})
+        _record("team.grant_added", grant.team, before, user=user, node=grant.node, details={"grant": grant.snapshot()})
     return grant
 
 

@@ -44,13 +44,17 @@ def team_list(request):
 
 
 def _detail(request, team: Team, *, member_form=None, grant_form=None):
-    return render(request, "access/team_detail.html", {
-        "team": team,
-        "members": team.members.order_by("username"),
-        "grants": team.grants.select_related("node").order_by("scope", "tag", "node__name", "role"),
-        "member_form": member_form or MemberForm(),
-        "grant_form": grant_form or GrantForm(team=team),
-    })
+    return render(
+        request,
+        "access/team_detail.html",
+        {
+            "team": team,
+            "members": team.members.order_by("username"),
+            "grants": team.grants.select_related("node").order_by("scope", "tag", "node__name", "role"),
+            "member_form": member_form or MemberForm(),
+            "grant_form": grant_form or GrantForm(team=team),
+        },
+    )
 
 
 @manager_required("team.viewed")

@@ -15,14 +15,8 @@ class AuditConfig(AppConfig):
 
     def ready(self) -> None:
         from django.contrib.auth import signals
-        from django.core import checks
-
-        from controlpanel.bootstrap import check_keys
 
         from . import signals as handlers
-
-        # The panel's generated keys (the audit trail's integrity rests on them too).
-        checks.register(check_keys)
 
         signals.user_logged_in.connect(handlers.logged_in, dispatch_uid="audit-login")
         signals.user_logged_out.connect(handlers.logged_out, dispatch_uid="audit-logout")

@@ -38,8 +38,22 @@ from json.encoder import encode_basestring
 
 GENESIS_HASH = "0" * 64  # the prev_hash of the chain's first event
 HASHED_FIELDS = (
-    "seq", "created_at", "actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id",
-    "object_repr", "node_id", "node_name", "outcome", "details", "source_ip", "user_agent", "request_id",
+    "seq",
+    "created_at",
+    "actor_kind",
+    "actor_id",
+    "actor_name",
+    "action",
+    "object_type",
+    "object_id",
+    "object_repr",
+    "node_id",
+    "node_name",
+    "outcome",
+    "details",
+    "source_ip",
+    "user_agent",
+    "request_id",
 )
 EXPORT_FIELDS = HASHED_FIELDS + ("prev_hash", "hash")
 # The canonical form's key order (sorted), which is also the order verify reads a row's columns in.
@@ -123,9 +137,11 @@ def canonical_parts(event) -> tuple[str, str, str]:
     migration 0004).
     """
     pieces = [key + value for key, value in zip(_KEYS, _encoded(event), strict=True)]
-    return ("".join(pieces[:_TIME_AT]) + _KEYS[_TIME_AT] + '"',
-            '"' + "".join(pieces[_TIME_AT + 1:_SEQ_AT]) + _KEYS[_SEQ_AT],
-            "".join(pieces[_SEQ_AT + 1:]) + "}")
+    return (
+        "".join(pieces[:_TIME_AT]) + _KEYS[_TIME_AT] + '"',
+        '"' + "".join(pieces[_TIME_AT + 1 : _SEQ_AT]) + _KEYS[_SEQ_AT],
+        "".join(pieces[_SEQ_AT + 1 :]) + "}",
+    )
 
 
 # --- Ed25519 signature check (RFC 8032, section 6 reference code) -------------
@@ -296,18 +312,25 @@ class ChainWalker:
             return Problem(seq, f"event #{seq} was modified: its content does not match its hash")
         if not self.subset and event["prev_hash"] != self.last_hash:
             if seq - 1 > self.anchor_seq:
-                return Problem(seq - 1, f"event #{seq - 1} was rewritten, removed or reordered: "
-                                        f"#{seq} does not link to it (prev_hash differs)")
-            return Problem(seq, f"event #{seq} does not link to the start of the chain "
-                                f"(#{self.anchor_seq}, hash {self.anchor_hash[:16]}…)")
+                return Problem(
+                    seq - 1,
+                    f"event #{seq - 1} was rewritten, removed or reordered: "
+                    f"#{seq} does not link to it (prev_hash differs)",
+                )
+            return Problem(
+                seq,
+                f"event #{seq} does not link to the start of the chain "
+                f"(#{self.anchor_seq}, hash {self.anchor_hash[:16]}…)",
+            )
         created_at = event["created_at"]
         if not isinstance(created_at, str):
             created_at = format_time(created_at)
         if created_at < self.last_time:
             return Problem(seq, f"event #{seq} is out of time order: {created_at} is before #{self.last_seq}'s time")
         if seq in self.expected and self.expected[seq][0] != event["hash"]:
-            return Problem(seq, f"event #{seq} does not match {self.expected[seq][1]}: "
-                                f"the chain was rewritten at or before #{seq}")
+            return Problem(
+                seq, f"event #{seq} does not match {self.expected[seq][1]}: the chain was rewritten at or before #{seq}"
+            )
         self.count += 1
         self.last_seq, self.last_hash, self.last_time = seq, event["hash"], created_at
         return None
@@ -353,15 +376,24 @@ def read_csv(path):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="chain.py",
-                                     description="Verify an audit trail export (CSV or JSON Lines) offline.")
+    parser = argparse.ArgumentParser(
+        prog="chain.py", description="Verify an audit trail export (CSV or JSON Lines) offline."
+    )
     parser.add_argument("export", help="the exported file (.csv or .jsonl)")
     parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from the file name")
-    parser.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
-                        help="a signed checkpoint (or archive seal) the export must agree with; repeatable")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a signed checkpoint (or archive seal) the export must agree with; repeatable",
+    )
     parser.add_argument("--public-key", metavar="FILE", help="the panel's Ed25519 public key (PEM), for checkpoints")
-    parser.add_argument("--subset", action="store_true",
-                        help="the export is a filtered view: check each event's hash and order, not the links")
+    parser.add_argument(
+        "--subset",
+        action="store_true",
+        help="the export is a filtered view: check each event's hash and order, not the links",
+    )
     args = parser.parse_args(argv)
 
     fmt = args.format or ("csv" if args.export.endswith(".csv") else "jsonl")
@@ -402,9 +434,11 @@ def main(argv=None) -> int:
     if problem:
         print(f"FAIL: {problem}")
         return 1
-    print(f"OK: {walker.count} events, #{walker.anchor_seq + 1 if walker.count else 0}-#{walker.last_seq}"
-          f"{' (filtered: each hash checked, links not checked)' if args.subset else ', chain intact'}; "
-          f"head hash {walker.last_hash}")
+    print(
+        f"OK: {walker.count} events, #{walker.anchor_seq + 1 if walker.count else 0}-#{walker.last_seq}"
+        f"{' (filtered: each hash checked, links not checked)' if args.subset else ', chain intact'}; "
+        f"head hash {walker.last_hash}"
+    )
     for note in notes:
         print(note)
     return 0
@@ -423,8 +457,10 @@ def _start(first, checkpoints, subset: bool, notes: list) -> ChainWalker:
             anchor_hash = seals[0]["hash"]
             notes.append(f"starts after #{anchor_seq}, sealed by a signed checkpoint")
         else:
-            notes.append(f"note: starts at #{first['seq']}; its link to #{anchor_seq} is not checked "
-                         f"(pass the archive seal of #{anchor_seq} with --checkpoint to check it)")
+            notes.append(
+                f"note: starts at #{first['seq']}; its link to #{anchor_seq} is not checked "
+                f"(pass the archive seal of #{anchor_seq} with --checkpoint to check it)"
+            )
     walker = ChainWalker(anchor_seq=anchor_seq, anchor_hash=anchor_hash, subset=subset)
     for name, cp in checkpoints:
         if cp["seq"] > anchor_seq or subset:

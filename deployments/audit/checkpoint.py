@@ -47,8 +47,7 @@ def signing_key() -> Ed25519PrivateKey:
         pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     # O_EXCL: two processes starting together must not each write a different key.
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -105,8 +104,14 @@ def sign(payload: dict) -> dict:
     return doc
 
 
-def write_checkpoint(kind: str = "periodic", *, force: bool = False, seq: int | None = None,
-                     hash_: str | None = None, extra: dict | None = None) -> Path | None:
+def write_checkpoint(
+    kind: str = "periodic",
+    *,
+    force: bool = False,
+    seq: int | None = None,
+    hash_: str | None = None,
+    extra: dict | None = None,
+) -> Path | None:
     """Sign the chain head (or ``seq``/``hash_``) and write it as a new file; return its path.
 
     A periodic run with no new event since the last checkpoint writes nothing.
@@ -137,8 +142,9 @@ def _ship(doc: dict) -> None:
     url = settings.AUDIT_CHECKPOINT_URL
     if not url:
         return
-    request = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(doc).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310  (operator's URL)
             response.read()

@@ -16,9 +16,9 @@ REFUSAL = "audit events are append-only"
 
 SQLITE_TRIGGERS = {
     "audit_auditevent_no_update": f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_no_update BEFORE UPDATE ON {TABLE} "
-                                  f"BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END",
+    f"BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END",
     "audit_auditevent_no_delete": f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_no_delete BEFORE DELETE ON {TABLE} "
-                                  f"BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END",
+    f"BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END",
 }
 POSTGRES_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION audit_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -28,9 +28,9 @@ END
 $$"""
 POSTGRES_TRIGGERS = {
     "audit_auditevent_append_only": f"CREATE TRIGGER audit_auditevent_append_only BEFORE UPDATE OR DELETE ON {TABLE} "
-                                    f"FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()",
+    f"FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()",
     "audit_auditevent_no_truncate": f"CREATE TRIGGER audit_auditevent_no_truncate BEFORE TRUNCATE ON {TABLE} "
-                                    f"FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()",
+    f"FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()",
 }
 
 
@@ -85,20 +85,17 @@ def triggers_lifted(connection):
 
 SEARCH_TABLE = "audit_auditevent_search"
 SQLITE_SEARCH_TRIGGERS = {
-    "audit_auditevent_search_insert":
-        f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_insert AFTER INSERT ON {TABLE} BEGIN "
-        f"INSERT INTO {SEARCH_TABLE} (rowid, object_repr, node_name) "
-        f"VALUES (new.id, new.object_repr, new.node_name); END",
-    "audit_auditevent_search_update":
-        f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_update AFTER UPDATE ON {TABLE} BEGIN "
-        f"INSERT INTO {SEARCH_TABLE} ({SEARCH_TABLE}, rowid, object_repr, node_name) "
-        f"VALUES ('delete', old.id, old.object_repr, old.node_name); "
-        f"INSERT INTO {SEARCH_TABLE} (rowid, object_repr, node_name) "
-        f"VALUES (new.id, new.object_repr, new.node_name); END",
-    "audit_auditevent_search_delete":
-        f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_delete AFTER DELETE ON {TABLE} BEGIN "
-        f"INSERT INTO {SEARCH_TABLE} ({SEARCH_TABLE}, rowid, object_repr, node_name) "
-        f"VALUES ('delete', old.id, old.object_repr, old.node_name); END",
+    "audit_auditevent_search_insert": f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_insert AFTER INSERT ON {TABLE} BEGIN "
+    f"INSERT INTO {SEARCH_TABLE} (rowid, object_repr, node_name) "
+    f"VALUES (new.id, new.object_repr, new.node_name); END",
+    "audit_auditevent_search_update": f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_update AFTER UPDATE ON {TABLE} BEGIN "
+    f"INSERT INTO {SEARCH_TABLE} ({SEARCH_TABLE}, rowid, object_repr, node_name) "
+    f"VALUES ('delete', old.id, old.object_repr, old.node_name); "
+    f"INSERT INTO {SEARCH_TABLE} (rowid, object_repr, node_name) "
+    f"VALUES (new.id, new.object_repr, new.node_name); END",
+    "audit_auditevent_search_delete": f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_search_delete AFTER DELETE ON {TABLE} BEGIN "
+    f"INSERT INTO {SEARCH_TABLE} ({SEARCH_TABLE}, rowid, object_repr, node_name) "
+    f"VALUES ('delete', old.id, old.object_repr, old.node_name); END",
 }
 SEARCH_MIN_LENGTH = 3  # a trigram index finds substrings of 3 characters or more
 _search_tables: dict[tuple, bool] = {}

@@ -85,10 +85,12 @@ def csv_lines(chunk: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     for row in chunk:
-        writer.writerow([
-            canonical_json(row["details"]) if name == "details" else ("" if row[name] is None else row[name])
-            for name in EXPORT_FIELDS
-        ])
+        writer.writerow(
+            [
+                canonical_json(row["details"]) if name == "details" else ("" if row[name] is None else row[name])
+                for name in EXPORT_FIELDS
+            ]
+        )
     return out.getvalue()
 
 
@@ -103,4 +105,3 @@ def chunks(qs: QuerySet, fmt: str, *, through_seq: int | None = None) -> Iterato
 
 def head_seq() -> int:
     return AuditEvent.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
-

@@ -87,13 +87,21 @@ class AuditFilter:
         lo = hi = None
         since, until = parse_time(self.since), parse_time(self.until, end=True)
         if since:
-            lo = (AuditEvent.objects.filter(created_at__gte=since).order_by("created_at")
-                  .values_list("seq", flat=True).first())
+            lo = (
+                AuditEvent.objects.filter(created_at__gte=since)
+                .order_by("created_at")
+                .values_list("seq", flat=True)
+                .first()
+            )
             if lo is None:
                 return 1, 0
         if until:
-            hi = (AuditEvent.objects.filter(created_at__lt=until).order_by("-created_at")
-                  .values_list("seq", flat=True).first())
+            hi = (
+                AuditEvent.objects.filter(created_at__lt=until)
+                .order_by("-created_at")
+                .values_list("seq", flat=True)
+                .first()
+            )
             if hi is None:
                 return 1, 0
         return lo, hi
@@ -123,8 +131,11 @@ class AuditFilter:
             # narrows by its FTS5 trigram table first (a superset: it folds case more widely than LIKE).
             connection = connections[qs.db]
             if indexed and len(self.q) >= SEARCH_MIN_LENGTH and has_search_table(connection):
-                qs = qs.filter(id__in=RawSQL(f"SELECT rowid FROM {SEARCH_TABLE} WHERE {SEARCH_TABLE} MATCH %s",
-                                             [search_phrase(self.q)]))
+                qs = qs.filter(
+                    id__in=RawSQL(
+                        f"SELECT rowid FROM {SEARCH_TABLE} WHERE {SEARCH_TABLE} MATCH %s", [search_phrase(self.q)]
+                    )
+                )
         lo, hi = self.seq_range()
         if lo is not None:
             qs = qs.filter(seq__gte=lo)
@@ -132,8 +143,9 @@ class AuditFilter:
             qs = qs.filter(seq__lte=hi)
         return qs
 
-    def page(self, *, below: int | None = None, above: int | None = None, limit: int,
-             fields: tuple[str, ...] = ()) -> list[AuditEvent]:
+    def page(
+        self, *, below: int | None = None, above: int | None = None, limit: int, fields: tuple[str, ...] = ()
+    ) -> list[AuditEvent]:
         """Up to ``limit`` matching events with ``seq < below`` newest first, or ``seq > above`` oldest first.
 
         Free text is found two ways, so both a term that matches every few events

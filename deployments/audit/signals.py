@@ -21,5 +21,11 @@ def login_failed(sender, credentials, request=None, **kwargs) -> None:
     # Django has already masked the password in ``credentials``; keep only the name tried.
     username = str(credentials.get("username", ""))[:150]
     with transaction.atomic():
-        record("auth.login_failed", actor_kind="anonymous", actor_name=username, outcome="failure",
-               object_type="user", object_repr=username)
+        record(
+            "auth.login_failed",
+            actor_kind="anonymous",
+            actor_name=username,
+            outcome="failure",
+            object_type="user",
+            object_repr=username,
+        )

@@ -45,8 +45,9 @@ class Report:
         if self.problem:
             lines.append(f"FAIL: {self.problem}")
         else:
-            lines.append(f"OK: {self.count} events, #{self.first_seq}-#{self.last_seq}, chain intact; "
-                         f"head hash {self.head_hash}")
+            lines.append(
+                f"OK: {self.count} events, #{self.first_seq}-#{self.last_seq}, chain intact; head hash {self.head_hash}"
+            )
         return "\n".join(lines)
 
 
@@ -58,11 +59,20 @@ def verify_chain(checkpoint_file: Path | None = None, *, batch: int = BATCH, wor
     early: Problem | None = None
     if first and first[0] > 1:
         # Events before it were archived: the archive's signed seal must name the event just before.
-        seal = next((cp for cp in checkpoints.checkpoints("archive")
-                     if cp.seq == first[0] - 1 and checkpoints.is_authentic(cp)), None)
+        seal = next(
+            (
+                cp
+                for cp in checkpoints.checkpoints("archive")
+                if cp.seq == first[0] - 1 and checkpoints.is_authentic(cp)
+            ),
+            None,
+        )
         if seal is None:
-            early = Problem(1, f"events #1-#{first[0] - 1} removed: the chain starts at #{first[0]} "
-                               f"and no signed archive seal covers them")
+            early = Problem(
+                1,
+                f"events #1-#{first[0] - 1} removed: the chain starts at #{first[0]} "
+                f"and no signed archive seal covers them",
+            )
         else:
             anchor_seq, anchor_hash = seal.seq, seal.hash
             notes.append(f"events #1-#{seal.seq} archived; sealed by {seal.path.name}")
@@ -73,8 +83,9 @@ def verify_chain(checkpoint_file: Path | None = None, *, batch: int = BATCH, wor
     cp = checkpoints.read_checkpoint(checkpoint_file) if checkpoint_file else checkpoints.latest_checkpoint()
     if cp is not None:
         if not checkpoints.is_authentic(cp):
-            walker.problem = walker.problem or Problem(cp.seq, f"checkpoint {cp.path.name} is not signed by "
-                                                               f"the panel's audit key: it was forged or altered")
+            walker.problem = walker.problem or Problem(
+                cp.seq, f"checkpoint {cp.path.name} is not signed by the panel's audit key: it was forged or altered"
+            )
         elif cp.seq > anchor_seq:
             walker.expect(cp.seq, cp.hash, f"checkpoint {cp.path.name}")
             notes.append(f"checking against checkpoint {cp.path.name} (#{cp.seq})")
@@ -84,8 +95,15 @@ def verify_chain(checkpoint_file: Path | None = None, *, batch: int = BATCH, wor
     if walker.problem is None:
         _walk(walker, batch=batch, workers=workers)
     walker.finish()
-    return Report(ok=walker.problem is None, count=walker.count, first_seq=anchor_seq + 1,
-                  last_seq=walker.last_seq, head_hash=walker.last_hash, problem=walker.problem, notes=notes)
+    return Report(
+        ok=walker.problem is None,
+        count=walker.count,
+        first_seq=anchor_seq + 1,
+        last_seq=walker.last_seq,
+        head_hash=walker.last_hash,
+        problem=walker.problem,
+        notes=notes,
+    )
 
 
 # --- the walk, split by seq range (deployments/audit/walk.py) -----------------------------------
@@ -100,7 +118,8 @@ def _walk(walker: ChainWalker, *, batch: int, workers: int | None) -> None:
         return
     if workers is None:
         shareable = not connection.in_atomic_block and not (
-            connection.vendor == "sqlite" and connection.is_in_memory_db())
+            connection.vendor == "sqlite" and connection.is_in_memory_db()
+        )
         workers = (os.cpu_count() or 1) if shareable and high - low + 1 >= PARALLEL_MIN_EVENTS else 1
     parts = max(1, workers * SEGMENTS_PER_WORKER if workers > 1 else 1)
     cuts = sorted({low + (high - low + 1) * i // parts for i in range(1, parts)} - {low})
@@ -127,8 +146,12 @@ def _walk_in_processes(walker: ChainWalker, segments: list[Segment], job: tuple,
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", "deployments.audit.walk"])  # used when the server starts
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
-                               initargs=({DEFAULT_DB_ALIAS: dict(connection.settings_dict)},))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=start_worker,
+        initargs=({DEFAULT_DB_ALIAS: dict(connection.settings_dict)},),
+    )
     try:
         futures = [pool.submit(walk_segment, segment, *job, in_worker=True) for segment in segments]
         for future in futures:

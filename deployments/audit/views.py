@@ -32,8 +32,22 @@ from .query import AuditFilter
 from .writer import record
 
 PAGE_SIZE = 50
-LIST_FIELDS = ("seq", "created_at", "actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id",
-               "object_repr", "node_id", "node_name", "outcome", "source_ip", "request_id")
+LIST_FIELDS = (
+    "seq",
+    "created_at",
+    "actor_kind",
+    "actor_id",
+    "actor_name",
+    "action",
+    "object_type",
+    "object_id",
+    "object_repr",
+    "node_id",
+    "node_name",
+    "outcome",
+    "source_ip",
+    "request_id",
+)
 
 
 def _require_auditor(request) -> None:
@@ -61,8 +75,9 @@ def object_links(event: AuditEvent) -> dict:
             for model in admin_site._registry:
                 if model._meta.model_name == event.object_type:
                     opts = model._meta
-                    links["object"] = reverse(f"admin:{opts.app_label}_{opts.model_name}_change",
-                                              args=[int(event.object_id)])
+                    links["object"] = reverse(
+                        f"admin:{opts.app_label}_{opts.model_name}_change", args=[int(event.object_id)]
+                    )
                     break
         if event.node_name and event.object_type != "node":
             links["node"] = reverse("deployments:node-detail", args=[event.node_name])
@@ -86,25 +101,28 @@ def event_list(request):
         events = f.page(below=before, limit=PAGE_SIZE + 1, fields=LIST_FIELDS)
         has_older = len(events) > PAGE_SIZE
         events = events[:PAGE_SIZE]
-        has_newer = (before is not None and bool(events)
-                     and bool(f.page(above=events[0].seq, limit=1, fields=("seq",))))
+        has_newer = before is not None and bool(events) and bool(f.page(above=events[0].seq, limit=1, fields=("seq",)))
     for event in events:
         event.links = object_links(event)
-    return render(request, "audit/event_list.html", {
-        "events": events,
-        "filter": f,
-        "filtered": bool(f),
-        "errors": errors,
-        "has_newer": has_newer,
-        "has_older": has_older,
-        "newest_seq": events[0].seq if events else None,
-        "oldest_seq": events[-1].seq if events else None,
-        "outcomes": AuditEvent.Outcome.choices,
-        "known_events": EVENT_NAMES,
-        "node_names": visible_nodes(request.user).order_by("name").values_list("name", flat=True)[:500],
-        "actor_names": get_user_model().objects.order_by("username").values_list("username", flat=True)[:500],
-        "export_query": f.as_dict(),
-    })
+    return render(
+        request,
+        "audit/event_list.html",
+        {
+            "events": events,
+            "filter": f,
+            "filtered": bool(f),
+            "errors": errors,
+            "has_newer": has_newer,
+            "has_older": has_older,
+            "newest_seq": events[0].seq if events else None,
+            "oldest_seq": events[-1].seq if events else None,
+            "outcomes": AuditEvent.Outcome.choices,
+            "known_events": EVENT_NAMES,
+            "node_names": visible_nodes(request.user).order_by("name").values_list("name", flat=True)[:500],
+            "actor_names": get_user_model().objects.order_by("username").values_list("username", flat=True)[:500],
+            "export_query": f.as_dict(),
+        },
+    )
 
 
 @login_required
@@ -116,13 +134,17 @@ def event_detail(request, seq: int):
         raise Http404("No such audit event") from None
     previous = AuditEvent.objects.filter(seq__lt=seq).order_by("-seq").values_list("seq", flat=True).first()
     following = AuditEvent.objects.filter(seq__gt=seq).order_by("seq").values_list("seq", flat=True).first()
-    return render(request, "audit/event_detail.html", {
-        "event": event,
-        "links": object_links(event),
-        "details_json": json.dumps(event.details, indent=2, sort_keys=True, ensure_ascii=False),
-        "previous": previous,
-        "following": following,
-    })
+    return render(
+        request,
+        "audit/event_detail.html",
+        {
+            "event": event,
+            "links": object_links(event),
+            "details_json": json.dumps(event.details, indent=2, sort_keys=True, ensure_ascii=False),
+            "previous": previous,
+            "following": following,
+        },
+    )
 
 
 @login_required
@@ -136,8 +158,9 @@ def event_export(request, fmt: str):
         raise Http404("; ".join(errors))
     through = export.head_seq()
     with transaction.atomic():
-        record("audit.exported", user=request.user,
-               details={"format": fmt, "filters": f.as_dict(), "through_seq": through})
+        record(
+            "audit.exported", user=request.user, details={"format": fmt, "filters": f.as_dict(), "through_seq": through}
+        )
     content = export.chunks(f.queryset(), fmt, through_seq=through)
     if isinstance(request, ASGIRequest):
         # Under daphne a sync iterator would be read whole into memory first; feed it batch by batch.

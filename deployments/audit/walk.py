@@ -59,8 +59,9 @@ def start_worker(databases: dict) -> None:
     settings.configure(DATABASES=databases, USE_TZ=True, TIME_ZONE="UTC")
 
 
-def walk_segment(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dict, batch: int,
-                 *, in_worker: bool = False) -> Segment:
+def walk_segment(
+    segment: Segment, anchor_seq: int, anchor_hash: str, expected: dict, batch: int, *, in_worker: bool = False
+) -> Segment:
     try:
         return walk_rows(segment, anchor_seq, anchor_hash, expected, batch)
     finally:
@@ -78,8 +79,10 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
     last_seq, last_hash, last_time = anchor_seq, anchor_hash, ""
     with connection.cursor() as cur:
         if segment.start is not None:
-            cur.execute(f"SELECT seq, hash, {time_sql} FROM audit_auditevent WHERE seq < %s "
-                        f"ORDER BY seq DESC LIMIT 1", [segment.start])
+            cur.execute(
+                f"SELECT seq, hash, {time_sql} FROM audit_auditevent WHERE seq < %s ORDER BY seq DESC LIMIT 1",
+                [segment.start],
+            )
             before = cur.fetchone()
             if before is not None:
                 last_seq, last_hash, last_time = before[0], before[1], canonical_time(before[2])
@@ -98,9 +101,14 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
                 seq, prev_hash, hash_ = row[_SEQ], row[_PREV], row[_HASH]
                 created_at = canonical_time(row[_TIME]) if sqlite else row[_TIME]
                 # The plainly sound case, inline; anything else goes to ChainWalker for its verdict.
-                if (seq == last_seq + 1 and prev_hash == last_hash and type(created_at) is str
-                        and created_at >= last_time and seq not in expected
-                        and _sha256((prev_hash + _canonical_row(row, created_at)).encode()).hexdigest() == hash_):
+                if (
+                    seq == last_seq + 1
+                    and prev_hash == last_hash
+                    and type(created_at) is str
+                    and created_at >= last_time
+                    and seq not in expected
+                    and _sha256((prev_hash + _canonical_row(row, created_at)).encode()).hexdigest() == hash_
+                ):
                     last_seq, last_hash, last_time = seq, hash_, created_at
                     count += 1
                     continue
@@ -135,7 +143,10 @@ def _canonical_row(row, created_at: str) -> str:
     """``chain.canonical()`` of a row, from its values (no dict built); details arrive as JSON text."""
     values = [encode_value(x) for x in row[:_FIELDS]]
     details = row[_DETAILS]
-    values[_TIME], values[_DETAILS] = encode_value(created_at), "{}" if details == "{}" else encode_value(_details(details))
+    values[_TIME], values[_DETAILS] = (
+        encode_value(created_at),
+        "{}" if details == "{}" else encode_value(_details(details)),
+    )
     return canonical_encoded(values)
 
 

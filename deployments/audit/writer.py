@@ -27,6 +27,7 @@ from django.db import connection
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
+from . import events
 from .chain import GENESIS_HASH, canonical_json, canonical_parts, chain_hash
 from .context import current
 from .models import AuditEvent
@@ -35,17 +36,36 @@ from .models import AuditEvent
 CHAIN_LOCK_KEY = 0x6E69786F73  # "nixos"
 
 _INSERT_FIELDS = [f for f in AuditEvent._meta.concrete_fields if not f.primary_key]
-_INSERT_SQL = "INSERT INTO {} ({}) VALUES ({})".format(
-    AuditEvent._meta.db_table, ", ".join(f.column for f in _INSERT_FIELDS), ", ".join(["%s"] * len(_INSERT_FIELDS))
-) + " RETURNING id"
+_INSERT_SQL = (
+    "INSERT INTO {} ({}) VALUES ({})".format(
+        AuditEvent._meta.db_table, ", ".join(f.column for f in _INSERT_FIELDS), ", ".join(["%s"] * len(_INSERT_FIELDS))
+    )
+    + " RETURNING id"
+)
 # PostgreSQL: lock, head, clock, hash and INSERT in one call (migration 0004).
-_APPEND_SQL = ("SELECT new_id, new_seq, new_time, new_prev, new_hash FROM audit_append("
-               "%s::bigint, %s::boolean, %s::text, %s::text, %s::text, "
-               "%s::text, %s::bigint, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bigint, %s::text, "
-               "%s::text, %s::text, %s::text, %s::text, %s::text)")
+_APPEND_SQL = (
+    "SELECT new_id, new_seq, new_time, new_prev, new_hash FROM audit_append("
+    "%s::bigint, %s::boolean, %s::text, %s::text, %s::text, "
+    "%s::text, %s::bigint, %s::text, %s::text, %s::text, %s::text, %s::text, %s::bigint, %s::text, "
+    "%s::text, %s::text, %s::text, %s::text, %s::text)"
+)
 _ATTNAMES = tuple(f.attname for f in AuditEvent._meta.concrete_fields)
-_APPEND_FIELDS = ("actor_kind", "actor_id", "actor_name", "action", "object_type", "object_id", "object_repr",
-                  "node_id", "node_name", "outcome", "details", "source_ip", "user_agent", "request_id")
+_APPEND_FIELDS = (
+    "actor_kind",
+    "actor_id",
+    "actor_name",
+    "action",
+    "object_type",
+    "object_id",
+    "object_repr",
+    "node_id",
+    "node_name",
+    "outcome",
+    "details",
+    "source_ip",
+    "user_agent",
+    "request_id",
+)
 _MAX = {f.name: f.max_length for f in AuditEvent._meta.concrete_fields if getattr(f, "max_length", None)}
 
 
@@ -99,7 +119,7 @@ def _read_head_sqlite() -> tuple[int, str, datetime | None, datetime]:
 
 
 def record(
-    action: str,
+    event: str,
     *,
     user=None,
     actor_kind: str | None = None,
@@ -112,13 +132,14 @@ def record(
     outcome: str = AuditEvent.Outcome.SUCCESS,
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one event to the chain, inside the caller's transaction.
+    """Append one ``event`` (a name registered in ``events.py``) to the chain, inside the caller's transaction.
 
     ``user`` is the acting user (its id and username are kept); without one,
     ``actor_kind`` says who acted (system, cli, webhook, anonymous) and
     ``actor_name`` may name them (a failed login's username).  ``details`` must
     never hold secrets; callers pass non-secret fields only.
     """
+    events.check_event(event)
     if not connection.in_atomic_block:
         raise RuntimeError("audit.record() must run inside the transaction of the change it records")
     ctx = current.get()
@@ -133,7 +154,7 @@ def record(
         actor_kind=kind,
         actor_id=actor_id,
         actor_name=_text("actor_name", actor_name),
-        action=_text("action", action),
+        action=_text("action", event),  # the stored field keeps its name: it is hashed
         object_type=_text("object_type", object_type),
         object_id=_text("object_id", object_id),
         object_repr=_text("object_repr", object_repr),

@@ -37,8 +37,12 @@ def _api_login_required(view):
 
 def _node_json(node: Node) -> dict:
     return {
-        "name": node.name, "host": node.host, "port": node.port, "flake_attr": node.flake_attr,
-        "tags": [t.name for t in node.tags.all()], "host_key_fingerprint": node.host_key_fingerprint,
+        "name": node.name,
+        "host": node.host,
+        "port": node.port,
+        "flake_attr": node.flake_attr,
+        "tags": [t.name for t in node.tags.all()],
+        "host_key_fingerprint": node.host_key_fingerprint,
     }
 
 
@@ -65,8 +69,11 @@ def api_deploy(request, name):
         return JsonResponse({"error": "invalid input", "fields": form.errors.get_json_data()}, status=400)
     try:
         deployment = lifecycle.request_deployment(
-            node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"],
-            user=request.user, trigger=Deployment.Trigger.API,
+            node,
+            action=form.cleaned_data["action"],
+            revision=form.cleaned_data["revision"],
+            user=request.user,
+            trigger=Deployment.Trigger.API,
         )
     except NodeBusy as exc:
         return JsonResponse({"error": str(exc)}, status=409)

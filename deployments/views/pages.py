@@ -46,10 +46,18 @@ def dashboard(request):
     page = Paginator(_with_last_deployment(nodes).order_by("name"), 100).get_page(request.GET.get("page"))
     page.object_list = _attach_last(page.object_list)
     active = gate.visible_deployments(request.user).filter(status__in=Deployment.ACTIVE).count()
-    return render(request, "deployments/dashboard.html", {
-        "page": page, "nodes": page.object_list, "tag": tag, "q": query, "active_count": active,
-        "can_add_node": gate.may(request.user, gate.MANAGE_INVENTORY),
-    })
+    return render(
+        request,
+        "deployments/dashboard.html",
+        {
+            "page": page,
+            "nodes": page.object_list,
+            "tag": tag,
+            "q": query,
+            "active_count": active,
+            "can_add_node": gate.may(request.user, gate.MANAGE_INVENTORY),
+        },
+    )
 
 
 @login_required
@@ -57,14 +65,18 @@ def dashboard(request):
 def node_detail(request, name):
     node = gate.node_for(request.user, name, VIEW)
     deployments = Paginator(node.deployments.all(), 25).get_page(request.GET.get("page"))
-    return render(request, "deployments/node_detail.html", {
-        "node": node,
-        "deployments": deployments,
-        "form": DeployForm(),
-        "can_deploy": gate.can(request.user, DEPLOY, node),
-        "can_admin": gate.can(request.user, ADMIN, node),
-        "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
-    })
+    return render(
+        request,
+        "deployments/node_detail.html",
+        {
+            "node": node,
+            "deployments": deployments,
+            "form": DeployForm(),
+            "can_deploy": gate.can(request.user, DEPLOY, node),
+            "can_admin": gate.can(request.user, ADMIN, node),
+            "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
+        },
+    )
 
 
 @login_required
@@ -117,18 +129,27 @@ def node_hostkey(request, name):
                 form = PinHostKeyForm(request.POST)
                 if not form.is_valid():
                     return HttpResponseBadRequest("Missing key or fingerprint.")
-                inventory.pin_host_key(node, form.cleaned_data["key"], user=request.user,
-                                     expected_fingerprint=form.cleaned_data["fingerprint"])
+                inventory.pin_host_key(
+                    node,
+                    form.cleaned_data["key"],
+                    user=request.user,
+                    expected_fingerprint=form.cleaned_data["fingerprint"],
+                )
                 messages.success(request, f"Pinned host key {node.host_key_fingerprint} for {node.name}.")
                 return redirect(node)
             else:
                 return HttpResponseBadRequest("Unknown operation.")
         except RequestError as exc:
             messages.error(request, str(exc))
-    return render(request, "deployments/node_hostkey.html", {
-        "node": node, "scanned": scanned,
-        "changed": bool(scanned and node.host_key and scanned.openssh != node.host_key),
-    })
+    return render(
+        request,
+        "deployments/node_hostkey.html",
+        {
+            "node": node,
+            "scanned": scanned,
+            "changed": bool(scanned and node.host_key and scanned.openssh != node.host_key),
+        },
+    )
 
 
 @login_required
@@ -142,23 +163,34 @@ def deployment_list(request):
     if node:
         qs = qs.filter(node__name=node)
     page = Paginator(qs, 50).get_page(request.GET.get("page"))
-    return render(request, "deployments/deployment_list.html", {
-        "page": page, "status": status, "node": node, "statuses": Deployment.Status.choices,
-    })
+    return render(
+        request,
+        "deployments/deployment_list.html",
+        {
+            "page": page,
+            "status": status,
+            "node": node,
+            "statuses": Deployment.Status.choices,
+        },
+    )
 
 
 @login_required
 @require_GET
 def deployment_detail(request, pk):
     deployment = gate.deployment_for(request.user, pk, VIEW)
-    return render(request, "deployments/deployment_detail.html", {
-        "deployment": deployment,
-        "node": deployment.node,
-        "can_cancel": deployment.is_active and gate.can(request.user, DEPLOY, deployment.node),
-        "can_deploy": gate.can(request.user, DEPLOY, deployment.node),
-        "status_json": deployment.status_payload(),
-        "terminal_statuses": [str(s) for s in Deployment.TERMINAL],
-    })
+    return render(
+        request,
+        "deployments/deployment_detail.html",
+        {
+            "deployment": deployment,
+            "node": deployment.node,
+            "can_cancel": deployment.is_active and gate.can(request.user, DEPLOY, deployment.node),
+            "can_deploy": gate.can(request.user, DEPLOY, deployment.node),
+            "status_json": deployment.status_payload(),
+            "terminal_statuses": [str(s) for s in Deployment.TERMINAL],
+        },
+    )
 
 
 @login_required

@@ -73,14 +73,21 @@ class World:
         self.repository = Repository.objects.create(name="flakes", url=str(git_repo), branch="main")
         self.nodes = {}
         for name, tag in ((IN_SCOPE, "web"), (OUT_OF_SCOPE, "db-main")):
-            node = Node(name=name, host=f"{name}.example.test", flake_attr=name, repository=self.repository,
-                        credential=credential, host_key=HOST_KEY)
+            node = Node(
+                name=name,
+                host=f"{name}.example.test",
+                flake_attr=name,
+                repository=self.repository,
+                credential=credential,
+                host_key=HOST_KEY,
+            )
             node.host_key_fingerprint = "SHA256:test"
             inventory.save_object(node, tags=[tag])
             self.nodes[name] = node
         self.finished = {
-            name: Deployment.objects.create(node=node, action="switch", commit_sha=COMMIT, flake_attr=name,
-                                            status=Deployment.Status.SUCCEEDED)
+            name: Deployment.objects.create(
+                node=node, action="switch", commit_sha=COMMIT, flake_attr=name, status=Deployment.Status.SUCCEEDED
+            )
             for name, node in self.nodes.items()
         }
         # A team the personas are not in, for the team pages.
@@ -91,8 +98,13 @@ class World:
 
     def queue(self, node_name: str) -> Deployment:
         """An active deployment on ``node_name``, for the cancel routes."""
-        return Deployment.objects.create(node=self.nodes[node_name], action="switch", commit_sha=COMMIT,
-                                         flake_attr=node_name, status=Deployment.Status.QUEUED)
+        return Deployment.objects.create(
+            node=self.nodes[node_name],
+            action="switch",
+            commit_sha=COMMIT,
+            flake_attr=node_name,
+            status=Deployment.Status.QUEUED,
+        )
 
     def persona(self, name: str):
         """The user playing ``name`` (None for anonymous), with their one team and grant."""
@@ -107,9 +119,13 @@ class World:
             role, scope = grant
             team = Team.objects.create(name=f"team-{name}")
             team.members.add(user)
-            Grant.objects.create(team=team, role=role, scope=scope,
-                                 node=self.nodes[IN_SCOPE] if scope == "node" else None,
-                                 tag="web" if scope == "tag" else "")
+            Grant.objects.create(
+                team=team,
+                role=role,
+                scope=scope,
+                node=self.nodes[IN_SCOPE] if scope == "node" else None,
+                tag="web" if scope == "tag" else "",
+            )
         return user
 
 

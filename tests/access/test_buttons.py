@@ -7,11 +7,14 @@ from .conftest import grant
 pytestmark = pytest.mark.django_db
 
 
-@pytest.mark.parametrize("role,deploy_form,admin_links", [
-    ("viewer", False, False),
-    ("deployer", True, False),
-    ("admin", True, True),
-])
+@pytest.mark.parametrize(
+    "role,deploy_form,admin_links",
+    [
+        ("viewer", False, False),
+        ("deployer", True, False),
+        ("admin", True, True),
+    ],
+)
 def test_the_node_page_shows_bob_only_the_controls_of_his_role(client, world, users, role, deploy_form, admin_links):
     bob = users[1]
     grant(bob, role, tag="web")

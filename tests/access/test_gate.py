@@ -58,8 +58,19 @@ def test_an_auditor_grant_must_cover_all_nodes(world):
         Grant(team=team, role="auditor", scope="tag", tag="web").full_clean()
 
 
-@pytest.mark.parametrize("pattern,valid", [("web", True), ("db-*", True), ("db-main", True), ("*", False),
-                                           ("d*b", False), ("Web", False), ("db;*", False), ("db**", False)])
+@pytest.mark.parametrize(
+    "pattern,valid",
+    [
+        ("web", True),
+        ("db-*", True),
+        ("db-main", True),
+        ("*", False),
+        ("d*b", False),
+        ("Web", False),
+        ("db;*", False),
+        ("db**", False),
+    ],
+)
 def test_a_tag_scope_is_a_tag_or_a_prefix_with_a_trailing_star(world, pattern, valid):
     team = Team.objects.create(name="t")
     g = Grant(team=team, role="viewer", scope="tag", tag=pattern)
@@ -124,9 +135,14 @@ def test_the_dashboard_costs_the_same_queries_for_10_or_100_nodes(client, world,
     def add_web_nodes(count):
         start = Node.objects.count()
         for i in range(start, start + count):
-            node = Node.objects.create(name=f"web-x{i}", host="192.0.2.1", flake_attr="web",
-                                       repository=world.repository, credential=world.nodes["web-1"].credential,
-                                       host_key=HOST_KEY)
+            node = Node.objects.create(
+                name=f"web-x{i}",
+                host="192.0.2.1",
+                flake_attr="web",
+                repository=world.repository,
+                credential=world.nodes["web-1"].credential,
+                host_key=HOST_KEY,
+            )
             node.tags.add(world.nodes["web-1"].tags.get())
 
     add_web_nodes(9)

@@ -52,6 +52,7 @@ def websocket_route_names() -> list[str]:
 
 # --- expectations --------------------------------------------------------------
 
+
 def signed_in(ok: int, *, api: bool = False):
     """Any signed-in user; lists inside are filtered, not refused."""
     return lambda persona, lvl: (401 if api else 302) if persona == "anonymous" else ok
@@ -114,8 +115,12 @@ def _node(world, target):
 
 
 def _admin_urls(world):
-    return [reverse("admin:index"), reverse("admin:access_team_changelist"),
-            reverse("admin:deployments_node_changelist"), reverse("admin:access_team_change", args=[world.ops.pk])]
+    return [
+        reverse("admin:index"),
+        reverse("admin:access_team_changelist"),
+        reverse("admin:deployments_node_changelist"),
+        reverse("admin:access_team_change", args=[world.ops.pk]),
+    ]
 
 
 # Arguments for the audit pages that take some; an audit page missing here fails the matrix.
@@ -147,36 +152,47 @@ RULES: dict[str, Rule] = {
     "deployments:node-add": Rule("GET", superuser_only(200)),
     "deployments:node-detail": Rule("GET", on_node(1, 200), _node, node_route=True),
     "deployments:node-edit": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
-    "deployments:node-deploy": Rule("POST", on_node(2, 302), _node, {"action": "switch"}, node_route=True,
-                                    denial_audited=True),
+    "deployments:node-deploy": Rule(
+        "POST", on_node(2, 302), _node, {"action": "switch"}, node_route=True, denial_audited=True
+    ),
     "deployments:node-hostkey": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
     "deployments:deployment-list": Rule("GET", signed_in(200)),
     "deployments:deployment-detail": Rule("GET", on_node(1, 200), _deployment, node_route=True),
     "deployments:deployment-cancel": Rule("POST", on_node(2, 302), _active, node_route=True, denial_audited=True),
     "deployments:deployment-log": Rule("GET", on_node(1, 200), _deployment, node_route=True),
     "deployments:api-nodes": Rule("GET", signed_in(200, api=True), api=True),
-    "deployments:api-deploy": Rule("POST", on_node(2, 201, api=True), _node, {"action": "switch"}, node_route=True,
-                                   api=True, denial_audited=True),
+    "deployments:api-deploy": Rule(
+        "POST", on_node(2, 201, api=True), _node, {"action": "switch"}, node_route=True, api=True, denial_audited=True
+    ),
     "deployments:api-deployment": Rule("GET", on_node(1, 200, api=True), _deployment, node_route=True, api=True),
-    "deployments:api-deployment-log": Rule("GET", on_node(1, 200, api=True), _deployment, node_route=True,
-                                           api=True),
-    "deployments:api-cancel": Rule("POST", on_node(2, 200, api=True), _active, node_route=True, api=True,
-                                   denial_audited=True),
+    "deployments:api-deployment-log": Rule("GET", on_node(1, 200, api=True), _deployment, node_route=True, api=True),
+    "deployments:api-cancel": Rule(
+        "POST", on_node(2, 200, api=True), _active, node_route=True, api=True, denial_audited=True
+    ),
     # Teams and grants: superusers only; refused changes are audited.
     "access:team-list": Rule("GET", superuser_only(200)),
     "access:team-add": Rule("GET", superuser_only(200)),
     "access:team-detail": Rule("GET", superuser_only(200), lambda w, t: {"pk": w.ops.pk}),
-    "access:team-edit": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk}, {"name": "ops2"},
-                             denial_audited=True),
+    "access:team-edit": Rule(
+        "POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk}, {"name": "ops2"}, denial_audited=True
+    ),
     "access:team-delete": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk}, denial_audited=True),
-    "access:member-add": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk},
-                              {"username": "zed"}, denial_audited=True),
-    "access:member-remove": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk, "user_id": w.zed.pk},
-                                 denial_audited=True),
-    "access:grant-add": Rule("POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk},
-                             {"role": "deployer", "scope": "tag", "tag": "db-*"}, denial_audited=True),
-    "access:grant-remove": Rule("POST", superuser_only(302),
-                                lambda w, t: {"pk": w.ops.pk, "grant_id": w.ops_grant.pk}, denial_audited=True),
+    "access:member-add": Rule(
+        "POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk}, {"username": "zed"}, denial_audited=True
+    ),
+    "access:member-remove": Rule(
+        "POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk, "user_id": w.zed.pk}, denial_audited=True
+    ),
+    "access:grant-add": Rule(
+        "POST",
+        superuser_only(302),
+        lambda w, t: {"pk": w.ops.pk},
+        {"role": "deployer", "scope": "tag", "tag": "db-*"},
+        denial_audited=True,
+    ),
+    "access:grant-remove": Rule(
+        "POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk, "grant_id": w.ops_grant.pk}, denial_audited=True
+    ),
 }
 
 WEBSOCKET_RULES: dict[str, Callable[[World, str], str]] = {  # noqa: F821 (World only in the annotation)

@@ -26,8 +26,10 @@ def test_alice_creates_a_team_gives_it_bob_and_a_tag_grant_and_bob_can_deploy(al
     assert response.status_code == 302 and response["Location"] == f"/teams/{team.pk}/"
 
     assert alice_client.post(f"/teams/{team.pk}/members/", {"username": "bob"}).status_code == 302
-    assert alice_client.post(f"/teams/{team.pk}/grants/",
-                             {"role": "deployer", "scope": "tag", "tag": "web"}).status_code == 302
+    assert (
+        alice_client.post(f"/teams/{team.pk}/grants/", {"role": "deployer", "scope": "tag", "tag": "web"}).status_code
+        == 302
+    )
 
     page = alice_client.get(f"/teams/{team.pk}/").content.decode()
     assert "bob" in page and "Deployer" in page and "web" in page
@@ -57,14 +59,20 @@ def test_every_change_is_audited_with_the_team_before_and_after(alice_client, wo
     alice_client.post(f"/teams/{ops.pk}/grants/", {"role": "admin", "scope": "node", "node": "db-1"})
     event = last_event("team.grant_added")
     assert event.node_name == "db-1"
-    assert event.details["grant"] == {"id": Grant.objects.get(role="admin").pk, "role": "admin", "scope": "node",
-                                      "node": "db-1", "tag": None}
+    assert event.details["grant"] == {
+        "id": Grant.objects.get(role="admin").pk,
+        "role": "admin",
+        "scope": "node",
+        "node": "db-1",
+        "tag": None,
+    }
     assert len(event.details["after"]["grants"]) == len(event.details["before"]["grants"]) + 1
 
     alice_client.post(f"/teams/{ops.pk}/grants/{world.ops_grant.pk}/remove/")
     event = last_event("team.grant_removed")
-    assert {"id": world.ops_grant.pk, "role": "viewer", "scope": "all", "node": None, "tag": None} \
-        in event.details["before"]["grants"]
+    assert {"id": world.ops_grant.pk, "role": "viewer", "scope": "all", "node": None, "tag": None} in event.details[
+        "before"
+    ]["grants"]
     assert world.ops_grant.pk not in [g["id"] for g in event.details["after"]["grants"]]
 
     alice_client.post(f"/teams/{ops.pk}/members/{bob.pk}/remove/")
@@ -80,13 +88,16 @@ def test_every_change_is_audited_with_the_team_before_and_after(alice_client, wo
     assert not Team.objects.filter(pk=ops.pk).exists()
 
 
-@pytest.mark.parametrize("data,error", [
-    ({"role": "auditor", "scope": "tag", "tag": "web"}, "global"),
-    ({"role": "viewer", "scope": "tag", "tag": ""}, "Enter a tag"),
-    ({"role": "viewer", "scope": "tag", "tag": "d*b"}, "prefix ending in *"),
-    ({"role": "viewer", "scope": "node", "node": "nowhere"}, "No node with this name"),
-    ({"role": "viewer", "scope": "all"}, "already has this grant"),
-])
+@pytest.mark.parametrize(
+    "data,error",
+    [
+        ({"role": "auditor", "scope": "tag", "tag": "web"}, "global"),
+        ({"role": "viewer", "scope": "tag", "tag": ""}, "Enter a tag"),
+        ({"role": "viewer", "scope": "tag", "tag": "d*b"}, "prefix ending in *"),
+        ({"role": "viewer", "scope": "node", "node": "nowhere"}, "No node with this name"),
+        ({"role": "viewer", "scope": "all"}, "already has this grant"),
+    ],
+)
 def test_a_wrong_grant_is_shown_back_with_its_error_and_not_saved(alice_client, world, data, error):
     before = Grant.objects.count()
     response = alice_client.post(f"/teams/{world.ops.pk}/grants/", data)
@@ -128,11 +139,19 @@ def test_a_staff_user_with_every_model_permission_still_cannot_manage_teams_in_t
 def test_alice_edits_a_team_in_the_admin_and_it_is_audited(alice_client, world, users):
     _, bob, _ = users
     data = {
-        "name": "ops", "description": "", "members": [world.zed.pk, bob.pk],
-        "grants-TOTAL_FORMS": "1", "grants-INITIAL_FORMS": "1", "grants-MIN_NUM_FORMS": "0",
+        "name": "ops",
+        "description": "",
+        "members": [world.zed.pk, bob.pk],
+        "grants-TOTAL_FORMS": "1",
+        "grants-INITIAL_FORMS": "1",
+        "grants-MIN_NUM_FORMS": "0",
         "grants-MAX_NUM_FORMS": "1000",
-        "grants-0-id": world.ops_grant.pk, "grants-0-team": world.ops.pk, "grants-0-role": "deployer",
-        "grants-0-scope": "all", "grants-0-node": "", "grants-0-tag": "",
+        "grants-0-id": world.ops_grant.pk,
+        "grants-0-team": world.ops.pk,
+        "grants-0-role": "deployer",
+        "grants-0-scope": "all",
+        "grants-0-node": "",
+        "grants-0-tag": "",
     }
     response = alice_client.post(f"/admin/access/team/{world.ops.pk}/change/", data)
     assert response.status_code == 302, response.content.decode()[:2000]

@@ -98,6 +98,5 @@ def test_nothing_is_archived_by_default(events):
 def test_the_standalone_script_runs_as_documented(events, tmp_path):
     path = tmp_path / "all.jsonl"
     call_command("audit", "export", "-o", str(path), stderr=io.StringIO())
-    result = subprocess.run([sys.executable, "deployments/audit/chain.py", str(path)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "deployments/audit/chain.py", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -8,8 +8,12 @@ pytestmark = pytest.mark.django_db
 
 
 def test_a_login_is_recorded_with_source_and_request_id(client, bob):
-    response = client.post("/login/", {"username": "bob", "password": "bob-password-12"},
-                           REMOTE_ADDR="198.51.100.7", HTTP_USER_AGENT="pytest-browser")
+    response = client.post(
+        "/login/",
+        {"username": "bob", "password": "bob-password-12"},
+        REMOTE_ADDR="198.51.100.7",
+        HTTP_USER_AGENT="pytest-browser",
+    )
     event = AuditEvent.objects.get(action="auth.login")
     assert (event.actor_name, event.actor_id, event.outcome) == ("bob", bob.pk, "success")
     assert (event.source_ip, event.user_agent) == ("198.51.100.7", "pytest-browser")

@@ -31,24 +31,47 @@ from deployments.audit.writer import record
 from .conftest import is_postgres, tamper
 
 AWKWARD = {
-    "seq": 99, "created_at": "not the time", '"seq":': "\\", "é\u2028": ["\x01", 1.5, True, None],
+    "seq": 99,
+    "created_at": "not the time",
+    '"seq":': "\\",
+    "é\u2028": ["\x01", 1.5, True, None],
     "nested": {"z": 1, "a": {"created_at": 0}},
 }
 
 
 def awkward_event(seq=7, created_at=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)) -> dict:
     event = {name: "" for name in HASHED_FIELDS}
-    event.update(seq=seq, created_at=created_at, actor_id=None, node_id=3, source_ip=None, details=AWKWARD,
-                 actor_name='a"b\\c', object_repr='"created_at":"x","seq":1', node_name="wéb-1")
+    event.update(
+        seq=seq,
+        created_at=created_at,
+        actor_id=None,
+        node_id=3,
+        source_ip=None,
+        details=AWKWARD,
+        actor_name='a"b\\c',
+        object_repr='"created_at":"x","seq":1',
+        node_name="wéb-1",
+    )
     return event
 
 
 FIXED = {
-    "seq": 42, "created_at": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "actor_kind": "user", "actor_id": 7,
-    "actor_name": 'zoë "z"', "action": "node.updated", "object_type": "node", "object_id": "3",
-    "object_repr": "web-1\n\u2028", "node_id": 3, "node_name": "web-1", "outcome": "denied",
-    "details": {"b": [1, 2.5, None, True], "a": {"ü": "\x01"}}, "source_ip": "2001:db8::1",
-    "user_agent": "curl/8", "request_id": "r-1",
+    "seq": 42,
+    "created_at": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    "actor_kind": "user",
+    "actor_id": 7,
+    "actor_name": 'zoë "z"',
+    "action": "node.updated",
+    "object_type": "node",
+    "object_id": "3",
+    "object_repr": "web-1\n\u2028",
+    "node_id": 3,
+    "node_name": "web-1",
+    "outcome": "denied",
+    "details": {"b": [1, 2.5, None, True], "a": {"ü": "\x01"}},
+    "source_ip": "2001:db8::1",
+    "user_agent": "curl/8",
+    "request_id": "r-1",
 }
 
 
@@ -91,13 +114,16 @@ def test_verify_builds_the_same_canonical_form_from_a_row():
     assert walk._canonical_row(row, time) == canonical({**event, "details": {}})
 
 
-@pytest.mark.parametrize(("stored", "canonical_text"), [
-    ("2026-01-02 03:04:05.000006", "2026-01-02T03:04:05.000006Z"),  # SQLite's text
-    ("2026-01-02 03:04:05", "2026-01-02T03:04:05.000000Z"),  # ... which drops zero microseconds
-    (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05.000000Z"),  # SQLite's converter: naive UTC
-    (datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "2026-01-02T03:04:05.000006Z"),
-    ("2026-01-02T03:04:05.000006Z", "2026-01-02T03:04:05.000006Z"),  # PostgreSQL's to_char
-])
+@pytest.mark.parametrize(
+    ("stored", "canonical_text"),
+    [
+        ("2026-01-02 03:04:05.000006", "2026-01-02T03:04:05.000006Z"),  # SQLite's text
+        ("2026-01-02 03:04:05", "2026-01-02T03:04:05.000000Z"),  # ... which drops zero microseconds
+        (datetime(2026, 1, 2, 3, 4, 5), "2026-01-02T03:04:05.000000Z"),  # SQLite's converter: naive UTC
+        (datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "2026-01-02T03:04:05.000006Z"),
+        ("2026-01-02T03:04:05.000006Z", "2026-01-02T03:04:05.000006Z"),  # PostgreSQL's to_char
+    ],
+)
 def test_stored_times_read_back_in_the_canonical_form(stored, canonical_text):
     assert walk.canonical_time(stored) == canonical_text
 
@@ -106,22 +132,49 @@ def test_stored_times_read_back_in_the_canonical_form(stored, canonical_text):
 
 # Each is one record() call: (its keyword arguments, the request context it runs in).
 AGREEMENT_CASES = {
-    "unicode": (dict(actor_name="zoë ✓ 日本", object_repr="wéb-1 \u2028\u2029 𝄞", details={"ü": "é", "日": ["✓"]}),
-                RequestContext("req-ü", "192.0.2.1", "Mözilla/5.0 (✓)")),
-    "quotes": (dict(actor_name='a"b\\c\'d', object_repr='"created_at":"x","seq":1}', object_id="'1'",
-                    details={'"seq":': "\\", "k'": "'", "\\": '"'}), RequestContext('"r"', None, '"ua"')),
-    "control characters": (dict(object_repr="tab\there\nnew\rline\x01\x1f\x7f", object_type="t\x02",
-                                details={"c": "\x08\x0c\x1b[31m", "nul": "a\x00b"}),
-                           RequestContext("r\n1", "2001:db8::1", "ua\tx")),
-    "nested details": (dict(details={"a": [{"b": {"c": [1, 2.5, -1.25, 0.1, -0.0, 1.10, None, True, False, ""]}}],
-                                     "": "", "z": {}, "big": 2**70, "float": 1e20, "neg": -7, "list": [[], [{}]]}),
-                       RequestContext()),
+    "unicode": (
+        dict(actor_name="zoë ✓ 日本", object_repr="wéb-1 \u2028\u2029 𝄞", details={"ü": "é", "日": ["✓"]}),
+        RequestContext("req-ü", "192.0.2.1", "Mözilla/5.0 (✓)"),
+    ),
+    "quotes": (
+        dict(
+            actor_name="a\"b\\c'd",
+            object_repr='"created_at":"x","seq":1}',
+            object_id="'1'",
+            details={'"seq":': "\\", "k'": "'", "\\": '"'},
+        ),
+        RequestContext('"r"', None, '"ua"'),
+    ),
+    "control characters": (
+        dict(
+            object_repr="tab\there\nnew\rline\x01\x1f\x7f",
+            object_type="t\x02",
+            details={"c": "\x08\x0c\x1b[31m", "nul": "a\x00b"},
+        ),
+        RequestContext("r\n1", "2001:db8::1", "ua\tx"),
+    ),
+    "nested details": (
+        dict(
+            details={
+                "a": [{"b": {"c": [1, 2.5, -1.25, 0.1, -0.0, 1.10, None, True, False, ""]}}],
+                "": "",
+                "z": {},
+                "big": 2**70,
+                "float": 1e20,
+                "neg": -7,
+                "list": [[], [{}]],
+            }
+        ),
+        RequestContext(),
+    ),
     "empty details": (dict(details={}), RequestContext("", "::ffff:192.0.2.1", "")),
     "null node": (dict(node=None, object_type="", object_id="", object_repr=""), RequestContext()),
     "a node": (dict(node=SimpleNamespace(pk=2**40, name="wéb-1")), RequestContext()),  # node_id is a plain id
     "failure": (dict(outcome=AuditEvent.Outcome.FAILURE, details={"exit_code": 1}), RequestContext()),
-    "denied": (dict(outcome=AuditEvent.Outcome.DENIED, actor_kind="anonymous", actor_name="mallory"),
-               RequestContext("r", "10.0.0.1", "")),
+    "denied": (
+        dict(outcome=AuditEvent.Outcome.DENIED, actor_kind="anonymous", actor_name="mallory"),
+        RequestContext("r", "10.0.0.1", ""),
+    ),
     "long fields": (dict(object_repr="é" * 400, actor_name="x" * 200), RequestContext("r" * 80, None, "u" * 600)),
 }
 
@@ -147,8 +200,11 @@ def test_postgresql_hashes_every_field_as_chain_py_does(django_user_model):
             token = current.set(context)
             try:
                 with transaction.atomic():
-                    event = record(f"test.{name.replace(' ', '_')}", user=user,
-                                   **{"actor_kind": "system", **kwargs} if user is None else kwargs)
+                    event = record(
+                        f"test.{name.replace(' ', '_')}",
+                        user=user,
+                        **{"actor_kind": "system", **kwargs} if user is None else kwargs,
+                    )
             finally:
                 current.reset(token)
             assert_agrees(event)
@@ -159,11 +215,14 @@ def test_postgresql_hashes_every_field_as_chain_py_does(django_user_model):
 
 @pytest.mark.postgres
 @pytest.mark.django_db
-@pytest.mark.parametrize("time", [
-    datetime(2999, 12, 31, 23, 59, 59, tzinfo=UTC),  # no microseconds: still six digits
-    datetime(3000, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
-    datetime(2996, 2, 29, 12, 0, 0, 500000, tzinfo=UTC),
-])
+@pytest.mark.parametrize(
+    "time",
+    [
+        datetime(2999, 12, 31, 23, 59, 59, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(3000, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2996, 2, 29, 12, 0, 0, 500000, tzinfo=UTC),
+    ],
+)
 def test_postgresql_formats_the_time_as_chain_py_does(time):
     postgres_only()
     with transaction.atomic():

@@ -21,8 +21,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "deployments" / "audit" / "chain.
 
 def offline_verify(*args) -> subprocess.CompletedProcess:
     # -I -S: isolated, no site-packages: the script must need nothing but the standard library.
-    return subprocess.run([sys.executable, "-I", "-S", str(SCRIPT), *map(str, args)],
-                          capture_output=True, text=True, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-I", "-S", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd="/"
+    )
 
 
 def export(tmp_path, fmt="jsonl", *filters) -> Path:
@@ -39,8 +40,9 @@ def test_a_plain_python3_verifies_an_export_and_rejects_a_tampered_one(events, t
     path = export(tmp_path)
 
     def run(*args):
-        return subprocess.run([python3, "-I", str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                              cwd=tmp_path)
+        return subprocess.run(
+            [python3, "-I", str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=tmp_path
+        )
 
     result = run(path)
     assert result.returncode == 0, result.stdout + result.stderr

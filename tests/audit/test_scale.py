@@ -25,8 +25,14 @@ from .test_chain import AWKWARD
 @pytest.mark.django_db
 def test_awkward_events_written_by_either_backend_verify():
     with transaction.atomic():
-        first = record("test.awkward", actor_kind="cli", actor_name='a"b\\c', object_repr='"seq":1, "x"',
-                       node=None, details=AWKWARD)
+        first = record(
+            "test.awkward",
+            actor_kind="cli",
+            actor_name='a"b\\c',
+            object_repr='"seq":1, "x"',
+            node=None,
+            details=AWKWARD,
+        )
     event = AuditEvent.objects.values().get(seq=first.seq)
     assert event["hash"] == first.hash == chain_hash(event["prev_hash"], event)
     assert (first.seq, first.created_at) == (event["seq"], event["created_at"])
@@ -77,7 +83,11 @@ def test_verify_split_across_processes_names_the_same_first_bad_event(tampering,
     for workers in (2, 3):
         split = verify_chain(workers=workers, batch=2)
         assert (split.ok, split.count, split.last_seq, split.head_hash) == (
-            serial.ok, serial.count, serial.last_seq, serial.head_hash)
+            serial.ok,
+            serial.count,
+            serial.last_seq,
+            serial.head_hash,
+        )
         assert str(split.problem) == str(serial.problem)
     if tampering:
         assert tampering[1] in str(serial.problem)
@@ -91,8 +101,10 @@ def test_a_segment_boundary_link_is_checked(monkeypatch):
     # #7 re-hashed consistently with its new content: only #8's link to it shows the change.
     row = AuditEvent.objects.values().get(seq=7)
     row["object_repr"] = "innocent"
-    tamper("UPDATE audit_auditevent SET object_repr = %s, hash = %s WHERE seq = 7",
-           ["innocent", chain_hash(row["prev_hash"], row)])
+    tamper(
+        "UPDATE audit_auditevent SET object_repr = %s, hash = %s WHERE seq = 7",
+        ["innocent", chain_hash(row["prev_hash"], row)],
+    )
     monkeypatch.setattr(verify, "SEGMENTS_PER_WORKER", 2)
     for workers in (1, 2, 3):  # with 2 workers x 2 segments, #8 starts a segment
         report = verify_chain(workers=workers, batch=3)
@@ -121,8 +133,11 @@ def search(**params) -> list[int]:
 def plain(q: str) -> list[int]:
     from django.db.models import Q
 
-    return list(AuditEvent.objects.filter(Q(object_repr__icontains=q) | Q(node_name__icontains=q))
-                .order_by("-seq").values_list("seq", flat=True))
+    return list(
+        AuditEvent.objects.filter(Q(object_repr__icontains=q) | Q(node_name__icontains=q))
+        .order_by("-seq")
+        .values_list("seq", flat=True)
+    )
 
 
 @pytest.mark.django_db

@@ -21,27 +21,36 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter with the embedded defaults, plus ``env``."""
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("PANEL_", "SECRET_KEY", "DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"))}
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**base, **env},
-                          capture_output=True, text=True, timeout=120)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PANEL_", "SECRET_KEY", "DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE"))
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_importing_the_settings_writes_nothing(tmp_path):
     missing, empty = tmp_path / "missing", tmp_path / "empty"
     empty.mkdir()
     for data in (missing, empty):
-        result = python("import controlpanel.settings as s; assert s.SECRET_KEY == '' and s.CREDENTIAL_KEYS == []",
-                        PANEL_DATA_DIR=str(data))
+        result = python(
+            "import controlpanel.settings as s; assert s.SECRET_KEY == '' and s.CREDENTIAL_KEYS == []",
+            PANEL_DATA_DIR=str(data),
+        )
         assert result.returncode == 0, result.stderr
     assert not missing.exists() and not any(empty.iterdir())
 
 
 def test_manage_py_check_passes_on_a_fresh_data_dir_and_names_the_missing_keys(tmp_path):
     data = tmp_path / "data"
-    result = python("import sys; from django.core.management import execute_from_command_line; "
-                    "execute_from_command_line(['manage.py', 'check'])",
-                    PANEL_DATA_DIR=str(data), DJANGO_SETTINGS_MODULE="controlpanel.settings")
+    result = python(
+        "import sys; from django.core.management import execute_from_command_line; "
+        "execute_from_command_line(['manage.py', 'check'])",
+        PANEL_DATA_DIR=str(data),
+        DJANGO_SETTINGS_MODULE="controlpanel.settings",
+    )
     assert result.returncode == 0, result.stderr
     assert "SECRET_KEY is not set" in result.stderr and "PANEL_CREDENTIAL_KEY is not set" in result.stderr
     assert not data.exists()
@@ -49,8 +58,10 @@ def test_manage_py_check_passes_on_a_fresh_data_dir_and_names_the_missing_keys(t
 
 def test_migrate_creates_the_data_dir_and_keys_once(tmp_path):
     data = tmp_path / "data"
-    migrate = ("from django.core.management import execute_from_command_line; "
-               "execute_from_command_line(['manage.py', 'migrate', '--verbosity', '0'])")
+    migrate = (
+        "from django.core.management import execute_from_command_line; "
+        "execute_from_command_line(['manage.py', 'migrate', '--verbosity', '0'])"
+    )
     result = python(migrate, PANEL_DATA_DIR=str(data), DJANGO_SETTINGS_MODULE="controlpanel.settings")
     assert result.returncode == 0, result.stderr
     keys = {name: (data / name).read_text() for name in ("secret_key", "credential.key")}
@@ -64,9 +75,13 @@ def test_migrate_creates_the_data_dir_and_keys_once(tmp_path):
 
 def fresh_conf(tmp_path, **values) -> SimpleNamespace:
     data = tmp_path / "data"
-    return SimpleNamespace(DATA_DIR=data, STATIC_ROOT=data / "static", SECRET_KEY_PATH=data / "secret_key",
-                           CREDENTIAL_KEY_PATH=data / "credential.key", **{"SECRET_KEY": "", "CREDENTIAL_KEYS": [],
-                                                                           **values})
+    return SimpleNamespace(
+        DATA_DIR=data,
+        STATIC_ROOT=data / "static",
+        SECRET_KEY_PATH=data / "secret_key",
+        CREDENTIAL_KEY_PATH=data / "credential.key",
+        **{"SECRET_KEY": "", "CREDENTIAL_KEYS": [], **values},
+    )
 
 
 def test_start_up_generates_the_keys_and_the_process_uses_them_at_once(tmp_path):
@@ -108,8 +123,10 @@ AUDIT_VARIABLES = {
     "PANEL_AUDIT_CHECKPOINT_MINUTES": ("AUDIT_CHECKPOINT_MINUTES", "5"),
     "PANEL_AUDIT_ASYNC_COMMIT": ("AUDIT_ASYNC_COMMIT", "on"),
 }
-PRINT_AUDIT = ("import json, controlpanel.settings as s; print(json.dumps({n: str(getattr(s, n)) for n in "
-               f"{[setting for setting, _ in AUDIT_VARIABLES.values()]!r}}}))")
+PRINT_AUDIT = (
+    "import json, controlpanel.settings as s; print(json.dumps({n: str(getattr(s, n)) for n in "
+    f"{[setting for setting, _ in AUDIT_VARIABLES.values()]!r}}}))"
+)
 
 
 def test_every_audit_variable_may_come_from_a_file(tmp_path):
@@ -120,8 +137,10 @@ def test_every_audit_variable_may_come_from_a_file(tmp_path):
     result = python(PRINT_AUDIT, **env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
-        "AUDIT_SIGNING_KEY_FILE": "/run/credentials/panel/audit.pem", "AUDIT_CHECKPOINT_DIR": "/srv/audit/checkpoints",
-        "AUDIT_CHECKPOINT_URL": "https://audit.example.com/in", "AUDIT_CHECKPOINT_MINUTES": "5",
+        "AUDIT_SIGNING_KEY_FILE": "/run/credentials/panel/audit.pem",
+        "AUDIT_CHECKPOINT_DIR": "/srv/audit/checkpoints",
+        "AUDIT_CHECKPOINT_URL": "https://audit.example.com/in",
+        "AUDIT_CHECKPOINT_MINUTES": "5",
         "AUDIT_ASYNC_COMMIT": "True",
     }
 
@@ -131,15 +150,20 @@ def test_audit_defaults_live_in_the_data_dir(tmp_path):
     assert json.loads(result.stdout) == {
         "AUDIT_SIGNING_KEY_FILE": str(tmp_path / "audit-signing.key"),
         "AUDIT_CHECKPOINT_DIR": str(tmp_path / "audit-checkpoints"),
-        "AUDIT_CHECKPOINT_URL": "", "AUDIT_CHECKPOINT_MINUTES": "15", "AUDIT_ASYNC_COMMIT": "False",
+        "AUDIT_CHECKPOINT_URL": "",
+        "AUDIT_CHECKPOINT_MINUTES": "15",
+        "AUDIT_ASYNC_COMMIT": "False",
     }
 
 
-@pytest.mark.parametrize(("variable", "value", "message"), [
-    ("PANEL_AUDIT_CHECKPOINT_MINUTES", "-1", "must be 0 (off) or more"),
-    ("PANEL_AUDIT_CHECKPOINT_MINUTES", "soon", "is not an integer"),
-    ("PANEL_AUDIT_ASYNC_COMMIT", "maybe", "is not a boolean"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("PANEL_AUDIT_CHECKPOINT_MINUTES", "-1", "must be 0 (off) or more"),
+        ("PANEL_AUDIT_CHECKPOINT_MINUTES", "soon", "is not an integer"),
+        ("PANEL_AUDIT_ASYNC_COMMIT", "maybe", "is not a boolean"),
+    ],
+)
 def test_bad_audit_values_are_refused(tmp_path, variable, value, message):
     result = python("import controlpanel.settings", PANEL_DATA_DIR=str(tmp_path), **{variable: value})
     assert result.returncode == 1 and "ImproperlyConfigured" in result.stderr and message in result.stderr

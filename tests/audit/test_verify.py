@@ -41,8 +41,10 @@ def test_verify_names_the_first_edited_event(events):
 def test_verify_names_an_edited_event_whose_hash_was_recomputed(events):
     row = AuditEvent.objects.values().get(seq=4)
     row["object_repr"] = "innocent"
-    tamper("UPDATE audit_auditevent SET object_repr = %s, hash = %s WHERE seq = 4",
-           ["innocent", chain_hash(row["prev_hash"], row)])
+    tamper(
+        "UPDATE audit_auditevent SET object_repr = %s, hash = %s WHERE seq = 4",
+        ["innocent", chain_hash(row["prev_hash"], row)],
+    )
     status, output = verify()
     assert status == 1
     assert "event #4 was rewritten" in output
@@ -66,9 +68,15 @@ def test_verify_names_the_first_of_two_swapped_events(events):
     cols = ["actor_name", "action", "object_id", "object_repr", "details", "prev_hash", "hash"]
     a, b = (AuditEvent.objects.values(*cols).get(seq=s) for s in (2, 6))
     for seq, row in ((2, b), (6, a)):
-        row = {**row, "hash": "tmp" + row["hash"][3:] if seq == 2 else row["hash"], "details": json.dumps(row["details"])}
-        tamper("UPDATE audit_auditevent SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE seq = %s",
-               [row[c] for c in cols] + [seq])
+        row = {
+            **row,
+            "hash": "tmp" + row["hash"][3:] if seq == 2 else row["hash"],
+            "details": json.dumps(row["details"]),
+        }
+        tamper(
+            "UPDATE audit_auditevent SET " + ", ".join(f"{c} = %s" for c in cols) + " WHERE seq = %s",
+            [row[c] for c in cols] + [seq],
+        )
     status, output = verify()
     assert status == 1
     assert "event #2 was modified" in output
@@ -127,4 +135,3 @@ def test_verify_runs_are_audited(events):
     ok, failed = AuditEvent.objects.filter(action="audit.verified").order_by("seq")
     assert (ok.outcome, ok.actor_kind) == ("success", "cli")
     assert failed.outcome == "failure" and failed.details["first_bad_seq"] == 2
-

@@ -55,8 +55,15 @@ def test_pages_follow_seq_cursors(client, carol, db, monkeypatch):
 def test_filters_narrow_the_page(client, carol, inventory):
     node = inventory["node"]
     with transaction.atomic():
-        record("deployment.requested", actor_kind="system", node=node, object_type="deployment",
-               object_id="41", object_repr="#41 switch web1", outcome="denied")
+        record(
+            "deployment.requested",
+            actor_kind="system",
+            node=node,
+            object_type="deployment",
+            object_id="41",
+            object_repr="#41 switch web1",
+            outcome="denied",
+        )
     client.force_login(carol)
     for query in ("node=web1", "action=deployment.*", "outcome=denied", "q=switch", "actor=carol&action=auth.login"):
         events = client.get(f"/audit/?{query}").context["events"]
@@ -81,8 +88,15 @@ def test_a_time_range_selects_events_between(client, carol, db):
 
 def test_deployment_events_link_to_the_deployment_and_its_log(client, carol, inventory):
     with transaction.atomic():
-        record("deployment.finished", actor_kind="system", node=inventory["node"], object_type="deployment",
-               object_id="12", object_repr="#12", details={"log_sha256": "ab" * 32, "commit": "c" * 40})
+        record(
+            "deployment.finished",
+            actor_kind="system",
+            node=inventory["node"],
+            object_type="deployment",
+            object_id="12",
+            object_repr="#12",
+            details={"log_sha256": "ab" * 32, "commit": "c" * 40},
+        )
     client.force_login(carol)
     seq = AuditEvent.objects.get(action="deployment.finished").seq
     page = client.get(f"/audit/events/{seq}/")

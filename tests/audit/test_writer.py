@@ -68,8 +68,17 @@ def test_the_actor_snapshot_survives_the_users_deletion(django_user_model):
 
 def test_awkward_details_still_verify():
     with transaction.atomic():
-        record("test.event", details={"big": 1e20, "small": 0.1, "nul": "a\x00b", "nested": {"z": [1, "x"]},
-                                      "unicode": "é ✓", "inf": float("inf")})
+        record(
+            "test.event",
+            details={
+                "big": 1e20,
+                "small": 0.1,
+                "nul": "a\x00b",
+                "nested": {"z": [1, "x"]},
+                "unicode": "é ✓",
+                "inf": float("inf"),
+            },
+        )
     assert verify_chain().ok
 
 
@@ -91,3 +100,18 @@ def test_the_chain_verifies_whatever_the_local_time_zone(monkeypatch):
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_an_unregistered_event_name_is_refused_before_anything_is_written(db):
+    # The review page's filter offers the registry's names: an event outside it would be unfindable.
+    with transaction.atomic(), pytest.raises(ValueError, match="unregistered audit event 'deployment.exploded'"):
+        record("deployment.exploded", actor_kind="system")
+    assert not AuditEvent.objects.exists()
+
+
+def test_every_name_the_panel_writes_is_registered_and_offered_to_reviewers(db):
+    from deployments.audit.events import EVENT_NAMES
+    from deployments.audit.views import EVENT_NAMES as offered
+
+    assert offered is EVENT_NAMES
+    assert {"deployment.finished", "hostkey.mismatch", "hostkey.viewed", "team.grant_added"} <= set(EVENT_NAMES)

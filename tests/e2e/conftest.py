@@ -14,12 +14,15 @@ CHATTY_LINES = 3000
 @pytest.fixture(scope="package")
 def fleet(tmp_path_factory):
     path = tmp_path_factory.mktemp("fleet") / "flake"
-    make_flake_repo(path, {
-        "devm": NodeConfigSpec(),
-        "failing": NodeConfigSpec(activation_exit=4),
-        "slow": NodeConfigSpec(sleep=60),
-        "chatty": NodeConfigSpec(extra_lines=CHATTY_LINES, lines_per_second=1500),
-    })
+    make_flake_repo(
+        path,
+        {
+            "devm": NodeConfigSpec(),
+            "failing": NodeConfigSpec(activation_exit=4),
+            "slow": NodeConfigSpec(sleep=60),
+            "chatty": NodeConfigSpec(extra_lines=CHATTY_LINES, lines_per_second=1500),
+        },
+    )
     return path
 
 
@@ -40,5 +43,3 @@ def browser(panel):
     b = Browser(panel)
     b.login()
     return b
-
-

@@ -50,10 +50,14 @@ class Panel:
             self.env["DATABASE_URL"] = urllib.parse.urlunsplit(parsed._replace(path="/" + self._pg_db))
         self.password = "e2e-" + secrets.token_urlsafe(12)
         self.manage("migrate", "--verbosity", "0")
-        self.manage("shell", "-c", (
-            "from django.contrib.auth import get_user_model;"
-            f"get_user_model().objects.create_superuser('admin', '', {self.password!r})"
-        ))
+        self.manage(
+            "shell",
+            "-c",
+            (
+                "from django.contrib.auth import get_user_model;"
+                f"get_user_model().objects.create_superuser('admin', '', {self.password!r})"
+            ),
+        )
 
     def _pg_admin(self, sql: str) -> None:
         import psycopg
@@ -64,8 +68,15 @@ class Panel:
             conn.execute(sql)
 
     def manage(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, input=input, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=300,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"manage.py {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -98,8 +109,19 @@ class Panel:
     # -- processes --------------------------------------------------------------
     def start(self, *, daphne: bool = True, worker: bool = True) -> None:
         if daphne and "daphne" not in self.procs:
-            self.procs["daphne"] = self._spawn("daphne", [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p",
-                                                          str(self.port), "controlpanel.asgi:application"])
+            self.procs["daphne"] = self._spawn(
+                "daphne",
+                [
+                    sys.executable,
+                    "-m",
+                    "daphne",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "controlpanel.asgi:application",
+                ],
+            )
             wait_for(self._http_up, timeout=30, what="daphne to listen")
         if worker and "worker" not in self.procs:
             self.procs["worker"] = self._spawn("worker", [sys.executable, str(ROOT / "manage.py"), "qcluster"])
@@ -107,8 +129,9 @@ class Panel:
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")
         # Own process group: killing the worker kills its django-q2 children too.
-        return subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def _http_up(self) -> bool:
         try:
@@ -144,7 +167,9 @@ class Panel:
             self._pg_db = None
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}" for p in self.workdir.glob("*.log"))
+        return "\n".join(
+            f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}" for p in self.workdir.glob("*.log")
+        )
 
 
 class Browser:
@@ -158,8 +183,9 @@ class Browser:
     def cookie(self, name: str) -> str | None:
         return next((c.value for c in self.jar if c.name == name), None)
 
-    def request(self, method: str, path: str, data: dict | None = None, *, csrf: bool = True,
-                json_body: object | None = None) -> tuple[int, dict, bytes]:
+    def request(
+        self, method: str, path: str, data: dict | None = None, *, csrf: bool = True, json_body: object | None = None
+    ) -> tuple[int, dict, bytes]:
         headers = {"Referer": self.panel.url + "/", "Origin": self.panel.url}
         body = None
         if json_body is not None:
@@ -181,8 +207,9 @@ class Browser:
 
     def login(self, username: str = "admin", password: str | None = None) -> None:
         self.request("GET", "/login/")
-        status, headers, _ = self.request("POST", "/login/", {"username": username,
-                                                              "password": password or self.panel.password})
+        status, headers, _ = self.request(
+            "POST", "/login/", {"username": username, "password": password or self.panel.password}
+        )
         assert status == 302, f"login failed with {status}"
 
     def deploy(self, node: str, action: str = "switch") -> int:
@@ -199,8 +226,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-async def read_log(panel: Panel, browser: Browser, deployment_id: int, *, after: int = -1,
-                   stop_after_lines: int | None = None, timeout: float = 120) -> dict:
+async def read_log(
+    panel: Panel,
+    browser: Browser,
+    deployment_id: int,
+    *,
+    after: int = -1,
+    stop_after_lines: int | None = None,
+    timeout: float = 120,
+) -> dict:
     """Follow the deployment's WebSocket; return {'lines': [...], 'statuses': [...], 'ended': bool, 'close_code'}."""
     import asyncio
 

@@ -23,6 +23,7 @@ from .panel import ROOT, Browser, Panel, read_log
 
 pytestmark = pytest.mark.e2e
 
+
 def final_status(result: dict) -> str:
     return result["statuses"][-1]["status"]
 
@@ -95,8 +96,12 @@ def test_a_worker_killed_mid_deploy_leaves_an_interrupted_deployment_and_a_free_
     asyncio.run(read_log(panel, browser, pk, stop_after_lines=12, timeout=60))
     panel.kill("worker", signal.SIGKILL)
     try:
-        wait_for(lambda: "1 deployment(s)" in panel.manage("reapdeployments", "--stale-after", "2").stdout,
-                 timeout=30, interval=0.5, what="the stale deployment to be reaped")
+        wait_for(
+            lambda: "1 deployment(s)" in panel.manage("reapdeployments", "--stale-after", "2").stdout,
+            timeout=30,
+            interval=0.5,
+            what="the stale deployment to be reaped",
+        )
         status, _, body = browser.request("GET", f"/api/deployments/{pk}/")
         assert b'"status": "interrupted"' in body
     finally:
@@ -112,12 +117,22 @@ def test_a_worker_killed_mid_deploy_leaves_an_interrupted_deployment_and_a_free_
 
 def test_runpanel_creates_the_first_admin_and_serves_the_panel(tmp_path):
     port = free_port()
-    proc_env = {**os.environ, "PANEL_DATA_DIR": str(tmp_path / "data"), "DJANGO_SETTINGS_MODULE": "controlpanel.settings"}
+    proc_env = {
+        **os.environ,
+        "PANEL_DATA_DIR": str(tmp_path / "data"),
+        "DJANGO_SETTINGS_MODULE": "controlpanel.settings",
+    }
     proc_env.pop("DATABASE_URL", None)
     proc_env.pop("REDIS_URL", None)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), "runpanel", "--port", str(port)], cwd=ROOT,
-                            env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "runpanel", "--port", str(port)],
+        cwd=ROOT,
+        env=proc_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output = ""
         for line in proc.stdout:

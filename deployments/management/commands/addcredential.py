@@ -49,6 +49,7 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         clean(cred)
-        inventory.save_credential(cred, secret=secret, passphrase=passphrase, user=user,
-                                actor_kind=None if user else "cli")
+        inventory.save_credential(
+            cred, secret=secret, passphrase=passphrase, user=user, actor_kind=None if user else "cli"
+        )
         self.stdout.write(f"credential {cred.name}: {cred.display_fingerprint}")

@@ -46,5 +46,7 @@ class Command(BaseCommand):
             except Exception as exc:  # noqa: BLE001 - ValidationError, shown as text
                 raise CommandError(f"tag {t!r}: {' '.join(getattr(exc, 'messages', [str(exc)]))}") from None
         inventory.save_object(node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None)
-        self.stdout.write(f"node {node.name}: {node.address} {node.flake_attr}"
-                          + ("" if node.host_key else " (host key not pinned: run `manage.py hostkey " + node.name + "`)"))
+        self.stdout.write(
+            f"node {node.name}: {node.address} {node.flake_attr}"
+            + ("" if node.host_key else " (host key not pinned: run `manage.py hostkey " + node.name + "`)")
+        )

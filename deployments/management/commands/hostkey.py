@@ -10,8 +10,10 @@ from ._base import acting_user, lookup_node
 
 
 class Command(BaseCommand):
-    help = ("Show the host key NODE presents now. With --pin SHA256:..., pin it if it has that "
-            "fingerprint (check it out of band first). --key 'ssh-ed25519 AAAA…' pins a key you already have.")
+    help = (
+        "Show the host key NODE presents now. With --pin SHA256:..., pin it if it has that "
+        "fingerprint (check it out of band first). --key 'ssh-ed25519 AAAA…' pins a key you already have."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("node")
@@ -29,7 +31,9 @@ class Command(BaseCommand):
                 self.stdout.write(f"pinned {node.host_key_fingerprint} for {node.name}")
                 return
             scanned = inventory.scan_host_key(node, user=user)
-            self.stdout.write(f"{node.name} ({node.host}:{node.port}) presents {scanned.key_type} {scanned.fingerprint}")
+            self.stdout.write(
+                f"{node.name} ({node.host}:{node.port}) presents {scanned.key_type} {scanned.fingerprint}"
+            )
             if node.host_key:
                 same = node.host_key == scanned.openssh
                 self.stdout.write(f"pinned: {node.host_key_fingerprint} ({'matches' if same else 'DIFFERENT'})")

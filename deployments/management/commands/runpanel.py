@@ -41,21 +41,27 @@ class Command(BaseCommand):
         if not no_admin and not User.objects.exists():
             password = secrets.token_urlsafe(12)
             User.objects.create_superuser("admin", "", password)
-            self.stdout.write(self.style.WARNING(
-                "\nFirst admin account created (shown only this once, write it down):\n"
-                f"    user: admin\n    password: {password}\n"
-            ))
+            self.stdout.write(
+                self.style.WARNING(
+                    "\nFirst admin account created (shown only this once, write it down):\n"
+                    f"    user: admin\n    password: {password}\n"
+                )
+            )
         interrupted = reap_stale()
         if interrupted:
             self.stdout.write(f"{interrupted} deployment(s) left running by a stopped worker marked interrupted")
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
         procs = {
-            "daphne": subprocess.Popen([sys.executable, "-m", "daphne", "-b", host, "-p", str(port),
-                                        "controlpanel.asgi:application"], cwd=settings.BASE_DIR),
+            "daphne": subprocess.Popen(
+                [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "controlpanel.asgi:application"],
+                cwd=settings.BASE_DIR,
+            ),
             "worker": subprocess.Popen([*manage, "qcluster"], cwd=settings.BASE_DIR),
         }
         shown = f"[{host}]" if ":" in host else host
-        self.stdout.write(self.style.SUCCESS(f"Panel at http://{shown}:{port}/  (data in {settings.DATA_DIR}; Ctrl-C stops)"))
+        self.stdout.write(
+            self.style.SUCCESS(f"Panel at http://{shown}:{port}/  (data in {settings.DATA_DIR}; Ctrl-C stops)")
+        )
         stopping = False
 
         def stop(*_):

@@ -55,8 +55,12 @@ class Command(BaseCommand):
         exp.add_argument("--format", choices=sorted(export.FORMATS), default="jsonl")
         exp.add_argument("-o", "--output", help="file to write (default: stdout)")
         for name in FILTER_NAMES:
-            exp.add_argument(f"--{name.replace('_', '-')}", dest=name, default="",
-                             help="ISO date or date-time" if name in ("since", "until") else None)
+            exp.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                default="",
+                help="ISO date or date-time" if name in ("since", "until") else None,
+            )
         arc = sub.add_parser("archive", help="export events before DATE to FILE, seal them, remove them")
         arc.add_argument("--before", required=True, help="ISO date or date-time (UTC)")
         arc.add_argument("-o", "--output", required=True, help="JSON Lines file to create (must not exist)")
@@ -69,11 +73,17 @@ class Command(BaseCommand):
     def do_verify(self, checkpoint=None, **_):
         report = verify_chain(checkpoint)
         self.stdout.write(report.text())
-        _audit("audit.verified", outcome="success" if report.ok else "failure",
-               details={"events": report.count, "through_seq": report.last_seq,
-                        "first_bad_seq": report.problem.seq if report.problem else None,
-                        "problem": str(report.problem or ""),
-                        "checkpoint": str(checkpoint) if checkpoint else ""})
+        _audit(
+            "audit.verified",
+            outcome="success" if report.ok else "failure",
+            details={
+                "events": report.count,
+                "through_seq": report.last_seq,
+                "first_bad_seq": report.problem.seq if report.problem else None,
+                "problem": str(report.problem or ""),
+                "checkpoint": str(checkpoint) if checkpoint else "",
+            },
+        )
         if not report.ok:
             raise CommandError(f"audit chain broken at event #{report.problem.seq}", returncode=1)
 
@@ -94,8 +104,10 @@ class Command(BaseCommand):
         if errors:
             raise CommandError("; ".join(errors))
         through = export.head_seq()
-        _audit("audit.exported", details={"format": format, "filters": f.as_dict(), "through_seq": through,
-                                          "output": output or "-"})
+        _audit(
+            "audit.exported",
+            details={"format": format, "filters": f.as_dict(), "through_seq": through, "output": output or "-"},
+        )
         out = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115
         try:
             for text in export.chunks(f.queryset(), format, through_seq=through):
@@ -115,8 +127,12 @@ class Command(BaseCommand):
             raise CommandError(str(exc))
         target = Path(output)
         # The head always stays in the table: the next event must have something to link to.
-        last = (AuditEvent.objects.filter(created_at__lt=cutoff, seq__lt=export.head_seq()).order_by("-seq")
-                .values_list("seq", "hash").first())
+        last = (
+            AuditEvent.objects.filter(created_at__lt=cutoff, seq__lt=export.head_seq())
+            .order_by("-seq")
+            .values_list("seq", "hash")
+            .first()
+        )
         if last is None:
             self.stdout.write(f"no events before {before}: nothing to archive")
             return
@@ -139,16 +155,32 @@ class Command(BaseCommand):
             os.fsync(fh.fileno())
         # 2. ... seal it with a signed checkpoint naming its last event and the file's hash ...
         seal = checkpoints.write_checkpoint(
-            "archive", seq=through, hash_=through_hash,
-            extra={"archive_file": target.name, "archive_sha256": digest.hexdigest(),
-                   "archive_first_seq": first[0], "archive_anchor_hash": first[1] if first[0] > 1 else GENESIS_HASH},
+            "archive",
+            seq=through,
+            hash_=through_hash,
+            extra={
+                "archive_file": target.name,
+                "archive_sha256": digest.hexdigest(),
+                "archive_first_seq": first[0],
+                "archive_anchor_hash": first[1] if first[0] > 1 else GENESIS_HASH,
+            },
         )
         # 3. ... and only then remove the events, with the removal itself on the chain.
         with transaction.atomic():
             with triggers_lifted(connection):
                 with connection.cursor() as cur:
                     cur.execute("DELETE FROM audit_auditevent WHERE seq <= %s", [through])
-            record("audit.archived", actor_kind="cli",
-                   details={"os_user": _os_user(), "first_seq": first[0], "through_seq": through, "events": count,
-                            "file": str(target), "sha256": digest.hexdigest(), "seal": seal.name})
+            record(
+                "audit.archived",
+                actor_kind="cli",
+                details={
+                    "os_user": _os_user(),
+                    "first_seq": first[0],
+                    "through_seq": through,
+                    "events": count,
+                    "file": str(target),
+                    "sha256": digest.hexdigest(),
+                    "seal": seal.name,
+                },
+            )
         self.stdout.write(f"archived events #{first[0]}-#{through} ({count}) to {target}; sealed by {seal}")
