@@ -100,30 +100,20 @@ def diff(before: dict, after: dict) -> dict:
 def record_saved(obj, *, user=None, created: bool, before: dict | None = None, actor_kind: str | None = None) -> None:
     """Audit a create/change of an inventory object (call inside its transaction)."""
     after = snapshot(obj)
-    kind = obj._meta.model_name
     details = {"after": after} if created else {"changes": diff(before or {}, after)}
-    if kind == "credential":
+    if obj._meta.model_name == "credential":
         details["secret"] = "set" if created else "unchanged-or-replaced"
-    record(
-        f"{kind}.{'created' if created else 'changed'}",
-        user=user,
-        actor_kind=actor_kind,
-        obj=obj,
-        node=obj if kind == "node" else None,
-        details=details,
-    )
+    _record(obj, "created" if created else "changed", details, user=user, actor_kind=actor_kind)
 
 
 def record_deleted(obj, *, user=None, actor_kind: str | None = None) -> None:
+    _record(obj, "deleted", {"before": snapshot(obj)}, user=user, actor_kind=actor_kind)
+
+
+def _record(obj, what: str, details: dict, *, user, actor_kind: str | None) -> None:
     kind = obj._meta.model_name
-    record(
-        f"{kind}.deleted",
-        user=user,
-        actor_kind=actor_kind,
-        obj=obj,
-        node=obj if kind == "node" else None,
-        details={"before": snapshot(obj)},
-    )
+    node = obj if kind == "node" else None
+    record(f"{kind}.{what}", user=user, actor_kind=actor_kind, obj=obj, node=node, details=details)
 
 
 def save_credential(

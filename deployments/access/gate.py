@@ -125,16 +125,22 @@ def _tag_q(grants: _Grants, rank: int, prefix: str = "") -> Q | None:
     return q
 
 
-def _scope_q(user, permission: str, node_field: str = "pk") -> Q | bool:
-    """A filter on ``node_field`` for the nodes where ``user`` has ``permission``; True for all, False for none."""
-    rank = _rank(permission)
+def _everywhere(user, rank: int) -> bool | _Grants:
+    """True if ``user`` has ``rank`` on every node, False if on none; else their grants, to look closer."""
     if not _active(user):
         return False
     if user.is_superuser:
         return True
     grants = _grants(user)
-    if grants.all_rank >= rank:
-        return True
+    return True if grants.all_rank >= rank else grants
+
+
+def _scope_q(user, permission: str, node_field: str = "pk") -> Q | bool:
+    """A filter on ``node_field`` for the nodes where ``user`` has ``permission``; True for all, False for none."""
+    rank = _rank(permission)
+    grants = _everywhere(user, rank)
+    if isinstance(grants, bool):
+        return grants
     q = Q()
     node_ids = sorted(n for n, r in grants.nodes.items() if r >= rank)
     if node_ids:
@@ -183,14 +189,12 @@ def _node_matches_tags(node: Node, grants: _Grants, rank: int) -> bool:
 def can(user, permission: str, node: Node | None = None) -> bool:
     """True if ``user`` has ``permission`` on ``node`` (or on some node, if None)."""
     rank = _rank(permission)
-    if not _active(user):
-        return False
-    if user.is_superuser:
-        return True
-    grants = _grants(user)
+    grants = _everywhere(user, rank)
+    if isinstance(grants, bool):
+        return grants
     if node is None:
         return grants.any_rank() >= rank
-    if grants.all_rank >= rank or grants.nodes.get(node.pk, 0) >= rank:
+    if grants.nodes.get(node.pk, 0) >= rank:
         return True
     return _node_matches_tags(node, grants, rank)
 

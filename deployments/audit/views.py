@@ -26,28 +26,15 @@ from deployments.access import gate
 from deployments.access.gate import visible_nodes
 
 from . import export
+from .chain import HASHED_FIELDS
 from .events import EVENT_NAMES
 from .models import AuditEvent
 from .query import AuditFilter
 from .writer import record
 
 PAGE_SIZE = 50
-LIST_FIELDS = (
-    "seq",
-    "created_at",
-    "actor_kind",
-    "actor_id",
-    "actor_name",
-    "action",
-    "object_type",
-    "object_id",
-    "object_repr",
-    "node_id",
-    "node_name",
-    "outcome",
-    "source_ip",
-    "request_id",
-)
+# The columns of the list page: every hashed field but the bulky ones, which the event page shows.
+LIST_FIELDS = tuple(f for f in HASHED_FIELDS if f not in ("details", "user_agent"))
 
 
 def _require_auditor(request) -> None:

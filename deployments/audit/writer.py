@@ -28,7 +28,7 @@ from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
 from . import events
-from .chain import GENESIS_HASH, canonical_json, canonical_parts, chain_hash
+from .chain import GENESIS_HASH, HASHED_FIELDS, canonical_json, canonical_parts, chain_hash
 from .context import current
 from .models import AuditEvent
 
@@ -50,22 +50,8 @@ _APPEND_SQL = (
     "%s::text, %s::text, %s::text, %s::text, %s::text)"
 )
 _ATTNAMES = tuple(f.attname for f in AuditEvent._meta.concrete_fields)
-_APPEND_FIELDS = (
-    "actor_kind",
-    "actor_id",
-    "actor_name",
-    "action",
-    "object_type",
-    "object_id",
-    "object_repr",
-    "node_id",
-    "node_name",
-    "outcome",
-    "details",
-    "source_ip",
-    "user_agent",
-    "request_id",
-)
+# What the caller gives, in the order audit_append() takes it: every hashed field but the two the chain assigns.
+_APPEND_FIELDS = tuple(f for f in HASHED_FIELDS if f not in ("seq", "created_at"))
 _MAX = {f.name: f.max_length for f in AuditEvent._meta.concrete_fields if getattr(f, "max_length", None)}
 
 
