@@ -16,3 +16,12 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast log
 from controlpanel.bootstrap import ensure_data_dir  # noqa: E402
 
 ensure_data_dir(sys.modules[__name__])
+
+# Another run of this suite (or other work) may share the machine's PostgreSQL and Redis:
+# this run's test database, channel-layer prefix and queue name are its own.
+_RUN = os.environ.setdefault("PANEL_TEST_RUN_ID", f"{os.getpid()}")
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": f"test_panel_{_RUN}"}  # noqa: F405
+if "prefix" in CHANNEL_LAYERS["default"].get("CONFIG", {}):  # noqa: F405
+    CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"panel-test-{_RUN}"  # noqa: F405
+Q_CLUSTER["name"] = f"panel-test-{_RUN}"  # noqa: F405
