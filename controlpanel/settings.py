@@ -91,9 +91,16 @@ CREDENTIAL_KEYS = [k for k in (env("PANEL_CREDENTIAL_KEY") or read_secret(CREDEN
 DEBUG = envbool("DEBUG", False)
 ALLOWED_HOSTS = [h.strip() for h in env("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [o.strip() for o in env("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if envbool("PANEL_BEHIND_TLS_PROXY", False) else None
-SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("PANEL_SECURE_COOKIES", False)
+# Behind a TLS-terminating reverse proxy: trust its X-Forwarded-Proto, send HSTS and Secure cookies
+# (runpanel also has daphne take the client address from X-Forwarded-For then).
+BEHIND_TLS_PROXY = envbool("PANEL_BEHIND_TLS_PROXY", False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if BEHIND_TLS_PROXY else None
+SECURE_HSTS_SECONDS = envint("PANEL_HSTS_SECONDS", 365 * 24 * 3600) if BEHIND_TLS_PROXY else 0
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("PANEL_SECURE_COOKIES", BEHIND_TLS_PROXY)
 SESSION_COOKIE_HTTPONLY = True
+# No script of the panel reads the CSRF cookie: forms carry the token, API clients read the cookie jar.
+CSRF_COOKIE_HTTPONLY = True
+CSRF_FAILURE_VIEW = "deployments.views.api.csrf_failure"
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
@@ -117,6 +124,9 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "deployments.audit.middleware.RequestIdMiddleware",
+    # Below whitenoise: static files stay cacheable; everything else is answered no-store.
+    "deployments.middleware.NoStoreMiddleware",
+    "deployments.middleware.ApiErrorMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

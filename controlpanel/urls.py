@@ -12,6 +12,9 @@ admin.site.site_title = "NixOS control panel"
 # everyone else works through the panel's pages, which ask the gate.
 admin.site.has_permission = lambda request: gate.may(request.user, gate.ADMIN_SITE)
 
+# A refused search or filter says why (``BadRequest`` raised by a view).
+handler400 = "deployments.views.errors.bad_request"
+
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

@@ -5,6 +5,7 @@ refused with a clear message long before anything is quoted for a shell.
 """
 
 import re
+import unicodedata
 
 from django.core.exceptions import ValidationError
 
@@ -101,4 +102,35 @@ def validate_repo_url(value: str) -> None:
     ):
         raise ValidationError(
             "Enter a git URL (https://, ssh://, git@host:path) or an absolute local path.", code="invalid_repo"
+        )
+
+
+# --- search and filter fields ----------------------------------------------------
+
+SEARCH_MAX_LENGTH = 200
+
+
+def validate_search_text(value: str, *, max_length: int = SEARCH_MAX_LENGTH) -> None:
+    """Text typed into a search or filter field: at most ``max_length`` visible characters.
+
+    Refused: control characters (a NUL made the database fail), bidi overrides, zero-width and other
+    invisible or unassigned characters, and U+FFFD, which is what bytes that are not UTF-8 decode to.
+    Anything else, shell characters and look-alike letters included, is searched for as typed: a
+    reviewer may well look for ``$(id)`` in the audit trail.
+    """
+    value = value or ""
+    if len(value) > max_length:
+        raise ValidationError(
+            "At most %(max)d characters (this has %(length)d).",
+            code="too_long",
+            params={"max": max_length, "length": len(value)},
+        )
+    bad = sorted(
+        {f"U+{ord(c):04X}" for c in value if c == "\ufffd" or (unicodedata.category(c)[0] in "CZ" and c != " ")}
+    )
+    if bad:
+        raise ValidationError(
+            "Control, invisible or undecodable characters are not allowed (%(chars)s).",
+            code="invisible_characters",
+            params={"chars": ", ".join(bad[:5])},
         )

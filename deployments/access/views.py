@@ -44,6 +44,8 @@ def team_list(request):
 
 
 def _detail(request, team: Team, *, member_form=None, grant_form=None):
+    # A refused form (POST) is a 400 with the form and its errors.
+    status = 400 if request.method == "POST" else 200
     return render(
         request,
         "access/team_detail.html",
@@ -54,6 +56,7 @@ def _detail(request, team: Team, *, member_form=None, grant_form=None):
             "member_form": member_form or MemberForm(),
             "grant_form": grant_form or GrantForm(team=team),
         },
+        status=status,
     )
 
 
@@ -70,7 +73,7 @@ def team_edit(request, pk=None):
         team = teams.save_team(form.save(commit=False), user=request.user)
         messages.success(request, f"Saved team {team.name}.")
         return redirect("access:team-detail", team.pk)
-    return render(request, "access/team_form.html", {"form": form, "team": team})
+    return render(request, "access/team_form.html", {"form": form, "team": team}, status=400 if form.errors else 200)
 
 
 @manager_required("team.deleted")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 from django.db import connections
@@ -21,6 +22,8 @@ from django.db.models import QuerySet
 from .chain import EXPORT_FIELDS, canonical_json
 from .models import AuditEvent
 from .walk import canonical_time
+
+log = logging.getLogger(__name__)
 
 # Small batches keep the export's own memory to a few MB above Django's (a 500-row batch is
 # ~250 KB of text); the query is compiled once and re-run per batch with the next keyset bound.
@@ -101,6 +104,25 @@ def chunks(qs: QuerySet, fmt: str, *, through_seq: int | None = None) -> Iterato
     render = csv_lines if fmt == "csv" else jsonl_lines
     for chunk in rows(qs, through_seq=through_seq):
         yield render(chunk)
+
+
+# The last line of an export that failed half-way: an export without it is complete through its head.
+FAILED_MARKER = "EXPORT FAILED"
+
+
+def ending(chunks_: Iterator[str], fmt: str) -> Iterator[str]:
+    """``chunks_``, ended whatever happens: a failure half-way becomes a final line saying so.
+
+    An HTTP response that has started cannot change its status; raising inside it left the client
+    waiting for a body that never ended.  The line cannot be read as an event (CSV: a row with too
+    few fields; JSON Lines: an object without ``seq``), so a verifier fails on it too.
+    """
+    try:
+        yield from chunks_
+    except Exception as exc:
+        log.exception("audit export failed")
+        message = f"{FAILED_MARKER}: {type(exc).__name__}; this file is incomplete"
+        yield (json.dumps({"error": message}) if fmt == "jsonl" else message) + "\n"
 
 
 def head_seq() -> int:

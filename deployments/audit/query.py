@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime, time, timedelta
 
+from django.core.exceptions import ValidationError
 from django.db import connections
 from django.db.models import Max, Q, QuerySet
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
+
+from deployments.validators import validate_search_text
 
 from .db import SEARCH_MIN_LENGTH, SEARCH_TABLE, has_search_table, search_phrase
 from .models import AuditEvent
@@ -62,9 +65,19 @@ class AuditFilter:
 
     @classmethod
     def from_data(cls, data) -> tuple[AuditFilter, list[str]]:
-        """A filter from GET parameters (or command options), and the errors found."""
-        f = cls(**{name: str(data.get(name) or "").strip()[:300] for name in FILTER_NAMES})
+        """A filter from GET parameters (or command options), and the errors found.
+
+        A field with an error is left empty; callers refuse the whole request when there are errors
+        (the pages with 400), so a control character or a 10 kB string never reaches a query.
+        """
+        f = cls(**{name: str(data.get(name) or "").strip() for name in FILTER_NAMES})
         errors = []
+        for name in FILTER_NAMES:
+            try:
+                validate_search_text(getattr(f, name))
+            except ValidationError as exc:
+                errors.append(f"{name}: {exc.messages[0]}")
+                setattr(f, name, "")
         for name in ("since", "until"):
             try:
                 parse_time(getattr(f, name), end=name == "until")

@@ -17,7 +17,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
-from django.http import Http404, StreamingHttpResponse
+from django.http import Http404, HttpResponseBadRequest, StreamingHttpResponse
 from django.shortcuts import render
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
@@ -79,7 +79,10 @@ def event_list(request):
     _require_auditor(request)
     f, errors = AuditFilter.from_data(request.GET)
     before, after = _int(request.GET.get("before")), _int(request.GET.get("after"))
-    if after is not None:
+    if errors:
+        # Refused whole (400): the page shows what was wrong and no events.
+        events, has_newer, has_older = [], False, False
+    elif after is not None:
         events = f.page(above=after, limit=PAGE_SIZE + 1, fields=LIST_FIELDS)
         has_newer = len(events) > PAGE_SIZE
         events = events[:PAGE_SIZE][::-1]
@@ -109,6 +112,7 @@ def event_list(request):
             "actor_names": get_user_model().objects.order_by("username").values_list("username", flat=True)[:500],
             "export_query": f.as_dict(),
         },
+        status=400 if errors else 200,
     )
 
 
@@ -142,13 +146,13 @@ def event_export(request, fmt: str):
         raise Http404("Unknown format")
     f, errors = AuditFilter.from_data(request.GET)
     if errors:
-        raise Http404("; ".join(errors))
+        return HttpResponseBadRequest("; ".join(errors) + "\n", content_type="text/plain; charset=utf-8")
     through = export.head_seq()
     with transaction.atomic():
         record(
             "audit.exported", user=request.user, details={"format": fmt, "filters": f.as_dict(), "through_seq": through}
         )
-    content = export.chunks(f.queryset(), fmt, through_seq=through)
+    content = export.ending(export.chunks(f.queryset(), fmt, through_seq=through), fmt)
     if isinstance(request, ASGIRequest):
         # Under daphne a sync iterator would be read whole into memory first; feed it batch by batch.
         content = _async_chunks(content)

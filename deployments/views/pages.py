@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import BadRequest, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import OuterRef, Subquery
 from django.http import HttpResponseBadRequest, StreamingHttpResponse
@@ -16,6 +17,7 @@ from ..access.gate import ADMIN, DEPLOY, VIEW
 from ..errors import RequestError
 from ..forms import DeployForm, NodeForm, PinHostKeyForm
 from ..models import Deployment, Node
+from ..validators import validate_node_name, validate_search_text, validate_tag
 
 
 def _with_last_deployment(nodes):
@@ -32,15 +34,36 @@ def _attach_last(nodes) -> list[Node]:
     return nodes
 
 
+def _filters(request, **validators) -> dict[str, str]:
+    """The GET fields ``validators`` names, each checked (free text first, then its own rule).
+
+    A bad value is a 400 with the reason (``BadRequest``, shown by ``views.errors.bad_request``),
+    never a query: a NUL made PostgreSQL fail, and nothing is gained by searching for a 10 kB name.
+    """
+    values = {}
+    for name, validate in validators.items():
+        value = request.GET.get(name, "").strip()
+        if value:
+            try:
+                validate_search_text(value)
+                if validate is not None:
+                    validate(value)
+            except ValidationError as exc:
+                raise BadRequest(f"{name}: {exc.messages[0]}") from None
+        values[name] = value
+    return values
+
+
 @login_required
 @require_GET
 def dashboard(request):
     nodes = gate.annotate_permissions(gate.visible_nodes(request.user), request.user)
     nodes = nodes.prefetch_related("tags").select_related("repository")
-    tag = request.GET.get("tag", "")
+    filters = _filters(request, tag=validate_tag, q=None)
+    tag = filters["tag"]
     if tag:
         nodes = nodes.filter(tags__name=tag)
-    query = request.GET.get("q", "").strip()
+    query = filters["q"]
     if query:
         nodes = nodes.filter(name__icontains=query)
     page = Paginator(_with_last_deployment(nodes).order_by("name"), 100).get_page(request.GET.get("page"))
@@ -63,7 +86,10 @@ def dashboard(request):
 @login_required
 @require_GET
 def node_detail(request, name):
-    node = gate.node_for(request.user, name, VIEW)
+    return _node_page(request, gate.node_for(request.user, name, VIEW), DeployForm())
+
+
+def _node_page(request, node: Node, form: DeployForm, *, status: int = 200):
     deployments = Paginator(node.deployments.all(), 25).get_page(request.GET.get("page"))
     return render(
         request,
@@ -71,11 +97,12 @@ def node_detail(request, name):
         {
             "node": node,
             "deployments": deployments,
-            "form": DeployForm(),
+            "form": form,
             "can_deploy": gate.can(request.user, DEPLOY, node),
             "can_admin": gate.can(request.user, ADMIN, node),
             "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
         },
+        status=status,
     )
 
 
@@ -83,12 +110,11 @@ def node_detail(request, name):
 @require_POST
 def node_deploy(request, name):
     node = gate.node_for(request.user, name, VIEW)
+    # The gate decides before the input is read: a refusal is 403 and one audit event, valid input or not.
+    gate.require(request.user, DEPLOY, node, event="deployment.requested")
     form = DeployForm(request.POST)
     if not form.is_valid():
-        for field, errors in form.errors.items():
-            for error in errors:
-                messages.error(request, f"{field}: {error}")
-        return redirect(node)
+        return _node_page(request, node, form, status=400)
     try:
         deployment = lifecycle.request_deployment(
             node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"], user=request.user
@@ -112,7 +138,9 @@ def node_edit(request, name=None):
         node = inventory.save_object(form.save(commit=False), user=request.user, tags=form.cleaned_data["tag_names"])
         messages.success(request, f"Saved {node.name}.")
         return redirect(node)
-    return render(request, "deployments/node_form.html", {"form": form, "node": node})
+    # A refused form is a 400 (with the form and its errors), so a client never takes it for a saved one.
+    status = 400 if request.method == "POST" else 200
+    return render(request, "deployments/node_form.html", {"form": form, "node": node}, status=status)
 
 
 @login_required
@@ -156,10 +184,11 @@ def node_hostkey(request, name):
 @require_GET
 def deployment_list(request):
     qs = gate.visible_deployments(request.user).select_related("node")
-    status = request.GET.get("status", "")
-    if status in Deployment.Status.values:
+    filters = _filters(request, status=_validate_status, node=validate_node_name)
+    status = filters["status"]
+    if status:
         qs = qs.filter(status=status)
-    node = request.GET.get("node", "")
+    node = filters["node"]
     if node:
         qs = qs.filter(node__name=node)
     page = Paginator(qs, 50).get_page(request.GET.get("page"))
@@ -193,10 +222,16 @@ def deployment_detail(request, pk):
     )
 
 
+def _validate_status(value: str) -> None:
+    if value not in Deployment.Status.values:
+        raise ValidationError(f"use one of {', '.join(Deployment.Status.values)}")
+
+
 @login_required
 @require_POST
 def deployment_cancel(request, pk):
     deployment = gate.deployment_for(request.user, pk, VIEW)
+    gate.require(request.user, DEPLOY, deployment.node, event="deployment.cancel")
     try:
         lifecycle.cancel_deployment(deployment, user=request.user)
         messages.info(request, f"Cancellation of #{deployment.pk} requested.")

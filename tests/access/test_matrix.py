@@ -279,3 +279,69 @@ def test_websocket_admits_only_who_may_see_the_deployment(consumer_world, route,
             assert connected, f"{persona} was refused the log of a deployment on {target} (code {code})"
         else:
             assert not connected and code == 4404, f"{persona} reached the log of a deployment on {target}"
+
+
+# --- the gate decides before the input is read ------------------------------------------------------
+
+# Requests with input that is wrong in every way, to each route that takes input: (content type, body)
+# for the API, form data for pages.  Whoever may not act gets exactly the answer a valid request gets
+# (404 unseen; 403 seen but not allowed, recorded once); whoever may act gets a 4xx naming the problem.
+# Nothing is ever queued.
+INVALID_INPUT: dict[str, list] = {
+    "deployments:node-deploy": [
+        {"action": "explode"},
+        {"action": "switch", "revision": "main;reboot"},
+        {"action": "switch", "revision": "x" * 10_000},
+        {},
+    ],
+    "deployments:api-deploy": [
+        ("application/json", b'{"action": "explode"}'),
+        ("application/json", b"not json"),
+        ("application/json", b'{"action": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        ("application/json", b'{"revision": "' + b"x" * 20_000 + b'"}'),
+        ("application/json", b"\xff\xfe"),
+        ("text/plain", b'{"action": "switch"}'),
+    ],
+    "deployments:api-cancel": [
+        ("application/json", b'{"unexpected": true}'),
+        ("text/plain", b"{}"),
+    ],
+}
+
+
+def test_every_route_with_invalid_input_cases_has_a_rule():
+    assert set(INVALID_INPUT) <= set(RULES)
+
+
+@pytest.mark.parametrize("persona", PERSONAS)
+@pytest.mark.parametrize("route", sorted(INVALID_INPUT))
+def test_the_gate_answers_before_the_input_is_read(client, world, route, persona):
+    rule = RULES[route]
+    user = world.persona(persona)
+    if user is not None:
+        client.force_login(user)
+    for target in (IN_SCOPE, OUT_OF_SCOPE):
+        url = reverse(route, kwargs=rule.kwargs(world, target))
+        for payload in INVALID_INPUT[route]:
+            expected = rule.expect(persona, level(persona, target))
+            denials_before = AuditEvent.objects.filter(outcome="denied").count()
+            deployments_before = Deployment.objects.exclude(status=Deployment.Status.CANCELLED).count()
+            if rule.api:
+                content_type, body = payload
+                response = client.generic("POST", url, body, content_type=content_type)
+            else:
+                response = client.post(url, payload)
+            where = f"{persona} POST {url} {str(payload)[:60]}"
+            if persona != "anonymous" and level(persona, target) >= 2:  # may deploy: the input is judged
+                assert response.status_code in (400, 413, 415), f"{where}: {response.status_code}"
+                if rule.api:
+                    assert response.json()["error"], where
+            else:
+                assert response.status_code == expected, f"{where}: {response.status_code}, expected {expected}"
+            if response.status_code == 403:
+                assert AuditEvent.objects.filter(outcome="denied").count() == denials_before + 1, (
+                    f"{where}: the refusal was not recorded exactly once"
+                )
+            assert Deployment.objects.exclude(status=Deployment.Status.CANCELLED).count() == deployments_before, (
+                f"{where}: something was queued or changed"
+            )

@@ -101,14 +101,14 @@ def test_every_change_is_audited_with_the_team_before_and_after(alice_client, wo
 def test_a_wrong_grant_is_shown_back_with_its_error_and_not_saved(alice_client, world, data, error):
     before = Grant.objects.count()
     response = alice_client.post(f"/teams/{world.ops.pk}/grants/", data)
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert error in response.content.decode()
     assert Grant.objects.count() == before
 
 
 def test_adding_an_unknown_user_says_so(alice_client, world):
     response = alice_client.post(f"/teams/{world.ops.pk}/members/", {"username": "mallory"})
-    assert response.status_code == 200 and "No active user named" in response.content.decode()
+    assert response.status_code == 400 and "No active user named" in response.content.decode()
 
 
 def test_bob_may_neither_see_nor_change_teams_and_his_attempts_are_audited(client, world, users):
