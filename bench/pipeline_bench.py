@@ -50,8 +50,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.panel import Browser, Panel  # noqa: E402
-from tests.testbed import NodeConfigSpec, Testbed, commit_change, make_flake_repo  # noqa: E402
+from tests.support.panel import Browser, Panel  # noqa: E402
+from tests.support.processes import process_group, stat_fields  # noqa: E402
+from tests.support.testbed import NodeConfigSpec, Testbed, commit_change, make_flake_repo  # noqa: E402
 
 ATTR = "bench"
 TERMINAL = {"succeeded", "failed", "error", "cancelled", "interrupted"}
@@ -253,27 +254,14 @@ class TreeRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def pids(self) -> list[int]:
-        out = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == self.pgid:
-                out.append(int(name))
-        return out
+        return process_group(self.pgid)
 
     def rss(self) -> dict[int, int]:
         sizes = {}
         for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            sizes[pid] = int(fields[21]) * self.page
+            fields = stat_fields(pid)
+            if fields is not None:
+                sizes[pid] = int(fields[21]) * self.page
         return sizes
 
     def hwm(self) -> dict[int, int]:
@@ -529,46 +517,43 @@ def machine() -> dict:
     }
 
 
-def run_sqlite(args, tmp: Path, node, repo: Path) -> dict:
-    log("panel: embedded default (SQLite, ORM broker, in-memory layer + DB poll)")
-    panel, browser = start_panel(tmp / "panel-sqlite", node, repo)
-    sq: dict = {}
+def run_setup(args, workdir: Path, node, repo: Path, phases: tuple[str, ...], memory: bool) -> dict:
+    """One panel on ``workdir``: the phases in the order given, then (if ``memory``) the worker's memory."""
+    panel, browser = start_panel(workdir, node, repo)
+    runs = {
+        "throughput": (
+            f"throughput, {args.lines:,} lines",
+            lambda: phase_throughput(panel, browser, repo, node, args.lines, args.runs),
+        ),
+        "latency": (
+            f"latency, {args.paced_lines:,} lines at {args.rate}/s",
+            lambda: phase_latency(panel, browser, repo, node, args.paced_lines, args.rate),
+        ),
+        "overhead": (
+            f"overhead, {args.deploys} deploys",
+            lambda: phase_overhead(panel, browser, repo, node, args.deploys),
+        ),
+    }
+    out: dict = {}
     try:
-        log(f"throughput, {args.lines:,} lines")
-        sq["throughput"] = phase_throughput(panel, browser, repo, node, args.lines, args.runs)
-        log(f"latency, {args.paced_lines:,} lines at {args.rate}/s")
-        sq["latency"] = phase_latency(panel, browser, repo, node, args.paced_lines, args.rate)
-        log(f"overhead, {args.deploys} deploys")
-        sq["overhead"] = phase_overhead(panel, browser, repo, node, args.deploys)
-        sq["memory"] = []
-        for n in args.mem_lines:
-            log(f"worker memory, {n:,} lines")
-            m = measure_memory(panel, browser, repo, n)
-            log(
-                f"  tree {m['tree_baseline_mb']:.0f} → peak {m['tree_peak_mb']:.0f} MB; task process "
-                f"{m['task_process_start_mb']:.0f} → peak {m['task_process_peak_mb']:.0f} MB; "
-                f"{m['lines_per_s']:,.0f} lines/s {m['problems'] or 'complete'}"
-            )
-            sq["memory"].append(m)
+        for phase in phases:
+            title, run = runs[phase]
+            log(title)
+            out[phase] = run()
+        if memory:
+            out["memory"] = []
+            for n in args.mem_lines:
+                log(f"worker memory, {n:,} lines")
+                m = measure_memory(panel, browser, repo, n)
+                log(
+                    f"  tree {m['tree_baseline_mb']:.0f} → peak {m['tree_peak_mb']:.0f} MB; task process "
+                    f"{m['task_process_start_mb']:.0f} → peak {m['task_process_peak_mb']:.0f} MB; "
+                    f"{m['lines_per_s']:,.0f} lines/s {m['problems'] or 'complete'}"
+                )
+                out["memory"].append(m)
     finally:
         stop_panel(panel)
-    return sq
-
-
-def run_postgres(args, tmp: Path, node, repo: Path) -> dict:
-    log("panel: PostgreSQL + Redis (channels-redis pushes, Redis broker)")
-    panel, browser = start_panel(tmp / "panel-pg", node, repo)
-    pg: dict = {}
-    try:
-        log(f"latency, {args.paced_lines:,} lines at {args.rate}/s")
-        pg["latency"] = phase_latency(panel, browser, repo, node, args.paced_lines, args.rate)
-        log(f"throughput, {args.lines:,} lines")
-        pg["throughput"] = phase_throughput(panel, browser, repo, node, args.lines, args.runs)
-        log(f"overhead, {args.deploys} deploys")
-        pg["overhead"] = phase_overhead(panel, browser, repo, node, args.deploys)
-    finally:
-        stop_panel(panel)
-    return pg
+    return out
 
 
 def main() -> int:
@@ -600,10 +585,16 @@ def main() -> int:
         log(f"testbed node up at {node.host}:{node.port}")
 
         if not args.no_sqlite:
-            results["sqlite"] = run_sqlite(args, tmp, node, repo)
+            log("panel: embedded default (SQLite, ORM broker, in-memory layer + DB poll)")
+            results["sqlite"] = run_setup(
+                args, tmp / "panel-sqlite", node, repo, ("throughput", "latency", "overhead"), memory=True
+            )
         if not args.no_postgres:
+            log("panel: PostgreSQL + Redis (channels-redis pushes, Redis broker)")
             with environment(DATABASE_URL=PG_URL, REDIS_URL=REDIS_URL):
-                results["postgres"] = run_postgres(args, tmp, node, repo)
+                results["postgres"] = run_setup(
+                    args, tmp / "panel-pg", node, repo, ("latency", "throughput", "overhead"), memory=False
+                )
     finally:
         tb.close()
         subprocess.run(["rm", "-rf", str(tmp)])

@@ -1,40 +1,81 @@
-"""Shared fixtures: personas, inventory objects, and the NixOS-like testbed."""
+"""Shared fixtures: the personas, the flake repository and the inventory on it, the roles tests' world, the testbed.
+
+What they stand on lives in tests/support/ (one module each: personas, world, keys, testbed, ...).
+"""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from tests.testbed import make_flake_repo, testbed  # noqa: F401  (the session fixture)
+from tests.support import personas
+from tests.support.keys import HOST_KEY, ed25519_private_key
+from tests.support.testbed import make_flake_repo, testbed  # noqa: F401  (the session fixture)
 
 
 @pytest.fixture
-def alice(django_user_model):
+def alice(db):
     """A superuser."""
-    return django_user_model.objects.create_superuser("alice", "alice@example.com", "alice-password-1")
+    return personas.person("alice")
 
 
 @pytest.fixture
-def bob(django_user_model):
-    """A logged-in user with no rights at all."""
-    return django_user_model.objects.create_user("bob", "bob@example.com", "bob-password-12")
+def bob(db):
+    """A signed-in user in no team, with no grant."""
+    return personas.person("bob")
 
 
 @pytest.fixture
-def flake_repo(tmp_path):
-    """A git repository of a flake with configurations devm, failing and slow; returns (path, head sha)."""
-    path = tmp_path / "flake"
+def charlie(db):
+    """A second signed-in user with no grant."""
+    return personas.person("charlie")
+
+
+@pytest.fixture
+def carol(db):
+    """An auditor: a member of the team ``auditors``, which holds the (global) auditor role."""
+    return personas.person("carol")
+
+
+@pytest.fixture
+def users(alice, bob, charlie):
+    """(alice, bob, charlie)."""
+    return alice, bob, charlie
+
+
+@pytest.fixture(scope="session")
+def _flake_repo_template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flake-template") / "flake"
     return path, make_flake_repo(path)
 
 
 @pytest.fixture
-def inventory(db, flake_repo):
+def flake_repo(tmp_path, _flake_repo_template):
+    """A git repository of a flake with configurations devm, failing and slow; returns (path, head sha).
+
+    Each test gets its own copy (it may commit to it), of one repository made once a session.
+    """
+    template, sha = _flake_repo_template
+    path = tmp_path / "flake"
+    shutil.copytree(template, path, symlinks=True)
+    return path, sha
+
+
+@pytest.fixture
+def repository(db, flake_repo):
+    """The panel's repository ``fleet``: flake_repo, tracking ``main``."""
+    from deployments.models import Repository
+
+    return Repository.objects.create(name="fleet", url=str(flake_repo[0]), branch="main")
+
+
+@pytest.fixture
+def inventory(repository, flake_repo):
     """A repository, a key credential and a node (not reachable) ready to be deployed."""
     from deployments import inventory
-    from deployments.models import Credential, Node, Repository
+    from deployments.models import Credential, Node
 
-    from .helpers import ed25519_private_key
-
-    repo = Repository.objects.create(name="fleet", url=str(flake_repo[0]), branch="main")
     cred = Credential(name="deploy-key", kind=Credential.Kind.SSH_KEY)
     inventory.save_credential(cred, secret=ed25519_private_key(), actor_kind="cli")
     node = Node.objects.create(
@@ -42,9 +83,17 @@ def inventory(db, flake_repo):
         host="192.0.2.10",
         port=22,
         flake_attr="devm",
-        repository=repo,
+        repository=repository,
         credential=cred,
-        host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+        host_key=HOST_KEY,
         host_key_fingerprint="SHA256:test",
     )
-    return {"repo": repo, "credential": cred, "node": node, "sha": flake_repo[1], "repo_path": flake_repo[0]}
+    return {"repo": repository, "credential": cred, "node": node, "sha": flake_repo[1], "repo_path": flake_repo[0]}
+
+
+@pytest.fixture
+def world(db, flake_repo):
+    """The roles tests' nodes, teams and role personas (tests/support/world.py)."""
+    from tests.support.world import World
+
+    return World(flake_repo[0])

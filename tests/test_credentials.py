@@ -5,8 +5,7 @@ from django.db import connection
 
 from deployments import inventory
 from deployments.models import Credential
-
-from .helpers import ed25519_private_key, rsa_private_key_text
+from tests.support.keys import ed25519_private_key, rsa_private_key_text
 
 pytestmark = pytest.mark.django_db
 

@@ -9,8 +9,7 @@ from deployments.audit.models import AuditEvent
 from deployments.errors import NodeBusy, RequestError
 from deployments.inventory import pin_host_key, save_object
 from deployments.models import Deployment
-
-from .testbed import commit_change
+from tests.support.testbed import commit_change
 
 pytestmark = pytest.mark.django_db
 

@@ -8,8 +8,7 @@ import pytest
 
 from deployments import repos
 from deployments.models import Repository
-
-from .testbed import commit_change
+from tests.support.testbed import commit_change
 
 pytestmark = pytest.mark.django_db
 

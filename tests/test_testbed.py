@@ -1,10 +1,11 @@
 """The testbed itself: nodes behave like NixOS machines over real SSH.
 
-The ``testbed`` fixture comes from tests/conftest.py (``from tests.testbed import testbed``).
+The ``testbed`` fixture comes from tests/conftest.py (``from tests.support.testbed import testbed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shlex
@@ -17,17 +18,18 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from tests.testbed import (
+from tests.support.net import closing_server, refusing_address
+from tests.support.testbed import (
     NixUnavailable,
     NodeConfigSpec,
     TestbedError,
     commit_change,
     git_archive,
     make_flake_repo,
-    refusing_address,
+    namespaces_missing_reason,
     rotate_host_key,
 )
-from tests.testbed.nodes import closing_server, namespaces_missing_reason
+from tests.support.wait import wait_for
 
 
 def needs_namespaces(tb):
@@ -97,6 +99,15 @@ def rebuild(node, action: str, flake_dir: str, attr: str, password: bool = False
     return ssh(node, command, password=password)
 
 
+def node_with_flake(testbed, flake: Path, name: str, configs=None, *, dest: str = "flake", **options):
+    """A new node (skips without a Nix that builds) with a flake repository made at ``flake`` and shipped to ``dest``."""
+    needs_nix(testbed)
+    node = testbed.add_node(name, **options)
+    make_flake_repo(flake, configs)
+    ship(node, flake, dest)
+    return node
+
+
 @pytest.fixture
 def flake(tmp_path):
     return tmp_path / "flake"
@@ -131,12 +142,9 @@ def test_two_nodes_have_separate_stores(testbed, flake):
 
 
 def test_switch_makes_a_new_generation_and_current_system(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("switch")
+    node = node_with_flake(testbed, flake, "switch", dest="deploy-1")
     before = node.generations()
     initial = node.current_system()
-    make_flake_repo(flake)
-    ship(node, flake, "deploy-1")
 
     result = rebuild(node, "switch", "deploy-1", "devm")
 
@@ -174,10 +182,7 @@ def test_switching_two_new_commits_adds_two_generations(testbed, flake):
 
 
 def test_deploying_the_same_store_path_twice_adds_no_generation(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("same")
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "same")
     assert rebuild(node, "switch", "flake", "devm").status == 0
     after_first = node.generations()
 
@@ -191,10 +196,7 @@ def test_deploying_the_same_store_path_twice_adds_no_generation(testbed, flake):
 
 
 def test_dry_activate_changes_nothing(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("dry")
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "dry")
     before = (node.generations(), node.current_system(), node.system_profile())
 
     result = rebuild(node, "dry-activate", "flake", "devm")
@@ -207,10 +209,7 @@ def test_dry_activate_changes_nothing(testbed, flake):
 
 
 def test_failing_configuration_exits_1_with_nixos_messages(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("failing")
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "failing")
     before = node.generations()
 
     result = rebuild(node, "switch", "flake", "failing")
@@ -230,10 +229,7 @@ def test_failing_configuration_exits_1_with_nixos_messages(testbed, flake):
 
 
 def test_a_failing_build_exits_with_nix_code_and_changes_nothing(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("nobuild")
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "nobuild")
     before = (node.generations(), node.current_system())
 
     result = rebuild(node, "switch", "flake", "missing")
@@ -247,10 +243,9 @@ def test_a_failing_build_exits_with_nix_code_and_changes_nothing(testbed, flake)
 
 @pytest.mark.parametrize("code", [2, 3, 100])
 def test_switch_to_configuration_exit_codes(testbed, flake, code):
-    needs_nix(testbed)
-    node = testbed.add_node(f"exit-{code}")
-    make_flake_repo(flake, {"devm": NodeConfigSpec(activation_exit=code, version_tag=f"exit{code}")})
-    ship(node, flake, "flake")
+    node = node_with_flake(
+        testbed, flake, f"exit-{code}", {"devm": NodeConfigSpec(activation_exit=code, version_tag=f"exit{code}")}
+    )
     assert rebuild(node, "build", "flake", "devm").status == 0
 
     direct = node.run("result/bin/switch-to-configuration test", check=False)
@@ -263,10 +258,7 @@ def test_switch_to_configuration_exit_codes(testbed, flake, code):
 
 
 def test_build_leaves_a_result_link_and_changes_nothing(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("build")
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "build")
     before = (node.generations(), node.current_system())
 
     out = f"{node.home}/out"
@@ -292,12 +284,9 @@ def test_nixos_rebuild_is_on_the_ssh_path_and_rejects_unknown_actions(testbed):
 
 
 def test_rollback_returns_to_the_previous_generation(testbed, flake):
-    needs_nix(testbed)
     needs_namespaces(testbed)
-    node = testbed.add_node("rollback")
+    node = node_with_flake(testbed, flake, "rollback")
     initial = node.current_system()
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
     assert rebuild(node, "switch", "flake", "devm").status == 0
 
     result = ssh(node, "nixos-rebuild switch --rollback")
@@ -308,11 +297,8 @@ def test_rollback_returns_to_the_previous_generation(testbed, flake):
 
 
 def test_password_login_works_on_a_password_node(testbed, flake):
-    needs_nix(testbed)
     needs_namespaces(testbed)
-    node = testbed.add_node("passworded", password="correct horse")
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "passworded", password="correct horse")
 
     result = rebuild(node, "switch", "flake", "devm", password=True)
 
@@ -361,10 +347,7 @@ def test_unreachable_addresses_fail_fast():
 
 
 def test_extra_lines_stream_exactly_and_fast(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("chatty")
-    make_flake_repo(flake, {"chatty": NodeConfigSpec(extra_lines=200_000)})
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "chatty", {"chatty": NodeConfigSpec(extra_lines=200_000)})
     assert rebuild(node, "build", "flake", "chatty").status == 0
 
     result = rebuild(node, "test", "flake", "chatty")
@@ -382,10 +365,7 @@ def test_extra_lines_stream_exactly_and_fast(testbed, flake):
 
 
 def test_paced_lines_carry_their_timestamp(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("paced")
-    make_flake_repo(flake, {"paced": NodeConfigSpec(extra_lines=10, lines_per_second=20)})
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "paced", {"paced": NodeConfigSpec(extra_lines=10, lines_per_second=20)})
 
     result = rebuild(node, "test", "flake", "paced")
 
@@ -401,18 +381,20 @@ def test_paced_lines_carry_their_timestamp(testbed, flake):
 
 
 def test_slow_activation_prints_while_it_runs_and_stops_with_the_node(testbed, flake):
-    needs_nix(testbed)
-    node = testbed.add_node("slow")
-    make_flake_repo(flake)
-    ship(node, flake, "flake")
+    node = node_with_flake(testbed, flake, "slow")
     client = node.ssh_client()
     chan = client.get_transport().open_session()
     chan.exec_command(f"nixos-rebuild test --flake {node.home}/flake#slow")
     buf = b""
-    deadline = time.monotonic() + 20
-    while b"step 2 of 60" not in buf and time.monotonic() < deadline:
-        chan.settimeout(max(0.1, deadline - time.monotonic()))
-        buf += chan.recv(4096)
+    chan.settimeout(0.1)
+
+    def second_step() -> bool:
+        nonlocal buf
+        with contextlib.suppress(TimeoutError):
+            buf += chan.recv(4096)
+        return b"step 2 of 60" in buf
+
+    wait_for(second_step, timeout=20, interval=0, what="the second activation step")
     assert b"activation in progress: step 1 of 60\n" in buf
     assert b"step 2 of 60" in buf
 

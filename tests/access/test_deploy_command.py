@@ -5,8 +5,7 @@ from django.core.management import CommandError, call_command
 
 from deployments.audit.models import AuditEvent
 from deployments.models import Deployment
-
-from .conftest import grant
+from tests.support.personas import grant
 
 pytestmark = pytest.mark.django_db
 

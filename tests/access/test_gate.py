@@ -10,8 +10,8 @@ from deployments.access import gate
 from deployments.access.gate import ADMIN, DEPLOY, VIEW
 from deployments.access.models import Grant, Team
 from deployments.models import Node
-
-from .conftest import HOST_KEY, grant
+from tests.support.keys import HOST_KEY
+from tests.support.personas import grant
 
 pytestmark = pytest.mark.django_db
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from .conftest import grant
+from tests.support.personas import grant
 
 pytestmark = pytest.mark.django_db
 

@@ -12,8 +12,7 @@ from deployments import consumers
 from deployments.access import teams
 from deployments.models import Deployment
 from deployments.routing import websocket_urlpatterns
-
-from .conftest import grant
+from tests.support.personas import grant
 
 DEADLINE = 10.0  # seconds; the consumer re-checks far more often (see the fixture below)
 

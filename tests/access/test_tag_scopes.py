@@ -5,8 +5,7 @@ import pytest
 from deployments import inventory
 from deployments.access import gate
 from deployments.access.gate import DEPLOY, VIEW
-
-from .conftest import grant
+from tests.support.personas import grant
 
 pytestmark = pytest.mark.django_db
 

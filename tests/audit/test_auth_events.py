@@ -3,6 +3,7 @@
 import pytest
 
 from deployments.audit.models import AuditEvent
+from tests.support.personas import password
 
 pytestmark = pytest.mark.django_db
 
@@ -10,7 +11,7 @@ pytestmark = pytest.mark.django_db
 def test_a_login_is_recorded_with_source_and_request_id(client, bob):
     response = client.post(
         "/login/",
-        {"username": "bob", "password": "bob-password-12"},
+        {"username": "bob", "password": password("bob")},
         REMOTE_ADDR="198.51.100.7",
         HTTP_USER_AGENT="pytest-browser",
     )
@@ -35,7 +36,7 @@ def test_a_logout_is_recorded(client, bob):
 
 
 def test_everything_one_request_caused_shares_its_id(client, bob):
-    client.post("/login/", {"username": "bob", "password": "bob-password-12"}, REMOTE_ADDR="::ffff:192.0.2.1")
+    client.post("/login/", {"username": "bob", "password": password("bob")}, REMOTE_ADDR="::ffff:192.0.2.1")
     event = AuditEvent.objects.get(action="auth.login")
     assert len(event.request_id) == 32
     assert event.source_ip == "::ffff:192.0.2.1"

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.testbed import NodeConfigSpec, make_flake_repo
-
-from .panel import Browser, Panel
+from tests.support.panel import Browser, Panel
+from tests.support.testbed import NodeConfigSpec, make_flake_repo
 
 CHATTY_LINES = 3000
 

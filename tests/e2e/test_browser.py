@@ -30,7 +30,7 @@ def page(panel):
             page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(panel.url + "/login/")
-            page.fill("input[name=username]", "admin")
+            page.fill("input[name=username]", panel.user)
             page.fill("input[name=password]", panel.password)
             page.click("button[type=submit], input[type=submit]")
             page.wait_for_url(panel.url + "/")

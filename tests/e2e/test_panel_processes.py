@@ -15,11 +15,11 @@ import sys
 
 import pytest
 
-from tests.helpers import wait_for
-from tests.testbed import free_port
+from tests.support.net import free_port
+from tests.support.panel import ROOT, Browser, Panel, read_log
+from tests.support.wait import wait_for
 
 from .conftest import CHATTY_LINES
-from .panel import ROOT, Browser, Panel, read_log
 
 pytestmark = pytest.mark.e2e
 

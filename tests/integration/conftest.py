@@ -7,14 +7,9 @@ import itertools
 import pytest
 
 from deployments import inventory
-from deployments.models import Credential, Node, Repository
+from deployments.models import Credential, Node
 
 _names = itertools.count(1)
-
-
-@pytest.fixture
-def repository(transactional_db, flake_repo):
-    return Repository.objects.create(name="fleet", url=str(flake_repo[0]), branch="main")
 
 
 @pytest.fixture

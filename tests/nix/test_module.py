@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
-from tests.testbed import free_port
+from tests.support.net import free_port
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

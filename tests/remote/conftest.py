@@ -1,10 +1,12 @@
-"""The throwaway sshd the deployments.remote tests talk to (see sshd.py)."""
+"""The server the deployments.remote tests talk to (server.py, on the suite's test sshd)."""
 
 from __future__ import annotations
 
 import pytest
 
-from .sshd import missing_tools, running_sshd
+from tests.support.sshd import missing_tools
+
+from .server import running_server
 
 
 @pytest.fixture(scope="package")
@@ -12,5 +14,5 @@ def node(tmp_path_factory):
     reason = missing_tools()
     if reason:
         pytest.skip(reason)
-    with running_sshd(tmp_path_factory.mktemp("sshd")) as sshd:
-        yield sshd
+    with running_server(tmp_path_factory.mktemp("sshd")) as server:
+        yield server

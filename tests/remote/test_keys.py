@@ -8,26 +8,18 @@ import paramiko
 import pytest
 
 from deployments.remote import HostKey, key_fingerprint, load_private_key, openssh_fingerprint
-
-from .sshd import keygen, ssh_keygen_fingerprint
+from tests.support.keys import client_keys, ssh_keygen_fingerprint
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not installed")
+
+
+PASSPHRASE = "correct horse battery"
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """name -> (private key text, public key line, .pub path), made by ssh-keygen."""
-    d = tmp_path_factory.mktemp("keys")
-    made = {}
-    for name, kind, passphrase in (
-        ("ed25519", "ed25519", ""),
-        ("rsa", "rsa", ""),
-        ("ecdsa", "ecdsa", ""),
-        ("ed25519-enc", "ed25519", "correct horse battery"),
-    ):
-        private, public = keygen(d / name, kind, passphrase)
-        made[name] = (private, public, d / f"{name}.pub")
-    return made
+    return client_keys(tmp_path_factory.mktemp("keys"), PASSPHRASE)
 
 
 def test_openssh_fingerprint_is_what_ssh_keygen_prints(keys):
@@ -62,7 +54,7 @@ def test_a_host_key_refuses_junk_and_mixed_up_types(keys):
 
 def test_private_keys_load_and_their_fingerprints_match_ssh_keygen(keys):
     for name, (private, _, pub_path) in keys.items():
-        passphrase = "correct horse battery" if name == "ed25519-enc" else None
+        passphrase = PASSPHRASE if name == "ed25519-enc" else None
         assert key_fingerprint(private, passphrase) == ssh_keygen_fingerprint(pub_path)
     assert isinstance(load_private_key(keys["ed25519"][0], "unused"), paramiko.Ed25519Key)  # passphrase ignored
     assert isinstance(load_private_key(keys["rsa"][0]), paramiko.RSAKey)

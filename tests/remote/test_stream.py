@@ -15,9 +15,9 @@ from deployments.remote import Cancelled, RemoteError
 from deployments.remote import stream as stream_module
 from deployments.remote.connection import Connection
 from deployments.remote.stream import read_output, run_command
-from tests.helpers import wait_for
+from tests.support.wait import wait_for
 
-from .sshd import collect
+from .server import collect
 
 pytestmark = pytest.mark.timeout(120)
 

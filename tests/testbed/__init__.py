@@ -1,55 +1,8 @@
-"""NixOS-like test nodes over real SSH, and flakes that build offline in a blink.
+"""Moved to tests/support/testbed (and tests/support/net.py); this stays only until no test imports it."""
 
-The lead's ``tests/conftest.py`` imports the ``testbed`` fixture from here.
-"""
+from tests.support.net import closing_server, free_port, refusing_address
+from tests.support.processes import processes_of as node_processes
+from tests.support.testbed import *  # noqa: F403
+from tests.support.testbed import __all__ as _moved
 
-from __future__ import annotations
-
-import pytest
-
-from .flakes import NodeConfigSpec, commit_change, default_configs, git_archive, make_flake_repo
-from .nodes import (
-    NamespacesUnavailable,
-    NixUnavailable,
-    Node,
-    Testbed,
-    TestbedError,
-    can_use_namespaces,
-    closing_server,
-    fetch_host_key,
-    free_port,
-    node_processes,
-    refusing_address,
-    rotate_host_key,
-)
-
-__all__ = [
-    "NamespacesUnavailable",
-    "NixUnavailable",
-    "Node",
-    "NodeConfigSpec",
-    "Testbed",
-    "TestbedError",
-    "can_use_namespaces",
-    "closing_server",
-    "commit_change",
-    "default_configs",
-    "fetch_host_key",
-    "free_port",
-    "git_archive",
-    "make_flake_repo",
-    "node_processes",
-    "refusing_address",
-    "rotate_host_key",
-    "testbed",
-]
-
-
-@pytest.fixture(scope="session")
-def testbed(tmp_path_factory):
-    """A Testbed for the whole session; nodes are added by the tests that need them."""
-    tb = Testbed(tmp_path_factory.mktemp("testbed"))
-    try:
-        yield tb
-    finally:
-        tb.close()
+__all__ = [*_moved, "closing_server", "free_port", "node_processes", "refusing_address"]

@@ -1,5 +1,5 @@
-"""A real panel for end-to-end tests: its own data directory (or PostgreSQL database
-and Redis prefix), daphne and the qcluster worker as real processes, an HTTP client
+"""A real panel for end-to-end tests and the benchmarks: its own data directory (or PostgreSQL
+database and Redis prefix), daphne and the qcluster worker as real processes, an HTTP client
 that logs in with CSRF like a browser, and a WebSocket log reader."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import wait_for
-from tests.testbed import free_port
+from .net import free_port
+from .wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +48,8 @@ class Panel:
             self._pg_admin(f'CREATE DATABASE "{self._pg_db}"')
             parsed = urllib.parse.urlsplit(os.environ["DATABASE_URL"])
             self.env["DATABASE_URL"] = urllib.parse.urlunsplit(parsed._replace(path="/" + self._pg_db))
+        # alice, the superuser persona; a password of this run's own, as the panel listens on the machine.
+        self.user = "alice"
         self.password = "e2e-" + secrets.token_urlsafe(12)
         self.manage("migrate", "--verbosity", "0")
         self.manage(
@@ -55,7 +57,7 @@ class Panel:
             "-c",
             (
                 "from django.contrib.auth import get_user_model;"
-                f"get_user_model().objects.create_superuser('admin', '', {self.password!r})"
+                f"get_user_model().objects.create_superuser({self.user!r}, '', {self.password!r})"
             ),
         )
 
@@ -205,10 +207,11 @@ class Browser:
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
 
-    def login(self, username: str = "admin", password: str | None = None) -> None:
+    def login(self, username: str | None = None, password: str | None = None) -> None:
+        """Log in as ``username`` (the panel's superuser by default)."""
         self.request("GET", "/login/")
         status, headers, _ = self.request(
-            "POST", "/login/", {"username": username, "password": password or self.panel.password}
+            "POST", "/login/", {"username": username or self.panel.user, "password": password or self.panel.password}
         )
         assert status == 302, f"login failed with {status}"
 

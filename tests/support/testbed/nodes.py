@@ -28,24 +28,25 @@ import os
 import random
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+from ..keys import new_ed25519
+from ..net import free_port
+from ..processes import kill_all, processes_of
+from ..sshd import SSHD, sshd_command, sshd_config, start_sshd, stop_sshd
+from ..wait import wait_for
 from .flakes import NodeConfigSpec, git_archive, make_flake_repo
 
 HERE = Path(__file__).resolve().parent
 NIXOS_REBUILD = HERE / "nixos-rebuild"
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 # What sshd (Debian's build) gives root's sessions as PATH.
 NODE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Host paths hidden inside a node by its bind mounts.
@@ -106,67 +107,6 @@ def namespaces_missing_reason() -> str:
     if not os.path.exists(SSHD):
         return "testbed needs sshd (apt-get install openssh-server)"
     return "unshare --mount --uts --net failed: namespaces are not permitted here"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def refusing_address(host: str = "127.0.0.1"):
-    """Yield (host, port) where connecting is refused at once: for 'unreachable node' tests.
-
-    The port stays bound (never listening) until the block ends, so nothing
-    else on the machine can start listening there meanwhile.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        yield host, s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def closing_server(host: str = "127.0.0.1"):
-    """Yield (host, port) of a TCP server that accepts and closes at once (no SSH banner)."""
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((host, 0))
-    srv.listen(16)
-    srv.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.close()
-
-    thread = threading.Thread(target=serve, name="testbed-closing-server", daemon=True)
-    thread.start()
-    try:
-        yield host, srv.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(2)
-        srv.close()
-
-
-def _new_ed25519(comment: str) -> tuple[str, str]:
-    """(private key in OpenSSH format, 'ssh-ed25519 AAAA...' public key)."""
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    ).decode()
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
-    return private, public
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -378,10 +318,10 @@ class Node:
         orphan reparented to init still does).
         """
         if self.isolated and self.netns:
-            return node_processes(netns=f"/run/netns/{self.netns}")
+            return processes_of(netns=f"/run/netns/{self.netns}")
         marker = f"TESTBED_SYSTEM_PROFILE={_local_session_env(self.dir)['TESTBED_SYSTEM_PROFILE']}"
         below = self._proc.pid if self._proc is not None else None
-        return node_processes(below=below, environ=marker)
+        return processes_of(below=below, environ=marker)
 
     def stop(self) -> None:
         """Kill every process of the node and remove its network namespace."""
@@ -393,17 +333,8 @@ class Node:
             subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
             if self.veth:
                 subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
-        elif self._proc is not None and self._proc.poll() is None:
-            # sshd's session processes outlive their listener: kill the whole tree.
-            for pid in [*_descendants(self._proc.pid), self._proc.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
         if self._proc is not None:
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+            stop_sshd(self._proc)
 
 
 def _b64(text: str) -> bytes:
@@ -421,78 +352,21 @@ def _local_session_env(node_dir: Path) -> dict[str, str]:
     }
 
 
-def _cmdline(pid: int) -> str | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace") or None
-
-
-def node_processes(*, netns: str | None = None, below: int | None = None, environ: str | None = None) -> dict[int, str]:
-    """Command lines by pid of the processes that belong to one node, and no others.
-
-    A process belongs if it is in the network namespace ``netns`` (a path such
-    as ``/run/netns/<name>``), or below pid ``below``, or its environment holds
-    the entry ``environ`` (``NAME=value``, as sshd's SetEnv gives each session).
-    Kernel threads (no command line) and the calling process are left out.
-    """
-    pids: set[int] = set()
-    if below is not None:
-        pids.update(_descendants(below))
-    ns_ino = os.stat(netns).st_ino if netns is not None else None
-    wanted = environ.encode() if environ is not None else None
-    if ns_ino is not None or wanted is not None:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                if ns_ino is not None and os.stat(f"/proc/{entry}/ns/net").st_ino == ns_ino:
-                    pids.add(int(entry))
-                elif wanted is not None and wanted in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                    pids.add(int(entry))
-            except OSError:
-                continue
-    pids.discard(os.getpid())
-    found = {pid: _cmdline(pid) for pid in pids}
-    return {pid: cmd for pid, cmd in found.items() if cmd}
-
-
-def _descendants(root: int) -> list[int]:
-    """Pids of every process below ``root`` (Linux /proc), deepest last."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _netns_pids(netns: str) -> list[int]:
     proc = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
     return [int(p) for p in proc.stdout.split()]
 
 
 def _kill_netns(netns: str) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    """SIGKILL every process in the namespace until none is left (5 s at most; the caller deletes it anyway)."""
+
+    def emptied() -> bool:
         pids = _netns_pids(netns)
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.02)
+        kill_all(pids)
+        return not pids
+
+    with contextlib.suppress(AssertionError):
+        wait_for(emptied, timeout=5, interval=0.02, what=f"the processes of {netns} to die")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -522,32 +396,26 @@ def cleanup_stale() -> None:
 
 def rotate_host_key(node: Node, timeout: float = 10) -> str:
     """Give the node a new ed25519 host key, make its sshd reload, return the new public key."""
-    private, public = _new_ed25519(f"testbed-host-{node.name}")
+    private, public = new_ed25519()
     key_path = node._sshd_dir / "ssh_host_ed25519_key"
     _write(key_path, private, 0o600)
     _write(key_path.with_suffix(".pub"), public + "\n")
-    old = node.host_key_public
     # SIGHUP makes sshd re-exec itself with the same pid and re-read its keys;
     # the new sshd writes its pid file once it listens again. (Children of the
     # old one may already show the new key, so the key alone is no sign.)
     node.pid_file.unlink(missing_ok=True)
     os.kill(node.sshd_pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
-    seen = old
-    while not node.pid_file.exists():
-        if time.monotonic() > deadline:
-            raise TestbedError(f"sshd of node {node.name} did not come back after SIGHUP")
-        time.sleep(0.002)
-    while time.monotonic() < deadline:
+    wait_for(node.pid_file.exists, timeout, interval=0.002, what=f"sshd of node {node.name} to come back after SIGHUP")
+
+    def presents_new_key() -> bool:
         try:
-            seen = fetch_host_key(node.host, node.port, timeout=1)
+            return fetch_host_key(node.host, node.port, timeout=1) == public
         except Exception:  # noqa: BLE001 - sshd is restarting; try again
-            seen = None
-        if seen == public:
-            node.host_key_public = public
-            return public
-        time.sleep(0.02)
-    raise TestbedError(f"node {node.name} still presents {seen!r} after rotating its host key")
+            return False
+
+    wait_for(presents_new_key, timeout, interval=0.02, what=f"node {node.name} to present its new host key")
+    node.host_key_public = public
+    return public
 
 
 class Testbed:
@@ -699,10 +567,10 @@ class Testbed:
         """Write the node's keys; return (host public key, client key path, client private key)."""
         sshd_dir = node_dir / "run" / "testbed"
         sshd_dir.mkdir(parents=True)
-        host_private, host_public = _new_ed25519(f"testbed-host-{name}")
+        host_private, host_public = new_ed25519()
         _write(sshd_dir / "ssh_host_ed25519_key", host_private, 0o600)
         _write(sshd_dir / "ssh_host_ed25519_key.pub", host_public + "\n")
-        client_private, client_public = _new_ed25519(f"testbed-client-{name}")
+        client_private, client_public = new_ed25519()
         client_key_path = node_dir / "client_ed25519"
         _write(client_key_path, client_private, 0o600)
         _write(node_dir / "client_ed25519.pub", client_public + "\n")
@@ -755,25 +623,15 @@ class Testbed:
         ip = str(self.network.network_address + 2 + index)
         netns = f"tb-{self.token}-{os.getpid()}-{name}"
         veth = f"tb{self.token}n{index}"
-        sshd_config = f"""\
-ListenAddress {ip}:22
-HostKey /run/testbed/ssh_host_ed25519_key
-PidFile /run/testbed/sshd.pid
-AuthorizedKeysFile .ssh/authorized_keys
-UsePAM no
-PermitRootLogin {"yes" if password is not None else "prohibit-password"}
-PasswordAuthentication {"yes" if password is not None else "no"}
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-UseDNS no
-PrintMotd no
-PrintLastLog no
-MaxStartups 200:30:400
-MaxSessions 64
-Subsystem sftp internal-sftp
-LogLevel VERBOSE
-"""
-        _write(node_dir / "run" / "testbed" / "sshd_config", sshd_config)
+        # Paths as the node sees them: its own /run is bind-mounted over the host's.
+        config = sshd_config(
+            listen=f"{ip}:22",
+            host_key="/run/testbed/ssh_host_ed25519_key",
+            pid_file="/run/testbed/sshd.pid",
+            authorized_keys=".ssh/authorized_keys",
+            root_passwords=password is not None,
+        )
+        _write(node_dir / "run" / "testbed" / "sshd_config", config)
 
         _run(["ip", "-batch", "-"], input=(
             f"netns add {netns}\n"
@@ -803,37 +661,21 @@ LogLevel VERBOSE
                 'mount --bind "$d/shadow" /etc/shadow; '
                 'mount --bind "$d/tmp" /tmp; '
                 'hostname "$2"; '
-                f"exec {SSHD} -D -f /run/testbed/sshd_config -E /run/testbed/sshd.log"
+                "exec " + shlex.join(sshd_command("/run/testbed/sshd_config", "/run/testbed/sshd.log"))
             )
-            node._proc = subprocess.Popen(
+            node._proc = start_sshd(
                 ["nsenter", f"--net=/run/netns/{netns}", "--",
                  "unshare", "--mount", "--uts", "--propagation", "private", "--",
                  "/bin/sh", "-c", script, "sh", str(node_dir), name],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=open(node_dir / "start.log", "wb"),
+                pid_file=node.pid_file,
+                logs=[node_dir / "start.log", node.sshd_log],
+                name=f"sshd of node {name}",
                 env={"PATH": NODE_PATH, "HOME": "/root", "LANG": "C.UTF-8"},
-                start_new_session=True,
             )  # fmt: skip
-            self._wait_started(node)
         except BaseException:
             node.stop()
             raise
         return node
-
-    def _wait_started(self, node: Node, timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if node.pid_file.exists() and node.pid_file.read_text().strip():
-                return  # sshd writes its pid file after it listens
-            if node._proc.poll() is not None:
-                break
-            time.sleep(0.002)
-        logs = ""
-        for log in (node.dir / "start.log", node.sshd_log):
-            with contextlib.suppress(OSError):
-                logs += log.read_text(errors="replace")
-        raise TestbedError(f"sshd of node {node.name} did not start: {logs.strip()}")
 
     def _start_local(self, name: str, index: int, password: str | None, initial_system: bool) -> Node:
         if password is not None:
@@ -849,37 +691,27 @@ LogLevel VERBOSE
         _write(node_dir / "registry.json", EMPTY_REGISTRY)
         env = _local_session_env(node_dir)
         port = free_port()
-        setenv = " ".join(f'"{k}={v}"' for k, v in env.items())
         sshd_dir = node_dir / "run" / "testbed"
-        _write(sshd_dir / "sshd_config", f"""\
-ListenAddress 127.0.0.1:{port}
-HostKey {sshd_dir / "ssh_host_ed25519_key"}
-PidFile {sshd_dir / "sshd.pid"}
-AuthorizedKeysFile {node_dir / "client_ed25519.pub"}
-UsePAM no
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-UseDNS no
-PrintMotd no
-SetEnv {setenv}
-Subsystem sftp internal-sftp
-""")  # fmt: skip
+        config = sshd_config(
+            listen=f"127.0.0.1:{port}",
+            host_key=sshd_dir / "ssh_host_ed25519_key",
+            pid_file=sshd_dir / "sshd.pid",
+            authorized_keys=node_dir / "client_ed25519.pub",
+            set_env=env,
+        )
+        _write(sshd_dir / "sshd_config", config)
         node = Node(
             name=name, host="127.0.0.1", port=port, user=getpass.getuser(),
             host_key_public=host_public, client_key_path=client_key_path,
             client_key_private=client_private, password=None, dir=node_dir, isolated=False,
         )  # fmt: skip
-        node._proc = subprocess.Popen(
-            [SSHD, "-D", "-f", str(sshd_dir / "sshd_config"), "-E", str(node.sshd_log)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(node_dir / "start.log", "wb"),
-            start_new_session=True,
+        node._proc = start_sshd(
+            sshd_command(sshd_dir / "sshd_config", node.sshd_log),
+            pid_file=node.pid_file,
+            logs=[node_dir / "start.log", node.sshd_log],
+            name=f"sshd of node {name}",
         )
         try:
-            self._wait_started(node)
             if initial_system:
                 initial = self._initial_system_local(node_dir)
                 if initial:
