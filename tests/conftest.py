@@ -14,28 +14,20 @@ from tests.support.keys import HOST_KEY, ed25519_private_key
 from tests.support.testbed import make_flake_repo, testbed  # noqa: F401  (the session fixture)
 
 
-@pytest.fixture
-def alice(db):
-    """A superuser."""
-    return personas.person("alice")
+def _person(name: str):
+    """The fixture of persona ``name``: the user as tests/support/personas.py describes them."""
+
+    def fixture(db):
+        return personas.person(name)
+
+    fixture.__doc__ = f"{name}: {personas.PEOPLE[name]}."
+    return pytest.fixture(name=name)(fixture)
 
 
-@pytest.fixture
-def bob(db):
-    """A signed-in user in no team, with no grant."""
-    return personas.person("bob")
-
-
-@pytest.fixture
-def charlie(db):
-    """A second signed-in user with no grant."""
-    return personas.person("charlie")
-
-
-@pytest.fixture
-def carol(db):
-    """An auditor: a member of the team ``auditors``, which holds the (global) auditor role."""
-    return personas.person("carol")
+alice = _person("alice")
+bob = _person("bob")
+charlie = _person("charlie")
+carol = _person("carol")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from django.test import Client
 
 from deployments import logstream
 from deployments.models import Deployment
+from tests.support.forms import node_form_data
 
 pytestmark = pytest.mark.django_db
 
@@ -141,18 +142,7 @@ def test_the_api_log_resumes_after_a_sequence_number(admin_client, inventory):
 )
 def test_the_node_form_rejects_hostile_values(admin_client, inventory, field, value):
     node = inventory["node"]
-    data = {
-        "name": node.name,
-        "host": node.host,
-        "port": node.port,
-        "ssh_user": node.ssh_user,
-        "flake_attr": node.flake_attr,
-        "repository": node.repository_id,
-        "credential": node.credential_id,
-        "tag_names": "web",
-    }
-    data[field] = value
-    response = admin_client.post("/nodes/web1/edit/", data)
+    response = admin_client.post("/nodes/web1/edit/", node_form_data(node, tag_names="web", **{field: value}))
     assert response.status_code == 400, "the form is shown again with its error"
     node.refresh_from_db()
     assert getattr(node, field) != value
@@ -160,17 +150,7 @@ def test_the_node_form_rejects_hostile_values(admin_client, inventory, field, va
 
 def test_the_node_form_saves_tags(admin_client, inventory):
     node = inventory["node"]
-    data = {
-        "name": node.name,
-        "host": node.host,
-        "port": node.port,
-        "ssh_user": node.ssh_user,
-        "flake_attr": node.flake_attr,
-        "repository": node.repository_id,
-        "credential": node.credential_id,
-        "tag_names": "web, prod",
-    }
-    assert admin_client.post("/nodes/web1/edit/", data).status_code == 302
+    assert admin_client.post("/nodes/web1/edit/", node_form_data(node, tag_names="web, prod")).status_code == 302
     assert sorted(node.tags.values_list("name", flat=True)) == ["prod", "web"]
 
 

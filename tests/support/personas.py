@@ -1,16 +1,10 @@
-"""The people of the test suite: one name, one meaning, in every test.
+"""The people of the test suite: one name, one meaning, in every test (``PEOPLE``).
 
-========  ==================================================================
-alice     superuser
-bob       signed in, in no team and holding no grant (tests give him what they need)
-charlie   signed in, no grant: a second plain user
-carol     auditor: member of the team ``auditors``, which holds the global auditor role
-zed       member of the team ``ops`` (viewer of every node) that no other persona is in (World)
-========  ==================================================================
-
+alice is the superuser, bob and charlie are signed in without any grant, carol
+is the auditor, zed is in the team ``ops`` that no other persona is in (World).
 Each has the password ``password(name)`` and the address ``<name>@example.com``.
-The root conftest offers each as a fixture of that name, and ``users`` is
-(alice, bob, charlie).
+The root conftest offers each of alice, bob, charlie and carol as a fixture of
+that name, and ``users`` is (alice, bob, charlie).
 
 ``ROLES`` are the permission matrix's personas (tests/access/test_matrix.py):
 who they are is what they may do.  Three are the people above ("superuser" is
@@ -22,6 +16,13 @@ from __future__ import annotations
 
 from django.contrib.auth import get_user_model
 
+PEOPLE = {
+    "alice": "superuser",
+    "bob": "signed in, in no team and holding no grant",
+    "charlie": "signed in, no grant: a second plain user",
+    "carol": "auditor: member of the team auditors, which holds the global auditor role",
+    "zed": "member of the team ops (viewer of every node)",
+}
 SUPERUSERS = {"alice"}
 AUDITORS = {"carol"}
 
