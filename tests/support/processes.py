@@ -92,7 +92,12 @@ def matching(found: dict[int, str], text: str) -> list[int]:
 
 def sshd_sessions(found: dict[int, str]) -> list[int]:
     """Pids in ``found`` that are sshd's per-connection processes (not its listener)."""
-    return [pid for pid, cmd in found.items() if cmd.startswith(("sshd: ", "sshd-session: "))]
+    return [
+        pid
+        for pid, cmd in found.items()
+        # The listener calls itself "sshd: /usr/sbin/sshd … [listener] …" too (OpenSSH 9).
+        if cmd.startswith(("sshd: ", "sshd-session: ")) and "[listener]" not in cmd
+    ]
 
 
 def kill_all(pids) -> None:
