@@ -14,6 +14,7 @@ it are made at start-up, by ``controlpanel/bootstrap.py`` (``runpanel`` and
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -115,6 +116,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "django_q",
+    "axes",
+    "csp",
     "deployments",
     "deployments.audit",
     "deployments.access",
@@ -122,6 +125,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "deployments.audit.middleware.RequestIdMiddleware",
     # Below whitenoise: static files stay cacheable; everything else is answered no-store.
@@ -133,7 +137,25 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: it turns a login refused for too many failures into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Content-Security-Policy (django-csp): the panel's own scripts, styles and images only, no inline
+# script or style, WebSockets and fetch to the panel itself.  The templates hold no inline code.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'none'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'"],
+        "connect-src": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+        "base-uri": ["'none'"],
+    }
+}
 
 ROOT_URLCONF = "controlpanel.urls"
 ASGI_APPLICATION = "controlpanel.asgi.application"
@@ -230,6 +252,22 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
+# Login throttling (django-axes): after PANEL_LOGIN_FAILURE_LIMIT failures for one user name, or from one
+# address, further attempts for it are refused (HTTP 429, audited as auth.locked_out) until
+# PANEL_LOGIN_LOCKOUT_MINUTES have passed without another failure.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = envint("PANEL_LOGIN_FAILURE_LIMIT", 10)
+AXES_COOLOFF_TIME = timedelta(minutes=envfloat("PANEL_LOGIN_LOCKOUT_MINUTES", 15.0))
+if AXES_FAILURE_LIMIT < 1 or AXES_COOLOFF_TIME <= timedelta(0):
+    raise ImproperlyConfigured("PANEL_LOGIN_FAILURE_LIMIT and PANEL_LOGIN_LOCKOUT_MINUTES must be positive")
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # each on its own: a user name, or an address
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_RESET_ON_SUCCESS = False  # a login of one's own account must not clear the failures from one's address
+AXES_DISABLE_ACCESS_LOG = True  # successful logins are on the audit trail already
+AXES_VERBOSE = False
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "deployments:dashboard"
 LOGOUT_REDIRECT_URL = "login"
@@ -269,5 +307,5 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
-    "loggers": {"paramiko": {"level": "WARNING"}, "django_q": {"level": "WARNING"}},
+    "loggers": {"paramiko": {"level": "WARNING"}, "django_q": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }

@@ -6,7 +6,8 @@ sequence number (``?after=N``; or only the last lines, ``?tail=N``), then follow
 a cross-process channel layer exists, and in any case a database poll, so a
 lost notice only delays lines, never loses them.  The database is the source:
 every line is sent once, in order, across reconnects.  Permission is checked
-again while following, so a revoked user's socket is closed.
+again while following, so a revoked user's socket is closed; so is the socket of a session that
+has since logged out (or whose user was deactivated or changed password).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from importlib import import_module
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -136,12 +138,31 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
 
     @database_sync_to_async
     def _still_allowed(self) -> bool:
-        from django.contrib.auth import get_user_model
-
-        # A fresh user object: permissions cached on the old one may have been revoked.
-        user = get_user_model().objects.filter(pk=getattr(self.user, "pk", None)).first()
         try:
-            deployment_for(user, self.deployment_id)
+            deployment_for(self._current_user(), self.deployment_id)
         except Http404:
             return False
         return True
+
+    def _current_user(self):
+        """The user the socket's session stands for now (a fresh object: grants may have been revoked).
+
+        With a session (every browser socket; ``AuthMiddlewareStack``), the session is read again from
+        its store, as the next HTTP request would: logged out (the session is gone), a deactivated user
+        or a changed password (the session's auth hash no longer matches) give the anonymous user.
+        """
+        from django.contrib.auth import get_user, get_user_model
+
+        session = self.scope.get("session")
+        session_key = getattr(session, "session_key", None) if session is not None else None
+        if session_key:
+            store = import_module(settings.SESSION_ENGINE).SessionStore
+            return get_user(_SessionOnly(store(session_key=session_key)))
+        return get_user_model().objects.filter(pk=getattr(self.user, "pk", None)).first()
+
+
+class _SessionOnly:
+    """What ``django.contrib.auth.get_user`` reads of a request: its session."""
+
+    def __init__(self, session):
+        self.session = session

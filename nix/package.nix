@@ -61,6 +61,8 @@ let
       channels-redis
       redis
       whitenoise
+      django-axes
+      django-csp
     ]
   );
   bins = [

@@ -21,6 +21,9 @@ class AuditConfig(AppConfig):
         signals.user_logged_in.connect(handlers.logged_in, dispatch_uid="audit-login")
         signals.user_logged_out.connect(handlers.logged_out, dispatch_uid="audit-logout")
         signals.user_login_failed.connect(handlers.login_failed, dispatch_uid="audit-login-failed")
+        from axes.signals import user_locked_out
+
+        user_locked_out.connect(handlers.locked_out, dispatch_uid="audit-locked-out")
         post_migrate.connect(after_migrate, sender=self, dispatch_uid="audit-post-migrate")
 
 

@@ -14,6 +14,7 @@ EVENTS: dict[str, str] = {
     "auth.login": "a user signed in",
     "auth.logout": "a user signed out",
     "auth.login_failed": "a sign-in was refused (wrong name or password)",
+    "auth.locked_out": "a sign-in was refused: too many recent failures for the name or from the address",
     # Deployments
     "deployment.requested": "a deployment was requested (or refused: outcome denied)",
     "deployment.started": "a worker claimed the deployment and started it",

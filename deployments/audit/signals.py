@@ -29,3 +29,23 @@ def login_failed(sender, credentials, request=None, **kwargs) -> None:
             object_type="user",
             object_repr=username,
         )
+
+
+def locked_out(sender, request, username=None, ip_address=None, **kwargs) -> None:
+    """django-axes refused a sign-in: too many recent failures for this name or from this address."""
+    from django.conf import settings
+
+    username = str(username or "")[:150]
+    with transaction.atomic():
+        record(
+            "auth.locked_out",
+            actor_kind="anonymous",
+            actor_name=username,
+            outcome="denied",
+            object_type="user",
+            object_repr=username,
+            details={
+                "failure_limit": settings.AXES_FAILURE_LIMIT,
+                "lockout_minutes": settings.AXES_COOLOFF_TIME.total_seconds() / 60,
+            },
+        )

@@ -22,6 +22,15 @@ from controlpanel.bootstrap import ensure_data_dir
 from deployments.lifecycle import reap_stale
 
 
+def daphne_command(host: str, port: int) -> list[str]:
+    """daphne serving the panel: no ``Server`` banner; behind a TLS proxy, the client address from its
+    ``X-Forwarded-For`` (the audit trail's ``source_ip`` and login throttling count the real client)."""
+    command = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "--no-server-name"]
+    if settings.BEHIND_TLS_PROXY:
+        command.append("--proxy-headers")
+    return [*command, "controlpanel.asgi:application"]
+
+
 class Command(BaseCommand):
     help = "Run daphne and the qcluster worker together (Ctrl-C stops both)."
     # Checked in handle(), once the keys the checks look for exist.
@@ -52,10 +61,7 @@ class Command(BaseCommand):
             self.stdout.write(f"{interrupted} deployment(s) left running by a stopped worker marked interrupted")
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
         procs = {
-            "daphne": subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), "controlpanel.asgi:application"],
-                cwd=settings.BASE_DIR,
-            ),
+            "daphne": subprocess.Popen(daphne_command(host, port), cwd=settings.BASE_DIR),
             "worker": subprocess.Popen([*manage, "qcluster"], cwd=settings.BASE_DIR),
         }
         shown = f"[{host}]" if ":" in host else host
