@@ -108,15 +108,22 @@ def test_get_is_not_allowed_on_state_changes(admin_client, inventory):
     assert admin_client.get("/nodes/web1/deploy/").status_code == 405
 
 
-@pytest.mark.django_db(transaction=True)
-def test_the_full_log_download_matches_the_recorded_hash(admin_client, inventory):
+def running_with_log(inventory, lines) -> tuple[Deployment, logstream.LogSummary]:
+    """A running deployment on the inventory's node whose stored log is ``lines``, (stream, text) pairs."""
     d = Deployment.objects.create(
         node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm", status="running"
     )
     writer = logstream.LogWriter(d.pk)
-    for i in range(1000):
-        writer.write("err" if i % 2 else "out", f"\x1b[1mline\x1b[0m {i}".encode())
-    summary = writer.close()
+    for stream, text in lines:
+        writer.write(stream, text)
+    return d, writer.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_full_log_download_matches_the_recorded_hash(admin_client, inventory):
+    d, summary = running_with_log(
+        inventory, [("err" if i % 2 else "out", f"\x1b[1mline\x1b[0m {i}".encode()) for i in range(1000)]
+    )
     body = b"".join(admin_client.get(f"/deployments/{d.pk}/log.txt").streaming_content)
     assert hashlib.sha256(body).hexdigest() == summary.sha256
     assert body.count(b"\n") == 1000
@@ -124,13 +131,7 @@ def test_the_full_log_download_matches_the_recorded_hash(admin_client, inventory
 
 @pytest.mark.django_db(transaction=True)
 def test_the_api_log_resumes_after_a_sequence_number(admin_client, inventory):
-    d = Deployment.objects.create(
-        node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm", status="running"
-    )
-    writer = logstream.LogWriter(d.pk)
-    for i in range(10):
-        writer.write("out", str(i))
-    writer.close()
+    d, _ = running_with_log(inventory, [("out", str(i)) for i in range(10)])
     lines = admin_client.get(f"/api/deployments/{d.pk}/log/?after=6").json()["lines"]
     assert [line[0] for line in lines] == [7, 8, 9]
     assert admin_client.get(f"/api/deployments/{d.pk}/log/?after=x").status_code == 400
