@@ -10,6 +10,7 @@ Host keys are pinned: the only known key for a connection is
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ REMOTE_ERROR_KINDS = (
     "auth",
     "ship",
     "disconnected",
+    "not-ssh",
     "protocol",
     "sudo",
 )
@@ -41,6 +43,26 @@ _SCAN_ALGORITHM_ORDER = (
 )
 
 KEEPALIVE_SECONDS = 15
+
+# paramiko logs every exception of its transport thread at ERROR, traceback
+# included, and then hands the same exception to the caller. During the
+# handshake we turn each one into a RemoteError whose message says it all, so
+# the transport logs to this channel until the handshake is over, and the
+# channel passes its records on at DEBUG only. Afterwards it logs to paramiko's
+# usual channel again: a link lost mid-run is worth an ERROR line there.
+_HANDSHAKE_LOG = "paramiko.transport.handshake"
+
+
+class _DemoteToDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger(_HANDSHAKE_LOG).addFilter(_DemoteToDebug())
+
+# How much of what a server sent first is kept, to say what answered when it was not SSH.
+_FIRST_BYTES = 512
 
 
 class RemoteError(Exception):
@@ -125,7 +147,68 @@ class Target:
         return (secret + "\n").encode() if secret else None
 
 
-def _open_socket(host: str, port: int, timeout: float) -> socket.socket:
+class _RecordingSocket(socket.socket):
+    """A connected socket that keeps the first bytes the server sent (``first``).
+
+    paramiko reads the server's identification line itself and drops what is
+    not one, so a web server on the port would only be "Error reading SSH
+    protocol banner"; with these bytes the error can say what answered.
+    """
+
+    @classmethod
+    def wrap(cls, sock: socket.socket) -> _RecordingSocket:
+        timeout = sock.gettimeout()
+        wrapped = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        wrapped.settimeout(timeout)
+        wrapped.first = b""
+        wrapped.hung_up = False  # the server closed its side
+        return wrapped
+
+    def recv(self, bufsize: int, *flags) -> bytes:
+        try:
+            data = super().recv(bufsize, *flags)
+        except ConnectionResetError:
+            # A server that hangs up without reading our identification line resets the connection.
+            self.hung_up = True
+            raise
+        if not data and bufsize:
+            self.hung_up = True
+        elif len(self.first) < _FIRST_BYTES:
+            self.first += data[: _FIRST_BYTES - len(self.first)]
+        return data
+
+
+def _shown(data: bytes, limit: int = 60) -> str:
+    """The first line of ``data`` for a message: printable ASCII as is, anything else escaped, cut with '…'."""
+    line, _, rest = data.partition(b"\n")
+    line = line.rstrip(b"\r")
+    text = ""
+    for b in line:
+        if len(text) >= limit:
+            return f"'{text}…'"
+        text += chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
+    return f"'{text}{'…' if rest.strip() else ''}'"
+
+
+def _not_ssh(sock: _RecordingSocket, where: str, timeout: float) -> RemoteError | None:
+    """The error for a server that did not answer with an SSH identification line, or None if it did."""
+    first = sock.first
+    if first.startswith(b"SSH-") or b"\nSSH-" in first:
+        return None  # it spoke SSH (possibly after a few lines of text, which RFC 4253 allows)
+    if first:
+        return RemoteError("not-ssh", f"{where} did not speak SSH: it sent {_shown(first)}")
+    if not sock.hung_up:
+        return RemoteError(
+            "not-ssh", f"{where} accepted the connection but sent no SSH identification within {timeout:g} s"
+        )
+    return RemoteError(
+        "not-ssh",
+        f"{where} closed the connection without a word: not an SSH server, "
+        "or sshd turned the connection away (MaxStartups, TCP wrappers)",
+    )
+
+
+def _open_socket(host: str, port: int, timeout: float) -> _RecordingSocket:
     """TCP connect, mapping failures to RemoteError unknown-host / unreachable."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -147,19 +230,20 @@ def _open_socket(host: str, port: int, timeout: float) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 60_000)
     except OSError:
         pass
-    return sock
+    return _RecordingSocket.wrap(sock)
 
 
 def scan_host_key(host: str, port: int = 22, timeout: float = 10) -> HostKey:
     """Fetch a node's host key like ``ssh-keyscan`` (no authentication, nothing trusted).
 
     Prefers Ed25519, then ECDSA, then RSA. Raises RemoteError (unknown-host,
-    unreachable, protocol). The caller must show the fingerprint to an admin
-    before pinning it.
+    unreachable, not-ssh, protocol). The caller must show the fingerprint to an
+    admin before pinning it.
     """
     sock = _open_socket(host, port, timeout)
     transport = paramiko.Transport(sock)
     try:
+        transport.set_log_channel(_HANDSHAKE_LOG)
         transport.banner_timeout = timeout
         opts = transport.get_security_options()
         available = list(opts.key_types)
@@ -167,10 +251,14 @@ def scan_host_key(host: str, port: int = 22, timeout: float = 10) -> HostKey:
             k for k in available if k not in _SCAN_ALGORITHM_ORDER
         ]
         try:
+            # start_client returns quietly when its timeout passes; then there is no key.
             transport.start_client(timeout=timeout)
+            key = transport.get_remote_server_key()
         except (paramiko.SSHException, EOFError, OSError) as e:
-            raise RemoteError("protocol", f"SSH handshake with {host}:{port} failed: {e}") from None
-        key = transport.get_remote_server_key()
+            where = f"{host}:{port}"
+            raise _not_ssh(sock, where, timeout) or RemoteError(
+                "protocol", f"SSH handshake with {where} failed: {e}"
+            ) from None
         return HostKey.from_pkey(key)
     finally:
         transport.close()
@@ -212,8 +300,8 @@ class Connection:
         """Connect and authenticate, trusting only ``target.host_key``.
 
         Raises RemoteError: host-key-missing, unknown-host, unreachable,
-        host-key-mismatch (different key, or the server offers another key type),
-        auth, protocol.
+        not-ssh (something else answers on the port), host-key-mismatch
+        (different key, or the server offers another key type), auth, protocol.
         """
         if self._client is not None:
             return  # already open
@@ -234,6 +322,7 @@ class Connection:
 
         sock = _open_socket(t.host, t.port, t.connect_timeout)
         client = paramiko.SSHClient()
+        client.set_log_channel(_HANDSHAKE_LOG)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         # Exactly one known key; OpenSSH's known_hosts naming so paramiko finds it.
         known_name = t.host if t.port == 22 else f"[{t.host}]:{t.port}"
@@ -281,17 +370,25 @@ class Connection:
             client.close()
             if "No authentication methods" in msg:
                 raise RemoteError("auth", f"authentication as {t.user!r} on {where} failed: {msg}") from None
-            raise RemoteError("protocol", f"SSH handshake with {where} failed: {msg}") from None
+            raise _not_ssh(sock, where, t.connect_timeout) or RemoteError(
+                "protocol", f"SSH handshake with {where} failed: {msg}"
+            ) from None
         except TimeoutError:
             client.close()
-            raise RemoteError("unreachable", f"{where} timed out during the SSH handshake") from None
+            raise _not_ssh(sock, where, t.connect_timeout) or RemoteError(
+                "unreachable", f"{where} timed out during the SSH handshake"
+            ) from None
         except EOFError:
             client.close()
-            raise RemoteError("protocol", f"{where} closed the connection during the SSH handshake") from None
+            raise _not_ssh(sock, where, t.connect_timeout) or RemoteError(
+                "protocol", f"{where} closed the connection during the SSH handshake"
+            ) from None
         except OSError as e:
             client.close()
             raise RemoteError("unreachable", f"connection to {where} failed: {e.strerror or e}") from None
-        client.get_transport().set_keepalive(KEEPALIVE_SECONDS)
+        transport = client.get_transport()
+        transport.set_log_channel("paramiko.transport")  # the handshake is over: see _HANDSHAKE_LOG
+        transport.set_keepalive(KEEPALIVE_SECONDS)
         self._client = client
 
     def close(self) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -10,7 +14,7 @@ import pytest
 from deployments.remote import HostKey, RemoteError, Target, scan_host_key
 from deployments.remote.connection import Connection
 from deployments.remote.stream import read_output
-from tests.testbed import refusing_address
+from tests.support.net import closing_server, refusing_address
 
 from .sshd import IS_ROOT, keygen, ssh_keygen_fingerprint
 
@@ -109,3 +113,89 @@ def test_secrets_absent_from_repr_and_errors(node):
     assert e.value.kind == "auth"
     assert "wrong-passphrase-xyz" not in e.value.message and "s3cret" not in e.value.message
     assert "passphrase" in e.value.message
+
+
+@contextlib.contextmanager
+def answering_server(reply: bytes | None, *, read_first: bool = True):
+    """(host, port) of a TCP server that is not sshd: per connection it reads what the client
+    sends first (``read_first``), sends ``reply`` and hangs up; with ``reply=None`` it stays silent."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            if reply is None:
+                held.append(conn)  # silent: neither answer nor hang up
+                continue
+            with conn:
+                conn.settimeout(2)
+                if read_first:
+                    with contextlib.suppress(OSError):
+                        conn.recv(4096)
+                with contextlib.suppress(OSError):
+                    conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield srv.getsockname()[:2]
+    finally:
+        stop.set()
+        thread.join(2)
+        for conn in held:
+            conn.close()
+        srv.close()
+
+
+def connect_and_scan(host: str, port: int, timeout: float = 3) -> list[RemoteError]:
+    """The errors of a host key scan and of a login attempt on (host, port)."""
+    errors = []
+    for attempt in (
+        lambda: scan_host_key(host, port, timeout=timeout),
+        lambda: Connection(Target(host, port, "root", SOME_KEY, password="x", connect_timeout=timeout)).open(),
+    ):
+        with pytest.raises(RemoteError) as e:
+            attempt()
+        errors.append(e.value)
+    return errors
+
+
+def test_a_web_server_on_the_port_is_named_by_what_it_sent(caplog):
+    caplog.set_level(logging.DEBUG)
+    with answering_server(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n") as (h, p):
+        errors = connect_and_scan(h, p)
+    for e in errors:
+        assert e.kind == "not-ssh"
+        assert e.message == f"{h}:{p} did not speak SSH: it sent 'HTTP/1.1 400 Bad Request…'"
+    # paramiko's own report of the same failure (with its traceback) is debug output only.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_garbage_on_the_port_is_shown_escaped_and_short():
+    with answering_server(bytes(range(256)) * 4, read_first=False) as (h, p):
+        errors = connect_and_scan(h, p)
+    for e in errors:
+        assert e.kind == "not-ssh"
+        assert e.message.startswith(f"{h}:{p} did not speak SSH: it sent '\\x00\\x01\\x02")
+        assert e.message.endswith("…'") and len(e.message) < 120
+        assert all(c.isprintable() for c in e.message)
+
+
+def test_a_port_that_hangs_up_at_once_or_says_nothing_is_not_ssh():
+    with closing_server() as (h, p):
+        errors = connect_and_scan(h, p)
+    for e in errors:
+        assert e.kind == "not-ssh" and "closed the connection without a word" in e.message
+    with answering_server(None) as (h, p):
+        errors = connect_and_scan(h, p, timeout=1)
+    for e in errors:
+        assert (
+            e.kind == "not-ssh"
+            and e.message == f"{h}:{p} accepted the connection but sent no SSH identification within 1 s"
+        )
