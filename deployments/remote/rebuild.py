@@ -4,7 +4,22 @@ No Django here. The worker gives a :class:`~.connection.Target`, the ``git
 archive`` bytes of the pinned commit, the flake attribute and the nixos-rebuild
 action; this module connects, records the system generation before and after,
 streams the source to the node on stdin, runs ``nixos-rebuild <action> --flake
-'path:<dir>#<attr>'`` and always removes the shipped folder again.
+'path:<dir>#<attr>'`` and removes the shipped folder again.
+
+A folder that outlives its run (the connection dropped, so the cleanup could
+not reach the node) is removed by the next run on that node, once nothing of
+its run is left there. Each run writes the id of its remote process group to
+``<folder>.owner`` before it makes the folder; the next run's first command
+removes every ``deploy-*`` folder of the same login user whose owner group no
+longer exists, and leaves the others. A dropped run's nixos-rebuild may still
+be activating on the node for a while (it runs in its own process group, which
+the drop does not kill), and a run of another panel, or of a second worker,
+may be using its own folder right now; the panel's one-active-deployment-per-
+node lock does not cover either case (the dropped run is already marked
+interrupted, and another panel has its own database), so the test is the
+process group on the node, not any state in the panel. A folder without an
+owner file is never touched. A reused process id can only keep a folder
+longer, never remove one in use.
 """
 
 from __future__ import annotations
@@ -144,29 +159,63 @@ def _invocation(target: Target, action: str, workdir: str, attr: str) -> str:
 # Marker lines of the ship-and-run script on stdout; run_rebuild consumes them.
 _STATE_MARK = b"__NIXOS_PANEL_STATE__ "
 _SHIPPED_MARK = b"__NIXOS_PANEL_SHIPPED__"
+_STALE_MARK = b"__NIXOS_PANEL_STALE__ "  # "<folder>": removed, its run is gone
+_IN_USE_MARK = b"__NIXOS_PANEL_IN_USE__ "  # "<pgid> <folder>": left, its run's process group is alive
+# Next to each shipped folder: the remote process group of the run that made it.
+OWNER_SUFFIX = ".owner"
 # Exit code of the script when the parent of the workdir cannot be used.
 _PARENT_EXIT = 97
 _PW_VAR = "__nixos_panel_pw"
 
 
+def _sweep_script(parent: str) -> str:
+    """Shell that removes the ``deploy-*`` folders in ``parent`` whose owner process group is gone.
+
+    One ``_STALE_MARK`` line per folder removed, one ``_IN_USE_MARK`` line per
+    folder left because its owner group is alive. ``kill -0 -<pgid>`` sends
+    nothing; only its "No such process" (LC_ALL=C) counts as gone: a group of
+    another user's processes answers "Operation not permitted" and is kept.
+    ``kill -0 -- -<pgid>`` would be clearer, but dash's kill refuses ``--``.
+    """
+    q = shlex.quote(parent)
+    stale, in_use = _STALE_MARK.decode(), _IN_USE_MARK.decode()
+    return (
+        f"for o in {q}/deploy-*{OWNER_SUFFIX}; do "
+        '[ -f "$o" ] && [ ! -h "$o" ] || continue; '
+        'g=$(head -c 20 -- "$o" 2>/dev/null); '
+        "case $g in ''|*[!0-9]*|0|1) continue ;; esac; "
+        'if e=$(LC_ALL=C kill -0 "-$g" 2>&1); then '
+        f'printf \'{in_use}%s %s\\n\' "$g" "${{o%{OWNER_SUFFIX}}}"; continue; fi; '
+        'case $e in *"No such process"*) ;; *) continue ;; esac; '
+        f'd=${{o%{OWNER_SUFFIX}}}; rm -rf -- "$d" && rm -f -- "$o" && printf \'{stale}%s\\n\' "$d"; '
+        "done"
+    )
+
+
 def _ship_and_run_script(target: Target, workdir: str, invocation: str) -> str:
-    """One remote command: read the state before, unpack the source from stdin, run ``invocation``.
+    """One remote command: read the state before, sweep stale folders, unpack the source from stdin, run ``invocation``.
 
     stdin carries the sudo password line first (if any), then the tar archive.
-    stdout starts with three ``_STATE_MARK`` lines, then ``_SHIPPED_MARK`` once
-    the source is unpacked; after that it is nixos-rebuild's own output.  The
-    script exits ``_PARENT_EXIT`` if the parent folder is unusable and with tar's
-    status if unpacking failed (both before the shipped mark), else with
-    nixos-rebuild's.
+    stdout starts with three ``_STATE_MARK`` lines, ``_STALE_MARK`` and
+    ``_IN_USE_MARK`` lines of the sweep (see the module docstring), then
+    ``_SHIPPED_MARK`` once the source is unpacked; after that it is
+    nixos-rebuild's own output.  The script exits ``_PARENT_EXIT`` if the parent
+    folder is unusable and with tar's status if unpacking failed (both before
+    the shipped mark), else with nixos-rebuild's.  ``$$`` is the id of the
+    command's own process group (``stream.run_command`` starts it in one).
     """
     workdir = _check_remote_dir(workdir)
-    qp, qd = shlex.quote(os.path.dirname(workdir)), shlex.quote(workdir)
+    parent = os.path.dirname(workdir)
+    qp, qd, qo = shlex.quote(parent), shlex.quote(workdir), shlex.quote(workdir + OWNER_SUFFIX)
     secret = target.privileged_stdin() is not None
     lines = [
         # `read` takes stdin byte by byte, so tar gets exactly what follows the line.
         f"IFS= read -r {_PW_VAR} || exit {_PARENT_EXIT - 1}" if secret else "",
         f"{{ {_state_script(_STATE_MARK.decode())}; }} </dev/null",
         f"mkdir -p -m 700 -- {qp} && test -d {qp} && test ! -h {qp} && test -O {qp} || exit {_PARENT_EXIT}",
+        _sweep_script(parent),
+        # The owner file first: whenever the folder exists, its owner can be checked.
+        f"echo $$ > {qo} || exit",
         f"rm -rf -- {qd} && mkdir -m 700 -- {qd} && tar -x -f - -C {qd} || exit",
         f"echo {_SHIPPED_MARK.decode()}",
         f"cd {qd} && " + (f"printf '%s\\n' \"${_PW_VAR}\" | {invocation}" if secret else f"{invocation} </dev/null"),
@@ -183,11 +232,16 @@ class _Prelude:
     """
 
     def __init__(
-        self, on_output: OutputCallback, on_state: Callable[[list[str]], None], on_shipped: Callable[[], None]
+        self,
+        on_output: OutputCallback,
+        on_state: Callable[[list[str]], None],
+        on_shipped: Callable[[], None],
+        note: Callable[[str], None],
     ) -> None:
         self.on_output = on_output
         self.on_state = on_state
         self.on_shipped = on_shipped
+        self.note = note
         self.state: list[str] = []
         self.shipped = False
         self.held: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
@@ -199,6 +253,15 @@ class _Prelude:
             self.state.append(line[len(_STATE_MARK) :].decode("utf-8", "replace"))
             if len(self.state) == 3:
                 self.on_state(self.state)
+        elif stream == "out" and line.startswith(_STALE_MARK):
+            folder = line[len(_STALE_MARK) :].decode("utf-8", "replace")
+            self.note(f"removed {folder}, left behind by an earlier run that is no longer running")
+        elif stream == "out" and line.startswith(_IN_USE_MARK):
+            pgid, _, folder = line[len(_IN_USE_MARK) :].decode("utf-8", "replace").partition(" ")
+            self.note(
+                f"left {folder} in place: its run is still going on the node (process group {pgid}); "
+                "an earlier run that lost its connection may still be activating"
+            )
         elif stream == "out" and line == _SHIPPED_MARK:
             self.shipped = True
             self.on_shipped()
@@ -261,7 +324,7 @@ def run_rebuild(
             states.append(_parse_state(lines))
             note(states[0].describe("before"))
 
-        prelude = _Prelude(on_output, on_state, lambda: note(f"running: {invocation}"))
+        prelude = _Prelude(on_output, on_state, lambda: note(f"running: {invocation}"), note)
         exit_code = run_command(
             conn,
             script,
@@ -302,13 +365,19 @@ def run_rebuild(
         try:
             note("cleaning up")
             if not cleaned:
-                read_output(conn, f"rm -rf -- {shlex.quote(workdir)}")
+                read_output(conn, _remove_script(workdir))
         except (RemoteError, RuntimeError, OSError) as e:
             try:
                 note(f"warning: could not remove {workdir}: {e}")
             except Exception:
                 pass
         conn.close()
+
+
+def _remove_script(workdir: str) -> str:
+    """Shell that removes a run's folder, then its owner file (so a folder never outlives its owner file)."""
+    workdir = _check_remote_dir(workdir)
+    return f"rm -rf -- {shlex.quote(workdir)} && rm -f -- {shlex.quote(workdir + OWNER_SUFFIX)}"
 
 
 def _finish(conn: Connection, workdir: str, resolve: str | None) -> tuple[SystemState, str | None, bool]:
@@ -322,7 +391,7 @@ def _finish(conn: Connection, workdir: str, resolve: str | None) -> tuple[System
         (f"t=; [ -e {q} ] && t=$(readlink -f {q} 2>/dev/null); " if q else "t=; ")
         + _state_script()
         + '; printf "%s\\n" "$t"'
-        + f"; rm -rf -- {shlex.quote(_check_remote_dir(workdir))} 2>/dev/null && echo removed || echo kept"
+        + f"; {{ {_remove_script(workdir)}; }} 2>/dev/null && echo removed || echo kept"
     )
     lines = read_output(conn, script).split("\n")
     lines += [""] * (5 - len(lines))

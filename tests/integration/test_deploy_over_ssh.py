@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import os
 import shlex
 import signal
@@ -18,8 +19,11 @@ from deployments import inventory, lifecycle, logstream, tasks
 from deployments.audit.models import AuditEvent
 from deployments.errors import NodeBusy
 from deployments.models import Credential, Deployment
-from tests.helpers import ed25519_private_key, wait_for
-from tests.testbed import closing_server, commit_change, refusing_address, rotate_host_key
+from deployments.remote.rebuild import OWNER_SUFFIX
+from tests.support.keys import ed25519_private_key
+from tests.support.net import closing_server, refusing_address
+from tests.support.testbed import commit_change, rotate_host_key
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -148,7 +152,29 @@ def test_a_server_that_hangs_up_at_once_is_an_error(add_node):
         node.host, node.port = host, port
         node.save()
         d = deploy(node)
-    assert d.status == "error" and d.error_message
+    assert d.status == "error"
+    assert d.error_message.startswith(f"{host}:{port} closed the connection without a word")
+
+
+def test_a_web_server_where_sshd_should_be_is_an_error_naming_what_answered(add_node):
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    node, _ = add_node()
+    server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        node.host, node.port = server.server_address[:2]
+        node.save()
+        d = deploy(node)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert d.status == "error"
+    # Python's server answers the client's SSH identification line with an HTML error page.
+    assert d.error_message == f"{node.host}:{node.port} did not speak SSH: it sent '<!DOCTYPE HTML>…'"
+    assert f"error: {d.error_message}" in log_text(d)
 
 
 def test_a_refused_login_is_an_error_that_says_so(add_node):
@@ -257,7 +283,12 @@ def _running(tb, text: str) -> list[int]:
 
 def _kill_ssh_sessions(tb) -> int:
     """SIGKILL the node's per-connection sshd processes (not the listener): the link drops."""
-    sessions = [pid for pid, cmdline in tb.processes().items() if cmdline.startswith(("sshd: ", "sshd-session: "))]
+    sessions = [
+        pid
+        for pid, cmdline in tb.processes().items()
+        # The listener calls itself "sshd: /usr/sbin/sshd … [listener] …" too (OpenSSH 9).
+        if cmdline.startswith(("sshd: ", "sshd-session: ")) and "[listener]" not in cmdline
+    ]
     for pid in sessions:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -277,3 +308,43 @@ def test_a_dropped_connection_mid_run_is_interrupted_not_lost(add_node):
     assert "connection" in d.error_message.lower() or "disconnect" in d.error_message.lower()
     assert any("activating" in t for t in log_text(d)), "lines received before the drop are kept"
     assert not Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).exists()
+
+
+def test_a_folder_left_by_a_dropped_connection_is_removed_by_the_next_run(add_node):
+    node, tb = add_node("slow")
+    d = lifecycle.request_deployment(node, action="switch")
+    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
+    worker.start()
+    wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
+    assert _kill_ssh_sessions(tb) >= 1
+    worker.join(60)
+    d.refresh_from_db()
+    assert d.status == "interrupted"
+    left = next(t.rsplit(" to ", 1)[1] for t in log_text(d) if t.startswith("shipping source"))
+    owner = left + OWNER_SUFFIX
+    # The cleanup could not reach the node: the folder is still there, in the node's own /tmp.
+    assert tb.run(f"test -d {shlex.quote(left)} && test -f {shlex.quote(owner)}", check=False).returncode == 0
+    pgid = int(tb.run(f"cat {shlex.quote(owner)}").stdout)
+    # Without its SSH session, the run ends at its next line of output (the stand-in activates in the
+    # session; NixOS's own runs under systemd-run and would go on).
+    wait_for(lambda: tb.run(f"kill -0 -{pgid}", check=False).returncode != 0, timeout=30, what="the run to end")
+
+    # Meanwhile another run (another panel, say) is using a folder of its own on the node.
+    busy = f"{os.path.dirname(left)}/deploy-77-{tb.name[:8].replace('-', '0')}"
+    tb.run(
+        f"setsid sh -c 'echo $$ > {busy}{OWNER_SUFFIX}; mkdir -p {busy}; exec sleep 120' </dev/null >/dev/null 2>&1 &"
+    )
+    wait_for(lambda: tb.run(f"test -d {busy}", check=False).returncode == 0, what="the other run's folder")
+    busy_pgid = int(tb.run(f"cat {busy}{OWNER_SUFFIX}").stdout)
+    try:
+        node.flake_attr = "devm"
+        node.save()
+        second = deploy(node)
+        assert second.status == "succeeded", second.error_message
+        lines = log_text(second)
+        assert f"removed {left}, left behind by an earlier run that is no longer running" in lines
+        assert tb.run(f"test -e {shlex.quote(left)} || test -e {shlex.quote(owner)}", check=False).returncode == 1
+        assert any(t.startswith(f"left {busy} in place") and f"process group {busy_pgid}" in t for t in lines)
+        assert tb.run(f"test -d {busy}", check=False).returncode == 0
+    finally:
+        tb.run(f"kill -KILL -{busy_pgid}", check=False)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
 import re
 import secrets
 import shlex
+import shutil
+import subprocess
 import tarfile
 from dataclasses import replace
 
 import pytest
 
 from deployments.remote import COMMIT_SHA_RE, FLAKE_ATTR_RE, REBUILD_ACTIONS, RemoteError, Target, run_rebuild
-from deployments.remote.rebuild import CURRENT_SYSTEM, SYSTEM_PROFILE, WORKDIR_ROOT
+from deployments.remote.rebuild import CURRENT_SYSTEM, OWNER_SUFFIX, SYSTEM_PROFILE, WORKDIR_ROOT
 
 from .sshd import collect
 
@@ -171,3 +174,49 @@ def test_run_rebuild_with_sudo_password_on_stdin(node):
         assert "wrong-sudo-pw" not in e.value.message
     for dep in (base + 7, base + 8, base + 9):
         assert not glob.glob(f"{WORKDIR_ROOT}-{node.user}/deploy-{dep}-*")
+
+
+def test_the_next_run_removes_folders_whose_run_is_gone_and_keeps_the_others(node, tmp_path):
+    parent = f"{WORKDIR_ROOT}-{node.user}"
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    tag = secrets.token_hex(4)
+
+    def left_folder(name: str, owner: str | None) -> str:
+        folder = f"{parent}/deploy-{name}-{tag}"
+        os.makedirs(f"{folder}/sub")
+        with open(f"{folder}/sub/flake.nix", "w") as f:
+            f.write("{}\n")
+        if owner is not None:
+            with open(folder + OWNER_SUFFIX, "w") as f:
+                f.write(owner + "\n")
+        return folder
+
+    gone = subprocess.Popen(["true"], start_new_session=True)
+    gone.wait()  # its process group no longer exists
+    alive = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        stale = left_folder("1", str(gone.pid))
+        in_use = left_folder("2", str(alive.pid))
+        unowned = left_folder("3", None)
+        garbled = left_folder("4", "not a pid")
+        lines, out = collect()
+        result = run_rebuild(
+            node.target(), deployment_id=5, archive=make_tar({"flake.nix": b"{}\n"}), attr="web", action="build",
+            on_output=out,
+        )  # fmt: skip
+        assert result.exit_code == 0
+        notes = [line.decode() for s, line in lines if s == "sys"]
+        assert not os.path.exists(stale) and not os.path.exists(stale + OWNER_SUFFIX)
+        assert f"removed {stale}, left behind by an earlier run that is no longer running" in notes
+        assert os.path.exists(f"{in_use}/sub/flake.nix") and os.path.exists(in_use + OWNER_SUFFIX)
+        assert any(n.startswith(f"left {in_use} in place") and f"process group {alive.pid}" in n for n in notes)
+        assert os.path.exists(unowned) and os.path.exists(garbled)
+        # The run's own folder and owner file are gone too.
+        assert not os.path.exists(shipped_to(lines)) and not os.path.exists(shipped_to(lines) + OWNER_SUFFIX)
+    finally:
+        alive.kill()
+        alive.wait()
+        for name in ("1", "2", "3", "4"):
+            shutil.rmtree(f"{parent}/deploy-{name}-{tag}", ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{parent}/deploy-{name}-{tag}{OWNER_SUFFIX}")
