@@ -247,6 +247,22 @@ if BROKER == "redis":
     Q_CLUSTER["redis"] = REDIS_URL
 else:
     Q_CLUSTER["orm"] = "default"
+    # Cluster heartbeats go to a Django cache with the ORM broker; the default cache is per process,
+    # which would hide a running cluster from `manage.py deploy` (it warns when none runs). This one
+    # is shared: Redis when there is one, else files in the data directory (deployments/queue_status.py).
+    Q_CLUSTER["cache"] = "qcluster-status"
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "qcluster-status": (
+            {
+                "BACKEND": "django.core.cache.backends.redis.RedisCache",
+                "LOCATION": REDIS_URL,
+                "KEY_PREFIX": env("PANEL_REDIS_PREFIX", "panel"),
+            }
+            if REDIS_URL
+            else {"BACKEND": "deployments.queue_status.StatusFileCache", "LOCATION": str(DATA_DIR / "qcluster-status")}
+        ),
+    }
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
@@ -307,5 +323,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
-    "loggers": {"paramiko": {"level": "WARNING"}, "django_q": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
+    # "django-q" is the logger django-q2 writes to (django_q.conf.logger).
+    "loggers": {"paramiko": {"level": "WARNING"}, "django-q": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
 }

@@ -133,14 +133,18 @@ def enqueue(deployment_id: int) -> None:
     )
 
 
-def cancel_deployment(deployment: Deployment, *, user=None) -> Deployment:
-    """Cancel a queued deployment now, or ask the worker to stop a running one (it kills the remote tree)."""
-    gate.require(user, gate.DEPLOY, deployment.node, event="deployment.cancel")
+def cancel_deployment(deployment: Deployment, *, user=None, actor_kind: str | None = None) -> Deployment:
+    """Cancel a queued deployment now, or ask the worker to stop a running one (it kills the remote tree).
+
+    ``actor_kind="cli"``: the command line asks (the recorded actor when there is no ``user``).
+    """
+    gate.require(user, gate.DEPLOY, deployment.node, event="deployment.cancel", actor_kind=actor_kind)
     done = _transition(
         deployment.pk,
         expect={"status": Status.QUEUED},
         event="deployment.cancelled",
         user=user,
+        actor_kind=actor_kind or "system",
         set_fields={"status": Status.CANCELLED, "finished_at": timezone.now(), "cancel_requested": True},
         details={"was": "queued"},
     ) or _transition(
@@ -148,6 +152,7 @@ def cancel_deployment(deployment: Deployment, *, user=None) -> Deployment:
         expect={"status": Status.RUNNING, "cancel_requested": False},
         event="deployment.cancel_requested",
         user=user,
+        actor_kind=actor_kind or "system",
         set_fields={"cancel_requested": True},
     )
     deployment.refresh_from_db()

@@ -1,8 +1,23 @@
-"""Shared helpers of the panel's management commands."""
+"""Shared helpers of the panel's management commands.
+
+Exit status, the same for every command: 0 it did what was asked; 1 it tried
+and that did not succeed (a deployment that failed, a node that could not be
+reached, a deployment that had already finished); 2 the request was refused
+before anything was tried (no permission, an unknown node, user or deployment,
+invalid input: what argparse itself answers with 2 too).
+"""
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.management.base import CommandError
+
+NOT_SUCCEEDED = 1
+REFUSED = 2
+
+
+def refused(message: str) -> CommandError:
+    """The error for a request refused before anything was tried (exit status 2)."""
+    return CommandError(message, returncode=REFUSED)
 
 
 def acting_user(username: str | None):
@@ -12,7 +27,7 @@ def acting_user(username: str | None):
     try:
         return get_user_model().objects.get(username=username, is_active=True)
     except get_user_model().DoesNotExist:
-        raise CommandError(f"no active user {username!r}") from None
+        raise refused(f"no active user {username!r}") from None
 
 
 def lookup_node(user, name: str, permission: str = "view"):
@@ -25,9 +40,24 @@ def lookup_node(user, name: str, permission: str = "view"):
     try:
         return gate.node_for(user, name, permission) if user else Node.objects.get(name=name)
     except (Http404, Node.DoesNotExist):
-        raise CommandError(f"no node {name!r}") from None
+        raise refused(f"no node {name!r}") from None
     except PermissionDenied as exc:
-        raise CommandError(f"refused: {exc}", returncode=2) from None
+        raise refused(f"refused: {exc}") from None
+
+
+def lookup_deployment(user, pk: int):
+    """Deployment ``pk`` as the gate lets ``user`` see it (any, for the command line itself)."""
+    from django.http import Http404
+
+    from deployments.access import gate
+    from deployments.models import Deployment
+
+    try:
+        if user:
+            return gate.deployment_for(user, pk)
+        return Deployment.objects.select_related("node").get(pk=pk)
+    except (Http404, Deployment.DoesNotExist):
+        raise refused(f"no deployment #{pk}") from None
 
 
 def require_capability(user, *, event: str, object_type: str) -> None:
@@ -37,12 +67,30 @@ def require_capability(user, *, event: str, object_type: str) -> None:
     try:
         gate.require_global(user, gate.MANAGE_INVENTORY, event=event, object_type=object_type, actor_kind="cli")
     except PermissionDenied as exc:
-        raise CommandError(f"refused: {exc}", returncode=2) from None
+        raise refused(f"refused: {exc}") from None
 
 
 def clean(obj) -> None:
-    """full_clean() with messages a terminal user can read."""
+    """full_clean() with messages a terminal user can read (invalid input: refused)."""
     try:
         obj.full_clean()
     except ValidationError as exc:
-        raise CommandError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from None
+        raise refused("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from None
+
+
+def no_qcluster_warning(pk: int, *, following: bool) -> str | None:
+    """What to tell a user whose deployment waits for a worker that is not there (None: one is there)."""
+    from deployments.queue_status import qcluster_running
+
+    running = qcluster_running()
+    if running:
+        return None
+    if running is None:
+        head = "cannot tell whether a qcluster is running (the broker did not answer)"
+    else:
+        head = "no qcluster is running"
+    return (
+        f"warning: {head}: deployment #{pk} stays queued until one starts (manage.py qcluster, or runpanel); "
+        + ("Ctrl-C leaves it queued, " if following else "")
+        + f"cancel it with manage.py cancel {pk}"
+    )

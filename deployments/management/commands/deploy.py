@@ -1,7 +1,8 @@
 """Request a deployment from the command line, optionally following its log.
 
 Exit status: 0 when the deployment succeeded (or was queued, without
---follow), 1 when it did not succeed, 2 when the request was refused.
+--follow), 1 when it did not succeed, 2 when the request was refused (see
+_base.py); 130 when Ctrl-C stopped following (the deployment goes on).
 """
 
 import sys
@@ -14,7 +15,10 @@ from deployments import lifecycle, logstream
 from deployments.errors import RequestError
 from deployments.models import Deployment
 
-from ._base import acting_user, lookup_node
+from ._base import NOT_SUCCEEDED, REFUSED, acting_user, lookup_node, no_qcluster_warning
+
+# The shell's status for a command stopped by SIGINT (128 + 2).
+INTERRUPTED = 130
 
 
 class Command(BaseCommand):
@@ -36,11 +40,29 @@ class Command(BaseCommand):
             )
         except (RequestError, PermissionDenied) as exc:
             self.stderr.write(f"refused: {exc}")
-            sys.exit(2)
-        self.stderr.write(f"deployment #{deployment.pk}: {action} {target.name} at {deployment.commit_sha}")
-        if not follow:
-            return
-        sys.exit(0 if self.follow(deployment.pk) == Deployment.Status.SUCCEEDED else 1)
+            sys.exit(REFUSED)
+        pk = deployment.pk
+        # From here on the deployment exists: Ctrl-C, whenever it comes, leaves it be and says so.
+        try:
+            self.stderr.write(f"deployment #{pk}: {action} {target.name} at {deployment.commit_sha}")
+            warning = no_qcluster_warning(pk, following=follow)
+            if warning:
+                self.stderr.write(warning)
+            if not follow:
+                return
+            status = self.follow(pk)
+        except KeyboardInterrupt:
+            d = Deployment.objects.get(pk=pk)
+            if not d.is_active:  # it ended as the key was pressed
+                self.stderr.write(self.summary(d))
+                status = d.status
+            else:
+                self.stderr.write(
+                    f"\n{'stopped following; ' if follow else ''}deployment #{pk} is still {d.status} "
+                    f"(Ctrl-C does not stop it): cancel it with manage.py cancel {pk}"
+                )
+                sys.exit(INTERRUPTED)
+        sys.exit(0 if status == Deployment.Status.SUCCEEDED else NOT_SUCCEEDED)
 
     def follow(self, pk: int) -> str:
         after, out = -1, sys.stdout
@@ -59,12 +81,23 @@ class Command(BaseCommand):
                 break
             if not lines:
                 time.sleep(0.2)
-        summary = f"deployment #{pk} {d.status}"
+        self.stderr.write(self.summary(d))
+        return d.status
+
+    @staticmethod
+    def summary(d: Deployment) -> str:
+        """``deployment #N <status> (exit code E): <first error line>; generation …`` (no "None" anywhere)."""
+        summary = f"deployment #{d.pk} {d.status}"
         if d.exit_code is not None:
             summary += f" (exit code {d.exit_code})"
         if d.error_message and d.status != Deployment.Status.SUCCEEDED:
             summary += f": {d.error_message.splitlines()[0]}"
-        if d.generation_after is not None:
-            summary += f"; generation {d.generation_before} -> {d.generation_after}"
-        self.stderr.write(summary)
-        return d.status
+        before, after = d.generation_before, d.generation_after
+        if after is not None:
+            if before is None:
+                summary += f"; generation {after} (none before)"
+            elif before == after:
+                summary += f"; generation {after} (unchanged)"
+            else:
+                summary += f"; generation {before} -> {after}"
+        return summary

@@ -1,4 +1,9 @@
-"""Scan a node's SSH host key, and pin it when its fingerprint is confirmed."""
+"""Scan a node's SSH host key, and pin it when its fingerprint is confirmed.
+
+Exit status (see _base.py): 0 done; 1 the node could not be scanned, or it
+presents another key than the fingerprint given; 2 refused (an unknown node,
+no permission, a key or fingerprint that is not one).
+"""
 
 from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
@@ -6,7 +11,7 @@ from django.core.management.base import BaseCommand, CommandError
 from deployments import inventory
 from deployments.errors import RequestError
 
-from ._base import acting_user, lookup_node
+from ._base import NOT_SUCCEEDED, acting_user, lookup_node, refused
 
 
 class Command(BaseCommand):
@@ -25,9 +30,14 @@ class Command(BaseCommand):
     def handle(self, node, pin, key, as_user, **opts):
         user = acting_user(as_user)
         node = lookup_node(user, node)
+        if pin is not None and not pin.startswith("SHA256:"):
+            raise refused(f"{pin!r} is not a fingerprint: give it as ssh-keygen -l shows it, SHA256:…")
         try:
             if key:
-                inventory.pin_host_key(node, key, user=user)
+                try:
+                    inventory.pin_host_key(node, key, user=user)
+                except RequestError as exc:  # not a key
+                    raise refused(str(exc)) from None
                 self.stdout.write(f"pinned {node.host_key_fingerprint} for {node.name}")
                 return
             scanned = inventory.scan_host_key(node, user=user)
@@ -42,7 +52,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"pinned {node.host_key_fingerprint} for {node.name}")
             elif not node.host_key:
                 self.stdout.write(f"to pin it: manage.py hostkey {node.name} --pin {scanned.fingerprint}")
-        except RequestError as exc:
-            raise CommandError(str(exc)) from None
+        except RequestError as exc:  # the node could not be scanned, or presents another key
+            raise CommandError(str(exc), returncode=NOT_SUCCEEDED) from None
         except PermissionDenied as exc:
-            raise CommandError(f"refused: {exc}", returncode=2) from None
+            raise refused(f"refused: {exc}") from None
