@@ -4,7 +4,7 @@ secrets are write-only; deployments and logs are read-only here."""
 from django.contrib import admin
 
 from . import inventory
-from .forms import CredentialForm, NodeForm
+from .forms import CredentialForm, NodeForm, RepositoryForm
 from .models import Credential, Deployment, Node, Repository, Tag
 
 
@@ -40,7 +40,8 @@ class CredentialAdmin(AuditedAdmin):
 
 @admin.register(Repository)
 class RepositoryAdmin(AuditedAdmin):
-    list_display = ["name", "url", "branch", "deploy_key"]
+    form = RepositoryForm  # a token left in a stored URL is shown redacted, and a new one refused
+    list_display = ["name", "display_url", "branch", "deploy_key"]
 
 
 @admin.register(Tag)
@@ -55,6 +56,17 @@ class NodeAdmin(AuditedAdmin):
     list_filter = ["tags", "repository"]
     search_fields = ["name", "host"]
     readonly_fields = ["host_key_fingerprint", "host_key_pinned_at", "host_key_pinned_by"]
+
+    def get_form(self, request, obj=None, **kwargs):
+        """The node form for this user: only credentials and repositories they may use (all, for superusers,
+        the only users of the admin today; ``save_object`` refuses any other whatever the form offers)."""
+        form = super().get_form(request, obj, **kwargs)
+
+        class ForUser(form):
+            def __init__(self, *args, **kw):
+                super().__init__(*args, user=request.user, **kw)
+
+        return ForUser
 
     def save_model(self, request, obj, form, change):
         inventory.save_object(obj, user=request.user, tags=form.cleaned_data.get("tag_names"))

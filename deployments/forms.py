@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from django import forms
+from django.db.models import Q
 
+from .access import gate
+from .access.models import Team
 from .models import Credential, Deployment, Node, Repository
-from .validators import validate_revision, validate_tag
+from .validators import validate_revision, validate_search_text, validate_tag
 
 
 class DeployForm(forms.Form):
@@ -24,6 +27,7 @@ class TagsField(forms.CharField):
 
     def to_python(self, value):
         value = super().to_python(value) or ""
+        validate_search_text(value, max_length=1000)  # one text input: no control or invisible characters
         tags = sorted({t.strip().lower() for t in value.replace(",", " ").split() if t.strip()})
         for tag in tags:
             validate_tag(tag)
@@ -36,26 +40,49 @@ class TagsField(forms.CharField):
 
 
 class NodeForm(forms.ModelForm):
+    """A node; with ``user``, only the credentials and repositories their teams may use are offered.
+
+    The node's current ones stay offered, so other fields can be edited; moving the node to
+    another host, port or SSH user with them is still refused unless they are usable
+    (``inventory.require_node_uses``).
+    """
+
     tag_names = TagsField(label="Tags", required=False, help_text="Free labels, separated by commas.")
 
     class Meta:
         model = Node
         fields = ["name", "host", "port", "ssh_user", "use_sudo", "flake_attr", "repository", "credential"]
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.instance.pk:
             self.fields["tag_names"].initial = [t.name for t in self.instance.tags.all()]
+        if user is not None:
+            for name, usable, plural in (
+                ("credential", gate.usable_credentials, "credentials"),
+                ("repository", gate.usable_repositories, "repositories"),
+            ):
+                current = Q(pk=getattr(self.instance, f"{name}_id")) if self.instance.pk else Q(pk__in=[])
+                field = self.fields[name]
+                field.queryset = field.queryset.model.objects.filter(Q(pk__in=usable(user).values("pk")) | current)
+                field.help_text = f"Only the {plural} your teams may use are offered."
+
+
+class WriteOnlyTextarea(forms.Textarea):
+    """A textarea that never renders a value: not the stored secret, nor one just typed into a form shown again."""
+
+    def format_value(self, value):
+        return None
 
 
 class CredentialForm(forms.ModelForm):
-    """Secrets are write-only: the form never renders a stored secret back."""
+    """Secrets are write-only: the form never renders a secret back, stored or just typed."""
 
     secret = forms.CharField(
         label="Private key or password",
         required=False,
         strip=False,
-        widget=forms.Textarea(attrs={"rows": 6, "autocomplete": "off", "spellcheck": "false"}),
+        widget=WriteOnlyTextarea(attrs={"rows": 6, "autocomplete": "off", "spellcheck": "false"}),
         help_text="Ed25519, RSA or ECDSA private key (OpenSSH/PEM), or the password. Leave empty to keep the stored one.",
     )
     passphrase = forms.CharField(
@@ -80,6 +107,8 @@ class CredentialForm(forms.ModelForm):
         secret, kind = data.get("secret"), data.get("kind")
         if not self.instance.pk and not secret:
             self.add_error("secret", "A new credential needs its private key or password.")
+        if self.instance.pk and not secret and "kind" in self.changed_data:
+            self.add_error("secret", "Changing the kind needs the new private key or password.")
         if secret and kind == Credential.Kind.SSH_KEY:
             from .remote import load_private_key
 
@@ -91,9 +120,30 @@ class CredentialForm(forms.ModelForm):
 
 
 class RepositoryForm(forms.ModelForm):
+    """A repository.  A URL stored with a token (before URLs were validated) is shown redacted and must be
+    replaced to save; a URL typed with a token is refused and not shown back."""
+
     class Meta:
         model = Repository
         fields = ["name", "url", "branch", "deploy_key"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["url"] = self.instance.display_url
+
+    def _post_clean(self):
+        super()._post_clean()
+        if any(e.code == "token_in_url" for e in self.errors.as_data().get("url", [])) and self.is_bound:
+            # The page shows the form again: never with the token in it.
+            self.data = self.data.copy()
+            self.data[self.add_prefix("url")] = ""
+
+
+class UseForm(forms.Form):
+    """Which team may use a credential or repository."""
+
+    team = forms.ModelChoiceField(queryset=Team.objects.order_by("name"), empty_label="Choose a team")
 
 
 class PinHostKeyForm(forms.Form):

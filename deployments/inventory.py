@@ -1,4 +1,5 @@
-"""Every change to the inventory (nodes, credentials, repositories, host keys), one function each.
+"""Every change to the inventory (nodes, credentials, repositories, host keys, who may use
+credentials and repositories), one function each.
 
 Each is atomic and writes its audit event, with what changed, inside the same
 transaction.  Views and commands stay thin: they ask the gate, validate input,
@@ -11,9 +12,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from .access import gate
+from .access.models import CredentialUse, RepositoryUse, Team
 from .audit.writer import record
 from .errors import RequestError
-from .models import Credential, Node, Tag
+from .models import Credential, Node, Repository, Tag
 from .remote import HostKey, RemoteError
 from .remote import scan_host_key as _scan
 
@@ -86,7 +88,16 @@ def snapshot(obj) -> dict:
         data[field.attname] = value.isoformat() if hasattr(value, "isoformat") else value
     if obj.pk and obj._meta.model_name == "node":
         data["tags"] = sorted(obj.tags.values_list("name", flat=True))
+    if isinstance(obj, Repository):
+        # A token in a URL stored before URLs were validated must not reach the trail again.
+        data["url"] = obj.display_url
+    if obj.pk and isinstance(obj, Credential | Repository):
+        data["teams"] = _teams_using(obj)
     return data
+
+
+def _teams_using(obj: Credential | Repository) -> list[str]:
+    return sorted(obj.uses.values_list("team__name", flat=True))
 
 
 def diff(before: dict, after: dict) -> dict:
@@ -125,8 +136,15 @@ def save_credential(
     user=None,
     actor_kind: str | None = None,
 ) -> Credential:
-    """Create or update a credential; ``secret=None`` keeps the stored one."""
+    """Create or update a credential; ``secret=None`` keeps the stored one.
+
+    A new secret for an existing credential is a rotation (``credential.rotated``, with the
+    fingerprints before and after); the trail says which secrets changed, never what they are.
+    """
     created = credential.pk is None
+    rotated = bool(secret) and not created
+    event = "credential.created" if created else "credential.rotated" if rotated else "credential.changed"
+    gate.require_global(user, gate.MANAGE_INVENTORY, event=event, obj=credential, object_type="credential")
     before = {} if created else snapshot(Credential.objects.get(pk=credential.pk))
     if secret:
         credential.set_secret(secret, passphrase)
@@ -136,21 +154,52 @@ def save_credential(
         credential.set_sudo_password(sudo_password)
     with transaction.atomic():
         credential.save()
-        record_saved(credential, user=user, created=created, before=before, actor_kind=actor_kind)
+        after = snapshot(credential)
+        details = {"after": after} if created else {"changes": diff(before, after)}
+        details["secret"] = "set" if created else "replaced" if rotated else "unchanged"
+        if sudo_password is not None:
+            details["sudo_password"] = "set" if created else "replaced"
+        _record(credential, event.split(".")[1], details, user=user, actor_kind=actor_kind)
     return credential
 
 
+def _target(node: Node) -> tuple:
+    """Where a node's credential and source go: another target is another machine, or another login on it."""
+    return (node.host, node.port, node.ssh_user)
+
+
+def require_node_uses(node: Node, old: Node | None, *, user, actor_kind: str | None = None) -> None:
+    """403 (audited) unless ``user`` may use what ``node`` will receive.
+
+    Attaching a credential or repository needs its use; so does pointing a node that has them at
+    another host, port or SSH user, since that machine then gets the secret (and the sudo password)
+    or the source.  Other edits of a node keep what a superuser attached.
+    """
+    moved = old is None or _target(old) != _target(node)
+    if moved or old.credential_id != node.credential_id:
+        gate.require_use(user, node.credential, node=node, actor_kind=actor_kind)
+    if moved or old.repository_id != node.repository_id:
+        gate.require_use(user, node.repository, node=node, actor_kind=actor_kind)
+
+
 def save_object(obj, *, user=None, actor_kind: str | None = None, tags: list[str] | None = None):
-    """Create or update a node or repository (already validated) with its audit event."""
+    """Create or update a node or repository (already validated) with its audit event.
+
+    A node's credential and repository must be usable by ``user`` (``require_node_uses``); a node
+    moved to another host, port or SSH user loses its pinned host key: pinning it again is an
+    explicit, audited step, and deploying waits for it.
+    """
     created = obj.pk is None
     before = {} if created else snapshot(type(obj).objects.get(pk=obj.pk))
+    old = None if created or not isinstance(obj, Node) else Node.objects.get(pk=obj.pk)
+    if isinstance(obj, Node):
+        # Before the transaction: a refusal's audit event must outlive the rollback of the change.
+        require_node_uses(obj, old, user=user, actor_kind=actor_kind)
     with transaction.atomic():
-        if not created and isinstance(obj, Node):
-            old = Node.objects.get(pk=obj.pk)
-            if (old.host, old.port) != (obj.host, obj.port):
-                # A different address is a different machine: its key must be pinned again.
-                obj.host_key = obj.host_key_fingerprint = ""
-                obj.host_key_pinned_at = None
+        if old is not None and _target(old) != _target(obj):
+            obj.host_key = obj.host_key_fingerprint = ""
+            obj.host_key_pinned_at = None
+            obj.host_key_pinned_by = None
         obj.save()
         if tags is not None:
             obj.tags.set([Tag.objects.get_or_create(name=t)[0] for t in tags])
@@ -162,3 +211,65 @@ def delete_object(obj, *, user=None, actor_kind: str | None = None) -> None:
     with transaction.atomic():
         record_deleted(obj, user=user, actor_kind=actor_kind)
         obj.delete()
+
+
+# --- credentials and repositories: deleting, and who may use them ----------------
+
+
+def users_of(obj: Credential | Repository) -> list[str]:
+    """What still uses ``obj``, as "node web1" / "repository fleet" (its deploy key), sorted."""
+    using = [f"node {n}" for n in obj.nodes.order_by("name").values_list("name", flat=True)]
+    if isinstance(obj, Credential):
+        repos = Repository.objects.filter(deploy_key=obj).order_by("name").values_list("name", flat=True)
+        using += [f"repository {r}" for r in repos]
+    return using
+
+
+def delete_unused(obj: Credential | Repository, *, user=None, actor_kind: str | None = None) -> None:
+    """Delete a credential or repository nothing uses; RequestError naming what still uses it."""
+    kind = obj._meta.model_name
+    gate.require_global(user, gate.MANAGE_INVENTORY, event=f"{kind}.deleted", obj=obj, object_type=kind)
+    with transaction.atomic():
+        using = users_of(obj)
+        if using:
+            shown = ", ".join(using[:10]) + (f" and {len(using) - 10} more" if len(using) > 10 else "")
+            raise RequestError(f"{obj.name} is still used by {shown}: point them elsewhere first.")
+        record_deleted(obj, user=user, actor_kind=actor_kind)
+        obj.delete()
+
+
+_USE_MODELS = {Credential: CredentialUse, Repository: RepositoryUse}
+
+
+def grant_use(obj: Credential | Repository, team: Team, *, user=None) -> None:
+    """Let ``team`` use ``obj``: its node admins may attach it to the nodes they administer."""
+    kind = obj._meta.model_name
+    gate.require_global(user, gate.MANAGE_TEAMS, event=f"{kind}.use_granted", obj=obj, object_type=kind)
+    with transaction.atomic():
+        before = _teams_using(obj)
+        _, created = _USE_MODELS[type(obj)].objects.get_or_create(team=team, **{kind: obj})
+        if created:
+            _record(
+                obj,
+                "use_granted",
+                {"team": team.name, "before": before, "after": _teams_using(obj)},
+                user=user,
+                actor_kind=None,
+            )
+
+
+def revoke_use(obj: Credential | Repository, team: Team, *, user=None) -> None:
+    """Take the use of ``obj`` from ``team``.  Nodes it is attached to keep it: detaching is an edit of each node."""
+    kind = obj._meta.model_name
+    gate.require_global(user, gate.MANAGE_TEAMS, event=f"{kind}.use_revoked", obj=obj, object_type=kind)
+    with transaction.atomic():
+        before = _teams_using(obj)
+        deleted, _ = _USE_MODELS[type(obj)].objects.filter(team=team, **{kind: obj}).delete()
+        if deleted:
+            _record(
+                obj,
+                "use_revoked",
+                {"team": team.name, "before": before, "after": _teams_using(obj)},
+                user=user,
+                actor_kind=None,
+            )

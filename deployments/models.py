@@ -96,6 +96,11 @@ class Repository(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def display_url(self) -> str:
+        """The URL as pages show it: a token or password left in a row stored before validation is ``***``."""
+        return validators.redact_url_secrets(self.url)
+
 
 class Tag(models.Model):
     """A free label on nodes, used for roles and rollouts."""

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, pages
+from .views import api, inventory, pages
 
 app_name = "deployments"
 
@@ -17,6 +17,28 @@ urlpatterns = [
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),
     path("deployments/<int:pk>/log.txt", pages.deployment_log, name="deployment-log"),
+    path("credentials/", inventory.object_list, {"kind": "credential"}, name="credential-list"),
+    path("credentials/new/", inventory.object_edit, {"kind": "credential"}, name="credential-add"),
+    path("credentials/<int:pk>/", inventory.object_edit, {"kind": "credential"}, name="credential-edit"),
+    path("credentials/<int:pk>/delete/", inventory.object_delete, {"kind": "credential"}, name="credential-delete"),
+    path("credentials/<int:pk>/uses/", inventory.use_add, {"kind": "credential"}, name="credential-use-add"),
+    path(
+        "credentials/<int:pk>/uses/<int:team_id>/remove/",
+        inventory.use_remove,
+        {"kind": "credential"},
+        name="credential-use-remove",
+    ),
+    path("repositories/", inventory.object_list, {"kind": "repository"}, name="repository-list"),
+    path("repositories/new/", inventory.object_edit, {"kind": "repository"}, name="repository-add"),
+    path("repositories/<int:pk>/", inventory.object_edit, {"kind": "repository"}, name="repository-edit"),
+    path("repositories/<int:pk>/delete/", inventory.object_delete, {"kind": "repository"}, name="repository-delete"),
+    path("repositories/<int:pk>/uses/", inventory.use_add, {"kind": "repository"}, name="repository-use-add"),
+    path(
+        "repositories/<int:pk>/uses/<int:team_id>/remove/",
+        inventory.use_remove,
+        {"kind": "repository"},
+        name="repository-use-remove",
+    ),
     path("api/nodes/", api.api_nodes, name="api-nodes"),
     path("api/nodes/<str:name>/deploy/", api.api_deploy, name="api-deploy"),
     path("api/deployments/<int:pk>/", api.api_deployment, name="api-deployment"),

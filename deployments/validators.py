@@ -6,6 +6,7 @@ refused with a clear message long before anything is quoted for a shell.
 
 import re
 import unicodedata
+from urllib.parse import unquote
 
 from django.core.exceptions import ValidationError
 
@@ -88,21 +89,134 @@ def validate_revision(value: str) -> None:
         )
 
 
+# --- repository URLs ------------------------------------------------------------
+
+# What git fetches from: these URL schemes, an absolute local path, or scp-like [user@]host:path.
+# Anything else (ext::, fd::, other schemes) would run a remote helper of the attacker's choosing.
+REPO_URL_SCHEMES = ("https", "http", "ssh", "git", "file")
+_SCHEME_RE = re.compile(r"\A(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)\Z", re.S)
+_HELPER_RE = re.compile(r"\A[A-Za-z0-9._~+-]*::")  # git's "<transport>::<address>" remote-helper syntax
+# git takes a colon before any slash as scp-like syntax.
+_SCP_RE = re.compile(r"\A(?:(?P<user>[^@/]*)@)?(?P<host>\[[^\]/]*\]|[^:/\[\]@]+):(?P<path>.*)\Z", re.S)
+_URL_USER_RE = re.compile(r"\A[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}\Z")
+_PORT_RE = re.compile(r"\A[0-9]{1,5}\Z")
+_REPO_URL_HELP = "Enter a git URL (https://host/path, ssh://[user@]host/path, user@host:path) or an absolute local path"
+TOKEN_IN_URL_MESSAGE = (
+    "Put no password or token in the URL (nor a user name in an https:// URL): it would be stored and shown. "
+    "Store the secret as a credential (an SSH deploy key) and use an ssh:// or user@host:path URL."
+)
+
+
+def _invisible(value: str) -> list[str]:
+    """Control, format (bidi, zero-width), separator and unassigned characters, as U+XXXX.
+
+    A plain space is left to the shell-character check, whose message names it.
+    """
+    return sorted({f"U+{ord(c):04X}" for c in value if unicodedata.category(c)[0] in "CZ" and c != " "})
+
+
+def _repo_url_error(message: str, code: str = "invalid_repo") -> ValidationError:
+    return ValidationError(message, code=code)
+
+
+def _check_path(path: str) -> None:
+    if any(part.startswith("-") for part in path.split("/")):
+        raise _repo_url_error(
+            f"{_REPO_URL_HELP}: no part of the path may start with '-' (git could take it for an option)."
+        )
+
+
+def _check_host(host: str) -> None:
+    if host.startswith("[") and host.endswith("]") and IPV6_RE.match(host[1:-1]) and ":" in host:
+        return
+    if not HOST_RE.match(host) or len(host) > 253:
+        raise _repo_url_error(f"{_REPO_URL_HELP}: {host[:60]!r} is not a host name or address.")
+
+
+def _check_user(user: str, *, allowed: bool) -> None:
+    if ":" in user or not allowed:
+        raise _repo_url_error(TOKEN_IN_URL_MESSAGE, code="token_in_url")
+    if not _URL_USER_RE.match(user):
+        raise _repo_url_error(f"{_REPO_URL_HELP}: the user name must not start with '-' or hold odd characters.")
+
+
 def validate_repo_url(value: str) -> None:
+    """A URL git fetches from safely: a known transport, no option-like host, user or path, no secret.
+
+    git percent-decodes URLs before it splits them (``ssh://%2doProxyCommand=…``), so every check
+    also runs on the decoded text.  Messages never repeat a token found in the URL.
+    """
     value = value or ""
-    if value.startswith("-") or any(c in value for c in "\n\r\t ;`$|&<>\"'\\"):
-        raise ValidationError(
-            "Enter a git URL (https://, ssh://, git@host:path) or an absolute local path%(hint)s.",
-            code="invalid_repo",
-            params={"hint": _shell_hint(value)},
+    decoded = unquote(value)
+    hidden = _invisible(value + decoded)
+    if hidden:
+        raise _repo_url_error(
+            f"The URL contains invisible or control characters ({', '.join(hidden[:5])}), which could make it "
+            "read differently from what git fetches."
         )
-    if not (
-        value.startswith(("https://", "http://", "ssh://", "git://", "file://", "/"))
-        or re.match(r"^[\w.-]+@[\w.-]+:", value)
-    ):
-        raise ValidationError(
-            "Enter a git URL (https://, ssh://, git@host:path) or an absolute local path.", code="invalid_repo"
-        )
+    if decoded.startswith("-") or any(c in decoded for c in " ;`$|&<>\"'\\") or "?" in value or "#" in value:
+        raise ValidationError(f"{_REPO_URL_HELP}%(hint)s.", code="invalid_repo", params={"hint": _shell_hint(decoded)})
+    if _HELPER_RE.match(decoded):
+        raise _repo_url_error(f"{_REPO_URL_HELP}: git remote helpers (<transport>::) are not allowed.")
+    url = _SCHEME_RE.match(value)
+    if url:
+        scheme = url["scheme"]
+        if scheme not in REPO_URL_SCHEMES:
+            raise _repo_url_error(f"{_REPO_URL_HELP}: the {scheme}:// transport is not allowed.")
+        authority, slash, path = url["rest"].partition("/")
+        userinfo, at, hostport = authority.rpartition("@")
+        if at:
+            _check_user(unquote(userinfo), allowed=scheme == "ssh")
+        hostport = unquote(hostport)
+        if scheme == "file":
+            if hostport not in ("", "localhost"):
+                raise _repo_url_error(f"{_REPO_URL_HELP}: a file:// URL names a local path (file:///srv/flake).")
+        else:
+            host, port = hostport, ""
+            if not host.startswith("[") and ":" in host:
+                host, _, port = host.rpartition(":")
+            elif "]:" in host:
+                host, _, port = host.rpartition(":")
+            if port and not _PORT_RE.match(port):
+                raise _repo_url_error(f"{_REPO_URL_HELP}: the port must be a number.")
+            _check_host(host)
+        if not slash or not path.strip("/"):
+            raise _repo_url_error(f"{_REPO_URL_HELP}: the URL names no repository path.")
+        _check_path(unquote(path))
+        return
+    if value.startswith("/"):
+        _check_path(decoded)
+        return
+    scp = _SCP_RE.match(value)
+    if scp:
+        if scp["user"] is not None:
+            _check_user(scp["user"], allowed=True)
+        _check_host(scp["host"])
+        path = scp["path"]
+        if not path or path.startswith("-"):
+            raise _repo_url_error(f"{_REPO_URL_HELP}: the path after ':' must not be empty or start with '-'.")
+        _check_path(path)
+        return
+    raise _repo_url_error(f"{_REPO_URL_HELP}.")
+
+
+# "scheme://userinfo@" and scp-like "user:secret@host:", wherever they stand in a text.
+_URL_USERINFO_RE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s\"'<>]*)@")
+_SCP_SECRET_RE = re.compile(r"(?<![\w.:/-])[\w.-]+:[^\s@/\"'<>]+@(?=[\w.\[-]+:)")
+
+
+def redact_url_secrets(text: str) -> str:
+    """``text`` with any password or token in a URL replaced by ``***`` (an ssh:// user name stays).
+
+    For rows and audit events stored before URLs were validated; only what is shown is redacted.
+    """
+
+    def userinfo(m: re.Match) -> str:
+        if m["scheme"].lower() == "ssh://" and ":" not in m["userinfo"]:
+            return m.group(0)
+        return f"{m['scheme']}***@"
+
+    return _SCP_SECRET_RE.sub("***@", _URL_USERINFO_RE.sub(userinfo, text or ""))
 
 
 # --- search and filter fields ----------------------------------------------------

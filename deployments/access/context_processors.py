@@ -10,5 +10,6 @@ def access(request) -> dict:
     return {
         "can_audit": SimpleLazyObject(lambda: gate.may(user, gate.AUDIT)),
         "can_manage_teams": SimpleLazyObject(lambda: gate.may(user, gate.MANAGE_TEAMS)),
+        "can_view_inventory": SimpleLazyObject(lambda: gate.may(user, gate.VIEW_INVENTORY)),
         "can_use_admin_site": SimpleLazyObject(lambda: gate.may(user, gate.ADMIN_SITE)),
     }

@@ -14,6 +14,11 @@ deployer < admin, or the global auditor) over a scope (one node, a tag or tag
 prefix, all nodes).  A user's permissions are the union over their teams;
 superusers may do everything.
 
+Credentials and repositories are *used* by a team only when granted
+(``CredentialUse``, ``RepositoryUse``): a node admin may attach to a node, or
+point a node that has them at another machine, only what one of their teams
+may use, since the node then receives the secret or the source.
+
 Cost: a user's grants are read once (one query) and memoised on the user
 object, which Django loads afresh for every request, so a page costs a
 constant number of queries and a revoked grant applies from the next request.
@@ -31,9 +36,9 @@ from django.db.models import BooleanField, Case, Q, QuerySet, Value, When
 from django.http import Http404
 
 from deployments.audit.writer import record
-from deployments.models import Deployment, Node
+from deployments.models import Credential, Deployment, Node, Repository
 
-from .models import Grant
+from .models import CredentialUse, Grant, RepositoryUse
 
 # Permissions on a node, weakest first; each includes those before it.
 VIEW = "view"  # see the node, its deployments and logs
@@ -45,8 +50,9 @@ PERMISSIONS = (VIEW, DEPLOY, ADMIN)
 AUDIT = "audit"  # read and export the whole audit trail
 MANAGE_TEAMS = "manage-teams"  # create teams, change members and grants
 MANAGE_INVENTORY = "manage-inventory"  # add nodes; manage credentials and repositories
+VIEW_INVENTORY = "view-inventory"  # list credentials (fingerprints only) and repositories, with who may use them
 ADMIN_SITE = "admin-site"  # the Django admin, which bypasses the node gate
-CAPABILITIES = (AUDIT, MANAGE_TEAMS, MANAGE_INVENTORY, ADMIN_SITE)
+CAPABILITIES = (AUDIT, MANAGE_TEAMS, MANAGE_INVENTORY, VIEW_INVENTORY, ADMIN_SITE)
 
 # The least rank a grant must have for a permission; roles include those below them.
 _PERMISSION_RANK = {VIEW: 1, DEPLOY: 2, ADMIN: 3}
@@ -203,7 +209,8 @@ def may(user, capability: str) -> bool:
     """True if ``user`` has the panel-wide ``capability``.
 
     Only superusers manage teams, the inventory outside one node's scope and the
-    Django admin; auditors (and superusers) read the audit trail.
+    Django admin; auditors (and superusers) read the audit trail and the list of
+    credentials and repositories.
     """
     if capability not in CAPABILITIES:
         raise ValueError(f"unknown capability {capability!r}")
@@ -211,10 +218,21 @@ def may(user, capability: str) -> bool:
         return False
     if user.is_superuser:
         return True
-    return capability == AUDIT and _grants(user).auditor
+    return capability in (AUDIT, VIEW_INVENTORY) and _grants(user).auditor
 
 
-def _refuse(user, event: str, message: str, *, actor_kind: str | None, obj, object_type: str, required: str):
+def _refuse(
+    user,
+    event: str,
+    message: str,
+    *,
+    actor_kind: str | None,
+    obj,
+    object_type: str,
+    required: str,
+    node: Node | None = None,
+    details: dict | None = None,
+):
     with transaction.atomic():
         record(
             event,
@@ -222,8 +240,9 @@ def _refuse(user, event: str, message: str, *, actor_kind: str | None, obj, obje
             actor_kind=actor_kind,
             obj=obj,
             object_type=object_type,
+            node=node,
             outcome="denied",
-            details={"required": required},
+            details={"required": required, **(details or {})},
         )
     raise PermissionDenied(message)
 
@@ -267,8 +286,66 @@ _REFUSALS = {
     AUDIT: "Only auditors read the audit trail.",
     MANAGE_TEAMS: "Only superusers manage teams and grants.",
     MANAGE_INVENTORY: "Only superusers add nodes and manage credentials and repositories.",
+    VIEW_INVENTORY: "Only superusers and auditors see the credentials and repositories.",
     ADMIN_SITE: "Only superusers use the Django admin.",
 }
+
+
+# --- the use of credentials and repositories ------------------------------------
+
+USE = "use"  # attach a credential or repository to a node (the node then receives the secret or the source)
+_USE_MODELS = {Credential: (CredentialUse, "credential_id"), Repository: (RepositoryUse, "repository_id")}
+
+
+def _usable(user, model):
+    use_model, column = _USE_MODELS[model]
+    if not _active(user):
+        return model.objects.none()
+    if user.is_superuser:
+        return model.objects.all()
+    # One query with a subquery; no DISTINCT needed however many of the user's teams hold the grant.
+    return model.objects.filter(pk__in=use_model.objects.filter(team__members=user.pk).values(column))
+
+
+def usable_credentials(user) -> QuerySet[Credential]:
+    """Credentials ``user`` may attach to nodes: granted to one of their teams (all, for superusers)."""
+    return _usable(user, Credential)
+
+
+def usable_repositories(user) -> QuerySet[Repository]:
+    """Repositories ``user`` may deploy nodes from: granted to one of their teams (all, for superusers)."""
+    return _usable(user, Repository)
+
+
+def can_use(user, obj: Credential | Repository) -> bool:
+    """True if ``user`` may use the credential or repository ``obj`` (False for an unsaved one)."""
+    if obj is None or obj.pk is None:
+        return False
+    return _usable(user, type(obj)).filter(pk=obj.pk).exists()
+
+
+def require_use(user, obj: Credential | Repository, *, node: Node | None = None, actor_kind: str | None = None) -> None:
+    """Refuse with 403 unless ``user`` may use ``obj``; the refusal is recorded as ``credential.use`` or
+    ``repository.use`` (outcome denied), with the node it was meant for.
+
+    ``obj`` may be an instance standing for an id that does not exist (a forged form value): it is
+    refused like any other, so the answer does not tell which ids exist.  ``user=None`` is the system.
+    """
+    if user is None or can_use(user, obj):
+        return
+    kind = obj._meta.model_name
+    stored = type(obj).objects.filter(pk=obj.pk).first() if obj.pk else None
+    _refuse(
+        user,
+        f"{kind}.use",
+        f"Your teams may not use this {kind}: ask a team manager to grant its use.",
+        actor_kind=actor_kind,
+        obj=stored,
+        object_type=kind,
+        required=USE,
+        node=node if node is not None and node.pk else None,
+        details={"id": obj.pk, **({"node": node.name} if node is not None else {})},
+    )
 
 
 def visible_nodes(user) -> QuerySet[Node]:

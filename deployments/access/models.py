@@ -1,8 +1,9 @@
-"""Teams of users and the grants they hold: a role over a scope of nodes.
+"""Teams of users and the grants they hold: a role over a scope of nodes, and the
+use of credentials and repositories.
 
 A user's permissions are the union of the grants of every team they belong
-to.  ``deployments.access.gate`` is the only reader of these rows; nothing
-else decides access.
+to.  ``deployments.access.gate`` is the only reader of these rows that decides
+anything; nothing else decides access.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
-from deployments.models import Node
+from deployments.models import Credential, Node, Repository
 from deployments.validators import TAG_RE
 
 # A tag scope names one tag (``web``) or every tag starting with a prefix (``db-*``).
@@ -150,3 +151,50 @@ class Grant(models.Model):
             "node": self.node.name if self.node_id else None,
             "tag": self.tag or None,
         }
+
+
+class CredentialUse(models.Model):
+    """A team may use ``credential``: its node admins may attach it to the nodes they administer.
+
+    Like AWX's "use" role on a credential: using a credential never shows its
+    secret, but a node pointed at a machine of one's choosing with it would
+    hand the secret over, so it must be granted, per team, by a team manager.
+    """
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="credential_uses")
+    credential = models.ForeignKey(Credential, on_delete=models.CASCADE, related_name="uses")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["credential", "team"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["team", "credential"],
+                name="credentialuse_unique",
+                violation_error_message="The team may already use this credential.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team}: may use credential {self.credential}"
+
+
+class RepositoryUse(models.Model):
+    """A team may use ``repository``: its node admins may deploy nodes from it (its source goes to them)."""
+
+    team = models.ForeignKey(Team, on_delete=models.CASCADE, related_name="repository_uses")
+    repository = models.ForeignKey(Repository, on_delete=models.CASCADE, related_name="uses")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["repository", "team"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["team", "repository"],
+                name="repositoryuse_unique",
+                violation_error_message="The team may already use this repository.",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team}: may use repository {self.repository}"

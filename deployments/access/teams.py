@@ -18,7 +18,7 @@ from .models import Grant, Team
 
 
 def team_snapshot(team: Team) -> dict:
-    """What the audit trail keeps of a team: its name, members and grants."""
+    """What the audit trail keeps of a team: its name, members, grants, and what it may use."""
     if team.pk is None:
         return {}
     return {
@@ -26,6 +26,8 @@ def team_snapshot(team: Team) -> dict:
         "description": team.description,
         "members": sorted(team.members.values_list("username", flat=True)),
         "grants": [g.snapshot() for g in team.grants.select_related("node").order_by("pk")],
+        "credentials": sorted(team.credential_uses.values_list("credential__name", flat=True)),
+        "repositories": sorted(team.repository_uses.values_list("repository__name", flat=True)),
     }
 
 

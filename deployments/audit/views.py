@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from deployments.access import gate
 from deployments.access.gate import visible_nodes
+from deployments.validators import redact_url_secrets
 
 from . import export
 from .chain import HASHED_FIELDS
@@ -131,7 +132,9 @@ def event_detail(request, seq: int):
         {
             "event": event,
             "links": object_links(event),
-            "details_json": json.dumps(event.details, indent=2, sort_keys=True, ensure_ascii=False),
+            # Redacted for the page only: events from before URLs were validated may hold a token in a
+            # repository URL.  The stored, hashed event and the exports stay as written (offline verification).
+            "details_json": redact_url_secrets(json.dumps(event.details, indent=2, sort_keys=True, ensure_ascii=False)),
             "previous": previous,
             "following": following,
         },

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import BadRequest, ValidationError
@@ -16,7 +18,7 @@ from ..access import gate
 from ..access.gate import ADMIN, DEPLOY, VIEW
 from ..errors import RequestError
 from ..forms import DeployForm, NodeForm, PinHostKeyForm
-from ..models import Deployment, Node
+from ..models import Credential, Deployment, Node, Repository
 from ..validators import validate_node_name, validate_search_text, validate_tag
 
 
@@ -133,14 +135,31 @@ def node_edit(request, name=None):
     else:
         node = gate.node_for(request.user, name, VIEW)
         gate.require(request.user, ADMIN, node, event="node.changed")
-    form = NodeForm(request.POST or None, instance=node)
+    if request.method == "POST":
+        _refuse_unusable_choices(request, node)
+    # Validating the form writes the typed values into ``node``: the page names and links the node as saved.
+    saved = {"saved_name": node.name, "node_url": node.get_absolute_url() if node.pk else None}
+    form = NodeForm(request.POST or None, instance=node, user=request.user)
     if request.method == "POST" and form.is_valid():
         node = inventory.save_object(form.save(commit=False), user=request.user, tags=form.cleaned_data["tag_names"])
         messages.success(request, f"Saved {node.name}.")
         return redirect(node)
     # A refused form is a 400 (with the form and its errors), so a client never takes it for a saved one.
     status = 400 if request.method == "POST" else 200
-    return render(request, "deployments/node_form.html", {"form": form, "node": node}, status=status)
+    return render(request, "deployments/node_form.html", {"form": form, "node": node, **saved}, status=status)
+
+
+_ID_RE = re.compile(r"\A[0-9]{1,18}\Z")
+
+
+def _refuse_unusable_choices(request, node: Node) -> None:
+    """A credential or repository the user's teams may not use, chosen in a POST (the form never offers
+    one): 403 and one audit event, before the form is validated.  The node's current ones pass here;
+    ``inventory.save_object`` decides whether they may go with the node to another machine."""
+    for field, model in (("credential", Credential), ("repository", Repository)):
+        raw = request.POST.get(field, "")
+        if _ID_RE.match(raw) and int(raw) != getattr(node, f"{field}_id"):
+            gate.require_use(request.user, model(pk=int(raw)), node=node)
 
 
 @login_required

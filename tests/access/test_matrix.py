@@ -193,6 +193,35 @@ RULES: dict[str, Rule] = {
     "access:grant-remove": Rule(
         "POST", superuser_only(302), lambda w, t: {"pk": w.ops.pk, "grant_id": w.ops_grant.pk}, denial_audited=True
     ),
+    # Credentials and repositories: auditors read the lists, superusers change them; every refusal is audited.
+    **{
+        route: rule
+        for kind, obj in (
+            ("credential", lambda w: w.nodes[IN_SCOPE].credential),
+            ("repository", lambda w: w.repository),
+        )
+        for route, rule in {
+            f"deployments:{kind}-list": Rule("GET", auditors, denial_audited=True),
+            f"deployments:{kind}-add": Rule("GET", superuser_only(200), denial_audited=True),
+            f"deployments:{kind}-edit": Rule(
+                "GET", superuser_only(200), lambda w, t, obj=obj: {"pk": obj(w).pk}, denial_audited=True
+            ),
+            # In use by both nodes: the superuser is told so and sent back (302), nothing is deleted.
+            f"deployments:{kind}-delete": Rule(
+                "POST", superuser_only(302), lambda w, t, obj=obj: {"pk": obj(w).pk}, denial_audited=True
+            ),
+            # No such team: the gate decides before the input is read (a superuser is told to choose one).
+            f"deployments:{kind}-use-add": Rule(
+                "POST", superuser_only(302), lambda w, t, obj=obj: {"pk": obj(w).pk}, {"team": "0"}, denial_audited=True
+            ),
+            f"deployments:{kind}-use-remove": Rule(
+                "POST",
+                superuser_only(302),
+                lambda w, t, obj=obj: {"pk": obj(w).pk, "team_id": w.ops.pk},
+                denial_audited=True,
+            ),
+        }.items()
+    },
 }
 
 WEBSOCKET_RULES: dict[str, Callable[[World, str], str]] = {  # noqa: F821 (World only in the annotation)

@@ -1,5 +1,6 @@
 """Register a node (or update it)."""
 
+from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 
 from deployments import inventory
@@ -45,7 +46,12 @@ class Command(BaseCommand):
                 validate_tag(t)
             except Exception as exc:  # noqa: BLE001 - ValidationError, shown as text
                 raise CommandError(f"tag {t!r}: {' '.join(getattr(exc, 'messages', [str(exc)]))}") from None
-        inventory.save_object(node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None)
+        try:
+            inventory.save_object(
+                node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None
+            )
+        except PermissionDenied as exc:  # a credential or repository the user's teams may not use (audited)
+            raise CommandError(f"refused: {exc}", returncode=2) from None
         self.stdout.write(
             f"node {node.name}: {node.address} {node.flake_attr}"
             + ("" if node.host_key else " (host key not pinned: run `manage.py hostkey " + node.name + "`)")
