@@ -116,6 +116,26 @@ def test_inventory_commands_acting_for_a_plain_user_are_refused(inventory, bob, 
     ]
 
 
+def test_inventory_commands_refuse_unknown_names_and_invalid_input_with_2(inventory, tmp_path):
+    (tmp_path / "junk").write_text("not a key")
+    node = ("addnode", "web2", "10.0.0.2", "--attr", "devm")
+    for args, stdin, says in [
+        ((*node, "--repo", "nope", "--credential", "deploy-key"), "", "no repository 'nope'"),
+        ((*node, "--repo", "fleet", "--credential", "nope"), "", "no credential 'nope'"),
+        ((*node, "--repo", "fleet", "--credential", "deploy-key", "--tag", "a b"), "", "tag 'a b'"),
+        (("addnode", "web2", "10.0.0.2", "--attr", "devm;reboot", "--repo", "fleet", "--credential", "deploy-key"),
+         "", "flake_attr"),
+        (("addcredential", "k2", "--key-file", str(tmp_path / "missing")), "", "No such file"),
+        (("addcredential", "k2", "--key-file", str(tmp_path / "junk")), "", "not a valid private key"),
+        (("addcredential", "pw2", "--password-stdin"), "\n", "no password on standard input"),
+        (("addrepo", "other", "/tmp/x", "--deploy-key", "nope"), "", "no credential 'nope'"),
+    ]:  # fmt: skip
+        with pytest.raises(CommandError, match=says) as exc:
+            run(*args, stdin=stdin)
+        assert exc.value.returncode == 2, args
+    assert not Node.objects.filter(name="web2").exists() and not Repository.objects.filter(name="other").exists()
+
+
 def test_hostkey_for_a_user_who_cannot_see_the_node_does_not_reveal_it(inventory, bob):
     with pytest.raises(CommandError, match="no node 'web1'"):
         run("hostkey", "web1", "--as", "bob")

@@ -7,12 +7,12 @@ The secret is read from a file or standard input, never from the command line
 import sys
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from deployments import inventory
 from deployments.models import Credential
 
-from ._base import acting_user, clean, require_capability
+from ._base import acting_user, clean, refused, require_capability
 
 
 class Command(BaseCommand):
@@ -35,19 +35,19 @@ class Command(BaseCommand):
             try:
                 secret = key_file.read_text()
             except OSError as exc:
-                raise CommandError(f"{key_file}: {exc.strerror}") from None
+                raise refused(f"{key_file}: {exc.strerror}") from None
             cred.kind = Credential.Kind.SSH_KEY
             if passphrase_stdin:
                 passphrase = sys.stdin.readline().rstrip("\n")
         else:
             secret = sys.stdin.readline().rstrip("\n")
             if not secret:
-                raise CommandError("no password on standard input")
+                raise refused("no password on standard input")
             cred.kind = Credential.Kind.PASSWORD
         try:
             cred.set_secret(secret, passphrase)
         except ValueError as exc:
-            raise CommandError(str(exc)) from None
+            raise refused(str(exc)) from None
         clean(cred)
         inventory.save_credential(
             cred, secret=secret, passphrase=passphrase, user=user, actor_kind=None if user else "cli"

@@ -7,7 +7,7 @@ from deployments import inventory
 from deployments.models import Credential, Node, Repository
 from deployments.validators import validate_tag
 
-from ._base import acting_user, clean, lookup_node, require_capability
+from ._base import acting_user, clean, lookup_node, refused, require_capability
 
 
 class Command(BaseCommand):
@@ -36,16 +36,16 @@ class Command(BaseCommand):
             node.repository = Repository.objects.get(name=repo)
             node.credential = Credential.objects.get(name=credential)
         except Repository.DoesNotExist:
-            raise CommandError(f"no repository {repo!r}") from None
+            raise refused(f"no repository {repo!r}") from None
         except Credential.DoesNotExist:
-            raise CommandError(f"no credential {credential!r}") from None
+            raise refused(f"no credential {credential!r}") from None
         node.host, node.port, node.ssh_user, node.use_sudo, node.flake_attr = host, port, user, sudo, attr
         clean(node)
         for t in tag:
             try:
                 validate_tag(t)
             except Exception as exc:  # noqa: BLE001 - ValidationError, shown as text
-                raise CommandError(f"tag {t!r}: {' '.join(getattr(exc, 'messages', [str(exc)]))}") from None
+                raise refused(f"tag {t!r}: {' '.join(getattr(exc, 'messages', [str(exc)]))}") from None
         try:
             inventory.save_object(
                 node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None

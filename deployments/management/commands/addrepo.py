@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand
 from deployments import inventory
 from deployments.models import Credential, Repository
 
-from ._base import acting_user, clean, require_capability
+from ._base import acting_user, clean, refused, require_capability
 
 
 class Command(BaseCommand):
@@ -23,7 +23,11 @@ class Command(BaseCommand):
         require_capability(user, event="repository.created", object_type="repository")
         repo = Repository.objects.filter(name=name).first() or Repository(name=name)
         repo.url, repo.branch = url, branch
-        repo.deploy_key = Credential.objects.filter(name=deploy_key).first() if deploy_key else None
+        repo.deploy_key = None
+        if deploy_key:
+            repo.deploy_key = Credential.objects.filter(name=deploy_key).first()
+            if repo.deploy_key is None:
+                raise refused(f"no credential {deploy_key!r}")
         clean(repo)
         inventory.save_object(repo, user=user, actor_kind=None if user else "cli")
         self.stdout.write(f"repository {repo.name}: {repo.url} ({repo.branch})")
