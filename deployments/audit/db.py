@@ -19,6 +19,15 @@ SQLITE_TRIGGERS = {
     f"BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END",
     "audit_auditevent_no_delete": f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_no_delete BEFORE DELETE ON {TABLE} "
     f"BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END",
+    # INSERT OR REPLACE (and REPLACE INTO) deletes the row it collides with without firing the DELETE
+    # trigger (unless PRAGMA recursive_triggers is on, which a connection of the sqlite3 shell does
+    # not set): refuse any insert naming an existing event's id, seq or hash, whoever connects.
+    # Migration 0006; each lookup is one index probe.
+    "audit_auditevent_no_replace": f"CREATE TRIGGER IF NOT EXISTS audit_auditevent_no_replace BEFORE INSERT ON {TABLE} "
+    f"WHEN EXISTS (SELECT 1 FROM {TABLE} WHERE seq = NEW.seq) "
+    f"OR EXISTS (SELECT 1 FROM {TABLE} WHERE hash = NEW.hash) "
+    f"OR EXISTS (SELECT 1 FROM {TABLE} WHERE id = NEW.id) "
+    f"BEGIN SELECT RAISE(ABORT, '{REFUSAL}'); END",
 }
 POSTGRES_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION audit_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -1,11 +1,12 @@
-"""Append-only at every layer: model, queryset, admin, and the database's own triggers."""
+"""Append-only at every layer: model, queryset, admin, and the database's own triggers (SQLite's REPLACE too)."""
 
 import pytest
 from django.db import DatabaseError, connection, transaction
 
 from deployments.audit.models import AuditEvent
+from deployments.audit.verify import verify_chain
 
-from .conftest import is_postgres
+from .conftest import add_events, is_postgres, tamper
 
 pytestmark = pytest.mark.django_db
 
@@ -91,3 +92,83 @@ def test_flush_still_empties_the_table_for_throwaway_databases(events):
     add_events(1)
     with pytest.raises(DatabaseError, match="append-only"):
         raw("DELETE FROM audit_auditevent")
+
+
+# --- SQLite REPLACE, upserts and the like cannot rewrite an event either --------------------------------
+
+_COPY = (
+    "id, seq, created_at, actor_kind, actor_id, 'mallory', action, object_type, object_id, object_repr, "
+    "node_id, node_name, outcome, details, source_ip, user_agent, request_id, prev_hash, hash"
+)
+_ALL = _COPY.replace("'mallory'", "actor_name")
+SQLITE_REWRITES = [
+    f"INSERT OR REPLACE INTO audit_auditevent ({_ALL}) SELECT {_COPY} FROM audit_auditevent WHERE seq = 3",
+    f"REPLACE INTO audit_auditevent ({_ALL}) SELECT {_COPY} FROM audit_auditevent WHERE seq = 3",
+    # a new id, but the seq (or only the hash) of an existing event: REPLACE would delete that event
+    f"INSERT OR REPLACE INTO audit_auditevent ({_ALL}) SELECT {_COPY.replace('id, ', '9999, ', 1)} "
+    "FROM audit_auditevent WHERE seq = 3",
+    f"INSERT OR REPLACE INTO audit_auditevent ({_ALL}) SELECT "
+    f"{_COPY.replace('id, seq, ', '9999, 9999, ', 1)} FROM audit_auditevent WHERE seq = 3",
+    f"INSERT INTO audit_auditevent ({_ALL}) SELECT {_COPY.replace('id, ', '9999, ', 1)} FROM audit_auditevent "
+    "WHERE seq = 3 ON CONFLICT (seq) DO UPDATE SET actor_name = 'mallory'",
+    "UPDATE OR REPLACE audit_auditevent SET actor_name = 'mallory' WHERE seq = 3",
+]
+
+
+@pytest.mark.parametrize("sql", SQLITE_REWRITES)
+def test_sqlite_refuses_every_insert_that_would_replace_an_event(events, sql):
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's REPLACE")
+    before = AuditEvent.objects.values().get(seq=3)
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic(), connection.cursor() as cur:
+        cur.execute(sql)
+    assert AuditEvent.objects.values().get(seq=3) == before and AuditEvent.objects.count() == 8
+    with connection.cursor() as cur:  # the search index was not touched either
+        cur.execute("INSERT INTO audit_auditevent_search (audit_auditevent_search) VALUES ('integrity-check')")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sqlite_refuses_a_replace_from_any_connection_like_the_sqlite3_shell(settings):
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's REPLACE")
+    import sqlite3
+
+    add_events(4)
+    shell = sqlite3.connect(connection.settings_dict["NAME"])  # no Django, no PRAGMA of the panel's
+    try:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            shell.execute(SQLITE_REWRITES[0])
+        shell.rollback()
+    finally:
+        shell.close()
+    assert AuditEvent.objects.get(seq=3).actor_name == "" and verify_chain().ok
+
+
+def test_the_replace_trigger_is_installed_and_survives_lifting(events):
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's trigger")
+    from deployments.audit.db import installed_triggers
+
+    assert "audit_auditevent_no_replace" in installed_triggers(connection)
+    tamper("UPDATE audit_auditevent SET actor_name = actor_name WHERE seq = 1")  # lifted and put back
+    assert "audit_auditevent_no_replace" in installed_triggers(connection)
+    add_events(1)  # the writer's plain INSERT still appends
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "sql",
+    [
+        f"INSERT INTO audit_auditevent ({_ALL}) SELECT {_COPY.replace('id, ', '9999, ', 1)} FROM audit_auditevent "
+        "WHERE seq = 3 ON CONFLICT (seq) DO UPDATE SET actor_name = 'mallory'",
+        "MERGE INTO audit_auditevent t USING (SELECT 3 AS seq) s ON t.seq = s.seq "
+        "WHEN MATCHED THEN UPDATE SET actor_name = 'mallory'",
+        "MERGE INTO audit_auditevent t USING (SELECT 3 AS seq) s ON t.seq = s.seq WHEN MATCHED THEN DELETE",
+    ],
+)
+def test_postgresql_refuses_upserts_and_merges(events, sql):
+    if not is_postgres():
+        pytest.skip("PostgreSQL's ON CONFLICT and MERGE; run with DATABASE_URL=postgres://…")
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic(), connection.cursor() as cur:
+        cur.execute(sql)
+    assert AuditEvent.objects.get(seq=3).actor_name == ""
