@@ -24,6 +24,9 @@ class AuditConfig(AppConfig):
         from axes.signals import user_locked_out
 
         user_locked_out.connect(handlers.locked_out, dispatch_uid="audit-locked-out")
+        from . import accounts
+
+        accounts.connect()
         post_migrate.connect(after_migrate, sender=self, dispatch_uid="audit-post-migrate")
 
 

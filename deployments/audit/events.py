@@ -47,6 +47,17 @@ EVENTS: dict[str, str] = {
     "repository.use": "a node was refused a repository its editor's teams may not use",
     "repository.use_granted": "a team was allowed to use a repository",
     "repository.use_revoked": "a team lost the use of a repository",
+    # User accounts (deployments/audit/accounts.py; the admin, createsuperuser, changepassword, the shell)
+    "user.created": "a user account was created",
+    "user.changed": "a user's name, e-mail or active/staff/superuser flag changed (before/after)",
+    "user.deleted": "a user account was deleted",
+    "user.password_changed": "a user's password was set or made unusable (never the hash)",
+    "user.groups_changed": "a user was added to or removed from Django groups",
+    "user.permissions_changed": "a user was given or lost Django permissions",
+    "group.created": "a Django group was created",
+    "group.changed": "a Django group was renamed",
+    "group.deleted": "a Django group was deleted (its members named)",
+    "group.permissions_changed": "a Django group was given or lost permissions",
     # Teams and grants
     "team.viewed": "the team pages were refused",
     "team.created": "a team was created",

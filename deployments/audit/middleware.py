@@ -18,6 +18,7 @@ class RequestIdMiddleware:
                 request_id=request.request_id,
                 source_ip=request.META.get("REMOTE_ADDR") or None,
                 user_agent=request.META.get("HTTP_USER_AGENT", "")[:500],
+                request=request,
             )
         )
         try:

@@ -19,7 +19,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import os
+import pwd
+import socket
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -93,6 +97,32 @@ def _actor(user, actor_kind: str | None, actor_name: str) -> tuple[str, int | No
     return kind, None, actor_name or ("cli" if kind == AuditEvent.ActorKind.CLI else "")
 
 
+def command_line_origin() -> dict[str, str]:
+    """Where a command-line event comes from: the OS user it runs as, the host, and the human behind them.
+
+    ``login_user`` is the kernel's login uid (``/proc/self/loginuid``), which
+    ``sudo`` and ``su`` keep and the process cannot change; ``sudo_user`` is
+    what sudo says (an environment variable: informative, not proof).
+    """
+    origin = {"os_user": _user_name(os.geteuid()), "host": socket.gethostname()}
+    try:
+        login_uid = int(Path("/proc/self/loginuid").read_text())
+    except (OSError, ValueError):
+        login_uid = -1
+    if 0 <= login_uid < 0xFFFFFFFF:  # 4294967295: not set (a service, a container)
+        origin["login_user"] = _user_name(login_uid)
+    if os.environ.get("SUDO_USER"):
+        origin["sudo_user"] = os.environ["SUDO_USER"][:150]
+    return origin
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def _read_head_sqlite() -> tuple[int, str, datetime | None, datetime]:
     """The head's (seq, hash, time) and the clock's time now, under SQLite's write lock.
 
@@ -122,14 +152,17 @@ def record(
 
     ``user`` is the acting user (its id and username are kept); without one,
     ``actor_kind`` says who acted (system, cli, webhook, anonymous) and
-    ``actor_name`` may name them (a failed login's username).  ``details`` must
-    never hold secrets; callers pass non-secret fields only.
+    ``actor_name`` may name them (a failed login's username).  A ``cli``
+    event's details also get ``command_line_origin()`` (OS user, host).
+    ``details`` must never hold secrets; callers pass non-secret fields only.
     """
     events.check_event(event)
     if not connection.in_atomic_block:
         raise RuntimeError("audit.record() must run inside the transaction of the change it records")
     ctx = current.get()
     kind, actor_id, actor_name = _actor(user, actor_kind, actor_name)
+    if kind == AuditEvent.ActorKind.CLI:
+        details = {**command_line_origin(), **(details or {})}
     if obj is not None:
         object_type = object_type or obj._meta.model_name
         object_id = object_id or str(obj.pk)
