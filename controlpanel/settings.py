@@ -303,8 +303,19 @@ REPO_CACHE_DIR = DATA_DIR / "repos"
 GIT_KNOWN_HOSTS = Path(env("PANEL_GIT_KNOWN_HOSTS", str(DATA_DIR / "git_known_hosts")))
 
 # The audit trail (docs/audit.md).
-# Ed25519 private key (PEM) that signs checkpoints, created 0600 on first use; its .pub next to it.
+# Ed25519 private key (PEM) that signs checkpoints, created 0600 by a new panel's first checkpoint (never
+# again once checkpoints exist); its .pub next to it.  In production a systemd credential, outside DATA_DIR.
 AUDIT_SIGNING_KEY_FILE = Path(env("PANEL_AUDIT_SIGNING_KEY_FILE") or DATA_DIR / "audit-signing.key")
+# The Ed25519 public key (PEM) `audit verify` checks checkpoints with; unset: derived from the signing key
+# file if it exists (verification fails without either, and never creates a key).
+AUDIT_PUBLIC_KEY = env("PANEL_AUDIT_PUBLIC_KEY", "")
+if AUDIT_PUBLIC_KEY:
+    from deployments.audit.chain import load_public_key
+
+    try:
+        load_public_key(AUDIT_PUBLIC_KEY)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"PANEL_AUDIT_PUBLIC_KEY: {exc}") from None
 # Where checkpoints are written, one file each, never rewritten.
 AUDIT_CHECKPOINT_DIR = Path(env("PANEL_AUDIT_CHECKPOINT_DIR") or DATA_DIR / "audit-checkpoints")
 # Optional: every checkpoint is also POSTed here (JSON).

@@ -18,9 +18,18 @@ backwards, and every checkpoint given is validly signed and agrees with the
 export.  Exit status 1: the first event that was modified, removed or
 reordered is named.  Exit status 2: the files could not be read.
 
+An export must start at event #1, or just after an archive seal given with
+``--checkpoint``: one whose first lines were removed fails.  A deliberate slice
+(``audit export --since/--until``) passes with ``--slice``, which names the
+event it starts from and leaves that event's link to the one before unchecked.
 A filtered export is not a contiguous run of the chain: pass ``--subset`` to
 check each event's own hash and order only (see docs/audit.md for how to tie
 a filtered export to a verified full one).
+
+Checkpoints (``--checkpoint``, a file or a directory of them, repeatable) form
+their own chain: each names the one before it (``number``, ``prev_checkpoint``,
+``prev_checkpoint_seq``), and ``check_checkpoints()`` refuses a chain that
+skips, forks or goes backwards, before any of them is trusted.
 """
 
 from __future__ import annotations
@@ -31,10 +40,11 @@ import csv
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from json.encoder import encode_basestring
+from pathlib import Path
 
 GENESIS_HASH = "0" * 64  # the prev_hash of the chain's first event
 HASHED_FIELDS = (
@@ -59,7 +69,12 @@ EXPORT_FIELDS = HASHED_FIELDS + ("prev_hash", "hash")
 # The canonical form's key order (sorted), which is also the order verify reads a row's columns in.
 CANONICAL_ORDER = tuple(sorted(HASHED_FIELDS))
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # UTC, microseconds; PostgreSQL: 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
-CHECKPOINT_FORMAT = "nixos-panel-audit-checkpoint/1"
+# Checkpoints: /2 adds the checkpoint chain (number, prev_checkpoint, prev_checkpoint_seq); /1 files
+# (written before it) are still read, each checked on its own (docs/audit.md).
+CHECKPOINT_FORMAT = "nixos-panel-audit-checkpoint/2"
+CHECKPOINT_FORMAT_V1 = "nixos-panel-audit-checkpoint/1"
+CHECKPOINT_FORMATS = (CHECKPOINT_FORMAT_V1, CHECKPOINT_FORMAT)
+SEAL_KIND = "archive"  # a checkpoint left by `audit archive`: names the last archived event, not the head
 
 
 def format_time(value: datetime) -> str:
@@ -247,9 +262,177 @@ def checkpoint_is_signed_by(checkpoint: dict, public: bytes) -> bool:
         signature = base64.b64decode(checkpoint.get("signature", ""))
     except ValueError:
         return False
-    return checkpoint.get("format") == CHECKPOINT_FORMAT and ed25519_verify(
+    return checkpoint.get("format") in CHECKPOINT_FORMATS and ed25519_verify(
         public, checkpoint_message(checkpoint), signature
     )
+
+
+def checkpoint_digest(checkpoint: dict) -> str:
+    """What the next checkpoint names as ``prev_checkpoint``: SHA-256 of the whole document's canonical JSON."""
+    return hashlib.sha256(canonical_json(checkpoint).encode()).hexdigest()
+
+
+@dataclass
+class CheckpointChain:
+    """Checkpoints checked together (``check_checkpoints``).
+
+    ``chain`` holds the /2 checkpoints in ``number`` order, ``legacy`` the /1
+    ones by seq; ``expected`` maps every event seq a checkpoint names to
+    (hash, label), for ``ChainWalker.expect``.  ``problem`` is the first
+    thing wrong with the checkpoints themselves.
+    """
+
+    chain: list = field(default_factory=list)
+    legacy: list = field(default_factory=list)
+    expected: dict = field(default_factory=dict)
+    problem: str | None = None
+    problem_seq: int = 0
+    notes: list = field(default_factory=list)
+
+    @property
+    def latest(self) -> tuple[str, dict] | None:
+        """The last checkpoint of the chain (or, before there is one, the /1 checkpoint furthest along)."""
+        if self.chain:
+            return self.chain[-1]
+        if self.legacy:
+            return max(self.legacy, key=lambda item: (item[1]["seq"], item[1]["created_at"]))
+        return None
+
+    def seal(self, seq: int) -> tuple[str, dict] | None:
+        """The archive seal naming event ``seq`` (the last archived one), if any."""
+        return next(
+            (item for item in self.legacy + self.chain if item[1].get("kind") == SEAL_KIND and item[1]["seq"] == seq),
+            None,
+        )
+
+
+def check_checkpoints(
+    found: Iterable[tuple[str, dict]],
+    public: bytes,
+    *,
+    signed_by: Callable[[dict, bytes], bool] = checkpoint_is_signed_by,
+    complete: bool = True,
+) -> CheckpointChain:
+    """Check ``found`` (name, document) pairs as one chain of checkpoints signed by ``public``.
+
+    Each must be signed by that key and name it.  Identical copies count once.
+    The /2 checkpoints must run #1, #2, #3 … with none missing or doubled, each
+    naming the one before it (its digest and event seq), never dated before it,
+    and (except archive seals) never naming an event before the one the last
+    head checkpoint named.  ``complete`` (the panel's own directory) requires the
+    chain from #1; a reviewer may be given only its recent part.  Any two
+    checkpoints naming the same event must agree on its hash.
+    """
+    result = CheckpointChain()
+    kid = key_id(public)
+
+    def fail(message: str, seq: int = 0) -> CheckpointChain:
+        result.problem, result.problem_seq = message, seq
+        return result
+
+    unique: dict[str, tuple[str, dict]] = {}
+    for name, doc in found:
+        if not isinstance(doc, dict) or doc.get("format") not in CHECKPOINT_FORMATS:
+            return fail(f"checkpoint {name} is not an audit checkpoint of a known format")
+        if doc.get("key_id") != kid:
+            return fail(
+                f"checkpoint {name} names signing key {doc.get('key_id')}, but the public key given is {kid}: "
+                f"it was signed by another key, or the wrong public key is configured"
+            )
+        if not signed_by(doc, public):
+            return fail(f"checkpoint {name} is not validly signed by key {kid}: it was forged or altered")
+        digest = checkpoint_digest(doc)
+        if digest in unique:
+            result.notes.append(f"checkpoint {name} is a copy of {unique[digest][0]} (counted once)")
+            continue
+        unique[digest] = (name, doc)
+
+    result.legacy = sorted(
+        (item for item in unique.values() if item[1]["format"] == CHECKPOINT_FORMAT_V1),
+        key=lambda item: (item[1]["seq"], item[1]["created_at"]),
+    )
+    result.chain = sorted(
+        (item for item in unique.values() if item[1]["format"] == CHECKPOINT_FORMAT),
+        key=lambda item: item[1]["number"],
+    )
+    legacy_by_digest = {checkpoint_digest(doc): (name, doc) for name, doc in result.legacy}
+    prev = last_head = None
+    for name, doc in result.chain:
+        number = doc["number"]
+        if prev is None:
+            if number != 1:
+                if complete:
+                    return fail(
+                        f"checkpoint{'s' if number > 2 else ''} #1{f'-#{number - 1}' if number > 2 else ''} "
+                        f"missing: the checkpoint chain starts at #{number} ({name})",
+                        doc["seq"],
+                    )
+                result.notes.append(f"checkpoint chain checked from #{number} ({name}); earlier ones not given")
+            elif doc["prev_checkpoint"] != GENESIS_HASH:
+                before = legacy_by_digest.get(doc["prev_checkpoint"])
+                if before is None or before[1]["seq"] != doc["prev_checkpoint_seq"]:
+                    if complete:
+                        return fail(
+                            f"checkpoint {name} (#1) follows an older-format checkpoint that is not here "
+                            f"({doc['prev_checkpoint'][:16]}…, event #{doc['prev_checkpoint_seq']})",
+                            doc["seq"],
+                        )
+                    result.notes.append(f"checkpoint {name} (#1) follows an older-format checkpoint not given")
+        else:
+            pname, pdoc = prev
+            pnumber = pdoc["number"]
+            if number == pnumber:
+                return fail(
+                    f"checkpoints {pname} and {name} are both #{number}: the checkpoint chain forks", doc["seq"]
+                )
+            if number > pnumber + 1:
+                gone = f"#{pnumber + 1}" if number == pnumber + 2 else f"#{pnumber + 1}-#{number - 1}"
+                return fail(
+                    f"checkpoint {gone} missing: the checkpoint chain skips from #{pnumber} ({pname}) to #{number} ({name})",
+                    doc["seq"],
+                )
+            if doc["prev_checkpoint"] != checkpoint_digest(pdoc) or doc["prev_checkpoint_seq"] != pdoc["seq"]:
+                return fail(
+                    f"checkpoint {name} (#{number}) does not name {pname} (#{pnumber}) as the one before it: "
+                    f"the checkpoint chain was rewritten or mixed with another one",
+                    doc["seq"],
+                )
+            if doc["created_at"] < pdoc["created_at"]:
+                return fail(
+                    f"checkpoint {name} (#{number}) is dated before {pname} (#{pnumber}): the checkpoint chain goes backwards",
+                    doc["seq"],
+                )
+        if doc.get("kind") != SEAL_KIND:
+            if last_head is not None and doc["seq"] < last_head[1]["seq"]:
+                return fail(
+                    f"checkpoint {name} (#{number}) names event #{doc['seq']}, behind #{last_head[1]['seq']} "
+                    f"named by {last_head[0]}: the chain was cut between them",
+                    doc["seq"],
+                )
+            last_head = (name, doc)
+        prev = (name, doc)
+
+    for name, doc in result.legacy + result.chain:
+        seq, hash_ = doc["seq"], doc["hash"]
+        if seq in result.expected and result.expected[seq][0] != hash_:
+            return fail(f"{result.expected[seq][1]} and checkpoint {name} disagree about event #{seq}", seq)
+        result.expected.setdefault(seq, (hash_, f"checkpoint {name}"))
+    return result
+
+
+def read_checkpoint_files(paths: Iterable[str | Path]) -> list[tuple[str, dict]]:
+    """(name, document) of each file, or of each ``checkpoint-*.json`` in a directory; ValueError if unreadable."""
+    found = []
+    for given in paths:
+        given = Path(given)
+        files = sorted(given.glob("checkpoint-*.json")) if given.is_dir() else [given]
+        for path in files:
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"checkpoint {path.name} is unreadable: not JSON ({exc.msg})") from None
+            found.append((path.name, doc))
+    return found
 
 
 # --- the chain walk --------------------------------------------------------------
@@ -340,10 +523,11 @@ class ChainWalker:
         if self.problem is None and self.expected and not self.subset:
             far = max(self.expected)
             if far > self.last_seq:
+                gone = f"event #{far}" if far == self.last_seq + 1 else f"events #{self.last_seq + 1}-#{far}"
                 self.problem = Problem(
                     self.last_seq + 1,
-                    f"events #{self.last_seq + 1}-#{far} removed: {self.expected[far][1]} "
-                    f"says the chain reached #{far}, but it ends at #{self.last_seq}",
+                    f"{gone} removed: {self.expected[far][1]} says the chain reached #{far}, "
+                    f"but it ends at #{self.last_seq}",
                 )
         return self.problem
 
@@ -385,11 +569,17 @@ def main(argv=None) -> int:
         "--checkpoint",
         action="append",
         default=[],
-        metavar="FILE",
-        help="a signed checkpoint (or archive seal) the export must agree with; repeatable",
+        metavar="PATH",
+        help="a signed checkpoint (or archive seal) the export must agree with, or a directory of them; repeatable",
     )
     parser.add_argument("--public-key", metavar="FILE", help="the panel's Ed25519 public key (PEM), for checkpoints")
-    parser.add_argument(
+    partial = parser.add_mutually_exclusive_group()
+    partial.add_argument(
+        "--slice",
+        action="store_true",
+        help="the export is a deliberate slice (audit export --since/--until): it may start after #1",
+    )
+    partial.add_argument(
         "--subset",
         action="store_true",
         help="the export is a filtered view: check each event's hash and order, not the links",
@@ -398,12 +588,9 @@ def main(argv=None) -> int:
 
     fmt = args.format or ("csv" if args.export.endswith(".csv") else "jsonl")
     try:
-        checkpoints = []
-        for name in args.checkpoint:
-            with open(name, encoding="utf-8") as fh:
-                checkpoints.append((name, json.load(fh)))
+        found = read_checkpoint_files(args.checkpoint)
         public = None
-        if checkpoints:
+        if args.checkpoint:
             if not args.public_key:
                 parser.error("--checkpoint needs --public-key")
             with open(args.public_key, encoding="utf-8") as fh:
@@ -411,61 +598,99 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for name, cp in checkpoints:
-        if not checkpoint_is_signed_by(cp, public):
-            print(f"FAIL: checkpoint {name} is not validly signed by key {key_id(public)}")
+    checkpoints = CheckpointChain()
+    if args.checkpoint:
+        try:
+            checkpoints = check_checkpoints(found, public, complete=False)
+        except (KeyError, TypeError) as exc:
+            print(f"error: a checkpoint lacks a field: {exc}", file=sys.stderr)
+            return 2
+        if checkpoints.problem:
+            print(f"FAIL: {checkpoints.problem}")
             return 1
+        if not found:
+            print(f"error: no checkpoint in {', '.join(args.checkpoint)}", file=sys.stderr)
+            return 2
 
     events = read_csv(args.export) if fmt == "csv" else read_jsonl(args.export)
     walker = None
-    notes = []
+    notes = list(checkpoints.notes)
+    first = None
     try:
         for event in events:
             if walker is None:
-                walker = _start(event, checkpoints, args.subset, notes)
+                first = event
+                walker = _start(event, checkpoints, args, notes)
             if walker.feed(event):
                 break
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {args.export}: {exc}", file=sys.stderr)
         return 2
     if walker is None:
-        walker = _start({"seq": 1, "prev_hash": GENESIS_HASH}, checkpoints, args.subset, notes)
+        walker = _start({"seq": 1, "prev_hash": GENESIS_HASH}, checkpoints, args, notes)
+    if args.slice and walker.problem is None:
+        # A slice ends where it was cut: checkpoints beyond its last event cannot be checked.
+        beyond = [seq for seq in walker.expected if seq > walker.last_seq]
+        for seq in beyond:
+            del walker.expected[seq]
+        if beyond:
+            notes.append(f"{len(beyond)} checkpoint(s) beyond the slice's last event #{walker.last_seq} not checked")
     problem = walker.finish()
+    for note in notes:
+        print(note)
     if problem:
         print(f"FAIL: {problem}")
         return 1
-    print(
-        f"OK: {walker.count} events, #{walker.anchor_seq + 1 if walker.count else 0}-#{walker.last_seq}"
-        f"{' (filtered: each hash checked, links not checked)' if args.subset else ', chain intact'}; "
-        f"head hash {walker.last_hash}"
-    )
-    for note in notes:
-        print(note)
+    if args.subset:
+        shape = " (filtered: each hash checked, links not checked)"
+    elif args.slice and walker.count:
+        shape = ", a slice: links intact within it"
+    else:
+        shape = ", chain intact"
+    span = f"#{first['seq']}-#{walker.last_seq}" if walker.count and first else "#0-#0"
+    print(f"OK: {walker.count} events, {span}{shape}; head hash {walker.last_hash}")
+    checked = sorted(seq for seq in walker.expected if seq > walker.anchor_seq)
+    if checked:
+        print(f"checked against {len(checked)} checkpoint(s), up to #{checked[-1]}")
     return 0
 
 
-def _start(first, checkpoints, subset: bool, notes: list) -> ChainWalker:
-    """A walker anchored on the event before ``first``: genesis, a matching archive seal, or trust."""
+def _start(first, checkpoints: CheckpointChain, args, notes: list) -> ChainWalker:
+    """A walker anchored on the event before ``first``: genesis, an archive seal, or (``--slice``) trust."""
     anchor_seq, anchor_hash = first["seq"] - 1, first["prev_hash"]
-    if subset:
+    problem = None
+    if args.subset:
         anchor_seq, anchor_hash = 0, ""
     elif anchor_seq == 0:
         anchor_hash = GENESIS_HASH
+    elif checkpoints.seal(anchor_seq):
+        name, seal = checkpoints.seal(anchor_seq)
+        anchor_hash = seal["hash"]
+        notes.append(f"starts after #{anchor_seq}, sealed by a signed checkpoint ({name})")
+    elif args.slice:
+        notes.append(
+            f"slice: starts at event #{first['seq']} (prev_hash {first['prev_hash'][:16]}…); "
+            f"its link to #{anchor_seq} and the events before it are not checked"
+        )
     else:
-        seals = [cp for _, cp in checkpoints if cp.get("seq") == anchor_seq]
-        if seals:
-            anchor_hash = seals[0]["hash"]
-            notes.append(f"starts after #{anchor_seq}, sealed by a signed checkpoint")
-        else:
-            notes.append(
-                f"note: starts at #{first['seq']}; its link to #{anchor_seq} is not checked "
-                f"(pass the archive seal of #{anchor_seq} with --checkpoint to check it)"
-            )
-    walker = ChainWalker(anchor_seq=anchor_seq, anchor_hash=anchor_hash, subset=subset)
-    for name, cp in checkpoints:
-        if cp["seq"] > anchor_seq or subset:
-            walker.expect(cp["seq"], cp["hash"], f"checkpoint {name}")
-        notes.append(f"checkpoint {name}: #{cp['seq']} signed by key {cp.get('key_id', '?')}")
+        gone = "#1" if anchor_seq == 1 else f"#1-#{anchor_seq}"
+        problem = Problem(
+            1,
+            f"event{'s' if anchor_seq > 1 else ''} {gone} missing: the export starts at #{first['seq']} "
+            f"(pass the archive seal of #{anchor_seq} with --checkpoint if they were archived, "
+            f"or --slice if the export is a deliberate slice)",
+        )
+    walker = ChainWalker(anchor_seq=anchor_seq, anchor_hash=anchor_hash, subset=args.subset)
+    walker.problem = problem
+    for seq, (hash_, label) in checkpoints.expected.items():
+        if seq > anchor_seq or args.subset:
+            walker.expect(seq, hash_, label)
+    if checkpoints.chain or checkpoints.legacy:
+        name, latest = checkpoints.latest
+        notes.append(
+            f"checkpoints: {len(checkpoints.chain)} chained, {len(checkpoints.legacy)} older-format, "
+            f"signed by key {latest['key_id']}; latest {name} names #{latest['seq']}"
+        )
     return walker
 
 

@@ -71,6 +71,7 @@ EVENTS: dict[str, str] = {
     "audit.exported": "the trail (or a filtered part) was exported",
     "audit.verified": "the chain was verified from the command line",
     "audit.archived": "old events were archived and sealed",
+    "audit.checkpoint_refused": "an alert: no checkpoint was signed, the chain or the checkpoints did not verify",
 }
 
 EVENT_NAMES: tuple[str, ...] = tuple(EVENTS)

@@ -3,9 +3,14 @@
 Checks, in seq order: seq is gap-free from the start (event 1, or the event
 after an archive seal), every event's hash matches its content, every
 ``prev_hash`` is the hash before it, time never goes backwards, and the
-chain agrees with the latest signed checkpoint (or the one given): the
-checkpoint's event carries the checkpoint's hash, and the chain reaches it
-(else a tail was cut off).
+chain agrees with every signed checkpoint: the checkpoints are first checked
+as their own chain (signed by the verification key, numbered without gaps,
+each naming the one before it, never going backwards), then each event a
+checkpoint names must carry the checkpoint's hash, and the chain must reach
+the furthest one (else a tail was cut off).
+
+``verify_since`` is the checkpoint writer's check: the events from the last
+checkpoint to the head only.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from . import checkpoint as checkpoints
-from .chain import GENESIS_HASH, ChainWalker, Problem
+from .chain import ChainWalker, CheckpointChain, Problem, key_id
 from .models import AuditEvent
 from .walk import Segment, start_worker, walk_segment
 
@@ -51,46 +56,52 @@ class Report:
         return "\n".join(lines)
 
 
-def verify_chain(checkpoint_file: Path | None = None, *, batch: int = BATCH, workers: int | None = None) -> Report:
-    """Walk the chain; ``workers`` processes (default: one per CPU for a long chain, else this one)."""
-    notes: list[str] = []
-    first = AuditEvent.objects.order_by("seq").values_list("seq", "prev_hash").first()
-    anchor_seq, anchor_hash = 0, GENESIS_HASH
-    early: Problem | None = None
-    if first and first[0] > 1:
-        # Events before it were archived: the archive's signed seal must name the event just before.
-        seal = next(
-            (
-                cp
-                for cp in checkpoints.checkpoints("archive")
-                if cp.seq == first[0] - 1 and checkpoints.is_authentic(cp)
-            ),
-            None,
-        )
-        if seal is None:
-            early = Problem(
-                1,
-                f"events #1-#{first[0] - 1} removed: the chain starts at #{first[0]} "
-                f"and no signed archive seal covers them",
-            )
-        else:
-            anchor_seq, anchor_hash = seal.seq, seal.hash
-            notes.append(f"events #1-#{seal.seq} archived; sealed by {seal.path.name}")
-    walker = ChainWalker(anchor_seq=anchor_seq, anchor_hash=anchor_hash)
-    if early:
-        walker.problem = early
+def _failed(problem: Problem, notes: list[str]) -> Report:
+    return Report(ok=False, count=0, first_seq=0, last_seq=0, head_hash="", problem=problem, notes=notes)
 
-    cp = checkpoints.read_checkpoint(checkpoint_file) if checkpoint_file else checkpoints.latest_checkpoint()
-    if cp is not None:
-        if not checkpoints.is_authentic(cp):
-            walker.problem = walker.problem or Problem(
-                cp.seq, f"checkpoint {cp.path.name} is not signed by the panel's audit key: it was forged or altered"
-            )
-        elif cp.seq > anchor_seq:
-            walker.expect(cp.seq, cp.hash, f"checkpoint {cp.path.name}")
-            notes.append(f"checking against checkpoint {cp.path.name} (#{cp.seq})")
-    else:
+
+def verify_chain(
+    checkpoint_files=(),
+    *,
+    checkpoint_dir: Path | None = None,
+    batch: int = BATCH,
+    workers: int | None = None,
+) -> Report:
+    """Walk the chain against every checkpoint; ``workers`` processes (default: one per CPU for a long chain).
+
+    Checkpoints are those of ``checkpoint_dir`` (default: the configured
+    directory) plus ``checkpoint_files``, verified with ``verification_key()``;
+    without a key the report fails at once (no key is ever created here).
+    """
+    if isinstance(checkpoint_files, str | Path):
+        checkpoint_files = [checkpoint_files]
+    notes: list[str] = []
+    try:
+        public, source = checkpoints.verification_key()
+    except checkpoints.KeyUnavailable as exc:
+        return _failed(Problem(0, str(exc)), notes)
+    chain = checkpoints.load_chain(public, directory=checkpoint_dir, extra=checkpoint_files)
+    notes.extend(chain.notes)
+    if chain.problem:
+        return _failed(Problem(chain.problem_seq, chain.problem), notes)
+
+    walker = _anchored(chain, notes)
+    for seq, (hash_, label) in chain.expected.items():
+        if seq > walker.anchor_seq:
+            walker.expect(seq, hash_, label)
+    if chain.latest is None:
         notes.append("no checkpoint yet: a cut-off tail cannot be detected (run `audit checkpoint`)")
+    else:
+        name, latest = chain.latest
+        kinds = []
+        if chain.chain:
+            kinds.append(f"{len(chain.chain)} chained (#1-#{chain.chain[-1][1]['number']})")
+        if chain.legacy:
+            kinds.append(f"{len(chain.legacy)} older-format (each on its own)")
+        notes.append(
+            f"checking against {', '.join(kinds)} checkpoints, public key {key_id(checkpoints._raw(public))} "
+            f"({source}); the latest, {name}, names #{latest['seq']}"
+        )
 
     if walker.problem is None:
         _walk(walker, batch=batch, workers=workers)
@@ -98,7 +109,7 @@ def verify_chain(checkpoint_file: Path | None = None, *, batch: int = BATCH, wor
     return Report(
         ok=walker.problem is None,
         count=walker.count,
-        first_seq=anchor_seq + 1,
+        first_seq=walker.anchor_seq + 1,
         last_seq=walker.last_seq,
         head_hash=walker.last_hash,
         problem=walker.problem,
@@ -106,16 +117,70 @@ def verify_chain(checkpoint_file: Path | None = None, *, batch: int = BATCH, wor
     )
 
 
+def verify_since(chain: CheckpointChain, *, batch: int = BATCH) -> Report:
+    """Verify the events from the one ``chain.latest`` names (itself included) to the head, in this process.
+
+    Without a checkpoint, the whole chain.  The checkpoint writer signs the
+    head only if this passes; the events before the last checkpoint were
+    checked when it was written.
+    """
+    notes: list[str] = []
+    walker = _anchored(chain, notes)
+    start = None
+    if chain.latest is not None:
+        name, latest = chain.latest
+        if latest["seq"] > walker.anchor_seq:
+            walker.expect(latest["seq"], latest["hash"], f"checkpoint {name}")
+            start = latest["seq"]
+    if walker.problem is None:
+        _walk(walker, batch=batch, workers=1, start=start)
+    walker.finish()
+    return Report(
+        ok=walker.problem is None,
+        count=walker.count,
+        first_seq=start or walker.anchor_seq + 1,
+        last_seq=walker.last_seq,
+        head_hash=walker.last_hash,
+        problem=walker.problem,
+        notes=notes,
+    )
+
+
+def _anchored(chain: CheckpointChain, notes: list[str]) -> ChainWalker:
+    """A walker from the chain's start: genesis, or the archive seal of the events before the first one left."""
+    first = AuditEvent.objects.order_by("seq").values_list("seq", flat=True).first()
+    if not first or first == 1:
+        return ChainWalker()
+    # Events before it were archived: a signed archive seal must name the event just before.
+    seal = chain.seal(first - 1)
+    if seal is None:
+        walker = ChainWalker()
+        walker.problem = Problem(
+            1, f"events #1-#{first - 1} removed: the chain starts at #{first} and no signed archive seal covers them"
+        )
+        return walker
+    name, doc = seal
+    notes.append(f"events #1-#{doc['seq']} archived; sealed by {name}")
+    return ChainWalker(anchor_seq=doc["seq"], anchor_hash=doc["hash"])
+
+
 # --- the walk, split by seq range (deployments/audit/walk.py) -----------------------------------
 
 
-def _walk(walker: ChainWalker, *, batch: int, workers: int | None) -> None:
+def _walk(walker: ChainWalker, *, batch: int, workers: int | None, start: int | None = None) -> None:
+    """Walk from ``start`` (default: the first event) to the end, merging into ``walker``."""
     connection = connections[DEFAULT_DB_ALIAS]
     with connection.cursor() as cur:
         cur.execute("SELECT MIN(seq), MAX(seq) FROM audit_auditevent")
         low, high = cur.fetchone()
     if low is None:
         return
+    if start is not None and start > high:
+        # Nothing left from the checkpoint on (a cut tail): the walk only reads where the chain ends.
+        _merge(walker, walk_segment(Segment(start, None), *_job(walker, batch)))
+        return
+    if start is not None:
+        low = max(low, start)
     if workers is None:
         shareable = not connection.in_atomic_block and not (
             connection.vendor == "sqlite" and connection.is_in_memory_db()
@@ -123,15 +188,19 @@ def _walk(walker: ChainWalker, *, batch: int, workers: int | None) -> None:
         workers = (os.cpu_count() or 1) if shareable and high - low + 1 >= PARALLEL_MIN_EVENTS else 1
     parts = max(1, workers * SEGMENTS_PER_WORKER if workers > 1 else 1)
     cuts = sorted({low + (high - low + 1) * i // parts for i in range(1, parts)} - {low})
-    bounds = [None, *cuts, None]
+    bounds = [start, *cuts, None]
     segments = [Segment(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-    job = (walker.anchor_seq, walker.anchor_hash, walker.expected, batch)
+    job = _job(walker, batch)
     if workers > 1:
         _walk_in_processes(walker, segments, job, workers, connection)
     else:
         for segment in segments:
             if _merge(walker, walk_segment(segment, *job)):
                 break
+
+
+def _job(walker: ChainWalker, batch: int) -> tuple:
+    return (walker.anchor_seq, walker.anchor_hash, walker.expected, batch)
 
 
 def _walk_in_processes(walker: ChainWalker, segments: list[Segment], job: tuple, workers: int, connection) -> None:

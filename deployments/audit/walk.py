@@ -77,6 +77,7 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
     sql = f"SELECT {columns} FROM audit_auditevent WHERE seq > %s{upper} ORDER BY seq LIMIT {batch}"
 
     last_seq, last_hash, last_time = anchor_seq, anchor_hash, ""
+    started_after = False  # the state is the event just before the segment, not the anchor
     with connection.cursor() as cur:
         if segment.start is not None:
             cur.execute(
@@ -86,6 +87,7 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
             before = cur.fetchone()
             if before is not None:
                 last_seq, last_hash, last_time = before[0], before[1], canonical_time(before[2])
+                started_after = True
             bound = segment.start - 1
         else:
             cur.execute("SELECT MIN(seq) FROM audit_auditevent")
@@ -127,7 +129,8 @@ def walk_rows(segment: Segment, anchor_seq: int, anchor_hash: str, expected: dic
             bound = rows[-1][_SEQ]
             del rows
     segment.count = count
-    if count:
+    if count or started_after:
+        # With no event in it, a segment ends where the one before it did (the serial walk's state there).
         segment.end = (last_seq, last_hash, last_time)
     return segment
 

@@ -24,9 +24,13 @@ def test_event_names(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def audit_dirs(settings, tmp_path):
-    """Each test signs with its own key and writes checkpoints to its own directory."""
+    """Each test signs with its own key (made here: verification never makes one) and its own checkpoint directory."""
+    from deployments.audit import checkpoint
+
     settings.AUDIT_SIGNING_KEY_FILE = str(tmp_path / "keys" / "audit-signing.key")
     settings.AUDIT_CHECKPOINT_DIR = str(tmp_path / "checkpoints")
+    settings.AUDIT_PUBLIC_KEY = ""
+    checkpoint.signing_key(create=True)
     return tmp_path
 
 

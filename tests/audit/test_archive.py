@@ -25,6 +25,11 @@ def archive_before(seq: int, path) -> str:
     return out.getvalue()
 
 
+def the_seal() -> checkpoint.Checkpoint:
+    (seal,) = [cp for cp in map(checkpoint.read_checkpoint, checkpoint.checkpoint_files()) if cp.kind == "archive"]
+    return seal
+
+
 def verify() -> int:
     try:
         call_command("audit", "verify", stdout=io.StringIO())
@@ -45,7 +50,7 @@ def test_archive_moves_old_events_to_a_sealed_file(events, tmp_path):
 
 def test_the_archive_file_verifies_offline_against_its_seal(events, tmp_path):
     archive_before(5, tmp_path / "archive.jsonl")
-    seal = checkpoint.checkpoints("archive")[0]
+    seal = the_seal()
     assert seal.data["archive_sha256"]
     pub = tmp_path / "audit.pub"
     pub.write_bytes(checkpoint.public_key_pem())
@@ -55,7 +60,7 @@ def test_the_archive_file_verifies_offline_against_its_seal(events, tmp_path):
 
 def test_a_later_export_links_to_the_seal(events, tmp_path):
     archive_before(5, tmp_path / "archive.jsonl")
-    seal = checkpoint.checkpoints("archive")[0]
+    seal = the_seal()
     pub = tmp_path / "audit.pub"
     pub.write_bytes(checkpoint.public_key_pem())
     rest = tmp_path / "rest.jsonl"
@@ -67,7 +72,7 @@ def test_a_later_export_links_to_the_seal(events, tmp_path):
 
 def test_without_its_seal_an_archived_head_counts_as_removed(events, tmp_path):
     archive_before(5, tmp_path / "archive.jsonl")
-    seal = checkpoint.checkpoints("archive")[0].path
+    seal = the_seal().path
     seal.chmod(0o644)
     seal.unlink()
     assert verify() == 1

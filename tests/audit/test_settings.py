@@ -162,8 +162,30 @@ def test_audit_defaults_live_in_the_data_dir(tmp_path):
         ("PANEL_AUDIT_CHECKPOINT_MINUTES", "-1", "must be 0 (off) or more"),
         ("PANEL_AUDIT_CHECKPOINT_MINUTES", "soon", "is not an integer"),
         ("PANEL_AUDIT_ASYNC_COMMIT", "maybe", "is not a boolean"),
+        ("PANEL_AUDIT_PUBLIC_KEY", "c2hvcnQ=", "PANEL_AUDIT_PUBLIC_KEY: not an Ed25519 public key"),
+        ("PANEL_AUDIT_PUBLIC_KEY", "not base64!", "PANEL_AUDIT_PUBLIC_KEY"),
     ],
 )
 def test_bad_audit_values_are_refused(tmp_path, variable, value, message):
     result = python("import controlpanel.settings", PANEL_DATA_DIR=str(tmp_path), **{variable: value})
     assert result.returncode == 1 and "ImproperlyConfigured" in result.stderr and message in result.stderr
+
+
+def test_the_audit_public_key_may_come_from_a_file(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pem = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    (tmp_path / "audit.pub").write_text(pem)
+    result = python(
+        "import controlpanel.settings as s; print(s.AUDIT_PUBLIC_KEY)",
+        PANEL_DATA_DIR=str(tmp_path / "data"),
+        PANEL_AUDIT_PUBLIC_KEY_FILE=str(tmp_path / "audit.pub"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == pem.strip()

@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -9,6 +10,7 @@ from django.core.management import CommandError, call_command
 from deployments.audit import checkpoint
 from deployments.audit.chain import chain_hash
 from deployments.audit.models import AuditEvent
+from deployments.audit.verify import verify_chain
 
 from .conftest import add_events, tamper
 
@@ -109,13 +111,22 @@ def test_a_cut_tail_grown_back_does_not_match_the_checkpoint(events):
     assert "event #8 does not match checkpoint" in output
 
 
-def test_verify_checks_the_checkpoint_it_is_given(events, tmp_path):
-    early = checkpoint.write_checkpoint("manual")
+def test_verify_also_checks_the_checkpoints_it_is_given(events, tmp_path):
+    # Every checkpoint was also shipped to a second place; the newest local one is then removed with the tail.
+    second_place = tmp_path / "second-place"
+    second_place.mkdir()
+    shutil.copy(checkpoint.write_checkpoint("manual"), second_place)
     add_events(2)
-    checkpoint.write_checkpoint("manual")
-    tamper("DELETE FROM audit_auditevent WHERE seq >= 10")
-    assert verify("--checkpoint", str(early))[0] == 0
-    assert verify()[0] == 1
+    latest = checkpoint.write_checkpoint("manual")
+    shutil.copy(latest, second_place)
+    tamper("DELETE FROM audit_auditevent WHERE seq >= 9")
+    latest.chmod(0o644)
+    latest.unlink()
+    assert verify_chain().ok  # the local directory alone cannot tell: why the second place exists
+    status, output = verify("--checkpoint", str(second_place / latest.name))
+    assert status == 1 and "events #9-#10 removed" in output
+    status, output = verify("--checkpoint-dir", str(second_place))  # (#9 is now the last verify's own event)
+    assert status == 1 and "event #10 removed" in output and "says the chain reached #10" in output
 
 
 def test_a_forged_checkpoint_is_refused(events, tmp_path):
@@ -125,7 +136,7 @@ def test_a_forged_checkpoint_is_refused(events, tmp_path):
     forged.write_text(json.dumps(doc))
     status, output = verify("--checkpoint", str(forged))
     assert status == 1
-    assert "not signed by the panel's audit key" in output
+    assert "forged.json is not validly signed" in output and "forged or altered" in output
 
 
 def test_verify_runs_are_audited(events):

@@ -1,17 +1,17 @@
 """The audit trail from the command line.
 
-    manage.py audit verify [--checkpoint FILE]          exit 1 and name the first bad event
-    manage.py audit checkpoint                          sign and write the chain head now
+    manage.py audit verify [--checkpoint FILE] [--checkpoint-dir DIR]   exit 1 and name the first bad event
+    manage.py audit checkpoint                          verify since the last checkpoint, sign the head now
     manage.py audit export --format csv|jsonl [filters] [-o FILE]
     manage.py audit archive --before DATE -o FILE       export, seal and remove old events
     manage.py audit public-key                          the PEM key reviewers verify checkpoints with
 
-Verify, export and archive runs are themselves audited (actor: cli).
+Verify, export and archive runs, and refused checkpoints, are themselves
+audited (actor: cli, with the OS user and host).
 """
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import os
 import sys
@@ -22,7 +22,7 @@ from django.db import connection, transaction
 
 from deployments.audit import checkpoint as checkpoints
 from deployments.audit import export
-from deployments.audit.chain import GENESIS_HASH
+from deployments.audit.chain import GENESIS_HASH, key_id
 from deployments.audit.db import triggers_lifted
 from deployments.audit.models import AuditEvent
 from deployments.audit.query import FILTER_NAMES, AuditFilter, parse_time
@@ -30,16 +30,10 @@ from deployments.audit.verify import verify_chain
 from deployments.audit.writer import record
 
 
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
-
-
 def _audit(action: str, *, outcome: str = "success", details: dict) -> None:
+    # record() adds the OS user and host of every command-line event.
     with transaction.atomic():
-        record(action, actor_kind="cli", outcome=outcome, details={"os_user": _os_user(), **details})
+        record(action, actor_kind="cli", outcome=outcome, details=details)
 
 
 class Command(BaseCommand):
@@ -48,8 +42,19 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         sub = parser.add_subparsers(dest="subcommand", required=True)
         verify = sub.add_parser("verify", help="walk the chain; exit 1 naming the first bad event")
-        verify.add_argument("--checkpoint", type=Path, help="check against this checkpoint (default: the latest)")
-        sub.add_parser("checkpoint", help="sign and write the chain head now")
+        verify.add_argument(
+            "--checkpoint",
+            type=Path,
+            action="append",
+            default=[],
+            help="also check this checkpoint file (e.g. a copy from the second place); repeatable",
+        )
+        verify.add_argument(
+            "--checkpoint-dir",
+            type=Path,
+            help="check the checkpoints in this directory instead of PANEL_AUDIT_CHECKPOINT_DIR",
+        )
+        sub.add_parser("checkpoint", help="verify the events since the last checkpoint, then sign the head now")
         sub.add_parser("public-key", help="print the checkpoint signing key's public half (PEM)")
         exp = sub.add_parser("export", help="export events (oldest first) with their hashes")
         exp.add_argument("--format", choices=sorted(export.FORMATS), default="jsonl")
@@ -70,8 +75,8 @@ class Command(BaseCommand):
 
     # --- verify ------------------------------------------------------------------
 
-    def do_verify(self, checkpoint=None, **_):
-        report = verify_chain(checkpoint)
+    def do_verify(self, checkpoint=(), checkpoint_dir=None, **_):
+        report = verify_chain(checkpoint, checkpoint_dir=checkpoint_dir)
         self.stdout.write(report.text())
         _audit(
             "audit.verified",
@@ -81,21 +86,30 @@ class Command(BaseCommand):
                 "through_seq": report.last_seq,
                 "first_bad_seq": report.problem.seq if report.problem else None,
                 "problem": str(report.problem or ""),
-                "checkpoint": str(checkpoint) if checkpoint else "",
+                "checkpoint": ", ".join(map(str, checkpoint)),
+                "checkpoint_dir": str(checkpoint_dir or ""),
             },
         )
         if not report.ok:
-            raise CommandError(f"audit chain broken at event #{report.problem.seq}", returncode=1)
+            raise CommandError(f"audit trail does not verify: {report.problem}", returncode=1)
 
     # --- checkpoint ----------------------------------------------------------------
 
     def do_checkpoint(self, **_):
-        path = checkpoints.write_checkpoint("manual", force=True)
+        try:
+            path = checkpoints.write_checkpoint("manual", force=True, actor_kind="cli")
+        except checkpoints.CheckpointRefused as exc:
+            raise CommandError(f"checkpoint refused: {exc}", returncode=1) from None
         cp = checkpoints.read_checkpoint(path)
-        self.stdout.write(f"checkpoint #{cp.seq} {cp.hash} written to {path}")
+        self.stdout.write(f"checkpoint {cp.number} names event #{cp.seq} {cp.hash}; written to {path}")
 
     def do_public_key(self, **_):
-        self.stdout.write(checkpoints.public_key_pem().decode(), ending="")
+        try:
+            public, source = checkpoints.verification_key()
+        except checkpoints.KeyUnavailable as exc:
+            raise CommandError(str(exc)) from None
+        self.stderr.write(f"key id {key_id(checkpoints._raw(public))} ({source})")
+        self.stdout.write(checkpoints.public_key_pem(public).decode(), ending="")
 
     # --- export --------------------------------------------------------------------
 
@@ -117,6 +131,23 @@ class Command(BaseCommand):
                 out.close()
         if output:
             self.stderr.write(f"exported events through #{through} to {output}")
+        self.stderr.write(self._how_to_verify(f, output or "FILE"))
+
+    @staticmethod
+    def _how_to_verify(f: AuditFilter, name: str) -> str:
+        """Which flag the offline verifier needs for this export: a filtered or partial one fails without it."""
+        filters = set(f.as_dict())
+        if filters - {"since", "until"}:
+            return f"a filtered export (not contiguous): verify it with `python3 chain.py {name} --subset`"
+        if filters:
+            return f"a slice of the chain (a time range): verify it with `python3 chain.py {name} --slice`"
+        first = AuditEvent.objects.order_by("seq").values_list("seq", flat=True).first()
+        if first and first > 1:
+            return (
+                f"the chain starts at #{first} (events before were archived): verify with "
+                f"`python3 chain.py {name} --checkpoint SEAL --public-key audit-signing.pub`"
+            )
+        return f"verify it with `python3 chain.py {name} --checkpoint CHECKPOINT_DIR --public-key audit-signing.pub`"
 
     # --- archive -------------------------------------------------------------------
 
@@ -156,6 +187,7 @@ class Command(BaseCommand):
         # 2. ... seal it with a signed checkpoint naming its last event and the file's hash ...
         seal = checkpoints.write_checkpoint(
             "archive",
+            actor_kind="cli",
             seq=through,
             hash_=through_hash,
             extra={
@@ -174,7 +206,6 @@ class Command(BaseCommand):
                 "audit.archived",
                 actor_kind="cli",
                 details={
-                    "os_user": _os_user(),
                     "first_seq": first[0],
                     "through_seq": through,
                     "events": count,
