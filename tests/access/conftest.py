@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-# Until the tests that import them from here are changed (they moved to tests/support).
-from tests.support.keys import HOST_KEY  # noqa: F401
-from tests.support.personas import ROLES as PERSONAS  # noqa: F401
-from tests.support.personas import grant  # noqa: F401
-from tests.support.world import IN_SCOPE, OUT_OF_SCOPE, level  # noqa: F401
-
 
 @pytest.fixture
 def consumer_db(db, monkeypatch):

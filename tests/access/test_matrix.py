@@ -21,8 +21,8 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from deployments.audit.models import AuditEvent
 from deployments.models import Deployment
 from deployments.routing import websocket_urlpatterns
-
-from .conftest import IN_SCOPE, OUT_OF_SCOPE, PERSONAS, level
+from tests.support.personas import ROLES
+from tests.support.world import IN_SCOPE, OUT_OF_SCOPE, World, level
 
 # Whole namespaces covered by one rule each.
 NAMESPACE_RULES = ("admin", "audit")
@@ -224,7 +224,7 @@ RULES: dict[str, Rule] = {
     },
 }
 
-WEBSOCKET_RULES: dict[str, Callable[[World, str], str]] = {  # noqa: F821 (World only in the annotation)
+WEBSOCKET_RULES: dict[str, Callable[[World, str], str]] = {
     "ws:ws-deployment-log": lambda world, target: f"/ws/deployments/{world.finished[target].pk}/log/",
 }
 
@@ -249,7 +249,7 @@ def _request(client, rule: Rule, url: str):
     return client.post(url, rule.data)
 
 
-@pytest.mark.parametrize("persona", PERSONAS)
+@pytest.mark.parametrize("persona", ROLES)
 @pytest.mark.parametrize("route", url_pattern_names())
 def test_url_answers_each_persona_as_its_rule_says(client, world, route, persona):
     rule = RULES.get(route)
@@ -293,7 +293,7 @@ async def _connect(path: str, user) -> tuple[bool, int | None]:
     return connected, code
 
 
-@pytest.mark.parametrize("persona", PERSONAS)
+@pytest.mark.parametrize("persona", ROLES)
 @pytest.mark.parametrize("route", websocket_route_names())
 def test_websocket_admits_only_who_may_see_the_deployment(consumer_world, route, persona):
     from django.contrib.auth.models import AnonymousUser
@@ -342,7 +342,7 @@ def test_every_route_with_invalid_input_cases_has_a_rule():
     assert set(INVALID_INPUT) <= set(RULES)
 
 
-@pytest.mark.parametrize("persona", PERSONAS)
+@pytest.mark.parametrize("persona", ROLES)
 @pytest.mark.parametrize("route", sorted(INVALID_INPUT))
 def test_the_gate_answers_before_the_input_is_read(client, world, route, persona):
     rule = RULES[route]

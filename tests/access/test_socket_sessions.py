@@ -15,8 +15,8 @@ from django.test import Client
 from deployments import consumers
 from deployments.models import Deployment
 from deployments.routing import websocket_urlpatterns
+from tests.support.personas import grant
 
-from .conftest import grant
 from .test_revocation import DEADLINE, close_code
 
 

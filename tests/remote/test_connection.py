@@ -14,9 +14,10 @@ import pytest
 from deployments.remote import HostKey, RemoteError, Target, scan_host_key
 from deployments.remote.connection import Connection
 from deployments.remote.stream import read_output
+from tests.support.keys import keygen, ssh_keygen_fingerprint
 from tests.support.net import closing_server, refusing_address
 
-from .sshd import IS_ROOT, keygen, ssh_keygen_fingerprint
+from .server import IS_ROOT
 
 pytestmark = pytest.mark.timeout(120)
 

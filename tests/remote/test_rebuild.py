@@ -19,7 +19,7 @@ import pytest
 from deployments.remote import COMMIT_SHA_RE, FLAKE_ATTR_RE, REBUILD_ACTIONS, RemoteError, Target, run_rebuild
 from deployments.remote.rebuild import CURRENT_SYSTEM, OWNER_SUFFIX, SYSTEM_PROFILE, WORKDIR_ROOT
 
-from .sshd import collect
+from .server import collect
 
 pytestmark = pytest.mark.timeout(120)
 
