@@ -213,6 +213,7 @@ def bench_writers(url: str, writers: int, each: int, data_dir: str) -> dict:
     from django.core.management import call_command
     from django.db import connections
 
+    from deployments.audit.checkpoint import signing_key
     from deployments.audit.models import AuditEvent
     from deployments.audit.verify import verify_chain
 
@@ -230,6 +231,7 @@ def bench_writers(url: str, writers: int, each: int, data_dir: str) -> dict:
         p.join()
     elapsed = time.perf_counter() - t0
     assert all(p.exitcode == 0 for p in procs)
+    signing_key(create=True)  # verification never makes the key; a panel's first checkpoint would
     seqs = list(AuditEvent.objects.order_by("seq").values_list("seq", flat=True))
     gap_free = seqs == list(range(1, writers * each + 1))
     return {
@@ -306,6 +308,9 @@ def main() -> int:
     for label, ms in results["page_median_ms"].items():
         print(f"  {label:34} {ms:8.1f} ms", flush=True)
 
+    from deployments.audit.checkpoint import signing_key
+
+    signing_key(create=True)  # verification never makes the key; a panel's first checkpoint would
     env = dict(os.environ)
     seconds, rss, status, out = run_child(["audit", "verify"], env)
     assert status == 0, out
