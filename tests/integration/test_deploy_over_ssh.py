@@ -5,12 +5,10 @@ The worker function runs in-process here; tests/e2e runs it in a real qcluster.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.server
 import os
 import shlex
-import signal
 import threading
 
 import pytest
@@ -22,6 +20,7 @@ from deployments.models import Credential, Deployment
 from deployments.remote.rebuild import OWNER_SUFFIX
 from tests.support.keys import ed25519_private_key
 from tests.support.net import closing_server, refusing_address
+from tests.support.processes import kill_all, matching, sshd_sessions
 from tests.support.testbed import commit_change, rotate_host_key
 from tests.support.wait import wait_for
 
@@ -37,6 +36,43 @@ def deploy(node, action="switch", revision="", user=None) -> Deployment:
 
 def log_text(d: Deployment) -> list[str]:
     return [text for _, _, text in logstream.lines_after(d.pk)]
+
+
+def deploy_at(node, host: str, port: int) -> Deployment:
+    """Point ``node`` at ``host``:``port`` and deploy it."""
+    node.host, node.port = host, port
+    node.save()
+    return deploy(node)
+
+
+def activating(add_node):
+    """A deployment of the slow configuration whose activation has begun: (node, testbed node, deployment, worker).
+
+    The worker thread runs ``tasks.run_deployment``; the test cancels or joins it.
+    """
+    node, tb = add_node("slow")
+    d = lifecycle.request_deployment(node, action="switch")
+    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
+    worker.start()
+    try:
+        wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
+    except BaseException:
+        lifecycle.cancel_deployment(d)
+        worker.join(60)
+        raise
+    return node, tb, d, worker
+
+
+def interrupted_by_a_dropped_connection(add_node):
+    """A slow deployment whose SSH sessions were killed mid-activation, once it is interrupted: (node, tb, d)."""
+    node, tb, d, worker = activating(add_node)
+    sessions = sshd_sessions(tb.processes())
+    kill_all(sessions)
+    assert sessions, "the node had no SSH session to drop"
+    worker.join(60)
+    d.refresh_from_db()
+    assert d.status == "interrupted"
+    return node, tb, d
 
 
 def test_switch_twice_makes_two_generations_and_records_them(add_node, flake_repo):
@@ -139,9 +175,7 @@ def test_an_unknown_host_is_an_error_that_names_it(add_node):
 def test_an_unreachable_port_is_an_error_that_says_so(add_node):
     node, _ = add_node()
     with refusing_address() as (host, port):
-        node.host, node.port = host, port
-        node.save()
-        d = deploy(node)
+        d = deploy_at(node, host, port)
     assert d.status == "error"
     assert "refused" in d.error_message.lower() or "unreachable" in d.error_message.lower()
 
@@ -149,9 +183,7 @@ def test_an_unreachable_port_is_an_error_that_says_so(add_node):
 def test_a_server_that_hangs_up_at_once_is_an_error(add_node):
     node, _ = add_node()
     with closing_server() as (host, port):
-        node.host, node.port = host, port
-        node.save()
-        d = deploy(node)
+        d = deploy_at(node, host, port)
     assert d.status == "error"
     assert d.error_message.startswith(f"{host}:{port} closed the connection without a word")
 
@@ -165,9 +197,7 @@ def test_a_web_server_where_sshd_should_be_is_an_error_naming_what_answered(add_
     server = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        node.host, node.port = server.server_address[:2]
-        node.save()
-        d = deploy(node)
+        d = deploy_at(node, *server.server_address[:2])
     finally:
         server.shutdown()
         server.server_close()
@@ -218,12 +248,8 @@ def test_the_password_never_reaches_the_log_or_the_trail(add_node):
 
 
 def test_a_second_deploy_to_a_busy_node_is_refused(add_node):
-    node, tb = add_node("slow")
-    d = lifecycle.request_deployment(node, action="switch")
-    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
-    worker.start()
+    node, _, d, worker = activating(add_node)
     try:
-        wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
         with pytest.raises(NodeBusy):
             lifecycle.request_deployment(node, action="switch")
     finally:
@@ -235,16 +261,16 @@ def test_a_second_deploy_to_a_busy_node_is_refused(add_node):
 
 
 def test_cancel_stops_the_remote_process(add_node):
-    node, tb = add_node("slow")
-    d = lifecycle.request_deployment(node, action="switch")
-    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
-    worker.start()
-    wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
+    _, tb, d, worker = activating(add_node)
     lifecycle.cancel_deployment(d)
     worker.join(60)
     d.refresh_from_db()
     assert d.status == "cancelled"
-    wait_for(lambda: not _running(tb, "switch-to-configuration"), timeout=15, what="the remote activation to be gone")
+    wait_for(
+        lambda: not matching(tb.processes(), "switch-to-configuration"),
+        timeout=15,
+        what="the remote activation to be gone",
+    )
     assert (
         AuditEvent.objects.filter(action="deployment.finished", object_id=str(d.pk)).get().details["status"]
         == "cancelled"
@@ -276,50 +302,15 @@ def test_an_attribute_with_shell_syntax_never_reaches_the_node(add_node):
     assert tb.run(f"test -e {shlex.quote(pwned)}", check=False).returncode == 1
 
 
-def _running(tb, text: str) -> list[int]:
-    """Pids of the node's own processes whose command line contains ``text``."""
-    return [pid for pid, cmdline in tb.processes().items() if text in cmdline]
-
-
-def _kill_ssh_sessions(tb) -> int:
-    """SIGKILL the node's per-connection sshd processes (not the listener): the link drops."""
-    sessions = [
-        pid
-        for pid, cmdline in tb.processes().items()
-        # The listener calls itself "sshd: /usr/sbin/sshd … [listener] …" too (OpenSSH 9).
-        if cmdline.startswith(("sshd: ", "sshd-session: ")) and "[listener]" not in cmdline
-    ]
-    for pid in sessions:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return len(sessions)
-
-
 def test_a_dropped_connection_mid_run_is_interrupted_not_lost(add_node):
-    node, tb = add_node("slow")
-    d = lifecycle.request_deployment(node, action="switch")
-    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
-    worker.start()
-    wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
-    assert _kill_ssh_sessions(tb) >= 1
-    worker.join(60)
-    d.refresh_from_db()
-    assert d.status == "interrupted"
+    node, tb, d = interrupted_by_a_dropped_connection(add_node)
     assert "connection" in d.error_message.lower() or "disconnect" in d.error_message.lower()
     assert any("activating" in t for t in log_text(d)), "lines received before the drop are kept"
     assert not Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).exists()
 
 
 def test_a_folder_left_by_a_dropped_connection_is_removed_by_the_next_run(add_node):
-    node, tb = add_node("slow")
-    d = lifecycle.request_deployment(node, action="switch")
-    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
-    worker.start()
-    wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
-    assert _kill_ssh_sessions(tb) >= 1
-    worker.join(60)
-    d.refresh_from_db()
-    assert d.status == "interrupted"
+    node, tb, d = interrupted_by_a_dropped_connection(add_node)
     left = next(t.rsplit(" to ", 1)[1] for t in log_text(d) if t.startswith("shipping source"))
     owner = left + OWNER_SUFFIX
     # The cleanup could not reach the node: the folder is still there, in the node's own /tmp.
