@@ -1,8 +1,14 @@
-"""Fixtures for the audit trail: an auditor, a private checkpoint directory, events, tampering."""
+"""Fixtures for the audit trail: a private checkpoint directory, events, tampering, `audit verify`.
+
+The auditor carol is a persona (tests/support/personas.py).
+"""
 
 from __future__ import annotations
 
+import io
+
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
 from deployments.audit import events as registry
@@ -34,18 +40,6 @@ def audit_dirs(settings, tmp_path):
     return tmp_path
 
 
-@pytest.fixture
-def carol(django_user_model):
-    """An auditor: a member of a team holding the (global) auditor role."""
-    from deployments.access.models import Grant, Team
-
-    user = django_user_model.objects.create_user("carol", "carol@example.com", "carol-password-1")
-    team = Team.objects.create(name="auditors")
-    team.members.add(user)
-    Grant.objects.create(team=team, role=Grant.Role.AUDITOR, scope=Grant.Scope.ALL)
-    return user
-
-
 def add_events(n: int, *, action: str = "test.event", **kwargs) -> list:
     events = []
     for i in range(n):
@@ -68,6 +62,16 @@ def add_events(n: int, *, action: str = "test.event", **kwargs) -> list:
 def events(db):
     """Eight events on the chain, #1-#8."""
     return add_events(8)
+
+
+def verify(*args) -> tuple[int, str]:
+    """Run ``manage.py audit verify *args``: (exit status, what it wrote and its error)."""
+    out = io.StringIO()
+    try:
+        call_command("audit", "verify", *args, stdout=out)
+    except CommandError as exc:
+        return exc.returncode, out.getvalue() + str(exc)
+    return 0, out.getvalue()
 
 
 def tamper(sql: str, params=()) -> None:

@@ -24,7 +24,7 @@ from deployments.audit.chain import CHECKPOINT_FORMAT_V1, chain_hash, checkpoint
 from deployments.audit.models import AuditEvent
 from deployments.audit.verify import verify_chain, verify_since
 
-from .conftest import add_events, tamper
+from .conftest import add_events, tamper, verify
 from .test_export import offline_verify
 
 pytestmark = pytest.mark.django_db
@@ -44,15 +44,6 @@ def rewrite(seq: int, **changes) -> None:
             "UPDATE audit_auditevent SET " + ", ".join(f"{c} = %s" for c in _COLUMNS) + " WHERE seq = %s",
             [json.dumps(row[c]) if c == "details" else row[c] for c in _COLUMNS] + [row["seq"]],
         )
-
-
-def verify(*args) -> tuple[int, str]:
-    out = io.StringIO()
-    try:
-        call_command("audit", "verify", *args, stdout=out)
-    except CommandError as exc:
-        return exc.returncode, out.getvalue() + str(exc)
-    return 0, out.getvalue()
 
 
 def remove(path) -> None:
