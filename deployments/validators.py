@@ -248,3 +248,17 @@ def validate_search_text(value: str, *, max_length: int = SEARCH_MAX_LENGTH) -> 
             code="invisible_characters",
             params={"chars": ", ".join(bad[:5])},
         )
+
+
+# A team name is what grants and the audit trail show to identify who may do what: plain ASCII, so
+# "ops" and a look-alike "оps" (Cyrillic о) can never both be teams.
+TEAM_NAME_RE = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9 _.-]{0,98}[A-Za-z0-9_.-])?\Z")
+
+
+def validate_team_name(value: str) -> None:
+    if not TEAM_NAME_RE.match(value or ""):
+        raise ValidationError(
+            "Team names use letters, digits, spaces, '_', '.' and '-' (ASCII), up to 100 characters%(hint)s.",
+            code="invalid_team_name",
+            params={"hint": _shell_hint(value or "")},
+        )

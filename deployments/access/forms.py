@@ -6,6 +6,7 @@ from django import forms
 from django.contrib.auth import get_user_model
 
 from deployments.models import Node
+from deployments.validators import validate_search_text, validate_team_name
 
 from .models import Grant, Team
 
@@ -14,6 +15,15 @@ class TeamForm(forms.ModelForm):
     class Meta:
         model = Team
         fields = ["name", "description"]
+
+    def clean_name(self):
+        validate_team_name(self.cleaned_data["name"])
+        return self.cleaned_data["name"]
+
+    def clean_description(self):
+        # Free text, but nothing invisible: a description is read next to the team's grants.
+        validate_search_text(self.cleaned_data["description"], max_length=300)
+        return self.cleaned_data["description"]
 
 
 class MemberForm(forms.Form):

@@ -1,10 +1,13 @@
-"""A real browser (Debian's Chromium driven by Playwright) clicks Deploy and watches the log."""
+"""A real browser (Debian's Chromium driven by Playwright) clicks Deploy and watches the log, under the
+panel's Content-Security-Policy: every test fails on a violation the browser reports."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
+
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -29,14 +32,54 @@ def page(panel):
         try:
             page = browser.new_page()
             page.set_default_timeout(60_000)
+            page.csp_violations = []  # what the console says and securitypolicyviolation events, per page
+            page.on(
+                "console",
+                lambda m: page.csp_violations.append(m.text) if "Content Security Policy" in m.text else None,
+            )
+            page.add_init_script(CSP_LISTENER)
             page.goto(panel.url + "/login/")
             page.fill("input[name=username]", panel.user)
             page.fill("input[name=password]", panel.password)
             page.click("button[type=submit], input[type=submit]")
             page.wait_for_url(panel.url + "/")
             yield page
+            assert not page.csp_violations + page_violations(page), "the page broke its Content-Security-Policy"
         finally:
             browser.close()
+
+
+# Injected by the browser driver (not subject to the policy): remembers every violation of the page.
+CSP_LISTENER = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation',
+  (e) => window.__csp.push(`${e.violatedDirective} blocked ${e.blockedURI || 'inline'} at ${e.sourceFile}:${e.lineNumber}`));
+"""
+
+
+def page_violations(page) -> list[str]:
+    return page.evaluate("window.__csp || []")
+
+
+def wait_js(page, expression: str, timeout: float = 60):
+    """Poll ``expression`` from here: Playwright's wait_for_function evaluates strings with eval() inside
+    the page, which the policy (no 'unsafe-eval') refuses; page.evaluate() goes through the debugger."""
+    return wait_for(lambda: page.evaluate(expression), timeout=timeout, interval=0.1, what=expression)
+
+
+def test_the_pages_run_under_the_content_security_policy(panel, page):
+    """The log page's script, its WebSocket and its fetches work under the policy; other pages load clean."""
+    response = page.goto(panel.url + "/nodes/devm/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    page.click("#deploy-button")
+    page.wait_for_url("**/deployments/*/")
+    wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
+    assert int(page.inner_text("#log-shown")) > 0, "log.js ran and the WebSocket delivered lines"
+    assert page.eval_on_selector("#log", "el => el.querySelectorAll('[data-seq]').length") > 0
+    for path in ("/", "/deployments/", "/audit/", "/teams/", "/admin/"):
+        page.goto(panel.url + path)
+        page.wait_for_load_state("networkidle")
+        assert not page.csp_violations + page_violations(page), f"{path}: {page.csp_violations + page_violations(page)}"
 
 
 def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
@@ -45,8 +88,8 @@ def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     # Lines arrive while the deployment runs, before it is complete.
-    page.wait_for_function("document.querySelectorAll('#log [data-seq]').length > 100")
-    page.wait_for_function("document.body.dataset.logState === 'complete'", timeout=120_000)
+    wait_js(page, "document.querySelectorAll('#log [data-seq]').length > 100")
+    wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
     assert "Succeeded" in page.inner_text("#status")
     text = page.inner_text("#log")
     assert "activating the configuration..." in text
@@ -59,7 +102,7 @@ def test_a_failing_deploy_shows_failed_with_its_exit_code_and_stderr(panel, page
     page.goto(panel.url + "/nodes/failing/")
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
-    page.wait_for_function("document.body.dataset.logState === 'complete'", timeout=120_000)
+    wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
     assert "Failed" in page.inner_text("#status")
     err_lines = page.eval_on_selector_all("#log .err", "els => els.map(e => e.textContent)")
     assert any("the following units failed" in t for t in err_lines), "stderr lines are marked"

@@ -151,3 +151,21 @@ def test_runpanel_creates_the_first_admin_and_serves_the_panel(tmp_path):
         proc.terminate()  # runpanel stops daphne and the worker itself
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_the_real_server_sends_no_server_banner(panel, browser):
+    import websockets
+
+    for path in ("/login/", "/", "/api/nodes/", "/static/panel.js"):
+        status, headers, _ = browser.request("GET", path)
+        assert status == 200 and "server" not in {k.lower() for k in headers}, (path, headers)
+
+    async def handshake_headers():
+        url = panel.url.replace("http://", "ws://") + "/ws/deployments/999999/log/"
+        try:
+            async with websockets.connect(url, additional_headers=browser.ws_headers()) as ws:
+                return ws.response.headers
+        except websockets.InvalidStatus as exc:
+            return exc.response.headers
+
+    assert "server" not in {k.lower() for k in asyncio.run(handshake_headers())}

@@ -111,19 +111,10 @@ class Panel:
     # -- processes --------------------------------------------------------------
     def start(self, *, daphne: bool = True, worker: bool = True) -> None:
         if daphne and "daphne" not in self.procs:
-            self.procs["daphne"] = self._spawn(
-                "daphne",
-                [
-                    sys.executable,
-                    "-m",
-                    "daphne",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    str(self.port),
-                    "controlpanel.asgi:application",
-                ],
-            )
+            # The command runpanel runs (no Server banner).
+            from deployments.management.commands.runpanel import daphne_command
+
+            self.procs["daphne"] = self._spawn("daphne", daphne_command("127.0.0.1", self.port))
             wait_for(self._http_up, timeout=30, what="daphne to listen")
         if worker and "worker" not in self.procs:
             self.procs["worker"] = self._spawn("worker", [sys.executable, str(ROOT / "manage.py"), "qcluster"])
