@@ -54,32 +54,25 @@ def test_addcredential_explains_an_unreadable_key(tmp_path):
         run("addcredential", "bad", "--key-file", str(tmp_path / "missing"))
 
 
+def addnode(name: str = "web2", host: str = "10.0.0.2", *more: str, **options: str) -> tuple[str, ...]:
+    """``addnode`` and its arguments: attr devm, the inventory's repository and credential unless ``options`` say
+    otherwise (attr=, repo=, credential=), then ``more``."""
+    options = {"attr": "devm", "repo": "fleet", "credential": "deploy-key", **options}
+    return ("addnode", name, host, *(arg for key, value in options.items() for arg in (f"--{key}", value)), *more)
+
+
 def test_addnode_names_what_is_missing_or_malformed(inventory):
     with pytest.raises(CommandError, match="no repository"):
-        run("addnode", "web2", "10.0.0.2", "--attr", "devm", "--repo", "nope", "--credential", "deploy-key")
+        run(*addnode(repo="nope"))
     with pytest.raises(CommandError, match="flake_attr"):
-        run("addnode", "web2", "10.0.0.2", "--attr", "devm;reboot", "--repo", "fleet", "--credential", "deploy-key")
+        run(*addnode(attr="devm;reboot"))
     with pytest.raises(CommandError, match="host"):
-        run("addnode", "web2", "$(reboot)", "--attr", "devm", "--repo", "fleet", "--credential", "deploy-key")
+        run(*addnode(host="$(reboot)"))
     assert not Node.objects.filter(name="web2").exists()
 
 
 def test_addnode_registers_a_node_with_tags_and_says_its_key_is_not_pinned(inventory):
-    out = run(
-        "addnode",
-        "web2",
-        "10.0.0.2",
-        "--attr",
-        "devm",
-        "--repo",
-        "fleet",
-        "--credential",
-        "deploy-key",
-        "--tag",
-        "web",
-        "--tag",
-        "prod",
-    )
+    out = run(*addnode("web2", "10.0.0.2", "--tag", "web", "--tag", "prod"))
     assert "host key not pinned" in out
     assert sorted(Node.objects.get(name="web2").tags.values_list("name", flat=True)) == ["prod", "web"]
 
@@ -93,19 +86,7 @@ def test_inventory_commands_acting_for_a_plain_user_are_refused(inventory, bob, 
     with pytest.raises(CommandError, match="Only superusers"):
         run("addrepo", "other", "/tmp/x", "--as", "bob")
     with pytest.raises(CommandError, match="Only superusers"):
-        run(
-            "addnode",
-            "web3",
-            "10.0.0.3",
-            "--attr",
-            "devm",
-            "--repo",
-            "fleet",
-            "--credential",
-            "deploy-key",
-            "--as",
-            "bob",
-        )
+        run(*addnode("web3", "10.0.0.3", "--as", "bob"))
     assert not Repository.objects.filter(name="other").exists()
     # Each refusal is one audit event, in bob's name.
     refused = AuditEvent.objects.filter(outcome="denied", actor_name="bob").order_by("seq")
@@ -118,13 +99,11 @@ def test_inventory_commands_acting_for_a_plain_user_are_refused(inventory, bob, 
 
 def test_inventory_commands_refuse_unknown_names_and_invalid_input_with_2(inventory, tmp_path):
     (tmp_path / "junk").write_text("not a key")
-    node = ("addnode", "web2", "10.0.0.2", "--attr", "devm")
     for args, stdin, says in [
-        ((*node, "--repo", "nope", "--credential", "deploy-key"), "", "no repository 'nope'"),
-        ((*node, "--repo", "fleet", "--credential", "nope"), "", "no credential 'nope'"),
-        ((*node, "--repo", "fleet", "--credential", "deploy-key", "--tag", "a b"), "", "tag 'a b'"),
-        (("addnode", "web2", "10.0.0.2", "--attr", "devm;reboot", "--repo", "fleet", "--credential", "deploy-key"),
-         "", "flake_attr"),
+        (addnode(repo="nope"), "", "no repository 'nope'"),
+        (addnode(credential="nope"), "", "no credential 'nope'"),
+        (addnode("web2", "10.0.0.2", "--tag", "a b"), "", "tag 'a b'"),
+        (addnode(attr="devm;reboot"), "", "flake_attr"),
         (("addcredential", "k2", "--key-file", str(tmp_path / "missing")), "", "No such file"),
         (("addcredential", "k2", "--key-file", str(tmp_path / "junk")), "", "not a valid private key"),
         (("addcredential", "pw2", "--password-stdin"), "\n", "no password on standard input"),
