@@ -17,6 +17,7 @@ from deployments.audit.models import AuditEvent
 from deployments.audit.writer import record
 from deployments.models import Credential, Node, Repository
 from deployments.validators import redact_url_secrets, validate_repo_url
+from tests.support.forms import node_form_data
 
 pytestmark = pytest.mark.django_db
 
@@ -194,16 +195,7 @@ def test_saving_a_legacy_row_from_its_page_needs_a_clean_url(alice_client, legac
 @pytest.mark.parametrize("name", ["a/b", "web1/../x", "we b", "web\u202e1", "%2F"])
 def test_the_node_form_shows_a_bad_name_again_with_its_error(alice_client, legacy, name):
     node = legacy["node"]
-    data = {
-        "name": name,
-        "host": node.host,
-        "port": node.port,
-        "ssh_user": node.ssh_user,
-        "flake_attr": node.flake_attr,
-        "repository": node.repository_id,
-        "credential": node.credential_id,
-    }
-    response = alice_client.post("/nodes/web1/edit/", data)
+    response = alice_client.post("/nodes/web1/edit/", node_form_data(node, name=name))
     page = response.content.decode()
     assert response.status_code in (200, 400) and "Node names use" in page
     assert 'href="/nodes/web1/"' in page, "the page links the node as saved"

@@ -22,6 +22,7 @@ from deployments.access.models import CredentialUse, Grant, RepositoryUse, Team
 from deployments.audit.models import AuditEvent
 from deployments.errors import RequestError
 from deployments.models import Credential, Deployment, Node, Repository
+from tests.support.forms import node_form_data
 
 OTHER_SECRET = "the-ops-teams-root-password"
 
@@ -54,20 +55,6 @@ def allow(user, *objs):
     for obj in objs:
         model = CredentialUse if isinstance(obj, Credential) else RepositoryUse
         model.objects.create(team=team, **{obj._meta.model_name: obj})
-
-
-def form_data(node: Node, **changes) -> dict:
-    data = {
-        "name": node.name,
-        "host": node.host,
-        "port": node.port,
-        "ssh_user": node.ssh_user,
-        "flake_attr": node.flake_attr,
-        "repository": node.repository_id,
-        "credential": node.credential_id,
-        "tag_names": ", ".join(node.tags.values_list("name", flat=True)),
-    }
-    return {**data, **changes}
 
 
 def state(node: Node) -> tuple:
@@ -146,7 +133,7 @@ def test_a_forged_choice_of_another_teams_object_is_403_audited_and_changes_noth
     before = state(node)
     client.force_login(web_admin)
     response = client.post(
-        "/nodes/web-1/edit/", form_data(node, host="attacker.example.test", **{field: others[field].pk})
+        "/nodes/web-1/edit/", node_form_data(node, host="attacker.example.test", **{field: others[field].pk})
     )
     assert response.status_code == 403
     assert state(node) == before
@@ -159,14 +146,14 @@ def test_a_forged_id_that_does_not_exist_is_refused_the_same_way(client, world, 
     node = world.nodes["web-1"]
     before = state(node)
     client.force_login(web_admin)
-    assert client.post("/nodes/web-1/edit/", form_data(node, credential=987654)).status_code == 403
+    assert client.post("/nodes/web-1/edit/", node_form_data(node, credential=987654)).status_code == 403
     assert state(node) == before and denials("credential.use") == 1
 
 
 def test_the_refusal_comes_before_the_input_is_validated(client, world, others, web_admin):
     node = world.nodes["web-1"]
     client.force_login(web_admin)
-    data = form_data(node, host="$(reboot)", port="x", credential=others["credential"].pk)
+    data = node_form_data(node, host="$(reboot)", port="x", credential=others["credential"].pk)
     assert client.post("/nodes/web-1/edit/", data).status_code == 403
     assert denials("credential.use") == 1
 
@@ -179,7 +166,7 @@ def test_moving_a_node_with_a_credential_the_team_may_not_use_is_refused(client,
     node = world.nodes["web-1"]
     before = state(node)
     client.force_login(web_admin)
-    assert client.post("/nodes/web-1/edit/", form_data(node, **change)).status_code == 403
+    assert client.post("/nodes/web-1/edit/", node_form_data(node, **change)).status_code == 403
     assert state(node) == before
     assert denials("credential.use") == 1 and not AuditEvent.objects.filter(action="node.changed").exists()
 
@@ -188,14 +175,14 @@ def test_moving_a_node_needs_the_use_of_its_repository_too(client, world, web_ad
     node = world.nodes["web-1"]
     allow(web_admin, node.credential)
     client.force_login(web_admin)
-    assert client.post("/nodes/web-1/edit/", form_data(node, host="elsewhere.example.test")).status_code == 403
+    assert client.post("/nodes/web-1/edit/", node_form_data(node, host="elsewhere.example.test")).status_code == 403
     assert denials("repository.use") == 1 and state(node)[0] == "web-1.example.test"
 
 
 def test_editing_other_fields_keeps_what_a_superuser_attached(client, world, web_admin):
     node = world.nodes["web-1"]
     client.force_login(web_admin)
-    response = client.post("/nodes/web-1/edit/", form_data(node, flake_attr="web-1-v2", tag_names="web, prod"))
+    response = client.post("/nodes/web-1/edit/", node_form_data(node, flake_attr="web-1-v2", tag_names="web, prod"))
     assert response.status_code == 302
     node.refresh_from_db()
     assert node.flake_attr == "web-1-v2" and node.host_key, "same machine, same login: the pin stays"
@@ -205,7 +192,7 @@ def test_with_use_granted_the_admin_may_move_the_node_but_must_pin_again_before_
     node = world.nodes["web-1"]
     allow(web_admin, node.credential, node.repository)
     client.force_login(web_admin)
-    assert client.post("/nodes/web-1/edit/", form_data(node, host="new-web-1.example.test")).status_code == 302
+    assert client.post("/nodes/web-1/edit/", node_form_data(node, host="new-web-1.example.test")).status_code == 302
     node.refresh_from_db()
     assert node.host == "new-web-1.example.test"
     assert (node.host_key, node.host_key_fingerprint, node.host_key_pinned_at) == ("", "", None)
@@ -270,7 +257,7 @@ def test_no_response_of_the_attack_carries_the_other_teams_secret(client, world,
     node = world.nodes["web-1"]
     responses = [
         client.get("/nodes/web-1/edit/"),
-        client.post("/nodes/web-1/edit/", form_data(node, credential=others["credential"].pk)),
+        client.post("/nodes/web-1/edit/", node_form_data(node, credential=others["credential"].pk)),
         client.get("/nodes/web-1/"),
     ]
     for response in responses:
