@@ -236,6 +236,19 @@ def test_deploy_with_a_live_qcluster_does_not_warn(inventory, live_cluster):
     assert qcluster_running() is False
 
 
+def test_deploy_says_so_when_the_broker_cannot_tell_whether_a_qcluster_runs(inventory, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Redis is down")
+
+    monkeypatch.setattr("django_q.status.Stat.get_all", unreachable)
+    out = run("deploy", "web1")
+    d = Deployment.objects.get()
+    assert (
+        "warning: cannot tell whether a qcluster is running (the broker did not answer): "
+        f"deployment #{d.pk} stays queued until one starts"
+    ) in out
+
+
 def test_ctrl_c_while_following_leaves_the_deployment_queued_and_says_how_to_cancel(inventory, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt  # as if Ctrl-C came while it waited for lines

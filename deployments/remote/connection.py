@@ -250,14 +250,19 @@ def scan_host_key(host: str, port: int = 22, timeout: float = 10) -> HostKey:
         opts.key_types = [k for k in _SCAN_ALGORITHM_ORDER if k in available] + [
             k for k in available if k not in _SCAN_ALGORITHM_ORDER
         ]
+        where = f"{host}:{port}"
         try:
-            # start_client returns quietly when its timeout passes; then there is no key.
             transport.start_client(timeout=timeout)
-            key = transport.get_remote_server_key()
         except (paramiko.SSHException, EOFError, OSError) as e:
-            where = f"{host}:{port}"
             raise _not_ssh(sock, where, timeout) or RemoteError(
                 "protocol", f"SSH handshake with {where} failed: {e}"
+            ) from None
+        try:
+            key = transport.get_remote_server_key()
+        except paramiko.SSHException:
+            # start_client returns quietly when its timeout passes; then there is no key.
+            raise _not_ssh(sock, where, timeout) or RemoteError(
+                "protocol", f"SSH handshake with {where} did not finish within {timeout:g} s"
             ) from None
         return HostKey.from_pkey(key)
     finally:
@@ -370,8 +375,12 @@ class Connection:
             client.close()
             if "No authentication methods" in msg:
                 raise RemoteError("auth", f"authentication as {t.user!r} on {where} failed: {msg}") from None
+            if msg == "No existing session":  # start_client gave up quietly at its timeout
+                msg = f"did not finish within {t.connect_timeout:g} s"
+            else:
+                msg = f"failed: {msg}"
             raise _not_ssh(sock, where, t.connect_timeout) or RemoteError(
-                "protocol", f"SSH handshake with {where} failed: {msg}"
+                "protocol", f"SSH handshake with {where} {msg}"
             ) from None
         except TimeoutError:
             client.close()

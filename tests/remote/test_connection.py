@@ -117,9 +117,10 @@ def test_secrets_absent_from_repr_and_errors(node):
 
 
 @contextlib.contextmanager
-def answering_server(reply: bytes | None, *, read_first: bool = True):
+def answering_server(reply: bytes | None, *, read_first: bool = True, hang_up: bool = True):
     """(host, port) of a TCP server that is not sshd: per connection it reads what the client
-    sends first (``read_first``), sends ``reply`` and hangs up; with ``reply=None`` it stays silent."""
+    sends first (``read_first``), sends ``reply`` and hangs up (or, ``hang_up=False``, falls
+    silent); with ``reply=None`` it says nothing at all."""
     srv = socket.create_server(("127.0.0.1", 0))
     srv.settimeout(0.2)
     stop = threading.Event()
@@ -133,6 +134,10 @@ def answering_server(reply: bytes | None, *, read_first: bool = True):
                 continue
             if reply is None:
                 held.append(conn)  # silent: neither answer nor hang up
+                continue
+            if not hang_up:
+                conn.sendall(reply)
+                held.append(conn)
                 continue
             with conn:
                 conn.settimeout(2)
@@ -200,3 +205,11 @@ def test_a_port_that_hangs_up_at_once_or_says_nothing_is_not_ssh():
             e.kind == "not-ssh"
             and e.message == f"{h}:{p} accepted the connection but sent no SSH identification within 1 s"
         )
+
+
+def test_a_server_that_starts_ssh_and_falls_silent_is_a_protocol_error_not_a_traceback():
+    with answering_server(b"SSH-2.0-OpenSSH_9.2\r\n", read_first=False, hang_up=False) as (h, p):
+        errors = connect_and_scan(h, p, timeout=1)
+    assert [e.kind for e in errors] == ["protocol", "protocol"]
+    for e in errors:
+        assert e.message == f"SSH handshake with {h}:{p} did not finish within 1 s"
