@@ -31,6 +31,16 @@ carol = _person("carol")
 
 
 @pytest.fixture
+def alice_client(alice):
+    """A Django test client of its own (not ``client``), signed in as alice."""
+    from django.test import Client
+
+    client = Client()
+    client.force_login(alice)
+    return client
+
+
+@pytest.fixture
 def users(alice, bob, charlie):
     """(alice, bob, charlie)."""
     return alice, bob, charlie

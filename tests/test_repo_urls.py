@@ -10,7 +10,6 @@ import json
 import pytest
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.test import Client
 
 from deployments import inventory
 from deployments.audit.models import AuditEvent
@@ -95,13 +94,6 @@ def test_a_token_in_the_url_is_refused_pointing_to_credentials_and_never_repeate
 @pytest.mark.parametrize("url", GOOD)
 def test_ordinary_urls_pass(url):
     validate_repo_url(url)
-
-
-@pytest.fixture
-def alice_client(alice):
-    client = Client()
-    client.force_login(alice)
-    return client
 
 
 @pytest.mark.parametrize("url", [u for u, _ in HOSTILE] + TOKENS, ids=lambda u: repr(u)[:40])

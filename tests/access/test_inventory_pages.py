@@ -32,23 +32,6 @@ def unused(world):
     return {"credential": credential, "repository": repository}
 
 
-@pytest.fixture
-def carol(world):
-    """An auditor."""
-    user = get_user_model().objects.create_user("carol", password="carol-password-1")
-    team = Team.objects.create(name="auditors")
-    team.members.add(user)
-    Grant.objects.create(team=team, role="auditor", scope="all")
-    return user
-
-
-@pytest.fixture
-def alice_client(alice):
-    client = Client()
-    client.force_login(alice)
-    return client
-
-
 def every_url(world, unused) -> list[tuple[str, str]]:
     """(method, url) of every credential and repository page."""
     urls = []

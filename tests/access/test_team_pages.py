@@ -9,12 +9,6 @@ from deployments.audit.models import AuditEvent
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def alice_client(client, users):
-    client.force_login(users[0])
-    return client
-
-
 def last_event(action: str) -> AuditEvent:
     return AuditEvent.objects.filter(action=action).order_by("-seq").first()
 
