@@ -160,26 +160,24 @@ def test_an_old_checkpoint_copied_under_a_newer_name_hides_no_cut(events, audit_
         checkpoint.write_checkpoint()
 
 
-def test_a_checkpoint_removed_from_the_middle_is_refused(events):
-    checkpoint.write_checkpoint()
-    add_events(1)
-    middle = checkpoint.write_checkpoint()
-    add_events(1)
-    checkpoint.write_checkpoint()
-    remove(middle)
+@pytest.mark.parametrize(
+    "written,removed,says",
+    [
+        pytest.param(3, 1, "checkpoint #2 missing: the checkpoint chain skips from #1", id="from-the-middle"),
+        pytest.param(2, 0, "checkpoint #1 missing", id="the-first"),
+    ],
+)
+def test_a_removed_checkpoint_is_refused(events, written, removed, says):
+    paths = []
+    for n in range(written):
+        if n:
+            add_events(1)
+        paths.append(checkpoint.write_checkpoint())
+    remove(paths[removed])
     status, output = verify()
-    assert status == 1 and "checkpoint #2 missing: the checkpoint chain skips from #1" in output
+    assert status == 1 and says in output
     with pytest.raises(checkpoint.CheckpointRefused, match="checkpoints do not verify"):
         checkpoint.write_checkpoint(force=True)
-
-
-def test_the_first_checkpoints_removed_are_refused(events):
-    first = checkpoint.write_checkpoint()
-    add_events(1)
-    checkpoint.write_checkpoint()
-    remove(first)
-    status, output = verify()
-    assert status == 1 and "checkpoint #1 missing" in output
 
 
 def test_an_unreadable_checkpoint_is_a_failure_not_a_skip(events):
