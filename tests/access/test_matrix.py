@@ -19,7 +19,7 @@ from channels.testing import WebsocketCommunicator
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from deployments.audit.models import AuditEvent
-from deployments.models import Deployment
+from deployments.models import Deployment, Node
 from deployments.routing import websocket_urlpatterns
 from tests.support.personas import ROLES
 from tests.support.world import IN_SCOPE, OUT_OF_SCOPE, World, level
@@ -149,7 +149,7 @@ RULES: dict[str, Rule] = {
     "audit:*": Rule("GET", auditors, urls=_audit_urls),
     # Nodes and deployments.
     "deployments:dashboard": Rule("GET", signed_in(200)),
-    "deployments:node-add": Rule("GET", superuser_only(200)),
+    "deployments:node-add": Rule("GET", superuser_only(200), denial_audited=True),
     "deployments:node-detail": Rule("GET", on_node(1, 200), _node, node_route=True),
     "deployments:node-edit": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
     "deployments:node-deploy": Rule(
@@ -317,6 +317,11 @@ def test_websocket_admits_only_who_may_see_the_deployment(consumer_world, route,
 # (404 unseen; 403 seen but not allowed, recorded once); whoever may act gets a 4xx naming the problem.
 # Nothing is ever queued.
 INVALID_INPUT: dict[str, list] = {
+    "deployments:node-add": [
+        {"name": "web;1", "host": "$(reboot)", "port": "x"},
+        {"name": "\u202eweb", "tag_names": "a\x00b"},
+        {},
+    ],
     "deployments:node-deploy": [
         {"action": "explode"},
         {"action": "switch", "revision": "main;reboot"},
@@ -338,6 +343,13 @@ INVALID_INPUT: dict[str, list] = {
 }
 
 
+def may_act(route: str, persona: str, target: str) -> bool:
+    """Whether ``persona`` passes the gate of ``route`` (adding nodes: superusers; the rest: deployers)."""
+    if route == "deployments:node-add":
+        return persona == "superuser"
+    return persona != "anonymous" and level(persona, target) >= 2
+
+
 def test_every_route_with_invalid_input_cases_has_a_rule():
     assert set(INVALID_INPUT) <= set(RULES)
 
@@ -349,19 +361,20 @@ def test_the_gate_answers_before_the_input_is_read(client, world, route, persona
     user = world.persona(persona)
     if user is not None:
         client.force_login(user)
-    for target in (IN_SCOPE, OUT_OF_SCOPE):
+    for target in (IN_SCOPE, OUT_OF_SCOPE) if rule.node_route else (IN_SCOPE,):
         url = reverse(route, kwargs=rule.kwargs(world, target))
         for payload in INVALID_INPUT[route]:
             expected = rule.expect(persona, level(persona, target))
             denials_before = AuditEvent.objects.filter(outcome="denied").count()
             deployments_before = Deployment.objects.exclude(status=Deployment.Status.CANCELLED).count()
+            nodes_before = Node.objects.count()
             if rule.api:
                 content_type, body = payload
                 response = client.generic("POST", url, body, content_type=content_type)
             else:
                 response = client.post(url, payload)
             where = f"{persona} POST {url} {str(payload)[:60]}"
-            if persona != "anonymous" and level(persona, target) >= 2:  # may deploy: the input is judged
+            if may_act(route, persona, target):  # the input is judged, and refused
                 assert response.status_code in (400, 413, 415), f"{where}: {response.status_code}"
                 if rule.api:
                     assert response.json()["error"], where
@@ -374,3 +387,4 @@ def test_the_gate_answers_before_the_input_is_read(client, world, route, persona
             assert Deployment.objects.exclude(status=Deployment.Status.CANCELLED).count() == deployments_before, (
                 f"{where}: something was queued or changed"
             )
+            assert Node.objects.count() == nodes_before, f"{where}: a node was added"
