@@ -7,26 +7,16 @@ from django.conf import settings
 from django.test import Client
 
 from deployments.audit.models import AuditEvent
+from tests.support.personas import password
 
 pytestmark = pytest.mark.django_db
 
 LIMIT = 3
-PASSWORD = {"bob": "bob-throttle-pw-1", "charlie": "charlie-throttle-pw-1"}
 
 
 @pytest.fixture(autouse=True)
 def small_limit(settings):
     settings.AXES_FAILURE_LIMIT = LIMIT
-
-
-@pytest.fixture
-def bob(django_user_model):
-    return django_user_model.objects.create_user("bob", password=PASSWORD["bob"])
-
-
-@pytest.fixture
-def charlie(django_user_model):
-    return django_user_model.objects.create_user("charlie", password=PASSWORD["charlie"])
 
 
 def sign_in(username: str, password: str, address: str = "198.51.100.1"):
@@ -50,12 +40,12 @@ def test_the_defaults_are_sane():
 
 def test_below_the_limit_the_right_password_still_works(bob):
     fail(LIMIT - 1)
-    assert sign_in("bob", PASSWORD["bob"]).status_code == 302
+    assert sign_in("bob", password("bob")).status_code == 302
 
 
 def test_after_the_limit_even_the_right_password_is_refused_with_429(bob):
     fail(LIMIT)
-    response = sign_in("bob", PASSWORD["bob"])
+    response = sign_in("bob", password("bob"))
     assert response.status_code == 429
     assert "Too many failed sign-ins" in response.content.decode()
     assert "_auth_user_id" not in Client().session.keys()
@@ -64,14 +54,14 @@ def test_after_the_limit_even_the_right_password_is_refused_with_429(bob):
 def test_the_lock_is_per_user_name_from_any_address(bob):
     for i in range(LIMIT):
         fail(1, "bob", f"198.51.100.{10 + i}")
-    assert sign_in("bob", PASSWORD["bob"], "203.0.113.50").status_code == 429
+    assert sign_in("bob", password("bob"), "203.0.113.50").status_code == 429
 
 
 def test_the_lock_is_per_address_for_any_user_name(bob, charlie):
     for name in ("mallory", "trudy", "eve")[:LIMIT]:
         fail(1, name, "192.0.2.66")
-    assert sign_in("charlie", PASSWORD["charlie"], "192.0.2.66").status_code == 429
-    assert sign_in("charlie", PASSWORD["charlie"], "192.0.2.67").status_code == 302, "other addresses are not locked"
+    assert sign_in("charlie", password("charlie"), "192.0.2.66").status_code == 429
+    assert sign_in("charlie", password("charlie"), "192.0.2.67").status_code == 302, "other addresses are not locked"
 
 
 def test_each_failure_and_the_lockout_are_audited(bob):
@@ -82,17 +72,17 @@ def test_each_failure_and_the_lockout_are_audited(bob):
     assert (locked.actor_kind, locked.actor_name, locked.outcome) == ("anonymous", "bob", "denied")
     assert locked.source_ip == "203.0.113.9"
     assert locked.details["failure_limit"] == LIMIT
-    sign_in("bob", PASSWORD["bob"], "203.0.113.9")
+    sign_in("bob", password("bob"), "203.0.113.9")
     assert AuditEvent.objects.filter(action="auth.locked_out").count() == 2, "a refused attempt is recorded too"
     assert not AuditEvent.objects.filter(action="auth.login").exists()
 
 
 def test_the_lock_lifts_after_the_cool_off(bob):
     fail(LIMIT)
-    assert sign_in("bob", PASSWORD["bob"]).status_code == 429
+    assert sign_in("bob", password("bob")).status_code == 429
     # As if the cool-off had passed since the last failure.
     AccessAttempt.objects.update(attempt_time=AccessAttempt.objects.first().attempt_time - settings.AXES_COOLOFF_TIME)
-    assert sign_in("bob", PASSWORD["bob"]).status_code == 302
+    assert sign_in("bob", password("bob")).status_code == 302
 
 
 def test_no_password_is_kept_by_the_throttle(bob):
@@ -104,4 +94,4 @@ def test_no_password_is_kept_by_the_throttle(bob):
 def test_each_test_starts_unlocked(bob):
     # The attempts of the tests above lived in their own rolled-back transactions.
     assert not AccessAttempt.objects.exists()
-    assert sign_in("bob", PASSWORD["bob"]).status_code == 302
+    assert sign_in("bob", password("bob")).status_code == 302
