@@ -28,6 +28,7 @@ alice = _person("alice")
 bob = _person("bob")
 charlie = _person("charlie")
 carol = _person("carol")
+wendy = _person("wendy")
 
 
 @pytest.fixture

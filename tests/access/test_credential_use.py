@@ -28,16 +28,6 @@ OTHER_SECRET = "the-ops-teams-root-password"
 
 
 @pytest.fixture
-def web_admin(world):
-    """An admin of every node tagged ``web`` (web-1), in the team ``web-team``."""
-    user = get_user_model().objects.create_user("wendy", password="wendy-password-1")
-    team = Team.objects.create(name="web-team")
-    team.members.add(user)
-    Grant.objects.create(team=team, role="admin", scope="tag", tag="web")
-    return user
-
-
-@pytest.fixture
 def others(world):
     """Another team's credential and repository, granted to the team ``ops`` only."""
     credential = Credential(name="ops-root", kind=Credential.Kind.PASSWORD)
@@ -75,12 +65,12 @@ def test_superusers_may_use_every_credential_and_repository(world, others, alice
     assert gate.can_use(alice, others["credential"])
 
 
-def test_a_user_may_use_only_what_one_of_their_teams_was_granted(world, others, web_admin):
-    assert not gate.usable_credentials(web_admin).exists()
-    assert not gate.can_use(web_admin, others["credential"])
+def test_a_user_may_use_only_what_one_of_their_teams_was_granted(world, others, wendy):
+    assert not gate.usable_credentials(wendy).exists()
+    assert not gate.can_use(wendy, others["credential"])
     assert gate.can_use(world.zed, others["credential"]) and gate.can_use(world.zed, others["repository"])
-    allow(web_admin, world.repository)
-    assert list(gate.usable_repositories(web_admin)) == [world.repository]
+    allow(wendy, world.repository)
+    assert list(gate.usable_repositories(wendy)) == [world.repository]
 
 
 def test_node_grants_give_no_use_of_credentials(world, others):
@@ -112,12 +102,12 @@ def test_usable_credentials_is_one_query_however_many_teams_grant_them(world, ot
 # --- the node form, as the tag admin would use it and forge it --------------------
 
 
-def test_the_node_form_offers_only_what_the_admins_teams_may_use(client, world, others, web_admin):
+def test_the_node_form_offers_only_what_the_admins_teams_may_use(client, world, others, wendy):
     mine = Credential(name="web-deploy", kind=Credential.Kind.PASSWORD)
     mine.set_secret("web-password")
     mine.save()
-    allow(web_admin, mine)
-    client.force_login(web_admin)
+    allow(wendy, mine)
+    client.force_login(wendy)
     page = client.get("/nodes/web-1/edit/").content.decode()
     assert "web-deploy" in page
     assert "ops-root" not in page and "ops-flakes" not in page
@@ -127,11 +117,11 @@ def test_the_node_form_offers_only_what_the_admins_teams_may_use(client, world, 
 
 @pytest.mark.parametrize("field", ["credential", "repository"])
 def test_a_forged_choice_of_another_teams_object_is_403_audited_and_changes_nothing(
-    client, world, others, web_admin, field
+    client, world, others, wendy, field
 ):
     node = world.nodes["web-1"]
     before = state(node)
-    client.force_login(web_admin)
+    client.force_login(wendy)
     response = client.post(
         "/nodes/web-1/edit/", node_form_data(node, host="attacker.example.test", **{field: others[field].pk})
     )
@@ -142,17 +132,17 @@ def test_a_forged_choice_of_another_teams_object_is_403_audited_and_changes_noth
     assert not AuditEvent.objects.filter(action="node.changed").exists()
 
 
-def test_a_forged_id_that_does_not_exist_is_refused_the_same_way(client, world, web_admin):
+def test_a_forged_id_that_does_not_exist_is_refused_the_same_way(client, world, wendy):
     node = world.nodes["web-1"]
     before = state(node)
-    client.force_login(web_admin)
+    client.force_login(wendy)
     assert client.post("/nodes/web-1/edit/", node_form_data(node, credential=987654)).status_code == 403
     assert state(node) == before and denials("credential.use") == 1
 
 
-def test_the_refusal_comes_before_the_input_is_validated(client, world, others, web_admin):
+def test_the_refusal_comes_before_the_input_is_validated(client, world, others, wendy):
     node = world.nodes["web-1"]
-    client.force_login(web_admin)
+    client.force_login(wendy)
     data = node_form_data(node, host="$(reboot)", port="x", credential=others["credential"].pk)
     assert client.post("/nodes/web-1/edit/", data).status_code == 403
     assert denials("credential.use") == 1
@@ -161,37 +151,37 @@ def test_the_refusal_comes_before_the_input_is_validated(client, world, others, 
 @pytest.mark.parametrize(
     "change", [{"host": "attacker.example.test"}, {"port": 2222}, {"ssh_user": "deploy"}], ids=lambda c: next(iter(c))
 )
-def test_moving_a_node_with_a_credential_the_team_may_not_use_is_refused(client, world, web_admin, change):
+def test_moving_a_node_with_a_credential_the_team_may_not_use_is_refused(client, world, wendy, change):
     """The superuser attached root-pw; the tag admin may not take it to another machine or login."""
     node = world.nodes["web-1"]
     before = state(node)
-    client.force_login(web_admin)
+    client.force_login(wendy)
     assert client.post("/nodes/web-1/edit/", node_form_data(node, **change)).status_code == 403
     assert state(node) == before
     assert denials("credential.use") == 1 and not AuditEvent.objects.filter(action="node.changed").exists()
 
 
-def test_moving_a_node_needs_the_use_of_its_repository_too(client, world, web_admin):
+def test_moving_a_node_needs_the_use_of_its_repository_too(client, world, wendy):
     node = world.nodes["web-1"]
-    allow(web_admin, node.credential)
-    client.force_login(web_admin)
+    allow(wendy, node.credential)
+    client.force_login(wendy)
     assert client.post("/nodes/web-1/edit/", node_form_data(node, host="elsewhere.example.test")).status_code == 403
     assert denials("repository.use") == 1 and state(node)[0] == "web-1.example.test"
 
 
-def test_editing_other_fields_keeps_what_a_superuser_attached(client, world, web_admin):
+def test_editing_other_fields_keeps_what_a_superuser_attached(client, world, wendy):
     node = world.nodes["web-1"]
-    client.force_login(web_admin)
+    client.force_login(wendy)
     response = client.post("/nodes/web-1/edit/", node_form_data(node, flake_attr="web-1-v2", tag_names="web, prod"))
     assert response.status_code == 302
     node.refresh_from_db()
     assert node.flake_attr == "web-1-v2" and node.host_key, "same machine, same login: the pin stays"
 
 
-def test_with_use_granted_the_admin_may_move_the_node_but_must_pin_again_before_deploying(client, world, web_admin):
+def test_with_use_granted_the_admin_may_move_the_node_but_must_pin_again_before_deploying(client, world, wendy):
     node = world.nodes["web-1"]
-    allow(web_admin, node.credential, node.repository)
-    client.force_login(web_admin)
+    allow(wendy, node.credential, node.repository)
+    client.force_login(wendy)
     assert client.post("/nodes/web-1/edit/", node_form_data(node, host="new-web-1.example.test")).status_code == 302
     node.refresh_from_db()
     assert node.host == "new-web-1.example.test"
@@ -199,14 +189,14 @@ def test_with_use_granted_the_admin_may_move_the_node_but_must_pin_again_before_
     change = AuditEvent.objects.get(action="node.changed")
     assert change.details["changes"]["host_key_fingerprint"]["after"] == ""
     with pytest.raises(RequestError, match="no pinned host key"):
-        lifecycle.request_deployment(node, action="switch", user=web_admin)
+        lifecycle.request_deployment(node, action="switch", user=wendy)
     response = client.post("/nodes/web-1/deploy/", {"action": "switch"}, follow=True)
     assert "no pinned host key" in response.content.decode()
     assert not Deployment.objects.filter(status="queued").exists()
     # Pinning again is the explicit, audited step that lets deploys through.
-    inventory.pin_host_key(node, world.nodes["db-1"].host_key, user=web_admin)
+    inventory.pin_host_key(node, world.nodes["db-1"].host_key, user=wendy)
     assert AuditEvent.objects.filter(action="hostkey.pinned", actor_name="wendy").exists()
-    assert lifecycle.request_deployment(node, action="switch", user=web_admin).status == "queued"
+    assert lifecycle.request_deployment(node, action="switch", user=wendy).status == "queued"
 
 
 @pytest.mark.parametrize("field,value", [("host", "192.0.2.99"), ("port", 2200), ("ssh_user", "nixos")])
@@ -218,15 +208,15 @@ def test_changing_host_port_or_ssh_user_clears_the_pin(world, alice, field, valu
     assert node.host_key == "" and node.host_key_pinned_by is None
 
 
-def test_a_new_node_needs_the_use_of_its_credential(world, others, web_admin):
+def test_a_new_node_needs_the_use_of_its_credential(world, others, wendy):
     node = Node(name="web-2", host="web-2.example.test", flake_attr="web-2")
     node.credential, node.repository = others["credential"], world.repository
     with pytest.raises(PermissionDenied):
-        inventory.save_object(node, user=web_admin, tags=["web"])
+        inventory.save_object(node, user=wendy, tags=["web"])
     assert not Node.objects.filter(name="web-2").exists() and denials("credential.use") == 1
 
 
-def test_the_command_line_acting_as_the_admin_is_refused_too(world, others, web_admin):
+def test_the_command_line_acting_as_the_admin_is_refused_too(world, others, wendy):
     before = state(world.nodes["web-1"])
     with pytest.raises(CommandError) as exc:
         call_command(
@@ -252,8 +242,8 @@ def test_the_django_admin_node_form_offers_the_users_usable_credentials(client, 
     assert "ops-root" in page and "root-pw" in page  # a superuser may use all
 
 
-def test_no_response_of_the_attack_carries_the_other_teams_secret(client, world, others, web_admin):
-    client.force_login(web_admin)
+def test_no_response_of_the_attack_carries_the_other_teams_secret(client, world, others, wendy):
+    client.force_login(wendy)
     node = world.nodes["web-1"]
     responses = [
         client.get("/nodes/web-1/edit/"),

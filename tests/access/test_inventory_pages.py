@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 
-from deployments.access.models import CredentialUse, Grant, RepositoryUse, Team
+from deployments.access.models import CredentialUse, RepositoryUse, Team
 from deployments.audit.models import AuditEvent
 from deployments.models import Credential, Repository
 from tests.support.keys import ed25519_private_key
@@ -87,10 +86,8 @@ def test_a_user_without_rights_gets_403_and_one_audit_event_per_request_and_noth
 
 
 def test_a_node_admin_may_not_manage_credentials_either(client, world, unused):
-    admin = get_user_model().objects.create_user("wendy", password="wendy-password-1")
-    team = Team.objects.create(name="web-team")
-    team.members.add(admin)
-    Grant.objects.create(team=team, role="admin", scope="all")
+    admin = world.persona("admin-all")
+    team = Team.objects.get(members=admin)
     client.force_login(admin)
     assert client.get("/credentials/").status_code == 403
     assert client.post(f"/credentials/{unused['credential'].pk}/uses/", {"team": team.pk}).status_code == 403

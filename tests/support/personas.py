@@ -1,10 +1,11 @@
 """The people of the test suite: one name, one meaning, in every test (``PEOPLE``).
 
 alice is the superuser, bob and charlie are signed in without any grant, carol
-is the auditor, zed is in the team ``ops`` that no other persona is in (World).
+is the auditor, wendy administers the nodes tagged ``web``, zed is in the team
+``ops`` that no other persona is in (World).
 Each has the password ``password(name)`` and the address ``<name>@example.com``.
-The root conftest offers each of alice, bob, charlie and carol as a fixture of
-that name, and ``users`` is (alice, bob, charlie).
+The root conftest offers each of alice, bob, charlie, carol and wendy as a
+fixture of that name, and ``users`` is (alice, bob, charlie).
 
 ``ROLES`` are the permission matrix's personas (tests/access/test_matrix.py):
 who they are is what they may do.  Three are the people above ("superuser" is
@@ -21,10 +22,15 @@ PEOPLE = {
     "bob": "signed in, in no team and holding no grant",
     "charlie": "signed in, no grant: a second plain user",
     "carol": "auditor: member of the team auditors, which holds the global auditor role",
+    "wendy": "admin of the nodes tagged web, in the team web-team",
     "zed": "member of the team ops (viewer of every node)",
 }
 SUPERUSERS = {"alice"}
-AUDITORS = {"carol"}
+# Persona -> (role, the rest of its grant): the one grant a persona is created with.
+GRANTS = {
+    "carol": ("auditor", {"team_name": "auditors"}),
+    "wendy": ("admin", {"tag": "web", "team_name": "web-team"}),
+}
 
 # Role persona -> (role, scope) of its one grant; None: no grant at all.
 ROLES = {
@@ -60,8 +66,9 @@ def person(name: str):
     if name in SUPERUSERS:
         return User.objects.create_superuser(name, f"{name}@example.com", password(name))
     user = User.objects.create_user(name, f"{name}@example.com", password(name))
-    if name in AUDITORS:
-        grant(user, "auditor", team_name="auditors")
+    if name in GRANTS:
+        role, where = GRANTS[name]
+        grant(user, role, **where)
     return user
 
 
