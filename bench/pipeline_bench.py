@@ -5,7 +5,7 @@
     .venv/bin/python bench/pipeline_bench.py --no-postgres   # only the embedded default (SQLite, poll)
 
 Everything runs for real on this machine: a testbed node (network namespace, sshd, Nix,
-the nixos-rebuild stand-in) and a panel started by ``tests.e2e.panel.Panel`` (migrate,
+the nixos-rebuild stand-in) and a panel started by ``tests.support.panel.Panel`` (migrate,
 daphne and the qcluster worker as processes).  Deployments are requested over HTTP as a
 logged-in browser does and their logs are read from the WebSocket, checking every line:
 sequence numbers gap-free from 0 without duplicates, and the activation lines all there,
