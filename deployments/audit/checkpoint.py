@@ -202,14 +202,6 @@ def load_chain(public: Ed25519PublicKey, *, directory: Path | None = None, extra
 # --- writing -----------------------------------------------------------------------------
 
 
-def head() -> tuple[int, str]:
-    """(seq, hash) of the last committed event; (0, genesis) for an empty chain."""
-    from .models import AuditEvent
-
-    last = AuditEvent.objects.order_by("-seq").values_list("seq", "hash").first()
-    return last or (0, GENESIS_HASH)
-
-
 def sign(payload: dict, key: Ed25519PrivateKey | None = None) -> dict:
     key = key or signing_key()
     doc = {"format": CHECKPOINT_FORMAT, **payload, "key_id": key_id(_raw(key.public_key()))}
@@ -296,6 +288,8 @@ def _key_for_signing() -> Ed25519PrivateKey:
     try:
         key = signing_key(create=fresh)
     except KeyUnavailable as exc:
+        if fresh:  # there, but unreadable
+            raise CheckpointRefused(str(exc)) from None
         raise CheckpointRefused(
             f"{exc}; checkpoints exist (or PANEL_AUDIT_PUBLIC_KEY is set), so a new key would be a different "
             f"signer: restore the key file (PANEL_AUDIT_SIGNING_KEY_FILE)"
@@ -321,7 +315,7 @@ def _verified_head(chain: CheckpointChain) -> tuple[int, str]:
     if not report.ok:
         where = f"checkpoint {chain.latest[0]}" if chain.latest else "the start of the chain"
         raise CheckpointRefused(f"the events since {where} do not verify: {report.problem}")
-    return (report.last_seq, report.head_hash) if report.last_seq else head()
+    return (report.last_seq, report.head_hash) if report.last_seq else (0, GENESIS_HASH)
 
 
 def _refused(problem: str, *, kind: str, actor_kind: str) -> None:
