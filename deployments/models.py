@@ -154,6 +154,71 @@ class Node(models.Model):
         return f"{self.ssh_user}@{self.host}:{self.port}"
 
 
+# The actions after whose success the node runs the deployed system (boot waits for a reboot).
+RUNNING_SYSTEM_ACTIONS = ("switch", "test")
+
+
+class Rollout(models.Model):
+    """One action at one revision over many nodes, a few at a time (``deployments/rollouts.py``).
+
+    Each node's run is an ordinary ``Deployment`` (own log, audit events and the
+    node's one-active lock) pointing here, written ``queued`` at request time
+    with a ``rollout_position``; positions below ``dispatched`` have been handed
+    to the worker.  The revision is resolved once per repository at request
+    time (``commits``), so every node of one repository gets the same commit.
+    """
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"  # starting node deployments as slots free up
+        STOPPING = "stopping", "Stopping"  # starts nothing more (policy, canary, cancel); waits for running nodes
+        SUCCEEDED = "succeeded", "Succeeded"  # every node succeeded
+        FAILED = "failed", "Failed"  # some node did not succeed (stop_reason says why the rest did not run)
+        CANCELLED = "cancelled", "Cancelled"  # a user cancelled it
+
+    ACTIVE = (Status.RUNNING, Status.STOPPING)
+    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    action = models.CharField(max_length=16, choices=[(a, a) for a in REBUILD_ACTIONS])
+    requested_revision = models.CharField(max_length=200, blank=True)  # as asked; empty: each branch's head
+    commits = models.JSONField(default=dict)  # repository name -> the commit SHA it resolved to
+    selection = models.JSONField(default=dict)  # how the nodes were chosen: tags, nodes, all
+    parallelism = models.PositiveIntegerField(default=10)
+    max_failures = models.PositiveIntegerField(null=True, blank=True)  # None: continue whatever fails
+    canary_count = models.PositiveIntegerField(default=0)  # positions 0 .. canary_count-1 are the canaries
+    canary_tag = models.CharField(max_length=50, blank=True)
+    timeout_seconds = models.PositiveIntegerField(null=True, blank=True)  # default per node; None: the panel's
+    dispatched = models.PositiveIntegerField(default=0)  # positions below this were handed to the worker
+    canary_passed_at = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING, db_index=True)
+    stop_reason = models.TextField(blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    requested_by_name = models.CharField(max_length=150, blank=True)
+    trigger = models.CharField(max_length=8, default="web")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(parallelism__gte=1), name="rollout_parallelism_positive"),
+            models.CheckConstraint(
+                condition=Q(timeout_seconds__isnull=True) | Q(timeout_seconds__gte=1), name="rollout_timeout_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"rollout #{self.pk} {self.action}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("deployments:rollout-detail", args=[self.pk])
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
 class Deployment(models.Model):
     """One run of ``nixos-rebuild <action>`` on one node, pinned to one commit."""
 
@@ -205,6 +270,11 @@ class Deployment(models.Model):
     line_count = models.PositiveIntegerField(default=0)
     byte_count = models.PositiveBigIntegerField(default=0)
     log_sha256 = models.CharField(max_length=64, blank=True)
+    # A rollout's node: its place in the rollout's order (canaries first); None for a single deployment.
+    rollout = models.ForeignKey(Rollout, null=True, blank=True, on_delete=models.PROTECT, related_name="deployments")
+    rollout_position = models.PositiveIntegerField(null=True, blank=True)
+    # Seconds the run may take on the node before the worker stops it (None: the panel's PANEL_DEPLOY_TIMEOUT).
+    timeout_seconds = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -213,8 +283,21 @@ class Deployment(models.Model):
             models.UniqueConstraint(
                 fields=["node"], condition=Q(status__in=["queued", "running"]), name="one_active_deployment_per_node"
             ),
+            models.CheckConstraint(
+                condition=Q(timeout_seconds__isnull=True) | Q(timeout_seconds__gte=1),
+                name="deployment_timeout_positive",
+            ),
         ]
-        indexes = [models.Index(fields=["node", "-created_at"], name="deployment_node_recent")]
+        indexes = [
+            models.Index(fields=["node", "-created_at"], name="deployment_node_recent"),
+            models.Index(fields=["rollout", "rollout_position"], name="deployment_rollout_position"),
+            # The fleet view's "what each node runs": its latest succeeded switch or test.
+            models.Index(
+                fields=["node", "-finished_at"],
+                condition=Q(status="succeeded", action__in=RUNNING_SYSTEM_ACTIONS),
+                name="deployment_node_running",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.action} {self.node.name}"
