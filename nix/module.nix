@@ -205,7 +205,9 @@ let
     unit=nixos-panel-manage-$$
     creds=/run/credentials/$unit.service
     if [ -t 0 ] && [ -t 1 ]; then io=--pty; else io=--pipe; fi
+    # The person behind sudo, for the audit trail's command-line events (the unit runs as ${cfg.user}).
     exec ${pkgs.systemd}/bin/systemd-run --quiet --wait --collect --service-type=exec "$io" \
+      --setenv=SUDO_USER="''${SUDO_USER:-}" \
       ${lib.concatStringsSep " \\\n  " manageArgs} \
       -- ${manage} "$@"
   '';

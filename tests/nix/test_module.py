@@ -454,7 +454,7 @@ def test_nixos_panel_manage_runs_manage_py_like_the_units_in_a_transient_unit(tm
         [str(script), "createsuperuser", "--username", "it's me"],
         capture_output=True,
         text=True,
-        env={**os.environ, "FAKE_SYSTEMD_RUN_ARGV": str(argv_file)},
+        env={**os.environ, "FAKE_SYSTEMD_RUN_ARGV": str(argv_file), "SUDO_USER": "carol"},
         stdin=subprocess.DEVNULL,
     )
     if os.geteuid() != 0:
@@ -489,7 +489,8 @@ def test_nixos_panel_manage_runs_manage_py_like_the_units_in_a_transient_unit(tm
     setenv = dict(a.removeprefix("--setenv=").split("=", 1) for a in argv if a.startswith("--setenv="))
     credentials = Path(f"/run/credentials/{unit}.service")
     expected = {k: expand_specifiers(v, credentials) for k, v in worker["environment"].items()}
-    assert setenv == {**expected, "PATH": "/usr/bin:/usr/bin"}  # git's and openssh's bin (fake-pkgs: /usr)
+    # ... plus the person behind sudo, whom the audit trail's command-line events name.
+    assert setenv == {**expected, "PATH": "/usr/bin:/usr/bin", "SUDO_USER": "carol"}  # git's, openssh's bin: /usr
     assert setenv["SECRET_KEY_FILE"] == f"/run/credentials/{unit}.service/SECRET_KEY"
 
 
