@@ -170,18 +170,20 @@ class Rollout(models.Model):
 
     class Status(models.TextChoices):
         RUNNING = "running", "Running"  # starting node deployments as slots free up
-        STOPPING = "stopping", "Stopping"  # starts nothing more (policy, canary, cancel); waits for running nodes
+        STOPPING = "stopping", "Stopping"  # starts nothing more (failure policy, canary); waits for running nodes
+        CANCELLING = "cancelling", "Cancelling"  # a user cancelled it: running nodes are being stopped
         SUCCEEDED = "succeeded", "Succeeded"  # every node succeeded
         FAILED = "failed", "Failed"  # some node did not succeed (stop_reason says why the rest did not run)
         CANCELLED = "cancelled", "Cancelled"  # a user cancelled it
 
-    ACTIVE = (Status.RUNNING, Status.STOPPING)
+    ACTIVE = (Status.RUNNING, Status.STOPPING, Status.CANCELLING)
     TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
     action = models.CharField(max_length=16, choices=[(a, a) for a in REBUILD_ACTIONS])
     requested_revision = models.CharField(max_length=200, blank=True)  # as asked; empty: each branch's head
     commits = models.JSONField(default=dict)  # repository name -> the commit SHA it resolved to
     selection = models.JSONField(default=dict)  # how the nodes were chosen: tags, nodes, all
+    node_count = models.PositiveIntegerField(default=0)
     parallelism = models.PositiveIntegerField(default=10)
     max_failures = models.PositiveIntegerField(null=True, blank=True)  # None: continue whatever fails
     canary_count = models.PositiveIntegerField(default=0)  # positions 0 .. canary_count-1 are the canaries
