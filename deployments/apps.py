@@ -3,18 +3,17 @@ from django.db.models.signals import post_migrate
 
 
 def ensure_schedules(sender, **kwargs) -> None:
-    """The periodic reaper of deployments whose worker died (idempotent)."""
+    """The periodic reaper of deployments whose worker died, and the rollouts' safety net (idempotent)."""
     from django_q.models import Schedule
 
-    Schedule.objects.update_or_create(
-        name="reap-stale-deployments",
-        defaults={
-            "func": "deployments.lifecycle.reap_stale",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-            "repeats": -1,
-        },
-    )
+    for name, func in (
+        ("reap-stale-deployments", "deployments.lifecycle.reap_stale"),
+        ("advance-rollouts", "deployments.rollouts.advance_active_rollouts"),
+    ):
+        Schedule.objects.update_or_create(
+            name=name,
+            defaults={"func": func, "schedule_type": Schedule.MINUTES, "minutes": 1, "repeats": -1},
+        )
 
 
 class DeploymentsConfig(AppConfig):

@@ -8,6 +8,10 @@ Each transition is the same three steps: a conditional UPDATE that only
 succeeds from the expected status (so two workers, a cancel and a reaper can
 race safely), the audit event in the same transaction, then a notify so open
 log pages refresh.  No other module writes ``Deployment.status``.
+
+A deployment of a rollout is written here too (``queue_in_rollout``: queued, or
+``cancelled`` at once when its node is busy); whenever one ends, its rollout is
+told after commit (``_rollout_node_ended``) so it starts its next nodes or finishes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from . import logstream, repos
 from .access import gate
 from .audit.writer import record
 from .errors import NodeBusy, RequestError
-from .models import Deployment, Node
+from .models import Deployment, Node, Rollout
 from .validators import validate_revision
 
 Status = Deployment.Status
@@ -133,21 +137,31 @@ def enqueue(deployment_id: int) -> None:
     )
 
 
-def cancel_deployment(deployment: Deployment, *, user=None, actor_kind: str | None = None) -> Deployment:
+def cancel_deployment(
+    deployment: Deployment, *, user=None, actor_kind: str | None = None, reason: str = ""
+) -> Deployment:
     """Cancel a queued deployment now, or ask the worker to stop a running one (it kills the remote tree).
 
     ``actor_kind="cli"``: the command line asks (the recorded actor when there is no ``user``).
+    ``reason`` (a rollout that stopped) becomes a queued one's error message.
     """
     gate.require(user, gate.DEPLOY, deployment.node, event="deployment.cancel", actor_kind=actor_kind)
-    done = _transition(
+    cancelled = _transition(
         deployment.pk,
         expect={"status": Status.QUEUED},
         event="deployment.cancelled",
         user=user,
         actor_kind=actor_kind or "system",
-        set_fields={"status": Status.CANCELLED, "finished_at": timezone.now(), "cancel_requested": True},
-        details={"was": "queued"},
-    ) or _transition(
+        set_fields={
+            "status": Status.CANCELLED,
+            "finished_at": timezone.now(),
+            "cancel_requested": True,
+            "error_message": reason,
+        },
+        details={"was": "queued", **({"reason": reason} if reason else {})},
+    )
+    _rollout_node_ended(cancelled)
+    done = cancelled or _transition(
         deployment.pk,
         expect={"status": Status.RUNNING, "cancel_requested": False},
         event="deployment.cancel_requested",
@@ -199,7 +213,7 @@ def finish(deployment_id: int, status: str, **fields) -> Deployment:
     """running → a terminal status, with its audit event; a row no longer running is left as it is."""
     if status not in Deployment.TERMINAL:
         raise ValueError(f"finish() needs a terminal status, not {status!r}")
-    _transition(
+    finished = _transition(
         deployment_id,
         expect={"status": Status.RUNNING},
         event="deployment.finished",
@@ -208,6 +222,7 @@ def finish(deployment_id: int, status: str, **fields) -> Deployment:
         details=_finished_details,
     )
     logstream.notify(deployment_id, {"type": "deployment.status"})
+    _rollout_node_ended(finished)
     return Deployment.objects.select_related("node").get(pk=deployment_id)
 
 
@@ -233,4 +248,80 @@ def reap_stale(stale_after: float | None = None) -> int:
         if reaped is not None:
             count += 1
             logstream.notify(pk, {"type": "deployment.status"})
+            _rollout_node_ended(reaped)
     return count
+
+
+# --- rollouts: their nodes' deployments ----------------------------------------------------
+
+
+def queue_in_rollout(
+    rollout: Rollout, node: Node, *, position: int, timeout_seconds: int | None, user=None, actor_kind=None
+) -> Deployment:
+    """Write ``node``'s deployment of ``rollout``: ``queued`` at ``position`` with its ``deployment.requested``
+    event, handed to the worker later by the rollout (``rollouts.advance_rollout``); or, if the node
+    already has an active deployment, ``cancelled`` at once with the reason (``deployment.skipped``).
+
+    Runs inside the rollout's transaction; the gate, the host key and the commit were checked for
+    the whole rollout before.
+    """
+    acting = user if user is not None and user.is_authenticated else None
+    fields = dict(
+        node=node,
+        action=rollout.action,
+        requested_revision=rollout.requested_revision or node.repository.branch,
+        commit_sha=rollout.commits[node.repository.name],
+        flake_attr=node.flake_attr,
+        requested_by=acting,
+        requested_by_name=rollout.requested_by_name,
+        trigger=rollout.trigger,
+        rollout=rollout,
+        timeout_seconds=timeout_seconds,
+    )
+    try:
+        with transaction.atomic():  # a savepoint: the one-active index may refuse this node alone
+            deployment = Deployment.objects.create(rollout_position=position, **fields)
+            record(
+                "deployment.requested",
+                user=user,
+                actor_kind=actor_kind,
+                obj=deployment,
+                node=node,
+                details={
+                    "action": deployment.action,
+                    "revision": deployment.requested_revision,
+                    "commit": deployment.commit_sha,
+                    "flake_attr": deployment.flake_attr,
+                    "trigger": deployment.trigger,
+                    "rollout": rollout.pk,
+                    "timeout_seconds": timeout_seconds,
+                },
+            )
+        return deployment
+    except IntegrityError:
+        pass
+    busy = Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).values_list("pk", flat=True).first()
+    reason = f"not deployed: the node was busy with deployment #{busy}" if busy else "not deployed: the node was busy"
+    deployment = Deployment.objects.create(
+        status=Status.CANCELLED, finished_at=timezone.now(), error_message=reason, **fields
+    )
+    record(
+        "deployment.skipped",
+        user=user,
+        actor_kind=actor_kind,
+        obj=deployment,
+        node=node,
+        outcome="failure",
+        details={"rollout": rollout.pk, "busy_with": busy, "commit": deployment.commit_sha},
+    )
+    return deployment
+
+
+def _rollout_node_ended(deployment: Deployment | None) -> None:
+    """A rollout's deployment has ended: after commit, its rollout starts its next nodes or finishes."""
+    if deployment is None or not deployment.rollout_id:
+        return
+    from . import rollouts
+
+    rollout_id = deployment.rollout_id
+    transaction.on_commit(lambda: rollouts.node_ended(rollout_id))

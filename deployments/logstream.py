@@ -176,6 +176,17 @@ def lines_after(deployment_id: int, after: int = -1, limit: int | None = None) -
     return out
 
 
+def last_lines(deployment_id: int, n: int) -> list[tuple[int, str, str]]:
+    """The last ``n`` lines, in order (reads the newest chunks only)."""
+    out: list[tuple[int, str, str]] = []
+    chunks = LogChunk.objects.filter(deployment_id=deployment_id).order_by("-seq_start")
+    for chunk in chunks.iterator(chunk_size=4):
+        out[:0] = chunk.lines()
+        if len(out) >= n:
+            break
+    return out[-n:] if n else []
+
+
 def iter_log_text(deployment_id: int) -> Iterator[str]:
     """The full log as text, one line each, streamed chunk by chunk (flat memory)."""
     chunks = LogChunk.objects.filter(deployment_id=deployment_id).order_by("seq_start").values_list("data", flat=True)

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import BooleanField, Case, Q, QuerySet, Value, When
+from django.db.models import BooleanField, Case, Exists, OuterRef, Q, QuerySet, Value, When
 from django.http import Http404
 
 from deployments.audit.writer import record
-from deployments.models import Credential, Deployment, Node, Repository
+from deployments.models import Credential, Deployment, Node, Repository, Rollout
 
 from .models import CredentialUse, Grant, RepositoryUse
 
@@ -383,3 +383,108 @@ def deployment_for(user, pk: int, permission: str = VIEW) -> Deployment:
     if permission != VIEW and not can(user, permission, deployment.node):
         raise PermissionDenied(f"You may not {permission} on {deployment.node.name}")
     return deployment
+
+
+# --- rollouts: many nodes at once --------------------------------------------------
+
+
+def require_somewhere(user, permission: str, *, event: str, actor_kind: str | None = None) -> None:
+    """Refuse with 403 (one audit event) unless ``user`` has ``permission`` on at least one node.
+
+    What a rollout request asks first, before its body is read: whoever may deploy nowhere learns
+    nothing from how their selection would have been judged.
+    """
+    if user is None or can(user, permission):
+        return
+    _refuse(
+        user,
+        event,
+        f"You may not {permission} on any node.",
+        actor_kind=actor_kind,
+        obj=None,
+        object_type="rollout",
+        required=permission,
+    )
+
+
+def lacking(user, permission: str, nodes: QuerySet[Node]) -> QuerySet[Node]:
+    """The nodes of ``nodes`` on which ``user`` lacks ``permission``, as one SQL query (none for the system)."""
+    if user is None:
+        return nodes.none()
+    q = _scope_q(user, permission)
+    if q is True:
+        return nodes.none()
+    if q is False:
+        return nodes
+    return nodes.exclude(q)
+
+
+def can_every(user, permission: str, nodes: QuerySet[Node]) -> bool:
+    """True if ``user`` has ``permission`` on every node of ``nodes`` (one query)."""
+    return not lacking(user, permission, nodes).exists()
+
+
+def require_every(
+    user,
+    permission: str,
+    nodes: QuerySet[Node],
+    *,
+    event: str,
+    actor_kind: str | None = None,
+    obj=None,
+    object_type: str = "rollout",
+) -> None:
+    """Refuse with 403, recorded once as ``event``, unless ``user`` has ``permission`` on every node of ``nodes``.
+
+    The refusal names (up to 20 of) the nodes that failed among those ``user`` may see, never an
+    unseen one.  A rollout is refused whole, never trimmed.
+    """
+    missing = lacking(user, permission, nodes)
+    if not missing.exists():
+        return
+    seen = list(
+        missing.filter(pk__in=visible_nodes(user).values("pk")).order_by("name").values_list("name", flat=True)[:21]
+    )
+    if seen:
+        where = ", ".join(seen[:20]) + (", …" if len(seen) > 20 else "")
+    else:
+        where = "every node of it"
+    _refuse(
+        user,
+        event,
+        f"You may not {permission} on {where}.",
+        actor_kind=actor_kind,
+        obj=obj,
+        object_type=object_type,
+        required=permission,
+        details={"nodes": seen[:20]},
+    )
+
+
+def visible_rollouts(user) -> QuerySet[Rollout]:
+    """Rollouts with at least one node ``user`` may see (they see only those nodes' rows)."""
+    q = _scope_q(user, VIEW, node_field="node_id")
+    if q is True:
+        return Rollout.objects.all()
+    if q is False:
+        return Rollout.objects.none()
+    return Rollout.objects.filter(Exists(Deployment.objects.filter(q, rollout=OuterRef("pk"))))
+
+
+def rollout_deployments(user, rollout: Rollout) -> QuerySet[Deployment]:
+    """The deployments of ``rollout`` whose nodes ``user`` may see."""
+    return visible_deployments(user).filter(rollout=rollout)
+
+
+def rollout_nodes(rollout: Rollout) -> QuerySet[Node]:
+    """Every node of ``rollout`` (seen or not: for ``require_every``)."""
+    return Node.objects.filter(pk__in=Deployment.objects.filter(rollout=rollout).values("node_id"))
+
+
+def rollout_for(user, pk: int) -> Rollout:
+    """Rollout ``pk`` if ``user`` sees one of its nodes; 404 otherwise.  Acting on it needs
+    ``require_every`` over ``rollout_nodes``."""
+    try:
+        return visible_rollouts(user).get(pk=pk)
+    except Rollout.DoesNotExist:
+        raise Http404("No such rollout") from None

@@ -23,6 +23,15 @@ EVENTS: dict[str, str] = {
     "deployment.cancelled": "a queued deployment was cancelled before it started",
     "deployment.cancel_requested": "a running deployment was asked to stop",
     "deployment.interrupted": "the worker stopped beating; the deployment was marked interrupted",
+    "deployment.skipped": "a rollout's node was not deployed: it was busy with another deployment",
+    # Rollouts (deployments/rollouts.py): one revision to many nodes
+    "rollout.requested": "a rollout was requested (or refused whole: outcome denied)",
+    "rollout.canary_passed": "every canary node of a rollout succeeded: the rest may start",
+    "rollout.canary_failed": "a canary node of a rollout did not succeed: the rest never start",
+    "rollout.stopped_by_policy": "a rollout reached its failure limit: no further node starts",
+    "rollout.cancel": "a rollout's cancel was refused",
+    "rollout.cancelled": "a rollout was cancelled: running nodes stop, queued ones never start",
+    "rollout.finished": "a rollout's last node ended: succeeded, failed or cancelled, with counts",
     # Host keys
     "hostkey.viewed": "the host key page was refused",
     "hostkey.scanned": "the key a node presents was fetched (nothing pinned)",

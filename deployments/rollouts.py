@@ -1,0 +1,550 @@
+"""Rollouts: one action at one revision over many nodes, a few at a time, with canaries and a failure policy.
+
+    (request) ──> running ──(a canary did not succeed | max_failures reached)──> stopping ──┐
+                     │  └──────────────(cancel)──────────────> cancelling ──┐               │
+                     │                                                      │ (its last running node ends)
+                     └──(its last node ends)──> succeeded | failed         cancelled       failed
+
+Each node's run is an ordinary ``Deployment`` (own log, audit events, the node's
+one-active lock), written ``queued`` at request time with a ``rollout_position``
+(canaries first); a node busy with another deployment is written ``cancelled``
+with the reason and never runs (``lifecycle.queue_in_rollout``).  Holding the
+queued rows from the start reserves the nodes: nothing else is deployed to them
+while the rollout waits for a slot.
+
+``advance_rollout`` hands positions to the worker.  It runs after the request,
+whenever one of the rollout's deployments ends (``lifecycle`` calls
+``node_ended`` after commit), and every minute as a safety net; any number of
+copies may run at once.  Positions are handed out by a compare-and-swap on
+``Rollout.dispatched`` (``UPDATE … SET dispatched=d+k WHERE dispatched=d AND
+status='running'``): ``k`` is the free slots counted *before* the swap, and a
+slot can only free up in between (starting takes a swap), so parallelism is
+never exceeded and no position is handed out twice; the worker's own claim
+(``lifecycle.claim``) makes a second delivery harmless anyway.
+
+The rollout's status changes live here, each as in ``lifecycle``: a conditional
+UPDATE from the expected status, its audit event in the same transaction; the
+rollout page polls, so there is nothing to notify.  Deployment statuses are
+written only by ``lifecycle``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
+
+from . import lifecycle, logstream, repos
+from .access import gate
+from .audit.writer import record
+from .errors import RequestError
+from .models import Deployment, Node, Rollout
+from .validators import validate_node_name, validate_revision, validate_tag
+
+log = logging.getLogger(__name__)
+Status = Rollout.Status
+DStatus = Deployment.Status
+
+DEFAULT_PARALLELISM = 10
+MAX_PARALLELISM = 500
+MAX_TAGS = 50
+MAX_NODES = 10_000
+# A node's count bucket on the rollout page: what did not succeed and was not cancelled is a failure.
+FAILURES = (DStatus.FAILED, DStatus.ERROR, DStatus.INTERRUPTED)
+BUCKETS = {
+    DStatus.QUEUED: "queued",
+    DStatus.RUNNING: "running",
+    DStatus.SUCCEEDED: "succeeded",
+    DStatus.FAILED: "failed",
+    DStatus.ERROR: "failed",
+    DStatus.INTERRUPTED: "failed",
+    DStatus.CANCELLED: "cancelled",
+}
+COUNT_NAMES = ("queued", "running", "succeeded", "failed", "cancelled")
+# Lines of a failed node's log shown inline on the rollout page.
+TAIL_LINES = 20
+
+# Set while this thread advances a rollout: the cancels it makes must not advance it again from inside.
+_advancing: contextvars.ContextVar[int | None] = contextvars.ContextVar("advancing_rollout", default=None)
+
+
+@dataclass
+class Options:
+    """What a rollout request asks, as typed (``validate`` checks it against the selected nodes)."""
+
+    action: str = "switch"
+    revision: str = ""
+    tags: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    all_nodes: bool = False
+    confirm_all: bool = False
+    parallelism: int = DEFAULT_PARALLELISM
+    max_failures: int | None = None
+    canary: int = 0
+    canary_tag: str = ""
+    timeout: int | None = None
+    node_timeouts: dict[str, int] = field(default_factory=dict)
+
+    def check_shape(self) -> None:
+        """Everything that can be judged without the database; RequestError says what is wrong."""
+        if self.action not in Deployment.Action.values:
+            raise RequestError(f"Unknown action {self.action!r}: use one of {', '.join(Deployment.Action.values)}.")
+        try:
+            if self.revision:
+                validate_revision(self.revision)
+            for tag in [*self.tags, *([self.canary_tag] if self.canary_tag else [])]:
+                validate_tag(tag)
+            for name in [*self.nodes, *self.node_timeouts]:
+                validate_node_name(name)
+        except ValidationError as exc:
+            raise RequestError(exc.messages[0]) from None
+        if len(self.tags) > MAX_TAGS or len(self.nodes) > MAX_NODES:
+            raise RequestError(f"Name at most {MAX_TAGS} tags and {MAX_NODES} nodes.")
+        if self.all_nodes and (self.tags or self.nodes):
+            raise RequestError("Choose nodes by tags and names, or all nodes, not both.")
+        if not (self.all_nodes or self.tags or self.nodes):
+            raise RequestError("Choose the nodes: tags, node names, or all nodes.")
+        if not 1 <= self.parallelism <= MAX_PARALLELISM:
+            raise RequestError(f"Parallelism must be between 1 and {MAX_PARALLELISM}.")
+        if self.max_failures is not None and self.max_failures < 1:
+            raise RequestError("The failure limit must be at least 1 (leave it out to continue whatever fails).")
+        if self.canary < 0:
+            raise RequestError("The canary count cannot be negative.")
+        if self.canary and self.canary_tag:
+            raise RequestError("Name canaries by count or by tag, not both.")
+        for name, seconds in [("timeout", self.timeout), *self.node_timeouts.items()]:
+            if seconds is not None and not 1 <= seconds <= settings.DEPLOY_TIMEOUT:
+                raise RequestError(
+                    f"{'The timeout' if name == 'timeout' else f'The timeout of {name}'} must be between 1 and "
+                    f"{settings.DEPLOY_TIMEOUT} seconds (PANEL_DEPLOY_TIMEOUT)."
+                )
+
+    def selection(self) -> dict:
+        return {"tags": sorted(self.tags), "nodes": sorted(self.nodes), "all": self.all_nodes}
+
+
+def _selected(user, options: Options) -> QuerySet[Node]:
+    """The nodes the options name, among those ``user`` may see (the whole inventory for the system)."""
+    seen = gate.visible_nodes(user) if user is not None else Node.objects.all()
+    if options.all_nodes:
+        return gate.nodes_for(user, gate.DEPLOY) if user is not None else Node.objects.all()
+    q = Q()
+    if options.tags:
+        q |= Q(pk__in=Node.tags.through.objects.filter(tag__name__in=options.tags).values("node_id"))
+    if options.nodes:
+        names = set(options.nodes)
+        found = set(seen.filter(name__in=names).values_list("name", flat=True))
+        unknown = sorted(names - found)
+        if unknown:
+            raise RequestError(f"No node named {', '.join(unknown[:10])}{', …' if len(unknown) > 10 else ''}.")
+        q |= Q(name__in=names)
+    return seen.filter(q)
+
+
+def request_rollout(options: Options, *, user=None, trigger: str = Deployment.Trigger.WEB) -> Rollout:
+    """Write a rollout of ``options`` and its node deployments in one transaction, then start it.
+
+    The gate decides first: whoever may deploy nowhere is refused before anything is read, and a
+    selection naming one node ``user`` may not deploy is refused whole (403, one ``rollout.requested``
+    event with outcome denied), before anything starts.  Then RequestError for bad options, an empty
+    selection, an unconfirmed "all", unpinned host keys or a revision a repository lacks.
+    ``user=None`` is the command line itself.
+    """
+    actor_kind = "cli" if trigger == Deployment.Trigger.CLI else None
+    gate.require_somewhere(user, gate.DEPLOY, event="rollout.requested", actor_kind=actor_kind)
+    options.check_shape()
+    selected = _selected(user, options)
+    gate.require_every(user, gate.DEPLOY, selected, event="rollout.requested", actor_kind=actor_kind)
+    nodes = list(selected.select_related("repository").prefetch_related("tags").order_by("name"))
+    if not nodes:
+        raise RequestError("No node matches this selection.")
+    if options.all_nodes and not options.confirm_all:
+        raise RequestError(
+            f"A rollout to all {len(nodes)} nodes you may deploy needs an explicit confirmation "
+            "(confirm_all, or --yes-all on the command line)."
+        )
+    names = {n.name for n in nodes}
+    stray = sorted(set(options.node_timeouts) - names)
+    if stray:
+        raise RequestError(f"Timeouts for nodes outside the rollout: {', '.join(stray[:10])}.")
+    unpinned = [n.name for n in nodes if not n.host_key]
+    if unpinned:
+        raise RequestError(
+            f"No pinned host key on {', '.join(unpinned[:10])}{', …' if len(unpinned) > 10 else ''}: "
+            "pin them first or leave them out."
+        )
+    if options.canary_tag:
+        canaries = [n for n in nodes if any(t.name == options.canary_tag for t in n.tags.all())]
+        if not canaries:
+            raise RequestError(f"No node of this rollout carries the canary tag {options.canary_tag!r}.")
+        if len(canaries) == len(nodes):
+            raise RequestError(f"Every node of this rollout carries the canary tag {options.canary_tag!r}.")
+    else:
+        if options.canary >= len(nodes):
+            raise RequestError(f"{options.canary} canaries leave none of the {len(nodes)} nodes to follow them.")
+        canaries = nodes[: options.canary]
+    commits = {}
+    for repository in {n.repository_id: n.repository for n in nodes}.values():
+        try:
+            commits[repository.name] = repos.resolve(repository, options.revision)
+        except repos.RepositoryError as exc:
+            raise RequestError(f"{repository.name}: {exc}") from None
+    canary_ids = {n.pk for n in canaries}
+    ordered = canaries + [n for n in nodes if n.pk not in canary_ids]
+    acting = user if user is not None and user.is_authenticated else None
+
+    with transaction.atomic():
+        rollout = Rollout.objects.create(
+            action=options.action,
+            requested_revision=options.revision,
+            commits=commits,
+            selection=options.selection(),
+            node_count=len(nodes),
+            parallelism=options.parallelism,
+            max_failures=options.max_failures,
+            canary_tag=options.canary_tag,
+            timeout_seconds=options.timeout,
+            requested_by=acting,
+            requested_by_name=acting.get_username() if acting else trigger,
+            trigger=trigger,
+        )
+        record(
+            "rollout.requested",
+            user=user,
+            actor_kind=actor_kind,
+            obj=rollout,
+            details={
+                "action": rollout.action,
+                "revision": rollout.requested_revision,
+                "commits": commits,
+                "selection": rollout.selection,
+                "nodes": len(nodes),
+                "parallelism": rollout.parallelism,
+                "max_failures": rollout.max_failures,
+                "canaries": [n.name for n in canaries],
+                "timeout_seconds": rollout.timeout_seconds,
+                "trigger": trigger,
+            },
+        )
+        position = canary_count = 0
+        for node in ordered:
+            d = lifecycle.queue_in_rollout(
+                rollout,
+                node,
+                position=position,
+                timeout_seconds=options.node_timeouts.get(node.name, options.timeout),
+                user=user,
+                actor_kind=actor_kind,
+            )
+            if d.status == DStatus.QUEUED:
+                position += 1
+                canary_count += node.pk in canary_ids
+        if canaries and not canary_count:
+            # Every canary was busy: a rollout asked to prove itself first must not go on without it.
+            raise RequestError("Every canary node is busy with another deployment: try again when they are free.")
+        Rollout.objects.filter(pk=rollout.pk).update(canary_count=canary_count)
+        rollout.canary_count = canary_count
+        transaction.on_commit(lambda: node_ended(rollout.pk))
+    return rollout
+
+
+def cancel_rollout(rollout: Rollout, *, user=None, actor_kind: str | None = None) -> Rollout:
+    """Stop ``rollout``: its queued nodes never start, its running ones are cancelled (the worker kills
+    the remote process tree).  Needs DEPLOY on every node of it (403, audited ``rollout.cancel``).
+    RequestError if it has already finished; a second cancel changes nothing."""
+    gate.require_every(user, gate.DEPLOY, gate.rollout_nodes(rollout), event="rollout.cancel", actor_kind=actor_kind)
+    who = user.get_username() if user is not None and user.is_authenticated else (actor_kind or "system")
+    changed = _transition(
+        rollout,
+        expect=(Status.RUNNING, Status.STOPPING),
+        to=Status.CANCELLING,
+        event="rollout.cancelled",
+        reason=f"cancelled by {who}",
+        user=user,
+        actor_kind=actor_kind,
+    )
+    rollout.refresh_from_db()
+    if not changed and rollout.status in Rollout.TERMINAL:
+        raise RequestError(f"Rollout #{rollout.pk} has already finished: {rollout.status}.")
+    advance_rollout(rollout.pk)
+    rollout.refresh_from_db()
+    return rollout
+
+
+def node_ended(rollout_id: int) -> None:
+    """One of the rollout's deployments ended (or it was just requested): advance it now, in this process.
+
+    Inside ``advance_rollout`` itself (its own cancels end deployments) this does nothing: the
+    running advance counts again.  Should advancing fail here, the queue retries it in a worker.
+    """
+    if _advancing.get() == rollout_id:
+        return
+    try:
+        advance_rollout(rollout_id)
+    except Exception:  # noqa: BLE001 - the rollout must not stall because this process could not advance it
+        log.exception("advancing rollout %s failed here; queued for a worker", rollout_id)
+        from django_q.tasks import async_task
+
+        async_task("deployments.rollouts.advance_rollout", rollout_id, task_name=f"rollout-{rollout_id}")
+
+
+@dataclass
+class Tally:
+    """A rollout's deployments counted in one query."""
+
+    active: int = 0  # queued or running
+    inflight: int = 0  # handed to the worker (position < dispatched) and still active
+    failures: int = 0
+    succeeded: int = 0
+    positions: int = 0  # deployments that may run (the busy ones have no position)
+    canary_done: int = 0
+    canary_ok: int = 0
+    total: int = 0
+
+
+def _tally(rollout: Rollout) -> Tally:
+    canary = Q(rollout_position__lt=rollout.canary_count)
+    return Tally(
+        **Deployment.objects.filter(rollout_id=rollout.pk).aggregate(
+            active=Count("id", filter=Q(status__in=Deployment.ACTIVE)),
+            inflight=Count("id", filter=Q(status__in=Deployment.ACTIVE, rollout_position__lt=rollout.dispatched)),
+            failures=Count("id", filter=Q(status__in=FAILURES)),
+            succeeded=Count("id", filter=Q(status=DStatus.SUCCEEDED)),
+            positions=Count("id", filter=Q(rollout_position__isnull=False)),
+            canary_done=Count("id", filter=canary & Q(status__in=Deployment.TERMINAL)),
+            canary_ok=Count("id", filter=canary & Q(status=DStatus.SUCCEEDED)),
+            total=Count("id"),
+        )
+    )
+
+
+def counts(deployments: QuerySet[Deployment]) -> dict[str, int]:
+    """queued / running / succeeded / failed / cancelled among ``deployments`` (one query)."""
+    out = dict.fromkeys(COUNT_NAMES, 0)
+    for status, n in deployments.order_by().values_list("status").annotate(n=Count("id")):
+        out[BUCKETS[status]] += n
+    return out
+
+
+def _transition(
+    rollout: Rollout,
+    *,
+    expect: tuple[str, ...],
+    to: str,
+    event: str,
+    reason: str = "",
+    user=None,
+    actor_kind: str | None = None,
+    outcome: str = "success",
+    fields: dict | None = None,
+    where: dict | None = None,
+) -> bool:
+    """UPDATE the rollout to ``to`` if its status is still one of ``expect`` (and ``where`` holds); if it
+    was, record ``event`` with the counts of its nodes."""
+    set_fields = {"status": to, **(fields or {})}
+    if reason:
+        set_fields["stop_reason"] = reason
+    if to in Rollout.TERMINAL:
+        set_fields["finished_at"] = timezone.now()
+    with transaction.atomic():
+        if not Rollout.objects.filter(pk=rollout.pk, status__in=expect, **(where or {})).update(**set_fields):
+            return False
+        record(
+            event,
+            user=user,
+            actor_kind=None if user else (actor_kind or "system"),
+            obj=rollout,
+            outcome=outcome,
+            details={
+                "status": to,
+                **({"reason": reason} if reason else {}),
+                "counts": counts(Deployment.objects.filter(rollout_id=rollout.pk)),
+            },
+        )
+    return True
+
+
+def advance_rollout(rollout_id: int) -> str:
+    """Start the rollout's next nodes up to its parallelism, pass or fail its canaries, apply its failure
+    policy, and finish it when its last node has ended.  Idempotent; safe to run in many places at once.
+    Returns the rollout's status (the django-q2 task's result)."""
+    token = _advancing.set(rollout_id)
+    try:
+        return _advance(rollout_id)
+    finally:
+        _advancing.reset(token)
+
+
+def _advance(rollout_id: int) -> str:
+    while True:
+        rollout = Rollout.objects.filter(pk=rollout_id).first()
+        if rollout is None:
+            return "gone"
+        if rollout.status in Rollout.TERMINAL:
+            return rollout.status
+        tally = _tally(rollout)
+        if rollout.status == Status.RUNNING:
+            in_canary = rollout.canary_count and rollout.canary_passed_at is None
+            if in_canary and tally.canary_done >= rollout.canary_count:
+                if tally.canary_ok == rollout.canary_count:
+                    _transition(
+                        rollout,
+                        expect=(Status.RUNNING,),
+                        to=Status.RUNNING,
+                        event="rollout.canary_passed",
+                        fields={"canary_passed_at": timezone.now()},
+                        where={"canary_passed_at__isnull": True},
+                    )
+                else:
+                    bad = rollout.canary_count - tally.canary_ok
+                    _transition(
+                        rollout,
+                        expect=(Status.RUNNING,),
+                        to=Status.STOPPING,
+                        event="rollout.canary_failed",
+                        outcome="failure",
+                        reason=f"canary failed: {bad} of {rollout.canary_count} canary node"
+                        f"{'s' if rollout.canary_count != 1 else ''} did not succeed; the rest never started",
+                    )
+                continue
+            if rollout.max_failures and tally.failures >= rollout.max_failures:
+                _transition(
+                    rollout,
+                    expect=(Status.RUNNING,),
+                    to=Status.STOPPING,
+                    event="rollout.stopped_by_policy",
+                    outcome="failure",
+                    reason=f"stopped after {tally.failures} failed node{'s' if tally.failures != 1 else ''} "
+                    f"(limit {rollout.max_failures}); no further node started",
+                )
+                continue
+            limit = rollout.canary_count if in_canary else tally.positions
+            start = min(rollout.parallelism - tally.inflight, limit - rollout.dispatched)
+            if start > 0:
+                first, last = rollout.dispatched, rollout.dispatched + start
+                if Rollout.objects.filter(pk=rollout.pk, status=Status.RUNNING, dispatched=first).update(
+                    dispatched=last
+                ):
+                    for pk in Deployment.objects.filter(
+                        rollout_id=rollout.pk,
+                        rollout_position__gte=first,
+                        rollout_position__lt=last,
+                        status=DStatus.QUEUED,
+                    ).values_list("pk", flat=True):
+                        lifecycle.enqueue(pk)
+                # Either way, count again: another copy moved, or some started ones had already ended.
+                continue
+        else:
+            # Stopping or cancelling: what has not started never will; running nodes end on their own
+            # (stopping) or are cancelled (cancelling).
+            _stop_nodes(rollout)
+            tally = _tally(rollout)
+        if tally.active == 0:
+            _finish(rollout, tally)
+            continue
+        return rollout.status
+
+
+def _stop_nodes(rollout: Rollout) -> None:
+    statuses = (DStatus.QUEUED, DStatus.RUNNING) if rollout.status == Status.CANCELLING else (DStatus.QUEUED,)
+    reason = f"not started: rollout #{rollout.pk} {rollout.stop_reason}"
+    for d in Deployment.objects.filter(rollout_id=rollout.pk, status__in=statuses).select_related("node"):
+        if d.status == DStatus.RUNNING and d.cancel_requested:
+            continue
+        try:
+            lifecycle.cancel_deployment(d, reason=reason)
+        except RequestError:
+            pass  # it ended meanwhile
+
+
+def _finish(rollout: Rollout, tally: Tally) -> None:
+    if rollout.status == Status.CANCELLING:
+        to = Status.CANCELLED
+    elif tally.succeeded == tally.total and rollout.status == Status.RUNNING:
+        to = Status.SUCCEEDED
+    else:
+        to = Status.FAILED
+    _transition(
+        rollout,
+        expect=(rollout.status,),
+        to=to,
+        event="rollout.finished",
+        outcome="success" if to == Status.SUCCEEDED else "failure",
+    )
+
+
+def advance_active_rollouts() -> int:
+    """Advance every unfinished rollout (a schedule, every minute): a rollout whose trigger was lost
+    — its process died between a node's end and the advance — still goes on.  Returns how many."""
+    ids = list(Rollout.objects.filter(status__in=Rollout.ACTIVE).values_list("pk", flat=True))
+    for pk in ids:
+        advance_rollout(pk)
+    return len(ids)
+
+
+# --- what pages, the API and the command line show ------------------------------------------------
+
+
+def node_rows(deployments: QuerySet[Deployment], *, tails: bool = True) -> list[dict]:
+    """One row per node: status, exit code, times, duration; a failed node's last lines (``tails``)."""
+    now = timezone.now()
+    rows = []
+    for d in deployments.select_related("node").order_by("rollout_position", "node__name"):
+        rows.append(
+            {
+                "deployment": d.pk,
+                "node": d.node.name,
+                "position": d.rollout_position,
+                "status": d.status,
+                "status_label": d.get_status_display(),
+                "bucket": BUCKETS[d.status],
+                "exit_code": d.exit_code,
+                "commit_sha": d.commit_sha,
+                "started_at": d.started_at.isoformat() if d.started_at else None,
+                "finished_at": d.finished_at.isoformat() if d.finished_at else None,
+                "duration_seconds": round(((d.finished_at or now) - d.started_at).total_seconds(), 1)
+                if d.started_at
+                else None,
+                "timeout_seconds": d.timeout_seconds,
+                "error_message": d.error_message[:500],
+                "cancel_requested": d.cancel_requested,
+                "line_count": d.line_count,
+                "url": d.get_absolute_url(),
+                "tail": logstream.last_lines(d.pk, TAIL_LINES) if tails and BUCKETS[d.status] == "failed" else None,
+            }
+        )
+    return rows
+
+
+def payload(rollout: Rollout, deployments: QuerySet[Deployment], *, tails: bool = True) -> dict:
+    """The rollout as JSON-able values, with the rows and counts of ``deployments`` (those the viewer sees)."""
+    return {
+        "id": rollout.pk,
+        "status": rollout.status,
+        "status_label": rollout.get_status_display(),
+        "terminal": rollout.status in Rollout.TERMINAL,
+        "action": rollout.action,
+        "requested_revision": rollout.requested_revision,
+        "commits": rollout.commits,
+        "selection": rollout.selection,
+        "node_count": rollout.node_count,
+        "parallelism": rollout.parallelism,
+        "max_failures": rollout.max_failures,
+        "canary_count": rollout.canary_count,
+        "canary_tag": rollout.canary_tag,
+        "canary_passed_at": rollout.canary_passed_at.isoformat() if rollout.canary_passed_at else None,
+        "timeout_seconds": rollout.timeout_seconds,
+        "stop_reason": rollout.stop_reason,
+        "requested_by": rollout.requested_by_name,
+        "created_at": rollout.created_at.isoformat(),
+        "finished_at": rollout.finished_at.isoformat() if rollout.finished_at else None,
+        "counts": counts(deployments),
+        "nodes": node_rows(deployments, tails=tails),
+        "url": rollout.get_absolute_url(),
+    }

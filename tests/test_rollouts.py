@@ -1,0 +1,397 @@
+"""Rollouts without SSH: selection, the gate, parallelism, canaries, the failure policy, cancel and races.
+
+A stand-in worker takes what the rollout hands to the queue and ends deployments through ``lifecycle``
+as the real one would; the same rollouts run over real SSH in tests/integration/test_rollouts_over_ssh.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.core.exceptions import PermissionDenied
+
+from deployments import lifecycle, rollouts
+from deployments.audit.models import AuditEvent
+from deployments.errors import RequestError
+from deployments.models import Credential, Deployment, Node, Rollout
+from deployments.rollouts import Options
+from tests.support import personas
+from tests.support.keys import HOST_KEY
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class StandInWorker:
+    """What ``lifecycle.enqueue`` hands over, kept in order; the test says how each run ends."""
+
+    def __init__(self):
+        self.handed = []  # deployment ids, in the order the rollout handed them out
+        self.lock = threading.Lock()
+
+    def enqueue(self, pk: int) -> None:
+        with self.lock:
+            self.handed.append(pk)
+
+    def claim_all(self) -> list[Deployment]:
+        """Claim every handed-out deployment still queued (as workers would), in order."""
+        started = [pk for pk in self.handed if lifecycle.claim(pk)]
+        return list(Deployment.objects.filter(pk__in=started).select_related("node").order_by("rollout_position"))
+
+    def running(self) -> list[Deployment]:
+        """Every handed-out deployment now running (claimed now or earlier), in rollout order."""
+        self.claim_all()
+        qs = Deployment.objects.filter(pk__in=self.handed, status="running").select_related("node")
+        return list(qs.order_by("rollout_position"))
+
+    def end(self, deployment: Deployment, status: str = "succeeded", exit_code: int | None = None) -> None:
+        lifecycle.finish(deployment.pk, status, exit_code=0 if status == "succeeded" else exit_code)
+
+    def run_all(self, outcome=lambda d: "succeeded", limit: int = 1000) -> None:
+        """Claim and end handed-out deployments until nothing is left to run."""
+        for _ in range(limit):
+            running = self.running()
+            if not running:
+                return
+            for d in running:
+                status = outcome(d)
+                self.end(d, status, exit_code=None if status == "succeeded" else 4)
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    w = StandInWorker()
+    monkeypatch.setattr(lifecycle, "enqueue", w.enqueue)
+    return w
+
+
+@pytest.fixture
+def fleet(repository):
+    """Twelve pinned nodes: web-01..web-08 (tag web; web-01, web-02 also canary), db-01..db-04 (tag db)."""
+    cred = Credential(name="fleet-key", kind=Credential.Kind.PASSWORD)
+    cred.set_secret("pw")
+    cred.save()
+    from deployments import inventory
+
+    nodes = {}
+    for name, tags in [(f"web-{i:02d}", ["web", "canary"] if i <= 2 else ["web"]) for i in range(1, 9)] + [
+        (f"db-{i:02d}", ["db"]) for i in range(1, 5)
+    ]:
+        node = Node(
+            name=name,
+            host="192.0.2.1",
+            flake_attr="devm",
+            repository=repository,
+            credential=cred,
+            host_key=HOST_KEY,
+            host_key_fingerprint="SHA256:test",
+        )
+        nodes[name] = inventory.save_object(node, tags=tags)
+    return nodes
+
+
+def rollout_of(user=None, **kw) -> Rollout:
+    return rollouts.request_rollout(Options(**kw), user=user, trigger=Deployment.Trigger.CLI if user is None else "web")
+
+
+def statuses(rollout: Rollout) -> dict[str, str]:
+    return dict(rollout.deployments.values_list("node__name", "status"))
+
+
+def events(name: str, rollout: Rollout | None = None):
+    qs = AuditEvent.objects.filter(action=name)
+    return qs.filter(object_id=str(rollout.pk)) if rollout is not None else qs
+
+
+# --- selection ----------------------------------------------------------------------------------------
+
+
+def test_a_rollout_by_tag_deploys_every_tagged_node_to_one_commit(fleet, worker, alice, repository):
+    r = rollout_of(alice, tags=["web"])
+    assert r.node_count == 8 and set(statuses(r)) == {f"web-{i:02d}" for i in range(1, 9)}
+    assert r.commits == {"fleet": r.deployments.first().commit_sha}
+    assert {d.commit_sha for d in r.deployments.all()} == {r.commits["fleet"]}
+    worker.run_all()
+    r.refresh_from_db()
+    assert r.status == "succeeded" and r.finished_at
+    finished = events("rollout.finished", r).get()
+    assert finished.details["counts"] == {"queued": 0, "running": 0, "succeeded": 8, "failed": 0, "cancelled": 0}
+    assert events("rollout.requested", r).get().details["nodes"] == 8
+    assert events("deployment.requested").filter(details__rollout=r.pk).count() == 8
+
+
+def test_tags_and_names_add_up_and_an_unknown_name_is_refused(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], nodes=["web-03"])
+    assert set(statuses(r)) == {"db-01", "db-02", "db-03", "db-04", "web-03"}
+    with pytest.raises(RequestError, match="No node named nope"):
+        rollout_of(alice, nodes=["web-04", "nope"])
+    with pytest.raises(RequestError, match="No node matches"):
+        rollout_of(alice, tags=["no-such-tag"])
+
+
+def test_all_nodes_needs_an_explicit_confirmation(fleet, worker, alice):
+    with pytest.raises(RequestError, match="explicit confirmation"):
+        rollout_of(alice, all_nodes=True)
+    assert not Rollout.objects.exists() and not Deployment.objects.exists()
+    r = rollout_of(alice, all_nodes=True, confirm_all=True)
+    assert r.node_count == 12
+
+
+def test_all_means_all_the_user_may_deploy(fleet, worker):
+    deployer = personas.person("dora")
+    personas.grant(deployer, "deployer", tag="db")
+    personas.grant(deployer, "viewer", tag="web", team_name="web-viewers")
+    r = rollout_of(deployer, all_nodes=True, confirm_all=True)
+    assert set(statuses(r)) == {"db-01", "db-02", "db-03", "db-04"}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tags": ["web"], "parallelism": 0}, "Parallelism"),
+        ({"tags": ["web"], "max_failures": 0}, "failure limit"),
+        ({"tags": ["web"], "canary": 8}, "leave none"),
+        ({"tags": ["web"], "canary": 1, "canary_tag": "canary"}, "not both"),
+        ({"tags": ["db"], "canary_tag": "canary"}, "canary tag"),
+        ({"tags": ["web"], "timeout": 0}, "timeout"),
+        ({"tags": ["web"], "node_timeouts": {"db-01": 5}}, "outside the rollout"),
+        ({"tags": ["web"], "action": "reboot"}, "Unknown action"),
+        ({"tags": ["web"], "revision": "main;reboot"}, "revision|character"),
+        ({"tags": ["web"], "revision": "no-such-branch"}, "no-such-branch"),
+        ({"tags": ["web;x"]}, "[Tt]ag"),
+        ({}, "Choose the nodes"),
+        ({"all_nodes": True, "tags": ["web"]}, "not both"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(fleet, worker, alice, options, message):
+    with pytest.raises(RequestError, match=message):
+        rollout_of(alice, **options)
+    assert not Rollout.objects.exists() and not Deployment.objects.exists()
+    assert not worker.handed
+
+
+def test_a_node_without_a_pinned_host_key_refuses_the_rollout(fleet, worker, alice):
+    Node.objects.filter(name="web-05").update(host_key="")
+    with pytest.raises(RequestError, match="web-05"):
+        rollout_of(alice, tags=["web"])
+    assert not Deployment.objects.exists()
+
+
+# --- the gate -----------------------------------------------------------------------------------------
+
+
+def test_a_rollout_naming_a_node_the_user_may_not_deploy_is_refused_whole_and_audited_once(fleet, worker):
+    user = personas.person("dora")
+    personas.grant(user, "deployer", tag="db")
+    personas.grant(user, "viewer", node=fleet["web-01"], team_name="viewers")
+    with pytest.raises(PermissionDenied, match="web-01"):
+        rollout_of(user, tags=["db"], nodes=["web-01"])
+    assert not Rollout.objects.exists() and not Deployment.objects.exists() and not worker.handed
+    refusal = AuditEvent.objects.get(outcome="denied")
+    assert refusal.action == "rollout.requested" and refusal.actor_name == "dora"
+    assert refusal.details["nodes"] == ["web-01"]
+
+
+def test_a_user_who_may_deploy_nowhere_is_refused_before_the_selection_is_read(fleet, worker, bob):
+    with pytest.raises(PermissionDenied, match="any node"):
+        rollout_of(bob, nodes=["not a valid name;"])
+    assert AuditEvent.objects.filter(outcome="denied", action="rollout.requested").count() == 1
+
+
+def test_nodes_the_user_cannot_see_are_not_in_a_tag_selection_and_never_named(fleet, worker):
+    user = personas.person("dora")
+    personas.grant(user, "deployer", node=fleet["web-03"])
+    r = rollout_of(user, tags=["web"])
+    assert set(statuses(r)) == {"web-03"}
+    with pytest.raises(RequestError, match="No node named web-04"):
+        rollout_of(user, nodes=["web-04"])
+
+
+def test_cancelling_needs_deploy_on_every_node_of_the_rollout(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], nodes=["web-01"])
+    user = personas.person("dora")
+    personas.grant(user, "deployer", tag="db")
+    with pytest.raises(PermissionDenied):
+        rollouts.cancel_rollout(r, user=user)
+    assert events("rollout.cancel").get().outcome == "denied"
+    r.refresh_from_db()
+    assert r.status == "running"
+
+
+# --- parallelism, canaries, policy ----------------------------------------------------------------------
+
+
+def test_never_more_than_parallelism_nodes_are_handed_to_the_worker(fleet, worker, alice):
+    r = rollout_of(alice, tags=["web"], parallelism=3)
+    assert len(worker.handed) == 3
+    running = worker.claim_all()
+    worker.end(running[0])
+    assert len(worker.handed) == 4, "one ended, one more started"
+    most = 0
+    for _ in range(20):
+        running = worker.running()
+        active = Deployment.objects.filter(rollout=r, status__in=Deployment.ACTIVE, rollout_position__lt=8).count()
+        in_flight = Deployment.objects.filter(rollout=r, status="running").count()
+        most = max(most, in_flight)
+        assert in_flight <= 3 and active >= in_flight
+        if not running:
+            break
+        worker.end(running[0])
+    worker.run_all()
+    r.refresh_from_db()
+    assert r.status == "succeeded" and most == 3
+    assert len(worker.handed) == len(set(worker.handed)) == 8, "each node handed out once"
+
+
+def test_canaries_go_first_and_the_rest_waits_for_them(fleet, worker, alice):
+    r = rollout_of(alice, tags=["web"], canary=2, parallelism=5)
+    assert r.canary_count == 2
+    first = worker.claim_all()
+    assert [d.node.name for d in first] == ["web-01", "web-02"]
+    worker.end(first[0])
+    assert len(worker.handed) == 2, "nothing else starts while a canary runs"
+    worker.end(first[1])
+    assert len(worker.handed) == 7, "canaries passed: the rest starts, five at a time"
+    r.refresh_from_db()
+    assert r.canary_passed_at and events("rollout.canary_passed", r).count() == 1
+    worker.run_all()
+    r.refresh_from_db()
+    assert r.status == "succeeded"
+
+
+def test_a_failed_canary_stops_the_rest(fleet, worker, alice):
+    r = rollout_of(alice, tags=["web"], canary_tag="canary", parallelism=5)
+    assert r.canary_count == 2
+    first = worker.claim_all()
+    assert {d.node.name for d in first} == {"web-01", "web-02"}
+    worker.end(first[0], "failed", exit_code=4)
+    worker.end(first[1])
+    r.refresh_from_db()
+    assert r.status == "failed" and "canary failed: 1 of 2" in r.stop_reason
+    assert events("rollout.canary_failed", r).count() == 1
+    assert len(worker.handed) == 2
+    rest = Deployment.objects.filter(rollout=r, rollout_position__gte=2)
+    assert set(rest.values_list("status", flat=True)) == {"cancelled"}
+    assert all("not started" in m for m in rest.values_list("error_message", flat=True))
+    finished = events("rollout.finished", r).get()
+    assert finished.details["counts"] == {"queued": 0, "running": 0, "succeeded": 1, "failed": 1, "cancelled": 6}
+
+
+def test_the_continue_policy_runs_every_node_whatever_fails(fleet, worker, alice):
+    r = rollout_of(alice, tags=["web"], parallelism=2)
+    worker.run_all(outcome=lambda d: "failed" if d.node.name in ("web-01", "web-02", "web-05") else "succeeded")
+    r.refresh_from_db()
+    assert r.status == "failed" and not r.stop_reason
+    assert list(rollouts.counts(r.deployments.all()).values()) == [0, 0, 5, 3, 0]
+
+
+def test_stop_after_n_failures_starts_no_further_node_and_lets_running_ones_finish(fleet, worker, alice):
+    r = rollout_of(alice, tags=["web"], parallelism=3, max_failures=2)
+    first = worker.claim_all()
+    worker.end(first[0], "failed", exit_code=4)  # one failure: a new node starts
+    assert len(worker.handed) == 4
+    worker.end(first[1], "error")  # two: the limit
+    r.refresh_from_db()
+    assert r.status == "stopping" and "stopped after 2 failed nodes" in r.stop_reason
+    assert events("rollout.stopped_by_policy", r).count() == 1
+    assert Deployment.objects.get(pk=first[2].pk).status == "running", "a running node is not stopped"
+    assert len(worker.handed) == 4
+    assert worker.claim_all() == [], "the handed-out but unclaimed node was cancelled"
+    worker.end(first[2])
+    r.refresh_from_db()
+    assert r.status == "failed"
+    assert rollouts.counts(r.deployments.all()) == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 2,
+        "cancelled": 5,
+    }
+
+
+def test_a_busy_node_is_skipped_with_the_reason_and_the_rollout_does_not_succeed(fleet, worker, alice):
+    busy = lifecycle.request_deployment(fleet["db-02"], action="switch", user=alice)
+    r = rollout_of(alice, tags=["db"])
+    skipped = r.deployments.get(node__name="db-02")
+    assert skipped.status == "cancelled" and f"busy with deployment #{busy.pk}" in skipped.error_message
+    assert skipped.rollout_position is None
+    assert events("deployment.skipped").get().details["busy_with"] == busy.pk
+    worker.run_all()
+    r.refresh_from_db()
+    assert r.status == "failed"
+    assert worker.handed.count(busy.pk) == 1, "the busy node's own deployment only (the single deploy)"
+
+
+def test_a_timeout_is_stored_on_each_nodes_deployment(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], timeout=120, node_timeouts={"db-03": 900})
+    assert dict(r.deployments.values_list("node__name", "timeout_seconds")) == {
+        "db-01": 120,
+        "db-02": 120,
+        "db-03": 900,
+        "db-04": 120,
+    }
+
+
+# --- cancel --------------------------------------------------------------------------------------------
+
+
+def test_cancel_stops_running_nodes_and_queued_ones_never_start(fleet, worker, alice):
+    r = rollout_of(alice, tags=["web"], parallelism=2)
+    running = worker.claim_all()
+    assert len(running) == 2
+    r = rollouts.cancel_rollout(r, user=alice)
+    assert r.status == "cancelling"
+    assert all(Deployment.objects.get(pk=d.pk).cancel_requested for d in running)
+    assert Deployment.objects.filter(rollout=r, status="queued").count() == 0
+    for d in running:  # the worker stops them
+        worker.end(d, "cancelled")
+    assert worker.claim_all() == []
+    r.refresh_from_db()
+    assert r.status == "cancelled" and r.stop_reason == "cancelled by alice"
+    assert events("rollout.cancelled", r).get().actor_name == "alice"
+    assert events("rollout.finished", r).get().details["counts"]["cancelled"] == 8
+    with pytest.raises(RequestError, match="already finished"):
+        rollouts.cancel_rollout(r, user=alice)
+
+
+def test_a_node_cancelled_on_its_own_frees_its_slot(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], parallelism=1)
+    first = worker.claim_all()
+    lifecycle.cancel_deployment(Deployment.objects.filter(rollout=r, status="queued").first(), user=alice)
+    worker.end(first[0])
+    worker.run_all()
+    r.refresh_from_db()
+    assert r.status == "failed"
+    assert rollouts.counts(r.deployments.all())["succeeded"] == 3
+
+
+# --- races ---------------------------------------------------------------------------------------------
+
+
+def test_many_advances_at_once_never_exceed_parallelism_nor_hand_a_node_out_twice(fleet, worker, alice):
+    r = rollout_of(alice, all_nodes=True, confirm_all=True, parallelism=4)
+    for _ in range(6):
+        threads = [threading.Thread(target=rollouts.advance_rollout, args=(r.pk,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        active = Deployment.objects.filter(rollout=r, rollout_position__lt=Rollout.objects.get(pk=r.pk).dispatched)
+        assert active.filter(status__in=Deployment.ACTIVE).count() <= 4
+        running = worker.running()
+        if running:
+            worker.end(running[0])
+    worker.run_all()
+    assert len(worker.handed) == len(set(worker.handed)) == 12
+    assert Rollout.objects.get(pk=r.pk).status == "succeeded"
+    assert events("rollout.finished", r).count() == 1
+
+
+def test_the_schedule_advances_a_rollout_whose_trigger_was_lost(fleet, worker, alice, monkeypatch):
+    r = rollout_of(alice, tags=["db"], parallelism=1)
+    first = worker.claim_all()
+    monkeypatch.setattr(rollouts, "node_ended", lambda pk: None)  # the finishing process died before advancing
+    worker.end(first[0])
+    assert len(worker.handed) == 1
+    assert rollouts.advance_active_rollouts() == 1
+    assert len(worker.handed) == 2
