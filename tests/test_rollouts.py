@@ -388,7 +388,7 @@ def test_many_advances_at_once_never_exceed_parallelism_nor_hand_a_node_out_twic
 
 
 def test_the_schedule_advances_a_rollout_whose_trigger_was_lost(fleet, worker, alice, monkeypatch):
-    r = rollout_of(alice, tags=["db"], parallelism=1)
+    rollout_of(alice, tags=["db"], parallelism=1)
     first = worker.claim_all()
     monkeypatch.setattr(rollouts, "node_ended", lambda pk: None)  # the finishing process died before advancing
     worker.end(first[0])
