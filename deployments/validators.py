@@ -107,12 +107,19 @@ TOKEN_IN_URL_MESSAGE = (
 )
 
 
-def _invisible(value: str) -> list[str]:
-    """Control, format (bidi, zero-width), separator and unassigned characters, as U+XXXX.
+def _invisible(value: str, *, undecodable: bool = False) -> list[str]:
+    """Control, format (bidi, zero-width), separator and unassigned characters, as U+XXXX
+    (and U+FFFD, what bytes that are not UTF-8 decode to, with ``undecodable``).
 
     A plain space is left to the shell-character check, whose message names it.
     """
-    return sorted({f"U+{ord(c):04X}" for c in value if unicodedata.category(c)[0] in "CZ" and c != " "})
+    return sorted(
+        {
+            f"U+{ord(c):04X}"
+            for c in value
+            if (unicodedata.category(c)[0] in "CZ" and c != " ") or (undecodable and c == "\ufffd")
+        }
+    )
 
 
 def _repo_url_error(message: str, code: str = "invalid_repo") -> ValidationError:
@@ -239,9 +246,7 @@ def validate_search_text(value: str, *, max_length: int = SEARCH_MAX_LENGTH) -> 
             code="too_long",
             params={"max": max_length, "length": len(value)},
         )
-    bad = sorted(
-        {f"U+{ord(c):04X}" for c in value if c == "\ufffd" or (unicodedata.category(c)[0] in "CZ" and c != " ")}
-    )
+    bad = _invisible(value, undecodable=True)
     if bad:
         raise ValidationError(
             "Control, invisible or undecodable characters are not allowed (%(chars)s).",
