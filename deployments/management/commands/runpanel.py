@@ -4,6 +4,13 @@ This is the README's one command for trying the panel: it runs on the
 embedded defaults (SQLite, the django-q2 ORM broker) with no other service,
 and on a fresh machine creates the data directory and its keys first
 (controlpanel/bootstrap.py: importing the settings writes nothing).
+
+It behaves like a service: daphne and the qcluster each run in a process group
+of their own; if either dies, the other group (and what is left of the dead
+one's, such as the qcluster's worker processes) gets SIGTERM, then SIGKILL
+after ``GRACE_AFTER_FAILURE`` seconds, every process is reaped (runpanel is a
+child subreaper, so the qcluster's orphans come back to it), and runpanel exits
+1 so systemd restarts it.  Ctrl-C or SIGTERM stops both and exits 0.
 """
 
 import os
@@ -60,10 +67,9 @@ class Command(BaseCommand):
         if interrupted:
             self.stdout.write(f"{interrupted} deployment(s) left running by a stopped worker marked interrupted")
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
-        procs = {
-            "daphne": subprocess.Popen(daphne_command(host, port), cwd=settings.BASE_DIR),
-            "worker": subprocess.Popen([*manage, "qcluster"], cwd=settings.BASE_DIR),
-        }
+        supervisor = Supervisor()
+        supervisor.start("daphne", daphne_command(host, port), cwd=settings.BASE_DIR)
+        supervisor.start("worker", [*manage, "qcluster"], cwd=settings.BASE_DIR)
         shown = f"[{host}]" if ":" in host else host
         self.stdout.write(
             self.style.SUCCESS(f"Panel at http://{shown}:{port}/  (data in {settings.DATA_DIR}; Ctrl-C stops)")
@@ -78,17 +84,125 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, stop)
         code = 0
         while not stopping:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    self.stderr.write(f"{name} exited with code {proc.returncode}; stopping the panel")
-                    code, stopping = proc.returncode or 1, True
-            time.sleep(0.5)
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            died = supervisor.reap()
+            if died:
+                name, returncode = died
+                self.stderr.write(f"{name} exited with code {returncode}; stopping the panel")
+                code, stopping = 1, True
+            else:
+                time.sleep(POLL_INTERVAL)
+        # A child that died leaves the others nothing to serve: they get less time than on Ctrl-C,
+        # so a service manager sees the failure (and restarts the panel) within seconds.
+        supervisor.stop(grace=GRACE_AFTER_FAILURE if code else GRACE_ON_REQUEST)
         sys.exit(code)
+
+
+POLL_INTERVAL = 0.2  # seconds between looks at the children
+GRACE_AFTER_FAILURE = 3.0  # seconds the surviving children get to stop after one died
+GRACE_ON_REQUEST = 20.0  # seconds they get on Ctrl-C or SIGTERM (the qcluster finishes its bookkeeping)
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> bool:
+    """Have orphans of our children (the qcluster's workers when it dies) re-parented to us, not to init,
+    so we can reap them and none is left a zombie or running on its own.  Linux only; False elsewhere."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class Supervisor:
+    """The panel's children, each the leader of its own process group (a child and everything it forks).
+
+    Stopping sends SIGTERM to each group, waits up to a grace period, then SIGKILLs the groups; every
+    process that ends up our child (the children, and with the subreaper flag their orphans) is reaped.
+    """
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.subreaper = _become_subreaper()
+
+    def start(self, name: str, command: list[str], **kwargs) -> None:
+        # Own process group: a signal for the group reaches the qcluster's worker processes too, and a
+        # terminal's Ctrl-C reaches only us, so we stop the children in order.
+        self.procs[name] = subprocess.Popen(command, process_group=0, **kwargs)
+
+    def reap(self) -> tuple[str, int] | None:
+        """(name, return code) of a child that has exited, if any; reaps adopted orphans on the way."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return name, proc.returncode
+        self._reap_adopted()
+        return None
+
+    def stop(self, grace: float) -> None:
+        groups = [proc.pid for proc in self.procs.values()]
+        self._signal_groups(groups, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(self._group_alive(g) for g in groups):
+            for proc in self.procs.values():
+                proc.poll()
+            self._reap_adopted()
+            time.sleep(0.05)
+        self._signal_groups(groups, signal.SIGKILL)
+        for proc in self.procs.values():
+            proc.wait()
+        # The killed groups' last members: wait for each to be gone (reaping those that are ours).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(self._group_alive(g) for g in groups):
+            self._reap_adopted()
+            time.sleep(0.02)
+        self._reap_adopted()
+
+    @staticmethod
+    def _signal_groups(groups: list[int], sig: int) -> None:
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @staticmethod
+    def _group_alive(pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _reap_adopted(self) -> None:
+        """Reap orphans re-parented to us (never our own children: Popen reaps those)."""
+        if not self.subreaper:
+            return
+        ours = {proc.pid for proc in self.procs.values()}
+        for pid in _children_of(os.getpid()) - ours:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _children_of(parent: int) -> set[int]:
+    """Pids whose parent is ``parent`` (Linux /proc)."""
+    found = set()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.add(int(entry))
+    return found
