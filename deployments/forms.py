@@ -8,7 +8,7 @@ from django.db.models import Q
 from .access import gate
 from .access.models import Team
 from .models import Credential, Deployment, Node, Repository
-from .validators import validate_revision, validate_search_text, validate_tag
+from .validators import validate_node_name, validate_revision, validate_search_text, validate_tag
 
 
 class DeployForm(forms.Form):
@@ -20,6 +20,18 @@ class DeployForm(forms.Form):
         help_text="Branch, tag or commit; empty means the tracked branch's head.",
         widget=forms.TextInput(attrs={"placeholder": "tracked branch"}),
     )
+
+
+class NamesField(forms.CharField):
+    """Comma- or space-separated node names."""
+
+    def to_python(self, value):
+        value = super().to_python(value) or ""
+        validate_search_text(value, max_length=100_000)
+        names = sorted({n.strip() for n in value.replace(",", " ").split() if n.strip()})
+        for name in names:
+            validate_node_name(name)
+        return names
 
 
 class TagsField(forms.CharField):
@@ -144,6 +156,52 @@ class UseForm(forms.Form):
     """Which team may use a credential or repository."""
 
     team = forms.ModelChoiceField(queryset=Team.objects.order_by("name"), empty_label="Choose a team")
+
+
+class RolloutForm(forms.Form):
+    """A rollout from the web: the same options as the API and ``deploy --tag``; ``rollouts.Options`` judges
+    them against the nodes."""
+
+    action = forms.ChoiceField(choices=Deployment.Action.choices, initial=Deployment.Action.SWITCH)
+    revision = DeployForm.base_fields["revision"]
+    tags = TagsField(required=False, help_text="Every node carrying one of these tags.")
+    nodes = NamesField(required=False, help_text="Node names, separated by commas or spaces.")
+    all_nodes = forms.BooleanField(required=False, label="All nodes I may deploy")
+    confirm_all = forms.BooleanField(required=False, label="Yes, every one of them")
+    parallelism = forms.IntegerField(
+        min_value=1, max_value=500, initial=10, required=False, help_text="Nodes deployed at once (default 10)."
+    )
+    canary = forms.IntegerField(
+        min_value=0,
+        initial=0,
+        required=False,
+        help_text="The first this many nodes must succeed before the rest start.",
+    )
+    canary_tag = forms.CharField(
+        required=False, max_length=50, validators=[validate_tag], help_text="Or: the nodes with this tag go first."
+    )
+    max_failures = forms.IntegerField(
+        min_value=1, required=False, help_text="Start no further node after this many failures; empty: continue."
+    )
+    timeout = forms.IntegerField(min_value=1, required=False, help_text="Seconds per node; empty: the panel's default.")
+
+    def options(self):
+        from .rollouts import DEFAULT_PARALLELISM, Options
+
+        data = self.cleaned_data
+        return Options(
+            action=data["action"],
+            revision=data["revision"],
+            tags=data["tags"],
+            nodes=data["nodes"],
+            all_nodes=data["all_nodes"],
+            confirm_all=data["confirm_all"],
+            parallelism=data["parallelism"] or DEFAULT_PARALLELISM,
+            max_failures=data["max_failures"],
+            canary=data["canary"] or 0,
+            canary_tag=data["canary_tag"],
+            timeout=data["timeout"],
+        )
 
 
 class PinHostKeyForm(forms.Form):

@@ -68,9 +68,17 @@ def _transition(
 
 
 def request_deployment(
-    node: Node, *, action: str, revision: str = "", user=None, trigger: str = Deployment.Trigger.WEB
+    node: Node,
+    *,
+    action: str,
+    revision: str = "",
+    user=None,
+    trigger: str = Deployment.Trigger.WEB,
+    timeout_seconds: int | None = None,
 ) -> Deployment:
     """Resolve ``revision`` to a commit and queue ``nixos-rebuild <action>`` on ``node``.
+
+    ``timeout_seconds``: how long the run may take on the node (None: the panel's default).
 
     ``user=None`` means the system acts (only management commands do that).
     The gate decides first (403, audited).  Raises ``NodeBusy`` if the node
@@ -106,6 +114,7 @@ def request_deployment(
                 requested_by=acting,
                 requested_by_name=acting.get_username() if acting else trigger,
                 trigger=trigger,
+                timeout_seconds=timeout_seconds,
             )
             record(
                 "deployment.requested",
@@ -119,6 +128,7 @@ def request_deployment(
                     "commit": sha,
                     "flake_attr": node.flake_attr,
                     "trigger": trigger,
+                    **({"timeout_seconds": timeout_seconds} if timeout_seconds else {}),
                 },
             )
             transaction.on_commit(lambda: enqueue(deployment.pk))

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, inventory, pages
+from .views import api, inventory, pages, rollouts
 
 app_name = "deployments"
 
@@ -17,6 +17,10 @@ urlpatterns = [
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),
     path("deployments/<int:pk>/log.txt", pages.deployment_log, name="deployment-log"),
+    path("rollouts/", rollouts.rollout_list, name="rollout-list"),
+    path("rollouts/new/", rollouts.rollout_new, name="rollout-add"),
+    path("rollouts/<int:pk>/", rollouts.rollout_detail, name="rollout-detail"),
+    path("rollouts/<int:pk>/cancel/", rollouts.rollout_cancel, name="rollout-cancel"),
     path("credentials/", inventory.object_list, {"kind": "credential"}, name="credential-list"),
     path("credentials/new/", inventory.object_edit, {"kind": "credential"}, name="credential-add"),
     path("credentials/<int:pk>/", inventory.object_edit, {"kind": "credential"}, name="credential-edit"),
@@ -44,4 +48,7 @@ urlpatterns = [
     path("api/deployments/<int:pk>/", api.api_deployment, name="api-deployment"),
     path("api/deployments/<int:pk>/log/", api.api_deployment_log, name="api-deployment-log"),
     path("api/deployments/<int:pk>/cancel/", api.api_cancel, name="api-cancel"),
+    path("api/rollouts/", rollouts.api_rollouts, name="api-rollouts"),
+    path("api/rollouts/<int:pk>/", rollouts.api_rollout, name="api-rollout"),
+    path("api/rollouts/<int:pk>/cancel/", rollouts.api_rollout_cancel, name="api-rollout-cancel"),
 ]

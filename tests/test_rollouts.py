@@ -14,48 +14,12 @@ from django.core.exceptions import PermissionDenied
 from deployments import lifecycle, rollouts
 from deployments.audit.models import AuditEvent
 from deployments.errors import RequestError
-from deployments.models import Credential, Deployment, Node, Rollout
+from deployments.models import Deployment, Node, Rollout
 from deployments.rollouts import Options
 from tests.support import personas
-from tests.support.keys import HOST_KEY
+from tests.support.fleet import StandInWorker, make_fleet
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class StandInWorker:
-    """What ``lifecycle.enqueue`` hands over, kept in order; the test says how each run ends."""
-
-    def __init__(self):
-        self.handed = []  # deployment ids, in the order the rollout handed them out
-        self.lock = threading.Lock()
-
-    def enqueue(self, pk: int) -> None:
-        with self.lock:
-            self.handed.append(pk)
-
-    def claim_all(self) -> list[Deployment]:
-        """Claim every handed-out deployment still queued (as workers would), in order."""
-        started = [pk for pk in self.handed if lifecycle.claim(pk)]
-        return list(Deployment.objects.filter(pk__in=started).select_related("node").order_by("rollout_position"))
-
-    def running(self) -> list[Deployment]:
-        """Every handed-out deployment now running (claimed now or earlier), in rollout order."""
-        self.claim_all()
-        qs = Deployment.objects.filter(pk__in=self.handed, status="running").select_related("node")
-        return list(qs.order_by("rollout_position"))
-
-    def end(self, deployment: Deployment, status: str = "succeeded", exit_code: int | None = None) -> None:
-        lifecycle.finish(deployment.pk, status, exit_code=0 if status == "succeeded" else exit_code)
-
-    def run_all(self, outcome=lambda d: "succeeded", limit: int = 1000) -> None:
-        """Claim and end handed-out deployments until nothing is left to run."""
-        for _ in range(limit):
-            running = self.running()
-            if not running:
-                return
-            for d in running:
-                status = outcome(d)
-                self.end(d, status, exit_code=None if status == "succeeded" else 4)
 
 
 @pytest.fixture
@@ -67,27 +31,7 @@ def worker(monkeypatch):
 
 @pytest.fixture
 def fleet(repository):
-    """Twelve pinned nodes: web-01..web-08 (tag web; web-01, web-02 also canary), db-01..db-04 (tag db)."""
-    cred = Credential(name="fleet-key", kind=Credential.Kind.PASSWORD)
-    cred.set_secret("pw")
-    cred.save()
-    from deployments import inventory
-
-    nodes = {}
-    for name, tags in [(f"web-{i:02d}", ["web", "canary"] if i <= 2 else ["web"]) for i in range(1, 9)] + [
-        (f"db-{i:02d}", ["db"]) for i in range(1, 5)
-    ]:
-        node = Node(
-            name=name,
-            host="192.0.2.1",
-            flake_attr="devm",
-            repository=repository,
-            credential=cred,
-            host_key=HOST_KEY,
-            host_key_fingerprint="SHA256:test",
-        )
-        nodes[name] = inventory.save_object(node, tags=tags)
-    return nodes
+    return make_fleet(repository)
 
 
 def rollout_of(user=None, **kw) -> Rollout:

@@ -114,6 +114,19 @@ def _node(world, target):
     return {"name": target}
 
 
+def _rollout(world, target):
+    """An unfinished rollout of the one node ``target`` (nothing is handed to a worker in these tests)."""
+    from deployments import rollouts
+
+    rollout = rollouts.request_rollout(rollouts.Options(nodes=[target]), user=None, trigger="cli")
+    return {"pk": rollout.pk}
+
+
+def deployers(ok: int, *, api: bool = False):
+    """Whoever may deploy some node (a rollout's request): anonymous 401/302, the rest 403."""
+    return lambda persona, lvl: (401 if api else 302) if persona == "anonymous" else ok if lvl >= 2 else 403
+
+
 def _admin_urls(world):
     return [
         reverse("admin:index"),
@@ -168,6 +181,19 @@ RULES: dict[str, Rule] = {
     "deployments:api-deployment-log": Rule("GET", on_node(1, 200, api=True), _deployment, node_route=True, api=True),
     "deployments:api-cancel": Rule(
         "POST", on_node(2, 200, api=True), _active, node_route=True, api=True, denial_audited=True
+    ),
+    # Rollouts: seen through their nodes; requested by whoever may deploy (every node named), cancelled by
+    # whoever may deploy every node of it.
+    "deployments:rollout-list": Rule("GET", signed_in(200)),
+    "deployments:rollout-add": Rule("GET", deployers(200), denial_audited=True),
+    "deployments:rollout-detail": Rule("GET", on_node(1, 200), _rollout, node_route=True),
+    "deployments:rollout-cancel": Rule("POST", on_node(2, 302), _rollout, node_route=True, denial_audited=True),
+    "deployments:api-rollouts": Rule(
+        "POST", deployers(201, api=True), data={"nodes": [IN_SCOPE]}, api=True, denial_audited=True
+    ),
+    "deployments:api-rollout": Rule("GET", on_node(1, 200, api=True), _rollout, node_route=True, api=True),
+    "deployments:api-rollout-cancel": Rule(
+        "POST", on_node(2, 200, api=True), _rollout, node_route=True, api=True, denial_audited=True
     ),
     # Teams and grants: superusers only; refused changes are audited.
     "access:team-list": Rule("GET", superuser_only(200)),
@@ -337,6 +363,24 @@ INVALID_INPUT: dict[str, list] = {
         ("text/plain", b'{"action": "switch"}'),
     ],
     "deployments:api-cancel": [
+        ("application/json", b'{"unexpected": true}'),
+        ("text/plain", b"{}"),
+    ],
+    "deployments:rollout-add": [
+        {"action": "switch", "tags": "web;reboot"},
+        {"action": "switch", "all_nodes": "on"},
+        {"action": "explode", "nodes": "web-1"},
+        {},
+    ],
+    "deployments:api-rollouts": [
+        ("application/json", b'{"nodes": ["web-1"], "parallelism": "ten"}'),
+        ("application/json", b'{"all": true}'),
+        ("application/json", b'{"nodes": "web-1"}'),
+        ("application/json", b'{"nodes": ["web-1"], "action": "explode"}'),
+        ("application/json", b'{"tags": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        ("text/plain", b'{"nodes": ["web-1"]}'),
+    ],
+    "deployments:api-rollout-cancel": [
         ("application/json", b'{"unexpected": true}'),
         ("text/plain", b"{}"),
     ],

@@ -1,5 +1,7 @@
 """What the tests stand on: harnesses, helpers and the people of the suite, each defined once.
 
+- ``fleet``: twelve tagged nodes for rollout tests and stand-ins for the worker that end what a rollout
+  hands out.
 - ``forms``: what the panel's forms post (``node_form_data``).
 - ``keys``: SSH keys, fresh (in memory or by ssh-keygen) or a fixed host key.
 - ``net``: a free port, one that refuses, a server that hangs up at once.
