@@ -243,33 +243,20 @@ _USE_MODELS = {Credential: CredentialUse, Repository: RepositoryUse}
 
 def grant_use(obj: Credential | Repository, team: Team, *, user=None) -> None:
     """Let ``team`` use ``obj``: its node admins may attach it to the nodes they administer."""
-    kind = obj._meta.model_name
-    gate.require_global(user, gate.MANAGE_TEAMS, event=f"{kind}.use_granted", obj=obj, object_type=kind)
-    with transaction.atomic():
-        before = _teams_using(obj)
-        _, created = _USE_MODELS[type(obj)].objects.get_or_create(team=team, **{kind: obj})
-        if created:
-            _record(
-                obj,
-                "use_granted",
-                {"team": team.name, "before": before, "after": _teams_using(obj)},
-                user=user,
-                actor_kind=None,
-            )
+    _change_use(obj, team, "use_granted", lambda uses, match: uses.get_or_create(**match)[1], user=user)
 
 
 def revoke_use(obj: Credential | Repository, team: Team, *, user=None) -> None:
     """Take the use of ``obj`` from ``team``.  Nodes it is attached to keep it: detaching is an edit of each node."""
+    _change_use(obj, team, "use_revoked", lambda uses, match: uses.filter(**match).delete()[0], user=user)
+
+
+def _change_use(obj, team: Team, what: str, change, *, user) -> None:
+    """Gate, then ``change`` the use rows of (team, obj) and, if it changed anything, record ``<kind>.<what>``."""
     kind = obj._meta.model_name
-    gate.require_global(user, gate.MANAGE_TEAMS, event=f"{kind}.use_revoked", obj=obj, object_type=kind)
+    gate.require_global(user, gate.MANAGE_TEAMS, event=f"{kind}.{what}", obj=obj, object_type=kind)
     with transaction.atomic():
         before = _teams_using(obj)
-        deleted, _ = _USE_MODELS[type(obj)].objects.filter(team=team, **{kind: obj}).delete()
-        if deleted:
-            _record(
-                obj,
-                "use_revoked",
-                {"team": team.name, "before": before, "after": _teams_using(obj)},
-                user=user,
-                actor_kind=None,
-            )
+        if change(_USE_MODELS[type(obj)].objects, {"team": team, kind: obj}):
+            details = {"team": team.name, "before": before, "after": _teams_using(obj)}
+            _record(obj, what, details, user=user, actor_kind=None)

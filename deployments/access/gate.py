@@ -159,12 +159,7 @@ def _scope_q(user, permission: str, node_field: str = "pk") -> Q | bool:
 
 def nodes_for(user, permission: str) -> QuerySet[Node]:
     """Nodes where ``user`` has ``permission``, as one SQL query."""
-    q = _scope_q(user, permission)
-    if q is True:
-        return Node.objects.all()
-    if q is False:
-        return Node.objects.none()
-    return Node.objects.filter(q)
+    return _restrict(Node.objects.all(), _scope_q(user, permission))
 
 
 def annotate_permissions(nodes: QuerySet[Node], user) -> QuerySet[Node]:
@@ -355,12 +350,16 @@ def visible_nodes(user) -> QuerySet[Node]:
 
 def visible_deployments(user) -> QuerySet[Deployment]:
     """Deployments of nodes ``user`` may see."""
-    q = _scope_q(user, VIEW, node_field="node_id")
+    return _restrict(Deployment.objects.all(), _scope_q(user, VIEW, node_field="node_id"))
+
+
+def _restrict(queryset: QuerySet, q: Q | bool) -> QuerySet:
+    """``queryset`` narrowed by a ``_scope_q`` answer (True: all of it, False: none)."""
     if q is True:
-        return Deployment.objects.all()
+        return queryset
     if q is False:
-        return Deployment.objects.none()
-    return Deployment.objects.filter(q)
+        return queryset.none()
+    return queryset.filter(q)
 
 
 def node_for(user, name: str, permission: str = VIEW) -> Node:
@@ -464,10 +463,8 @@ def require_every(
 def visible_rollouts(user) -> QuerySet[Rollout]:
     """Rollouts with at least one node ``user`` may see (they see only those nodes' rows)."""
     q = _scope_q(user, VIEW, node_field="node_id")
-    if q is True:
-        return Rollout.objects.all()
-    if q is False:
-        return Rollout.objects.none()
+    if isinstance(q, bool):
+        return _restrict(Rollout.objects.all(), q)
     return Rollout.objects.filter(Exists(Deployment.objects.filter(q, rollout=OuterRef("pk"))))
 
 
