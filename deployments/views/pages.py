@@ -9,6 +9,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import BadRequest, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpResponseBadRequest, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -18,22 +19,43 @@ from ..access import gate
 from ..access.gate import ADMIN, DEPLOY, VIEW
 from ..errors import RequestError
 from ..forms import DeployForm, NodeForm, PinHostKeyForm
-from ..models import Credential, Deployment, Node, Repository
+from ..models import RUNNING_SYSTEM_ACTIONS, Credential, Deployment, Node, Repository
 from ..validators import validate_node_name, validate_search_text, validate_tag
 
 
-def _with_last_deployment(nodes):
+def _fleet(nodes):
+    """``nodes`` with what each runs and its last outcome, in the same query (correlated subqueries on
+    indexes: ``deployment_node_running``, ``deployment_node_recent``): the fleet view costs one query
+    per page of nodes, whatever their number or history.
+
+    What a node runs: its latest succeeded ``switch`` or ``test`` (``run_*``: commit, generation, when,
+    by whom).  Its last outcome: its latest deployment, whatever it was (``last_*``).
+    """
+    running = Deployment.objects.filter(
+        node=OuterRef("pk"), status=Deployment.Status.SUCCEEDED, action__in=RUNNING_SYSTEM_ACTIONS
+    ).order_by("-finished_at")
     last = Deployment.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-id")
-    return nodes.annotate(last_deployment_id=Subquery(last.values("id")[:1]))
+    return nodes.annotate(
+        run_id=Subquery(running.values("id")[:1]),
+        run_commit=Subquery(running.values("commit_sha")[:1]),
+        run_generation=Subquery(running.values("generation_after")[:1]),
+        run_at=Subquery(running.values("finished_at")[:1]),
+        run_by=Subquery(running.values("requested_by_name")[:1]),
+        last_id=Subquery(last.values("id")[:1]),
+        last_status=Subquery(last.values("status")[:1]),
+        last_action=Subquery(last.values("action")[:1]),
+        last_exit_code=Subquery(last.values("exit_code")[:1]),
+        last_at=Subquery(last.annotate(at=Coalesce("finished_at", "created_at")).values("at")[:1]),
+    )
 
 
-def _attach_last(nodes) -> list[Node]:
-    nodes = list(nodes)
-    ids = [n.last_deployment_id for n in nodes if n.last_deployment_id]
-    by_id = Deployment.objects.in_bulk(ids)
-    for n in nodes:
-        n.last_deployment = by_id.get(n.last_deployment_id)
-    return nodes
+# The fleet view's outcome filter: a last status, or never deployed.
+NEVER = "never"
+
+
+def _validate_outcome(value: str) -> None:
+    if value != NEVER and value not in Deployment.Status.values:
+        raise ValidationError(f"use one of {', '.join([*Deployment.Status.values, NEVER])}")
 
 
 def _filters(request, **validators) -> dict[str, str]:
@@ -61,15 +83,18 @@ def _filters(request, **validators) -> dict[str, str]:
 def dashboard(request):
     nodes = gate.annotate_permissions(gate.visible_nodes(request.user), request.user)
     nodes = nodes.prefetch_related("tags").select_related("repository")
-    filters = _filters(request, tag=validate_tag, q=None)
+    filters = _filters(request, tag=validate_tag, q=None, outcome=_validate_outcome)
     tag = filters["tag"]
     if tag:
         nodes = nodes.filter(tags__name=tag)
     query = filters["q"]
     if query:
         nodes = nodes.filter(name__icontains=query)
-    page = Paginator(_with_last_deployment(nodes).order_by("name"), 100).get_page(request.GET.get("page"))
-    page.object_list = _attach_last(page.object_list)
+    nodes = _fleet(nodes)
+    outcome = filters["outcome"]
+    if outcome:
+        nodes = nodes.filter(last_status__isnull=True) if outcome == NEVER else nodes.filter(last_status=outcome)
+    page = Paginator(nodes.order_by("name"), 100).get_page(request.GET.get("page"))
     active = gate.visible_deployments(request.user).filter(status__in=Deployment.ACTIVE).count()
     return render(
         request,
@@ -79,7 +104,10 @@ def dashboard(request):
             "nodes": page.object_list,
             "tag": tag,
             "q": query,
+            "outcome": outcome,
+            "outcomes": [*Deployment.Status.choices, (NEVER, "Never deployed")],
             "active_count": active,
+            "can_roll_out": gate.can(request.user, DEPLOY),
             "can_add_node": gate.may(request.user, gate.MANAGE_INVENTORY),
         },
     )
