@@ -14,6 +14,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from .. import inventory
@@ -66,6 +67,8 @@ def object_list(request, kind: str):
         {
             "objects": objects,
             "can_manage": gate.may(request.user, gate.MANAGE_INVENTORY),
+            "noun": kind.name,
+            "add_url": reverse(f"deployments:{kind.name}-add"),
         },
     )
 
