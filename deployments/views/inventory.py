@@ -68,6 +68,7 @@ def object_list(request, kind: str):
             "objects": objects,
             "can_manage": gate.may(request.user, gate.MANAGE_INVENTORY),
             "noun": kind.name,
+            "nouns": "repositories" if kind.name == "repository" else f"{kind.name}s",
             "add_url": reverse(f"deployments:{kind.name}-add"),
         },
     )

@@ -298,3 +298,13 @@ def test_a_repository_in_use_is_not_deleted(alice_client, world):
     response = alice_client.post(f"/repositories/{world.repository.pk}/delete/", follow=True)
     assert "still used by node db-1, node web-1" in all_text(response)
     assert Repository.objects.filter(pk=world.repository.pk).exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "text"), [("/credentials/", "No credentials yet."), ("/repositories/", "No repositories yet.")]
+)
+def test_an_empty_list_says_so_and_offers_the_first_one(db, alice_client, url, text):
+    Credential.objects.all().delete()
+    Repository.objects.all().delete()
+    page = alice_client.get(url).content.decode()
+    assert text in page and "Add the first" in page
