@@ -266,6 +266,22 @@ class Node:
         except (FileNotFoundError, OSError):
             return ""
 
+    def rebuild_runs(self) -> list[tuple[float, float | None, int | None, str]]:
+        """Every ``nixos-rebuild`` run on the node, from its own log: (start, end or None, exit code or
+        None, action), epoch seconds on the node's clock (the host's: nodes share its kernel)."""
+        try:
+            lines = (self._sshd_dir / "nixos-rebuild.runs").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        runs: dict[str, list] = {}
+        for line in lines:
+            kind, pid, at, rest = (line.split() + [""])[:4]
+            if kind == "start":
+                runs[pid] = [float(at), None, None, rest]
+            elif kind == "end" and pid in runs:
+                runs[pid][1], runs[pid][2] = float(at), int(rest)
+        return [tuple(r) for r in runs.values()]
+
     def system_profile(self) -> str:
         """Store path the system profile points at ('' if none)."""
         try:
@@ -348,6 +364,7 @@ def _local_session_env(node_dir: Path) -> dict[str, str]:
         "PATH": f"{node_dir / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         "TESTBED_SYSTEM_PROFILE": str(node_dir / "profiles" / "system"),
         "TESTBED_CURRENT_SYSTEM": str(node_dir / "run" / "current-system"),
+        "TESTBED_RUNS_LOG": str(node_dir / "run" / "testbed" / "nixos-rebuild.runs"),
         "XDG_CONFIG_HOME": str(node_dir / "xdg"),
     }
 
