@@ -106,3 +106,28 @@ def test_a_failing_deploy_shows_failed_with_its_exit_code_and_stderr(panel, page
     assert "Failed" in page.inner_text("#status")
     err_lines = page.eval_on_selector_all("#log .err", "els => els.map(e => e.textContent)")
     assert any("the following units failed" in t for t in err_lines), "stderr lines are marked"
+
+
+def test_a_rollout_page_follows_every_node_live_and_shows_a_failed_nodes_last_lines(panel, page):
+    """Started from the form; the page polls its JSON (rollout.js, under the policy) until the end, no reload."""
+    page.goto(panel.url + "/rollouts/new/")
+    page.fill("input[name=nodes]", "devm failing chatty")
+    page.fill("input[name=parallelism]", "2")
+    page.click("#rollout-button")
+    page.wait_for_url("**/rollouts/*/")
+    loaded_at = page.evaluate("performance.timeOrigin")
+    wait_js(page, "document.body.dataset.rolloutState === 'complete'", timeout=180)
+    assert page.evaluate("performance.timeOrigin") == loaded_at, "the page was never reloaded"
+    assert page.evaluate("window.panelRollout.polls") > 1, "it followed the rollout over several polls"
+    assert page.inner_text("#rollout-status").strip() == "Failed"
+    counts = {n: page.inner_text(f"[data-count={n}]") for n in ("succeeded", "failed", "queued", "running")}
+    assert counts == {"succeeded": "2", "failed": "1", "queued": "0", "running": "0"}
+    failed_row = page.locator("tr.rollout-node[data-status=failed]")
+    assert failed_row.locator(".node-link").inner_text() == "failing"
+    assert failed_row.locator(".cell-exit").inner_text() == "1"
+    tail = page.locator("tr.tail-row:not([hidden])")
+    assert tail.count() == 1
+    lines = tail.locator("pre span").all_inner_texts()
+    assert 0 < len(lines) <= 20 and any("the following units failed" in t for t in lines)
+    full_log = tail.locator("a").get_attribute("href")
+    assert page.goto(panel.url + full_log).status == 200
