@@ -178,9 +178,14 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env("DATABASE_URL", "")
+# Seconds a PostgreSQL connection is kept for reuse (0: one per request or query batch), checked before
+# reuse; daphne's database calls share one thread, so its log followers reuse one connection.
+DB_CONN_MAX_AGE = envint("PANEL_DB_CONN_MAX_AGE", 300)
 if DATABASE_URL:
     try:
-        DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
+        DATABASES = {
+            "default": dj_database_url.parse(DATABASE_URL, conn_max_age=DB_CONN_MAX_AGE, conn_health_checks=True)
+        }
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL: {exc}") from exc
 else:
@@ -206,7 +211,12 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": env("PANEL_REDIS_PREFIX", "panel")},
+            "CONFIG": {
+                # redis-py 8 reads with a 5 s socket timeout by default, no longer than channels-redis's
+                # blocking BZPOPMIN (5 s): an idle receiver then fails with TimeoutError (channels_redis#422).
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30, "socket_connect_timeout": 5}],
+                "prefix": env("PANEL_REDIS_PREFIX", "panel"),
+            },
         }
     }
 else:
@@ -222,6 +232,9 @@ HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
 # How often the WebSocket follower looks at the database when nothing is pushed.
 LOG_POLL_INTERVAL = envfloat("PANEL_LOG_POLL_INTERVAL", 0.05)
 LOG_FLUSH_INTERVAL = envfloat("PANEL_LOG_FLUSH_INTERVAL", 0.025)
+# How long the log writer retries a database that does not answer before it drops the lines it holds
+# (recording the gap on the deployment); meanwhile the SSH reader waits once 50,000 lines are held.
+LOG_STORE_GIVE_UP_AFTER = envfloat("PANEL_LOG_GIVE_UP_AFTER", 300.0)
 
 BROKER = env("PANEL_BROKER", "redis" if REDIS_URL else "orm")
 if BROKER not in ("orm", "redis"):

@@ -2,12 +2,15 @@
 
 On connect: permission through the gate (closed on denial, 4404 for an
 unseen deployment).  Then replay from the database after the client's last
-sequence number (``?after=N``; or only the last lines, ``?tail=N``), then follow: pushed "new lines" notices when
-a cross-process channel layer exists, and in any case a database poll, so a
-lost notice only delays lines, never loses them.  The database is the source:
-every line is sent once, in order, across reconnects.  Permission is checked
-again while following, so a revoked user's socket is closed; so is the socket of a session that
-has since logged out (or whose user was deactivated or changed password).
+sequence number (``?after=N``; or only the last lines, ``?tail=N``), then follow
+the deployment's shared feed (``logfeed``: one reader per deployment per
+process, fed by pushes or a database poll, its messages encoded once for every
+socket).  The database is the source: every line is sent once, in order,
+across reconnects.  Permission is checked again while following (once per
+session and period for all its sockets), so a revoked user's socket is closed;
+so is the socket of a session that has since logged out (or whose user was
+deactivated or changed password).  The panel's own close codes are 4000-4999:
+4403 no longer allowed, 4404 unseen, 4500 the follower failed.
 """
 
 from __future__ import annotations
@@ -22,17 +25,22 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.http import Http404
 
-from . import logstream
+from . import logfeed, logstream
 from .access.gate import deployment_for
-from .models import Deployment
 
 log = logging.getLogger(__name__)
 
-BATCH_LINES = 2000  # lines per WebSocket message
+BATCH_LINES = logfeed.BATCH_LINES  # lines per WebSocket message
 RECHECK_PERMISSION_EVERY = 2.0  # seconds
+CLOSE_FORBIDDEN, CLOSE_UNSEEN, CLOSE_FAILED = 4403, 4404, 4500
+_recheck = logfeed.SharedCheck()
 
 
 class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
+    # No channel-layer inbox per socket: the deployment's feed is this process's one member of its
+    # group, so a viewer costs Redis nothing (and never hits its receive timeout or connection limit).
+    channel_layer_alias = None
+
     async def connect(self) -> None:
         self.deployment_id = int(self.scope["url_route"]["kwargs"]["pk"])
         self.user = self.scope.get("user")
@@ -43,18 +51,13 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
         except ValueError:
             self.after, tail = -1, None
         if not await self._allowed():
-            await self.close(code=4404)
+            await self.close(code=CLOSE_UNSEEN)
             return
         skipped = 0
         if tail is not None and self.after < 0:
             # A page showing only the last ``tail`` lines need not download a million first.
             skipped = max(0, await database_sync_to_async(logstream.next_seq)(self.deployment_id) - max(tail, 0))
             self.after = skipped - 1
-        self.wakeup = asyncio.Event()
-        self.group = logstream.group_name(self.deployment_id)
-        self.push = logstream.has_push_layer()
-        if self.push:
-            await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         if skipped:
             await self.send_json({"type": "skipped", "count": skipped})
@@ -69,19 +72,11 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
         follower = getattr(self, "follower", None)
         if follower:
             follower.cancel()
-        if getattr(self, "push", False):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
 
     async def receive_json(self, content, **kwargs) -> None:
         # The page may only ask to resume from a sequence number; everything else is ignored.
         if isinstance(content, dict) and content.get("type") == "ping":
             await self.send_json({"type": "pong"})
-
-    async def log_new(self, event) -> None:
-        self.wakeup.set()
-
-    async def deployment_status(self, event) -> None:
-        self.wakeup.set()
 
     @database_sync_to_async
     def _allowed(self) -> bool:
@@ -92,49 +87,64 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
         return True
 
     @database_sync_to_async
-    def _fetch(self) -> tuple[list, dict]:
-        # Status first: a terminal status is written only after the last line,
-        # so lines read after it are complete.
-        status = Deployment.objects.get(pk=self.deployment_id).status_payload()
-        lines = logstream.lines_after(self.deployment_id, self.after, limit=BATCH_LINES * 5)
-        return lines, status
+    def _replay(self, before: int) -> list:
+        """Lines after ``self.after`` and before seq ``before`` (what the feed no longer or not yet holds)."""
+        return [
+            line
+            for line in logstream.lines_after(self.deployment_id, self.after, limit=BATCH_LINES * 5)
+            if line[0] < before
+        ]
 
     async def _follow(self) -> None:
-        last_status = None
+        feed = logfeed.join(self.deployment_id)
+        status_sent = 0
         last_check = time.monotonic()
-        # With pushes, the poll is only a safety net.
-        poll = settings.LOG_POLL_INTERVAL if not self.push else max(1.0, settings.LOG_POLL_INTERVAL)
         try:
             while True:
-                lines, status = await self._fetch()
-                for i in range(0, len(lines), BATCH_LINES):
-                    batch = lines[i : i + BATCH_LINES]
-                    await self.send_json({"type": "lines", "lines": batch})
-                    self.after = batch[-1][0]
-                if status != last_status:
-                    await self.send_json({"type": "status", **status})
-                    last_status = status
-                if lines and len(lines) >= BATCH_LINES * 5:
-                    continue  # more to replay: do not wait
-                if status["status"] in Deployment.TERMINAL and not lines:
-                    # Final status is only written after the last line is persisted.
-                    await self.send_json({"type": "end", "last_seq": self.after})
-                    return
-                if time.monotonic() - last_check > RECHECK_PERMISSION_EVERY:
-                    last_check = time.monotonic()
-                    if not await self._still_allowed():
-                        await self.close(code=4403)
+                changed = feed.changed
+                if feed.next_seq is not None:
+                    if self.after + 1 < feed.cache_start:
+                        lines = await self._replay(feed.cache_start)
+                        for i in range(0, len(lines), BATCH_LINES):
+                            batch = lines[i : i + BATCH_LINES]
+                            await self.send_json({"type": "lines", "lines": batch})
+                            self.after = batch[-1][0]
+                        if lines:
+                            continue
+                        # Nothing stored before the cache: the cache starts where the log did.
+                        self.after = max(self.after, feed.cache_start - 1)
+                    for text, last in feed.messages_after(self.after):
+                        await self.send(text_data=text)
+                        self.after = last
+                    if feed.status_version != status_sent:
+                        status_sent = feed.status_version
+                        await self.send(text_data=feed.status_text)
+                    if feed.complete and self.after + 1 >= feed.next_seq:
+                        await self.send_json({"type": "end", "last_seq": self.after})
                         return
-                self.wakeup.clear()
+                if time.monotonic() - last_check >= RECHECK_PERMISSION_EVERY:
+                    last_check = time.monotonic()
+                    if not await _recheck(self._recheck_key(), self._still_allowed, RECHECK_PERMISSION_EVERY):
+                        await self.close(code=CLOSE_FORBIDDEN)
+                        return
+                wait = max(0.0, RECHECK_PERMISSION_EVERY - (time.monotonic() - last_check))
                 try:
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=poll)
+                    await asyncio.wait_for(changed.wait(), timeout=wait)
                 except TimeoutError:
                     pass
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("log follower for deployment %s failed", self.deployment_id)
-            await self.close(code=1011)
+            await self.close(code=CLOSE_FAILED)
+        finally:
+            logfeed.leave(feed)
+
+    def _recheck_key(self) -> tuple:
+        """Sockets with the same answer share a re-check: the same session (or user) and deployment."""
+        session = self.scope.get("session")
+        session_key = getattr(session, "session_key", None) if session is not None else None
+        return (self.deployment_id, session_key or ("user", getattr(self.user, "pk", None)))
 
     @database_sync_to_async
     def _still_allowed(self) -> bool:

@@ -1,0 +1,186 @@
+"""Followers of one deployment share one reader per process; a follower on Redis never closes for lack of traffic."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+
+from deployments import logfeed, logstream
+from deployments.models import Deployment
+from deployments.routing import websocket_urlpatterns
+from tests.support.services import PrivateRedis
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def running(inventory):
+    return Deployment.objects.create(
+        node=inventory["node"], action="switch", commit_sha=inventory["sha"], flake_attr="devm", status="running"
+    )
+
+
+async def open_socket(user, pk, after=-1):
+    comm = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/deployments/{pk}/log/?after={after}")
+    comm.scope["user"] = user
+    connected, _ = await comm.connect(timeout=10)
+    assert connected
+    return comm
+
+
+async def read_until_end(comm, timeout=30):
+    lines, statuses = [], []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = await comm.receive_json_from(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["type"] == "lines":
+            lines.extend(msg["lines"])
+        elif msg["type"] == "status":
+            statuses.append(msg["status"])
+        elif msg["type"] == "end":
+            return lines, statuses
+
+
+def write_then_finish(pk, lines: int, *, pause: float = 0.0) -> threading.Thread:
+    def run():
+        writer = logstream.LogWriter(pk, flush_interval=0.005, max_batch=500)
+        for i in range(lines):
+            writer.write("out", f"line {i}")
+            if pause and i % 100 == 0:
+                time.sleep(pause)
+        writer.close()
+        Deployment.objects.filter(pk=pk).update(status="succeeded", exit_code=0)
+        logstream.notify(pk, {"type": "deployment.status"})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_many_followers_share_one_reader_and_each_gets_every_line_once(running, alice):
+    viewers = 30
+
+    async def scenario():
+        comms = [await open_socket(alice, running.pk) for _ in range(viewers)]
+        await asyncio.sleep(0.2)  # each socket's follower task starts after its handshake
+        feed = logfeed._feeds[running.pk]
+        assert feed.followers == viewers, "one feed for every socket of the deployment"
+        writer = await asyncio.to_thread(write_then_finish, running.pk, 5000, pause=0.01)
+        results = await asyncio.gather(*(read_until_end(c) for c in comms))
+        await asyncio.to_thread(writer.join)
+        reads = feed.reads
+        for c in comms:
+            await c.disconnect()
+        return results, reads
+
+    results, reads = async_to_sync(scenario)()
+    for lines, statuses in results:
+        assert [line[0] for line in lines] == list(range(5000))
+        assert lines[1234] == [1234, "o", "line 1234"]
+        assert statuses[-1] == "succeeded"
+    # One read per poll (50 ms) for all 30 sockets while ~0.5 s of lines arrive, not 30 per poll.
+    assert reads < 200
+    assert running.pk not in logfeed._feeds, "the last follower to leave stops the feed"
+
+
+def test_a_follower_joining_mid_log_reads_the_past_then_shares_the_feed(running, alice):
+    writer = logstream.LogWriter(running.pk, flush_interval=0.001, max_batch=100)
+    for i in range(1000):
+        writer.write("out", f"early {i}")
+    writer.close()
+
+    async def scenario():
+        first = await open_socket(alice, running.pk, after=999)
+        await asyncio.sleep(0.2)  # the feed starts at seq 1000
+        late = await open_socket(alice, running.pk, after=10)
+        thread = await asyncio.to_thread(write_then_finish_from, running.pk, 1000, 500)
+        a, b = await asyncio.gather(read_until_end(first), read_until_end(late))
+        await asyncio.to_thread(thread.join)
+        await first.disconnect()
+        await late.disconnect()
+        return a, b
+
+    (a, _), (b, _) = async_to_sync(scenario)()
+    assert [line[0] for line in a] == list(range(1000, 1500))
+    assert [line[0] for line in b] == list(range(11, 1500))
+
+
+def write_then_finish_from(pk, start, lines):
+    def run():
+        writer = logstream.LogWriter(pk, start_seq=start, flush_interval=0.005, max_batch=50)
+        for i in range(lines):
+            writer.write("out", f"late {i}")
+        writer.close()
+        Deployment.objects.filter(pk=pk).update(status="succeeded", exit_code=0)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def redis_layer(settings):
+    """The channels-redis layer as the panel configures it, on a private Redis of this test's own."""
+    from controlpanel import settings as panel_settings
+
+    with PrivateRedis() as redis:
+        config = {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [{**panel_settings_hosts(panel_settings), "address": redis.url}],
+                "prefix": "feedtest",
+            },
+        }
+        settings.CHANNEL_LAYERS = {"default": config}
+        yield redis
+
+
+def panel_settings_hosts(panel_settings) -> dict:
+    """The host options settings.py gives channels-redis (read from the module, whatever REDIS_URL is)."""
+    import importlib
+    import os
+
+    saved = os.environ.get("REDIS_URL")
+    os.environ["REDIS_URL"] = "redis://127.0.0.1:1/0"
+    try:
+        fresh = importlib.reload(panel_settings)
+        return dict(fresh.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"][0])
+    finally:
+        if saved is None:
+            os.environ.pop("REDIS_URL")
+        else:
+            os.environ["REDIS_URL"] = saved
+        importlib.reload(panel_settings)
+
+
+def test_a_follower_on_redis_idle_for_over_10_seconds_still_gets_the_next_line(
+    running, alice, redis_layer, monkeypatch
+):
+    # Only a push can deliver the line in time: the safety-net poll is pushed far out.
+    monkeypatch.setattr(logfeed, "PUSH_SAFETY_POLL", 60.0)
+
+    async def scenario():
+        comm = await open_socket(alice, running.pk)
+        first = await comm.receive_json_from(timeout=5)
+        assert first["type"] == "status"
+        assert await comm.receive_nothing(timeout=11, interval=0.5), "nothing to say while idle, and still open"
+        sent = time.monotonic()
+        await asyncio.to_thread(write_one, running.pk)
+        msg = await comm.receive_json_from(timeout=5)
+        took = time.monotonic() - sent
+        await comm.disconnect()
+        return msg, took
+
+    msg, took = async_to_sync(scenario)()
+    assert msg == {"type": "lines", "lines": [[0, "o", "after the quiet"]]}
+    assert took < 2, f"the push arrived {took:.1f} s after the line was stored"
+
+
+def write_one(pk):
+    writer = logstream.LogWriter(pk, flush_interval=0.001)
+    writer.write("out", "after the quiet")
+    writer.close()
