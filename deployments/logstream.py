@@ -12,17 +12,21 @@ falls ``max_pending`` lines behind, so memory stays flat however long the log.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import connection
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.utils import timezone
 
-from .models import LogChunk
+from .models import Deployment, LogChunk
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,22 @@ def has_push_layer() -> bool:
     return "InMemory" not in settings.CHANNEL_LAYERS["default"]["BACKEND"]
 
 
-def notify(deployment_id: int, message: dict) -> None:
-    """Tell live followers of the deployment something changed (best effort: they also poll)."""
+def notify(deployment_id: int, message: dict, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Tell live followers of the deployment something changed (best effort: they also poll).
+
+    ``loop``: an event loop of the calling thread's own to send from (the log writer keeps one, so its
+    Redis connection is reused across flushes instead of opened and closed for each).
+    """
     if not has_push_layer():
         return
     from channels.layers import get_channel_layer
 
     try:
-        async_to_sync(get_channel_layer().group_send)(group_name(deployment_id), message)
+        layer = get_channel_layer()
+        if loop is not None:
+            loop.run_until_complete(asyncio.wait_for(layer.group_send(group_name(deployment_id), message), timeout=5))
+        else:
+            async_to_sync(layer.group_send)(group_name(deployment_id), message)
     except Exception:  # noqa: BLE001 - a lost notification only delays followers until their next poll
         log.warning("could not notify followers of deployment %s", deployment_id, exc_info=True)
 
@@ -55,6 +67,9 @@ class LogSummary:
     line_count: int
     byte_count: int
     sha256: str
+    # Lines of output that could not be stored (the database stayed unreachable past the writer's
+    # patience) and were not yet recorded on the deployment as a gap; 0 normally.
+    unrecorded_lost_lines: int = 0
 
 
 def _clean(text: str) -> str:
@@ -62,8 +77,22 @@ def _clean(text: str) -> str:
     return text.replace("\x00", "\ufffd").replace("\r", "")
 
 
+# A connection refused, dropped or closed under us, or SQLite busy: worth trying again.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts to store a batch, doubling
+
+
 class LogWriter:
-    """Persists one deployment's log lines in order from a background thread."""
+    """Persists one deployment's log lines in order from a background thread.
+
+    Across a database outage it keeps the lines (``max_pending`` at most: then ``write`` blocks, which
+    holds the SSH reader back) and retries with back-off; a retried batch is never stored twice (the
+    unique ``(deployment, seq_start)`` tells an insert that committed before its answer was lost).
+    Only when the database stays unreachable for ``give_up_after`` seconds are the lines it holds
+    dropped, and then never silently: the next stored line says how many were lost and when, and the
+    deployment's ``log_gaps`` records where (``after_seq``) and how many.  ``on_flush`` (the heartbeat)
+    failing in an outage is logged and tried again at the next flush.
+    """
 
     def __init__(
         self,
@@ -73,12 +102,14 @@ class LogWriter:
         flush_interval: float | None = None,
         max_batch: int = 5000,
         max_pending: int = 50000,
+        give_up_after: float | None = None,
         on_flush: Callable[[], None] | None = None,
     ) -> None:
         self.deployment_id = deployment_id
         self.flush_interval = settings.LOG_FLUSH_INTERVAL if flush_interval is None else flush_interval
         self.max_batch = max_batch
         self.max_pending = max_pending
+        self.give_up_after = settings.LOG_STORE_GIVE_UP_AFTER if give_up_after is None else give_up_after
         self.on_flush = on_flush
         self._next_seq = start_seq
         self._pending: list[str] = []
@@ -86,8 +117,12 @@ class LogWriter:
         self._closed = False
         self._error: BaseException | None = None
         self._hash = hashlib.sha256()
+        self._lost = 0  # lines dropped and not yet recorded
+        self._lost_window: tuple[datetime, datetime] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.line_count = 0
         self.byte_count = 0
+        self.outages = 0  # times storing failed and was retried (for tests and logs)
         self._thread = threading.Thread(target=self._run, name=f"logwriter-{deployment_id}", daemon=True)
         self._thread.start()
 
@@ -113,10 +148,12 @@ class LogWriter:
         self._thread.join()
         if self._error:
             raise RuntimeError("log writer failed") from self._error
-        return LogSummary(self.line_count, self.byte_count, self._hash.hexdigest())
+        return LogSummary(self.line_count, self.byte_count, self._hash.hexdigest(), self._lost)
 
     def _run(self) -> None:
         try:
+            if has_push_layer():
+                self._loop = asyncio.new_event_loop()
             while True:
                 with self._cond:
                     if not self._pending and not self._closed:
@@ -124,37 +161,120 @@ class LogWriter:
                     elif not self._closed and len(self._pending) < self.max_batch:
                         # Let a batch gather for a moment; lines arrive in bursts.
                         self._cond.wait(self.flush_interval)
-                    batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                    done = self._closed and not self._pending
-                    self._cond.notify_all()
+                    batch = self._pending[: self.max_batch]
                 if batch:
-                    self._persist(batch)
-                elif self.on_flush:
-                    self.on_flush()
-                if done:
-                    return
+                    self._store(batch)
+                    with self._cond:
+                        # Taken off only once stored (or given up): a full buffer holds the reader back.
+                        del self._pending[: len(batch)]
+                        self._cond.notify_all()
+                else:
+                    self._flushed()
+                with self._cond:
+                    if self._closed and not self._pending:
+                        return
         except BaseException as exc:  # noqa: BLE001 - surfaced to the reader on its next write/close
             log.exception("log writer for deployment %s failed", self.deployment_id)
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
         finally:
+            if self._loop is not None:
+                self._loop.close()
             connection.close()
+
+    def _store(self, batch: list[str]) -> None:
+        """Store ``batch``, retrying across a database outage; drop it (as a recorded gap) after ``give_up_after``."""
+        failing_since = None
+        delay = RETRY_FIRST
+        while True:
+            try:
+                self._persist(batch)
+            except TRANSIENT_DB_ERRORS as exc:
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since, wall_since = now, timezone.now()
+                    self.outages += 1
+                    log.warning("log of deployment %s: cannot store lines (%s); retrying", self.deployment_id, exc)
+                _drop_connection()
+                if now - failing_since >= self.give_up_after:
+                    log.error(
+                        "log of deployment %s: database unreachable for %.0f s, %d lines lost",
+                        self.deployment_id,
+                        now - failing_since,
+                        len(batch),
+                    )
+                    self._lost += len(batch)
+                    start = self._lost_window[0] if self._lost_window else wall_since
+                    self._lost_window = (start, timezone.now())
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            if failing_since is not None:
+                log.warning(
+                    "log of deployment %s: stored again after %.1f s",
+                    self.deployment_id,
+                    time.monotonic() - failing_since,
+                )
+            return
 
     def _persist(self, batch: list[str]) -> None:
         start = self._next_seq
-        LogChunk.objects.create(
-            deployment_id=self.deployment_id, seq_start=start, seq_end=start + len(batch), data="\n".join(batch)
-        )
-        self._next_seq += len(batch)
-        for entry in batch:
+        entries = batch
+        gap = None
+        if self._lost:
+            first, last = self._lost_window
+            gap = {
+                "after_seq": start - 1,
+                "lines": self._lost,
+                "reason": f"database unreachable from {first:%Y-%m-%d %H:%M:%S} to {last:%H:%M:%S} UTC",
+            }
+            entries = [f"s[panel] {self._lost} lines of output were lost here: {gap['reason']}", *batch]
+        data = "\n".join(entries)
+        try:
+            with transaction.atomic():
+                LogChunk.objects.create(
+                    deployment_id=self.deployment_id, seq_start=start, seq_end=start + len(entries), data=data
+                )
+                if gap:
+                    row = Deployment.objects.select_for_update().only("log_gaps").get(pk=self.deployment_id)
+                    Deployment.objects.filter(pk=self.deployment_id).update(log_gaps=[*(row.log_gaps or []), gap])
+        except IntegrityError:
+            # An earlier attempt may have committed before the connection dropped: then it is ours already.
+            stored = LogChunk.objects.filter(deployment_id=self.deployment_id, seq_start=start).values_list(
+                "seq_end", "data"
+            )
+            if list(stored) != [(start + len(entries), data)]:
+                raise
+        if gap:
+            self._lost, self._lost_window = 0, None
+        self._next_seq += len(entries)
+        for entry in entries:
             encoded = (entry[1:] + "\n").encode()
             self._hash.update(encoded)
             self.byte_count += len(encoded)
-        self.line_count += len(batch)
-        notify(self.deployment_id, {"type": "log.new", "seq": self._next_seq})
-        if self.on_flush:
+        self.line_count += len(entries)
+        notify(self.deployment_id, {"type": "log.new", "seq": self._next_seq}, loop=self._loop)
+        self._flushed()
+
+    def _flushed(self) -> None:
+        if not self.on_flush:
+            return
+        try:
             self.on_flush()
+        except TRANSIENT_DB_ERRORS as exc:
+            # The heartbeat misses a beat; the next flush tries again (the reaper allows a minute).
+            log.warning("deployment %s: heartbeat not written (%s)", self.deployment_id, exc)
+            _drop_connection()
+
+
+def _drop_connection() -> None:
+    """Forget a broken connection so the next query opens a new one."""
+    try:
+        connection.close()
+    except Exception:  # noqa: BLE001 - closing a dead connection may fail; it is gone either way
+        pass
 
 
 def next_seq(deployment_id: int) -> int:

@@ -272,6 +272,9 @@ class Deployment(models.Model):
     line_count = models.PositiveIntegerField(default=0)
     byte_count = models.PositiveBigIntegerField(default=0)
     log_sha256 = models.CharField(max_length=64, blank=True)
+    # Lines the log writer could not store (the database stayed unreachable too long), each gap as
+    # {"after_seq": N, "lines": count, "reason": text}; empty when the stored log is complete.
+    log_gaps = models.JSONField(default=list, blank=True)
     # A rollout's node: its place in the rollout's order (canaries first); None for a single deployment.
     rollout = models.ForeignKey(Rollout, null=True, blank=True, on_delete=models.PROTECT, related_name="deployments")
     rollout_position = models.PositiveIntegerField(null=True, blank=True)
@@ -343,6 +346,7 @@ class Deployment(models.Model):
             "line_count": self.line_count,
             "byte_count": self.byte_count,
             "log_sha256": self.log_sha256,
+            "log_gaps": self.log_gaps,
             "cancel_requested": self.cancel_requested,
         }
 
