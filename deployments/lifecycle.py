@@ -116,26 +116,30 @@ def request_deployment(
                 trigger=trigger,
                 timeout_seconds=timeout_seconds,
             )
-            record(
-                "deployment.requested",
-                user=user,
-                actor_kind=actor_kind,
-                obj=deployment,
-                node=node,
-                details={
-                    "action": action,
-                    "revision": deployment.requested_revision,
-                    "commit": sha,
-                    "flake_attr": node.flake_attr,
-                    "trigger": trigger,
-                    **({"timeout_seconds": timeout_seconds} if timeout_seconds else {}),
-                },
-            )
+            _record_requested(deployment, user=user, actor_kind=actor_kind)
             transaction.on_commit(lambda: enqueue(deployment.pk))
     except IntegrityError:
         # The database's one-active-deployment constraint caught a race the check above missed.
         raise NodeBusy(f"Node {node.name} already has a deployment in progress.") from None
     return deployment
+
+
+def _record_requested(deployment: Deployment, *, user, actor_kind: str | None) -> None:
+    """The ``deployment.requested`` event of a new row, alone or in a rollout."""
+    details = {
+        "action": deployment.action,
+        "revision": deployment.requested_revision,
+        "commit": deployment.commit_sha,
+        "flake_attr": deployment.flake_attr,
+        "trigger": deployment.trigger,
+    }
+    if deployment.rollout_id:
+        details["rollout"] = deployment.rollout_id
+    if deployment.rollout_id or deployment.timeout_seconds:
+        details["timeout_seconds"] = deployment.timeout_seconds
+    record(
+        "deployment.requested", user=user, actor_kind=actor_kind, obj=deployment, node=deployment.node, details=details
+    )
 
 
 def enqueue(deployment_id: int) -> None:
@@ -291,22 +295,7 @@ def queue_in_rollout(
     try:
         with transaction.atomic():  # a savepoint: the one-active index may refuse this node alone
             deployment = Deployment.objects.create(rollout_position=position, **fields)
-            record(
-                "deployment.requested",
-                user=user,
-                actor_kind=actor_kind,
-                obj=deployment,
-                node=node,
-                details={
-                    "action": deployment.action,
-                    "revision": deployment.requested_revision,
-                    "commit": deployment.commit_sha,
-                    "flake_attr": deployment.flake_attr,
-                    "trigger": deployment.trigger,
-                    "rollout": rollout.pk,
-                    "timeout_seconds": timeout_seconds,
-                },
-            )
+            _record_requested(deployment, user=user, actor_kind=actor_kind)
         return deployment
     except IntegrityError:
         pass
