@@ -27,6 +27,11 @@ def test_alice_creates_a_team_gives_it_bob_and_a_tag_grant_and_bob_can_deploy(al
 
     page = alice_client.get(f"/teams/{team.pk}/").content.decode()
     assert "bob" in page and "Deployer" in page and "web" in page
+    # Each remove button says what it removes, and posts to its own URL.
+    grant = team.grants.get()
+    assert 'aria-label="Remove bob from web-team"' in page
+    assert f'aria-label="Remove grant {grant}"' in page
+    assert f'action="/teams/{team.pk}/grants/{grant.pk}/remove/"' in page
 
     client.force_login(bob)
     response = client.post("/api/nodes/web-1/deploy/", "{}", content_type="application/json")
