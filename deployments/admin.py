@@ -4,6 +4,7 @@ secrets are write-only; deployments and logs are read-only here."""
 from django.contrib import admin
 
 from . import inventory
+from .audit.admin import ReadOnlyAdmin
 from .forms import CredentialForm, NodeForm, RepositoryForm
 from .models import Credential, Deployment, Node, Repository, Tag
 
@@ -76,15 +77,8 @@ class NodeAdmin(AuditedAdmin):
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(admin.ModelAdmin):
+class DeploymentAdmin(ReadOnlyAdmin):
+    """Deployments change only through ``lifecycle``."""
+
     list_display = ["id", "node", "action", "status", "commit_sha", "requested_by_name", "created_at"]
     list_filter = ["status", "action"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -7,8 +7,21 @@ from deployments.access import gate
 from .models import AuditEvent
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows the admin shows and never adds, changes or deletes (their changes go through the panel)."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdmin):
     list_display = ["seq", "created_at", "actor_name", "action", "object_repr", "node_name", "outcome"]
     list_filter = ["outcome", "actor_kind"]
     search_fields = ["=actor_name", "=node_name", "=action", "=request_id"]
@@ -20,12 +33,3 @@ class AuditEventAdmin(admin.ModelAdmin):
 
     def has_view_permission(self, request, obj=None):
         return gate.may(request.user, gate.AUDIT)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
