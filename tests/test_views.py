@@ -165,3 +165,14 @@ def test_history_tables_show_outcome_commit_and_trigger(alice_client, inventory)
         assert f"#{d.pk}" in page and "exit 1" in page and "via Command line" in page
         assert inventory["sha"][:10] in page
     assert 'class="node-link" href="/nodes/web1/"' in alice_client.get("/deployments/").content.decode()
+
+
+def test_the_admin_shows_deployments_but_never_adds_changes_or_deletes_them(alice_client, inventory, alice):
+    from deployments import lifecycle
+
+    d = lifecycle.request_deployment(inventory["node"], action="switch", user=alice)
+    assert alice_client.get("/admin/deployments/deployment/").status_code == 200
+    assert alice_client.get("/admin/deployments/deployment/add/").status_code == 403
+    assert alice_client.post(f"/admin/deployments/deployment/{d.pk}/delete/", {"post": "yes"}).status_code == 403
+    page = alice_client.get(f"/admin/deployments/deployment/{d.pk}/change/").content.decode()
+    assert 'name="status"' not in page  # shown, not editable
