@@ -280,6 +280,10 @@ class Deployment(models.Model):
     rollout_position = models.PositiveIntegerField(null=True, blank=True)
     # Seconds the run may take on the node before the worker stops it (None: the panel's PANEL_DEPLOY_TIMEOUT).
     timeout_seconds = models.PositiveIntegerField(null=True, blank=True)
+    # The run's folder on the node: its output and exit status stay there until the panel has read them.
+    remote_dir = models.CharField(max_length=300, blank=True, editable=False)
+    # When ``lifecycle.reconcile_deployment`` recorded what the node says about this interrupted deployment.
+    reconciled_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
