@@ -4,6 +4,11 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from controlpanel.malloc import tune_malloc
+
+# daphne copies each log message once per viewer: keep those blocks on the heap (controlpanel/malloc.py).
+tune_malloc()
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlpanel.settings")
 django_asgi_app = get_asgi_application()
 

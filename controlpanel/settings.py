@@ -178,8 +178,8 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env("DATABASE_URL", "")
-# Seconds a PostgreSQL connection is kept for reuse (0: one per request or query batch), checked before
-# reuse; daphne's database calls share one thread, so its log followers reuse one connection.
+# Seconds a database connection is kept for reuse (0: one per request or query batch), checked before
+# reuse; daphne's database calls share one thread, so its log feeds reuse one connection.
 DB_CONN_MAX_AGE = envint("PANEL_DB_CONN_MAX_AGE", 300)
 if DATABASE_URL:
     try:
@@ -202,6 +202,8 @@ else:
             },
             # A file, not memory: the log writer thread and test servers need their own connections.
             "TEST": {"NAME": DATA_DIR / "test-panel.sqlite3"},
+            "CONN_MAX_AGE": DB_CONN_MAX_AGE,
+            "CONN_HEALTH_CHECKS": True,
         }
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

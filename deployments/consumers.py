@@ -86,15 +86,6 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
             return False
         return True
 
-    @database_sync_to_async
-    def _replay(self, before: int) -> list:
-        """Lines after ``self.after`` and before seq ``before`` (what the feed no longer or not yet holds)."""
-        return [
-            line
-            for line in logstream.lines_after(self.deployment_id, self.after, limit=BATCH_LINES * 5)
-            if line[0] < before
-        ]
-
     async def _follow(self) -> None:
         feed = logfeed.join(self.deployment_id)
         status_sent = 0
@@ -103,19 +94,9 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
             while True:
                 changed = feed.changed
                 if feed.next_seq is not None:
-                    if self.after + 1 < feed.cache_start:
-                        lines = await self._replay(feed.cache_start)
-                        for i in range(0, len(lines), BATCH_LINES):
-                            batch = lines[i : i + BATCH_LINES]
-                            await self.send_json({"type": "lines", "lines": batch})
-                            self.after = batch[-1][0]
-                        if lines:
-                            continue
-                        # Nothing stored before the cache: the cache starts where the log did.
-                        self.after = max(self.after, feed.cache_start - 1)
-                    for text, last in feed.messages_after(self.after):
+                    while (message := await feed.next_message(self.after)) is not None:
+                        text, self.after = message
                         await self.send(text_data=text)
-                        self.after = last
                     if feed.status_version != status_sent:
                         status_sent = feed.status_version
                         await self.send(text_data=feed.status_text)

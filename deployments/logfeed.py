@@ -11,18 +11,20 @@ poll stays as a slow safety net, so a lost push delays lines but never loses
 them.  A database or Redis error is retried with back-off; followers are never
 closed for it, nor for lack of traffic.
 
-A follower that is behind the cache (it joined mid-log, or the cache moved on)
-reads from the database itself until it reaches the cache, so every line is
-sent once, in order, whatever point it starts from.
+Messages are kept by their first sequence number: live ones as they are read,
+older ones when a follower asks for them (one read for all the followers at
+that place: viewers joining mid-log share the catch-up too).  Each follower
+walks them from its own last seq, so every line is sent once, in order,
+whatever point it starts from.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
@@ -34,7 +36,7 @@ from .models import Deployment, LogChunk
 log = logging.getLogger(__name__)
 
 BATCH_LINES = 2000  # lines per WebSocket message
-CACHE_LINES = 50_000  # lines a feed keeps for followers; one behind that reads the database
+CACHE_LINES = 200_000  # lines a feed keeps encoded (about 20 MB); older ones are read again when asked for
 FETCH_ROWS = 20  # log chunks a feed reads per query (a chunk holds up to 5,000 lines)
 PUSH_SAFETY_POLL = 1.0  # seconds between polls when pushes arrive
 MAX_BACKOFF = 5.0  # seconds between retries of a failing database or channel layer
@@ -50,26 +52,49 @@ class Message:
 
     first: int
     last: int
-    lines: list
     text: str
+
+    def after(self, seq: int) -> str:
+        """The message without its lines up to ``seq`` (a follower that stopped inside it)."""
+        if seq < self.first:
+            return self.text
+        lines = json.loads(self.text)["lines"]
+        return encode({"type": "lines", "lines": lines[seq + 1 - self.first :]})
+
+
+def _messages(seq_start: int, data: str) -> list[Message]:
+    """A stored chunk as messages of at most BATCH_LINES lines, always split at the same places."""
+    entries = data.split("\n")
+    out = []
+    for i in range(0, len(entries), BATCH_LINES):
+        part = entries[i : i + BATCH_LINES]
+        first = seq_start + i
+        lines = [[first + k, entry[:1], entry[1:]] for k, entry in enumerate(part)]
+        out.append(Message(first, first + len(part) - 1, encode({"type": "lines", "lines": lines})))
+    return out
 
 
 class Feed:
-    """The shared reader of one deployment's log in one process (see the module docstring)."""
+    """The shared reader of one deployment's log in one process (see the module docstring).
+
+    Messages are kept by their first seq, live ones as they are read and older ones when a follower
+    behind asks for them (one read for all followers at that place), up to ``CACHE_LINES`` lines.
+    """
 
     def __init__(self, deployment_id: int) -> None:
         self.deployment_id = deployment_id
         self.loop = asyncio.get_running_loop()
         self.followers = 0
-        self.cache: deque[Message] = deque()
+        self._messages: dict[int, Message] = {}
+        self._starts: list[int] = []  # sorted keys of _messages
         self.cached_lines = 0
         self.next_seq: int | None = None  # the seq the next stored line will get; None until the first read
-        self.cache_start = 0  # the first seq the cache holds (== next_seq while it is empty)
         self.status: dict | None = None
         self.status_text = ""
         self.status_version = 0
         self.complete = False  # the status is terminal and every line is in: no more reads
         self.reads = 0
+        self._loads: dict[int, asyncio.Future] = {}
         self._changed = asyncio.Event()
         self._poke = asyncio.Event()
         self.push = logstream.has_push_layer()
@@ -83,18 +108,64 @@ class Feed:
         """Set at the next change; take it before looking at the feed, then wait on it."""
         return self._changed
 
-    def messages_after(self, after: int) -> list[tuple[str, int]]:
-        """(text, last seq) of the cached lines after ``after``; the caller checked after + 1 >= cache_start."""
-        out = []
-        for message in self.cache:
-            if message.last <= after:
+    async def next_message(self, after: int) -> tuple[str, int] | None:
+        """(text, last seq) of the stored lines right after ``after``, or None if there are none yet."""
+        if self.next_seq is None or after + 1 >= self.next_seq:
+            return None
+        message = self._find(after + 1)
+        if message is None:
+            await self._load(after + 1)
+            message = self._find(after + 1)
+            if message is None:  # evicted at once under a flood of loads: read it for this follower only
+                return None
+        return message.after(after), message.last
+
+    def _find(self, seq: int) -> Message | None:
+        i = bisect.bisect_right(self._starts, seq) - 1
+        if i >= 0:
+            message = self._messages[self._starts[i]]
+            if message.first <= seq <= message.last:
+                return message
+        return None
+
+    def _add(self, message: Message) -> None:
+        if message.first in self._messages:
+            return
+        bisect.insort(self._starts, message.first)
+        self._messages[message.first] = message
+        self.cached_lines += message.last - message.first + 1
+
+    def _evict(self, keep: int) -> None:
+        """Drop the oldest messages beyond CACHE_LINES, never the one starting at ``keep``."""
+        i = 0
+        while self.cached_lines > CACHE_LINES and i < len(self._starts) - 1:
+            if self._starts[i] == keep:
+                i += 1
                 continue
-            if message.first > after:
-                out.append((message.text, message.last))
-            else:  # the follower stopped inside this message (it joined from the database)
-                rest = message.lines[after + 1 - message.first :]
-                out.append((encode({"type": "lines", "lines": rest}), message.last))
-        return out
+            message = self._messages.pop(self._starts.pop(i))
+            self.cached_lines -= message.last - message.first + 1
+
+    async def _load(self, seq: int) -> None:
+        """Read the stored chunks from the one holding ``seq`` on; followers asking for the same wait together."""
+        pending = self._loads.get(seq)
+        if pending is None:
+            pending = self._loads[seq] = self.loop.create_task(self._read_back(seq))
+            pending.add_done_callback(lambda _: self._loads.pop(seq, None))
+        await asyncio.shield(pending)
+
+    async def _read_back(self, seq: int) -> None:
+        rows = await database_sync_to_async(self._rows_from)(seq)
+        for seq_start, _seq_end, data in rows:
+            for message in _messages(seq_start, data):
+                self._add(message)
+        self._evict(keep=self._find(seq).first if self._find(seq) else -1)
+
+    def _rows_from(self, seq: int) -> list:
+        return list(
+            LogChunk.objects.filter(deployment_id=self.deployment_id, seq_end__gt=seq)
+            .order_by("seq_start")
+            .values_list("seq_start", "seq_end", "data")[:FETCH_ROWS]
+        )
 
     # -- reading -------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -142,25 +213,15 @@ class Feed:
 
     def _take(self, status: dict, rows: list, start: int) -> None:
         if self.next_seq is None:
-            self.next_seq = self.cache_start = start
+            self.next_seq = start
         for seq_start, seq_end, data in rows:
             if seq_start != self.next_seq:
                 # Chunks tile the sequence; a hole means the read raced a writer's commit order. Read again.
                 break
-            entries = data.split("\n")
-            for i in range(0, len(entries), BATCH_LINES):
-                part = entries[i : i + BATCH_LINES]
-                first = seq_start + i
-                lines = [[first + k, entry[:1], entry[1:]] for k, entry in enumerate(part)]
-                self.cache.append(
-                    Message(first, first + len(part) - 1, lines, encode({"type": "lines", "lines": lines}))
-                )
-                self.cached_lines += len(part)
+            for message in _messages(seq_start, data):
+                self._add(message)
             self.next_seq = seq_end
-        while self.cached_lines > CACHE_LINES and len(self.cache) > 1:
-            dropped = self.cache.popleft()
-            self.cached_lines -= dropped.last - dropped.first + 1
-        self.cache_start = self.cache[0].first if self.cache else self.next_seq
+        self._evict(keep=-1)
         if status != self.status:
             self.status = status
             self.status_text = encode({"type": "status", **status})

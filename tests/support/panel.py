@@ -27,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class Panel:
     """One running panel.  Processes are started with ``start()`` and stopped with ``stop()``."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, database_url: str | None = None, redis_url: str | None = None) -> None:
+        """``database_url``/``redis_url``: a server of the caller's own (tests/support/services.py);
+        by default those of the environment, if any."""
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,11 +44,16 @@ class Panel:
             "PANEL_HEARTBEAT_INTERVAL": "0.5",
             "PYTHONUNBUFFERED": "1",
         }
+        if database_url is not None:
+            self.env["DATABASE_URL"] = database_url
+        if redis_url is not None:
+            self.env["REDIS_URL"] = redis_url
+        self.database_url = self.env.get("DATABASE_URL", "")
         self._pg_db = None
-        if os.environ.get("DATABASE_URL", "").startswith("postgres"):
+        if self.database_url.startswith("postgres"):
             self._pg_db = f"panel_e2e_{self.token}"
             self._pg_admin(f'CREATE DATABASE "{self._pg_db}"')
-            parsed = urllib.parse.urlsplit(os.environ["DATABASE_URL"])
+            parsed = urllib.parse.urlsplit(self.database_url)
             self.env["DATABASE_URL"] = urllib.parse.urlunsplit(parsed._replace(path="/" + self._pg_db))
         # alice, the superuser persona; a password of this run's own, as the panel listens on the machine.
         self.user = "alice"
@@ -64,7 +71,7 @@ class Panel:
     def _pg_admin(self, sql: str) -> None:
         import psycopg
 
-        parsed = urllib.parse.urlsplit(os.environ["DATABASE_URL"])
+        parsed = urllib.parse.urlsplit(self.database_url)
         admin = urllib.parse.urlunsplit(parsed._replace(path="/postgres"))
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(sql)
