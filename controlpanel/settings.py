@@ -247,6 +247,8 @@ Q_CLUSTER = {
     "timeout": DEPLOY_TIMEOUT,
     # A deploy is never re-run by the queue: a re-deploy is a human decision.
     # retry > timeout keeps the broker from re-delivering a running task, and
+# How long the worker retries a deployment's status change (its claim, its end) across a database outage.
+DB_RETRY_FOR = envfloat("PANEL_DB_RETRY_FOR", 120.0)
     # the task's atomic claim makes a stray second delivery a no-op anyway.
     "retry": DEPLOY_TIMEOUT + 600,
     "max_attempts": 1,

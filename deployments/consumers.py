@@ -27,6 +27,7 @@ from django.http import Http404
 
 from . import logfeed, logstream
 from .access.gate import deployment_for
+from .dbretry import TRANSIENT_DB_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,13 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
                         return
                 if time.monotonic() - last_check >= RECHECK_PERMISSION_EVERY:
                     last_check = time.monotonic()
-                    if not await _recheck(self._recheck_key(), self._still_allowed, RECHECK_PERMISSION_EVERY):
+                    try:
+                        allowed = await _recheck(self._recheck_key(), self._still_allowed, RECHECK_PERMISSION_EVERY)
+                    except TRANSIENT_DB_ERRORS as exc:
+                        # Nothing can change a grant while the database is away; ask again next period.
+                        log.warning("deployment %s: permission re-check deferred: %s", self.deployment_id, exc)
+                        allowed = True
+                    if not allowed:
                         await self.close(code=CLOSE_FORBIDDEN)
                         return
                 wait = max(0.0, RECHECK_PERMISSION_EVERY - (time.monotonic() - last_check))

@@ -30,6 +30,7 @@ from .access import gate
 from .audit.writer import record
 from .errors import NodeBusy, RequestError
 from .models import Deployment, Node, Rollout
+from .dbretry import retrying
 from .validators import validate_revision
 
 Status = Deployment.Status
@@ -43,6 +44,7 @@ def _transition(
     deployment_id: int,
     *,
     expect: dict,
+@retrying  # a database blip must not lose a deployment's end (or claim): the UPDATE is conditional
     event: str,
     set_fields: dict,
     details=None,

@@ -31,6 +31,7 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 
 from . import logstream
+from .dbretry import TRANSIENT_DB_ERRORS
 from .models import Deployment, LogChunk
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,11 @@ class Feed:
             return None
         message = self._find(after + 1)
         if message is None:
-            await self._load(after + 1)
+            try:
+                await self._load(after + 1)
+            except TRANSIENT_DB_ERRORS as exc:
+                log.warning("log feed of deployment %s: %s; the follower waits", self.deployment_id, exc)
+                return None
             message = self._find(after + 1)
             if message is None:  # evicted at once under a flood of loads: read it for this follower only
                 return None

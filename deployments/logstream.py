@@ -23,9 +23,10 @@ from datetime import datetime
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from .dbretry import RETRY_FIRST, RETRY_MAX, TRANSIENT_DB_ERRORS, drop_connection
 from .models import Deployment, LogChunk
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,6 @@ class LogSummary:
 def _clean(text: str) -> str:
     # A stray NUL or lone CR would corrupt the newline-separated chunk format or the page.
     return text.replace("\x00", "\ufffd").replace("\r", "")
-
-
-# A connection refused, dropped or closed under us, or SQLite busy: worth trying again.
-TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
-RETRY_FIRST, RETRY_MAX = 0.05, 2.0  # seconds between attempts to store a batch, doubling
 
 
 class LogWriter:
@@ -196,7 +192,7 @@ class LogWriter:
                     failing_since, wall_since = now, timezone.now()
                     self.outages += 1
                     log.warning("log of deployment %s: cannot store lines (%s); retrying", self.deployment_id, exc)
-                _drop_connection()
+                drop_connection()
                 if now - failing_since >= self.give_up_after:
                     log.error(
                         "log of deployment %s: database unreachable for %.0f s, %d lines lost",
@@ -266,15 +262,7 @@ class LogWriter:
         except TRANSIENT_DB_ERRORS as exc:
             # The heartbeat misses a beat; the next flush tries again (the reaper allows a minute).
             log.warning("deployment %s: heartbeat not written (%s)", self.deployment_id, exc)
-            _drop_connection()
-
-
-def _drop_connection() -> None:
-    """Forget a broken connection so the next query opens a new one."""
-    try:
-        connection.close()
-    except Exception:  # noqa: BLE001 - closing a dead connection may fail; it is gone either way
-        pass
+            drop_connection()
 
 
 def next_seq(deployment_id: int) -> int:

@@ -122,3 +122,38 @@ def test_the_page_says_the_log_is_incomplete(deployment, alice_client):
     )
     page = alice_client.get(deployment.get_absolute_url()).content.decode()
     assert "Log incomplete" in page and "7 lines lost after line 41" in page
+
+
+def test_a_status_change_is_retried_across_a_blip_but_not_inside_a_transaction(settings):
+    from django.db import transaction
+
+    from deployments.dbretry import retrying
+
+    settings.DB_RETRY_FOR = 5
+    calls = []
+
+    @retrying
+    def change():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("terminating connection due to administrator command")
+        return "done"
+
+    assert change() == "done" and len(calls) == 3
+    calls.clear()
+    with transaction.atomic(), pytest.raises(OperationalError):
+        change()  # the caller's transaction is gone: only the caller can start it again
+    assert len(calls) == 1
+
+
+def test_a_blip_gives_up_after_its_time(settings):
+    from deployments.dbretry import retrying
+
+    settings.DB_RETRY_FOR = 0.2
+
+    @retrying
+    def never():
+        raise OperationalError("connection refused")
+
+    with pytest.raises(OperationalError):
+        never()

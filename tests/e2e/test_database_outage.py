@@ -1,0 +1,73 @@
+"""A database blip mid-deploy breaks nothing: PostgreSQL (a private one) stopped for 5 s while a followed
+deploy prints its log; the deployment still succeeds, the stored log is complete, the follower gets every
+line once, and nothing stays running."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tests.support.panel import Browser, Panel, read_log
+from tests.support.processes import matching
+from tests.support.services import PrivatePostgres, PrivateRedis
+from tests.support.testbed import NodeConfigSpec, make_flake_repo
+from tests.support.wait import wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+PACED_LINES = 1500  # at 100 lines/s: 15 s of activation output
+OUTAGE = 5.0  # seconds
+
+
+@pytest.fixture(scope="module")
+def outage_panel(tmp_path_factory, testbed):
+    repo = tmp_path_factory.mktemp("outage-fleet") / "flake"
+    make_flake_repo(repo, {"paced": NodeConfigSpec(extra_lines=PACED_LINES, lines_per_second=100)})
+    with PrivatePostgres() as pg, PrivateRedis() as redis:
+        panel = Panel(tmp_path_factory.mktemp("outage-panel"), database_url=pg.url, redis_url=redis.url)
+        node = testbed.add_node(f"e2e-outage-{testbed.token}")
+        try:
+            panel.register_nodes([("paced", "paced", node)], repo_path=repo)
+            panel.start()
+            yield panel, pg, node
+        finally:
+            panel.stop()
+
+
+def test_postgres_stopped_for_5_seconds_mid_deploy_loses_nothing(outage_panel):
+    panel, pg, node = outage_panel
+    browser = Browser(panel)
+    browser.login()
+    system_before = node.current_system()
+    pk = browser.deploy("paced")
+    followed: dict = {}
+    follower = threading.Thread(target=lambda: followed.update(asyncio.run(read_log(panel, browser, pk, timeout=180))))
+    follower.start()
+    # Let the activation print for a few seconds, then take the database away under it.
+    time.sleep(5)
+    pg.stop("fast")
+    time.sleep(OUTAGE)
+    pg.start()
+    follower.join(200)
+    assert followed.get("ended"), f"the follower did not see the end: {followed.get('close_code')}\n{panel.logs()}"
+
+    seqs = [line[0] for line in followed["lines"]]
+    assert seqs == list(range(len(seqs))), "every line once, in order, through the outage"
+    paced = [line[2] for line in followed["lines"] if " paced line " in line[2]]
+    assert [int(t.split(" paced line ")[1][:8]) for t in paced] == list(range(1, PACED_LINES + 1))
+    assert followed["statuses"][-1]["status"] == "succeeded", followed["statuses"][-1]
+    assert followed["statuses"][-1]["log_gaps"] == []
+
+    # The stored log (a late reader replays it from the database) is the same, complete.
+    late = asyncio.run(read_log(panel, browser, pk, timeout=60))
+    assert late["lines"] == followed["lines"]
+    # The node finished its activation; nothing of the deployment is left running.
+    assert node.current_system() != system_before
+    _, _, body = browser.request("GET", f"/api/deployments/{pk}/")
+    assert b'"status": "succeeded"' in body
+    wait_for(
+        lambda: not matching(node.processes(), "nixos-rebuild"), timeout=30, what="nothing of the run left on the node"
+    )
