@@ -237,6 +237,8 @@ LOG_FLUSH_INTERVAL = envfloat("PANEL_LOG_FLUSH_INTERVAL", 0.025)
 # How long the log writer retries a database that does not answer before it drops the lines it holds
 # (recording the gap on the deployment); meanwhile the SSH reader waits once 50,000 lines are held.
 LOG_STORE_GIVE_UP_AFTER = envfloat("PANEL_LOG_GIVE_UP_AFTER", 300.0)
+# How long the worker retries a deployment's status change (its claim, its end) across a database outage.
+DB_RETRY_FOR = envfloat("PANEL_DB_RETRY_FOR", 120.0)
 
 BROKER = env("PANEL_BROKER", "redis" if REDIS_URL else "orm")
 if BROKER not in ("orm", "redis"):
@@ -247,8 +249,6 @@ Q_CLUSTER = {
     "timeout": DEPLOY_TIMEOUT,
     # A deploy is never re-run by the queue: a re-deploy is a human decision.
     # retry > timeout keeps the broker from re-delivering a running task, and
-# How long the worker retries a deployment's status change (its claim, its end) across a database outage.
-DB_RETRY_FOR = envfloat("PANEL_DB_RETRY_FOR", 120.0)
     # the task's atomic claim makes a stray second delivery a no-op anyway.
     "retry": DEPLOY_TIMEOUT + 600,
     "max_attempts": 1,

@@ -28,9 +28,9 @@ from django.utils import timezone
 from . import logstream, repos
 from .access import gate
 from .audit.writer import record
+from .dbretry import retrying
 from .errors import NodeBusy, RequestError
 from .models import Deployment, Node, Rollout
-from .dbretry import retrying
 from .validators import validate_revision
 
 Status = Deployment.Status
@@ -40,11 +40,11 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+@retrying  # a database blip must not lose a deployment's end (or claim): the UPDATE is conditional
 def _transition(
     deployment_id: int,
     *,
     expect: dict,
-@retrying  # a database blip must not lose a deployment's end (or claim): the UPDATE is conditional
     event: str,
     set_fields: dict,
     details=None,
