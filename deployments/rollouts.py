@@ -15,7 +15,11 @@ while the rollout waits for a slot.
 ``advance_rollout`` hands positions to the worker.  It runs after the request,
 whenever one of the rollout's deployments ends (``lifecycle`` calls
 ``node_ended`` after commit), and every minute as a safety net; any number of
-copies may run at once.  Positions are handed out by a compare-and-swap on
+copies may run at once.  What it hands out is the task ``run_node``: it runs its
+node's deployment and then, while the rollout has a free slot, takes the next
+position itself and runs it in the same worker (``advance_rollout(keep=True)``),
+instead of a trip through the broker and a new task per node: a slot freed by
+one node is taken by the next within milliseconds.  Positions are handed out by a compare-and-swap on
 ``Rollout.dispatched`` (``UPDATE … SET dispatched=d+k WHERE dispatched=d AND
 status='running'``): ``k`` is the free slots counted *before* the swap, and a
 slot can only free up in between (starting takes a swap), so parallelism is
@@ -32,7 +36,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -72,6 +78,13 @@ TAIL_LINES = 20
 
 # Set while this thread advances a rollout: the cancels it makes must not advance it again from inside.
 _advancing: contextvars.ContextVar[int | None] = contextvars.ContextVar("advancing_rollout", default=None)
+# Set while ``run_node`` runs one of the rollout's deployments: when it ends, ``run_node`` advances (and
+# takes the next node itself), so ``node_ended`` leaves it be.
+_in_slot: contextvars.ContextVar[int | None] = contextvars.ContextVar("rollout_slot", default=None)
+# Time left in a run_node task before it takes another node: the most that node may run, and this margin.
+CHAIN_MARGIN = 300
+# A handed-out node still queued after this long (its task lost, its worker gone) is handed out again.
+REHAND_AFTER = 120
 
 
 @dataclass
@@ -283,7 +296,7 @@ def node_ended(rollout_id: int) -> None:
     Inside ``advance_rollout`` itself (its own cancels end deployments) this does nothing: the
     running advance counts again.  Should advancing fail here, the queue retries it in a worker.
     """
-    if _advancing.get() == rollout_id:
+    if rollout_id in (_advancing.get(), _in_slot.get()):
         return
     try:
         advance_rollout(rollout_id)
@@ -370,24 +383,29 @@ def _transition(
     return True
 
 
-def advance_rollout(rollout_id: int) -> str:
+def advance_rollout(rollout_id: int, *, keep: bool = False) -> str | int | None:
     """Start the rollout's next nodes up to its parallelism, pass or fail its canaries, apply its failure
     policy, and finish it when its last node has ended.  Idempotent; safe to run in many places at once.
-    Returns the rollout's status (the django-q2 task's result)."""
+
+    Returns the rollout's status (the django-q2 task's result); with ``keep``, the deployment id of one
+    started node that the caller runs itself instead of handing it out (or None).
+    """
     token = _advancing.set(rollout_id)
     try:
-        return _advance(rollout_id)
+        status, kept = _advance(rollout_id, keep)
+        return kept if keep else status
     finally:
         _advancing.reset(token)
 
 
-def _advance(rollout_id: int) -> str:
+def _advance(rollout_id: int, keep: bool) -> tuple[str, int | None]:
+    kept = None
     while True:
         rollout = Rollout.objects.filter(pk=rollout_id).first()
         if rollout is None:
-            return "gone"
+            return "gone", kept
         if rollout.status in Rollout.TERMINAL:
-            return rollout.status
+            return rollout.status, kept
         tally = _tally(rollout)
         if rollout.status == Status.RUNNING:
             in_canary = rollout.canary_count and rollout.canary_passed_at is None
@@ -437,7 +455,10 @@ def _advance(rollout_id: int) -> str:
                         rollout_position__lt=last,
                         status=DStatus.QUEUED,
                     ).values_list("pk", flat=True):
-                        lifecycle.enqueue(pk)
+                        if keep and kept is None:
+                            kept = pk
+                        else:
+                            hand_out(pk)
                 # Either way, count again: another copy moved, or some started ones had already ended.
                 continue
         else:
@@ -448,7 +469,62 @@ def _advance(rollout_id: int) -> str:
         if tally.active == 0:
             _finish(rollout, tally)
             continue
-        return rollout.status
+        return rollout.status, kept
+
+
+def hand_out(deployment_id: int) -> None:
+    """Give a started node to django-q2 as a ``run_node`` task (only the id), allowed to run on to further
+    nodes of its rollout (``CHAIN_TIMEOUT``)."""
+    from django_q.tasks import async_task
+
+    async_task(
+        "deployments.rollouts.run_node",
+        deployment_id,
+        task_name=f"deployment-{deployment_id}",
+        ack_failure=True,
+        timeout=chain_timeout(),
+    )
+
+
+def chain_timeout() -> int:
+    """How long a ``run_node`` task may run: two deployments at the panel's ceiling."""
+    return 2 * settings.DEPLOY_TIMEOUT
+
+
+def run_node(deployment_id: int) -> str:
+    """The task a rollout hands out: run this node's deployment (``tasks.run_deployment``), then, while the
+    rollout has a free slot and this task has time left for another node's timeout, the next one, here.
+
+    If anything goes wrong between nodes, the rollout is advanced the ordinary way (its next nodes are
+    handed out), so a broken task never stalls it.
+    """
+    from . import tasks
+
+    rollout_id = Deployment.objects.filter(pk=deployment_id).values_list("rollout_id", flat=True).first()
+    started = time.monotonic()
+    token = _in_slot.set(rollout_id)
+    status, next_id = "skipped", deployment_id
+    try:
+        while next_id is not None:
+            status = tasks.run_deployment(next_id)
+            next_id = None
+            if rollout_id is None:
+                break
+            next_id = advance_rollout(rollout_id, keep=True)
+            if next_id is not None and not _time_for(next_id, time.monotonic() - started):
+                hand_out(next_id)
+                next_id = None
+    finally:
+        _in_slot.reset(token)
+        if rollout_id is not None and next_id is not None:
+            node_ended(rollout_id)  # an error between nodes: the kept one is handed out again later
+    return status
+
+
+def _time_for(deployment_id: int, elapsed: float) -> bool:
+    own = Deployment.objects.filter(pk=deployment_id).values_list("timeout_seconds", flat=True).first()
+    most = min(own or settings.DEPLOY_TIMEOUT, settings.DEPLOY_TIMEOUT)
+    return elapsed + most + CHAIN_MARGIN <= chain_timeout()
 
 
 def _stop_nodes(rollout: Rollout) -> None:
@@ -480,12 +556,36 @@ def _finish(rollout: Rollout, tally: Tally) -> None:
 
 
 def advance_active_rollouts() -> int:
-    """Advance every unfinished rollout (a schedule, every minute): a rollout whose trigger was lost
-    — its process died between a node's end and the advance — still goes on.  Returns how many."""
+    """Advance every unfinished rollout (a schedule, every minute): a rollout whose trigger was lost —
+    its process died between a node's end and the advance — still goes on.  A node handed out but still
+    queued while nothing of its rollout has started for ``REHAND_AFTER`` seconds and the broker holds no
+    waiting task (its task or worker was lost) is handed out again: the worker's claim makes a second
+    delivery harmless.  Returns how many rollouts it advanced."""
     ids = list(Rollout.objects.filter(status__in=Rollout.ACTIVE).values_list("pk", flat=True))
+    quiet = timezone.now() - timedelta(seconds=REHAND_AFTER)
     for pk in ids:
         advance_rollout(pk)
+        rollout = Rollout.objects.get(pk=pk)
+        waiting = Deployment.objects.filter(
+            rollout_id=pk, status=DStatus.QUEUED, rollout_position__lt=rollout.dispatched
+        )
+        latest = Deployment.objects.filter(rollout_id=pk, started_at__isnull=False).order_by("-started_at")
+        last_start = latest.values_list("started_at", flat=True).first() or rollout.created_at
+        if rollout.status == Status.RUNNING and last_start < quiet and waiting.exists() and _queue_empty():
+            for d in waiting.values_list("pk", flat=True):
+                hand_out(d)
     return len(ids)
+
+
+def _queue_empty() -> bool:
+    """True when the broker holds no task waiting for a worker (then a handed-out node still queued was lost;
+    otherwise it is only waiting for a free worker).  False when the broker cannot tell."""
+    try:
+        from django_q.brokers import get_broker
+
+        return not get_broker().queue_size()
+    except Exception:  # noqa: BLE001 - a broker that does not answer: hand nothing out twice
+        return False
 
 
 # --- what pages, the API and the command line show ------------------------------------------------

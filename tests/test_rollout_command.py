@@ -10,7 +10,7 @@ import sys
 import pytest
 from django.core.management import CommandError, call_command
 
-from deployments import lifecycle
+from deployments import rollouts
 from deployments.audit.models import AuditEvent
 from deployments.models import Deployment, Rollout
 from tests.support import personas
@@ -40,7 +40,7 @@ def deploy(capsys, *args) -> tuple[int, str, str]:
 
 def test_a_rollout_by_tag_prints_each_line_with_its_node_and_a_summary_table(fleet, monkeypatch, capsys):
     worker = ThreadWorker()
-    monkeypatch.setattr(lifecycle, "enqueue", worker.enqueue)
+    monkeypatch.setattr(rollouts, "hand_out", worker.enqueue)
     status, out, err = deploy(capsys, "--tag", "db", "--parallel", "2", "--follow")
     worker.join()
     assert status == 0, err
@@ -56,7 +56,7 @@ def test_a_rollout_by_tag_prints_each_line_with_its_node_and_a_summary_table(fle
 
 def test_any_node_that_did_not_succeed_makes_the_exit_status_1(fleet, monkeypatch, capsys):
     worker = ThreadWorker(outcome=lambda name: "failed" if name == "web-04" else "succeeded")
-    monkeypatch.setattr(lifecycle, "enqueue", worker.enqueue)
+    monkeypatch.setattr(rollouts, "hand_out", worker.enqueue)
     status, out, err = deploy(capsys, "--tag", "web", "--canary", "1", "--follow")
     worker.join()
     assert status == 1
@@ -68,7 +68,7 @@ def test_any_node_that_did_not_succeed_makes_the_exit_status_1(fleet, monkeypatc
 
 def test_names_and_tags_combine_and_without_follow_it_exits_0_once_queued(fleet, monkeypatch, capsys):
     worker = StandInWorker()
-    monkeypatch.setattr(lifecycle, "enqueue", worker.enqueue)
+    monkeypatch.setattr(rollouts, "hand_out", worker.enqueue)
     status, out, err = deploy(capsys, "--tag", "db", "--node", "web-05", "--node", "web-06", "--timeout", "60")
     assert status == 0, err
     rollout = Rollout.objects.get()
@@ -91,7 +91,7 @@ def test_names_and_tags_combine_and_without_follow_it_exits_0_once_queued(fleet,
 )
 def test_refusals_exit_2_and_start_nothing(fleet, monkeypatch, capsys, args, message):
     worker = StandInWorker()
-    monkeypatch.setattr(lifecycle, "enqueue", worker.enqueue)
+    monkeypatch.setattr(rollouts, "hand_out", worker.enqueue)
     status, out, err = deploy(capsys, *args)
     assert status == 2 and message in err, err
     assert not Rollout.objects.exists() and not worker.handed
@@ -99,7 +99,7 @@ def test_refusals_exit_2_and_start_nothing(fleet, monkeypatch, capsys, args, mes
 
 def test_a_forbidden_node_refuses_the_whole_rollout_as_that_user(fleet, monkeypatch, capsys):
     worker = StandInWorker()
-    monkeypatch.setattr(lifecycle, "enqueue", worker.enqueue)
+    monkeypatch.setattr(rollouts, "hand_out", worker.enqueue)
     user = personas.person("dora")
     personas.grant(user, "deployer", tag="db")
     personas.grant(user, "viewer", tag="web", team_name="web-viewers")
@@ -113,7 +113,7 @@ def test_a_forbidden_node_refuses_the_whole_rollout_as_that_user(fleet, monkeypa
 
 def test_cancel_rollout_stops_it_from_the_command_line(fleet, monkeypatch, capsys):
     worker = StandInWorker()
-    monkeypatch.setattr(lifecycle, "enqueue", worker.enqueue)
+    monkeypatch.setattr(rollouts, "hand_out", worker.enqueue)
     deploy(capsys, "--tag", "web", "--parallel", "2")
     rollout = Rollout.objects.get()
     worker.claim_all()

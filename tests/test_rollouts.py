@@ -25,7 +25,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def worker(monkeypatch):
     w = StandInWorker()
-    monkeypatch.setattr(lifecycle, "enqueue", w.enqueue)
+    monkeypatch.setattr(rollouts, "hand_out", w.enqueue)
     return w
 
 
@@ -263,7 +263,7 @@ def test_a_busy_node_is_skipped_with_the_reason_and_the_rollout_does_not_succeed
     worker.run_all()
     r.refresh_from_db()
     assert r.status == "failed"
-    assert worker.handed.count(busy.pk) == 1, "the busy node's own deployment only (the single deploy)"
+    assert busy.pk not in worker.handed, "the rollout never handed out the busy node's own deployment"
 
 
 def test_a_timeout_is_stored_on_each_nodes_deployment(fleet, worker, alice):
@@ -339,3 +339,71 @@ def test_the_schedule_advances_a_rollout_whose_trigger_was_lost(fleet, worker, a
     assert len(worker.handed) == 1
     assert rollouts.advance_active_rollouts() == 1
     assert len(worker.handed) == 2
+
+
+# --- run_node: a handed-out task runs on to the next nodes itself -----------------------------------------
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """A stand-in ``tasks.run_deployment`` that claims and succeeds at once; the ids it ran, in order."""
+    from deployments import tasks
+
+    done = []
+
+    def run_deployment(pk):
+        if not lifecycle.claim(pk):
+            return "skipped"
+        done.append(pk)
+        lifecycle.finish(pk, "succeeded", exit_code=0)
+        return "succeeded"
+
+    monkeypatch.setattr(tasks, "run_deployment", run_deployment)
+    return done
+
+
+def test_one_handed_out_task_runs_the_next_nodes_itself_while_a_slot_is_free(fleet, worker, alice, ran):
+    r = rollout_of(alice, tags=["db"], parallelism=1)
+    assert len(worker.handed) == 1
+    rollouts.run_node(worker.handed[0])
+    assert len(ran) == 4 and len(worker.handed) == 1, "one task ran the four nodes one after another"
+    r.refresh_from_db()
+    assert r.status == "succeeded"
+
+
+def test_a_task_keeps_one_node_and_hands_out_the_others_when_more_slots_open(fleet, worker, alice, ran):
+    r = rollout_of(alice, tags=["db"], parallelism=3, canary=1)
+    rollouts.run_node(worker.handed[0])  # the canary passes: three slots, one kept, two handed out
+    assert len(worker.handed) == 3
+    for pk in worker.handed[1:]:
+        rollouts.run_node(pk)
+    assert sorted(ran) == sorted(r.deployments.values_list("pk", flat=True))
+    r.refresh_from_db()
+    assert r.status == "succeeded"
+
+
+def test_a_task_without_time_for_another_nodes_timeout_hands_it_out(fleet, worker, alice, ran, settings):
+    settings.DEPLOY_TIMEOUT = 100  # a chained node could run 100 s more; the task may run 200 s in all
+    r = rollout_of(alice, tags=["db"], parallelism=1)
+    rollouts.run_node(worker.handed[0])
+    assert len(ran) == 1 and len(worker.handed) == 2, "the next node went to the queue, not this task"
+    r.refresh_from_db()
+    assert r.status == "running"
+
+
+def test_a_node_whose_task_was_lost_is_handed_out_again(fleet, worker, alice, monkeypatch):
+    r = rollout_of(alice, tags=["db"], parallelism=2)
+    lost = list(worker.handed)
+    worker.handed.clear()  # the broker lost both tasks
+    monkeypatch.setattr(rollouts, "_queue_empty", lambda: True)
+    assert rollouts.advance_active_rollouts() == 1 and worker.handed == [], "not before REHAND_AFTER"
+    monkeypatch.setattr(rollouts, "REHAND_AFTER", 0)
+    monkeypatch.setattr(rollouts, "_queue_empty", lambda: False)
+    rollouts.advance_active_rollouts()
+    assert worker.handed == [], "tasks still waiting in the broker: nothing handed out twice"
+    monkeypatch.setattr(rollouts, "_queue_empty", lambda: True)
+    rollouts.advance_active_rollouts()
+    assert sorted(worker.handed) == sorted(lost)
+    worker.run_all()
+    r.refresh_from_db()
+    assert r.status == "succeeded"

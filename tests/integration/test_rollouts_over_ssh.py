@@ -1,8 +1,8 @@
 """Rollouts over real SSH to NixOS-like testbed nodes: by tag, parallelism measured on the nodes themselves,
 canaries, failure policies, cancel mid-rollout, timeout.
 
-The worker is in-process: what a rollout hands to the queue runs ``tasks.run_deployment`` in a thread of
-a pool larger than any parallelism here, so the rollout alone limits how many run at once.  Overlap is
+The worker is in-process: what a rollout hands to the queue (``run_node``) runs in a thread of a pool
+larger than any parallelism here, so the rollout alone limits how many run at once.  Overlap is
 read from each node's own run log (the ``nixos-rebuild`` stand-in writes each run's start and end).
 """
 
@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django.db import connection
 
-from deployments import lifecycle, logstream, rollouts, tasks
+from deployments import logstream, rollouts, tasks
 from deployments.audit.models import AuditEvent
 from deployments.models import Deployment, Rollout, Tag
 from deployments.rollouts import Options
@@ -48,16 +48,17 @@ def flake_repo(_rollout_repo):
 
 @pytest.fixture
 def worker(monkeypatch):
-    """Runs each deployment the rollout hands out in a thread, over SSH, as a qcluster worker would."""
+    """Runs each task the rollout hands out (``run_node``: its node, then the next ones while a slot is
+    free) in a thread, over SSH, as a qcluster worker would."""
     pool = ThreadPoolExecutor(max_workers=16)
 
     def run(pk):
         try:
-            tasks.run_deployment(pk)
+            rollouts.run_node(pk)
         finally:
             connection.close()
 
-    monkeypatch.setattr(lifecycle, "enqueue", lambda pk: pool.submit(run, pk))
+    monkeypatch.setattr(rollouts, "hand_out", lambda pk: pool.submit(run, pk))
     yield pool
     pool.shutdown(wait=True, cancel_futures=False)
 

@@ -1,5 +1,6 @@
 """A fleet of nodes for rollout tests, and two stand-ins for the worker that take what a rollout hands
-to the queue (``lifecycle.enqueue``) and end each deployment through ``lifecycle`` as the real one does.
+to the queue (patched over ``rollouts.hand_out``) and end each deployment through ``lifecycle`` as the
+real one does.
 
 - ``make_fleet(repository)``: web-01..web-08 (tag ``web``; web-01 and web-02 also ``canary``) and
   db-01..db-04 (tag ``db``), pinned, not reachable.
@@ -41,7 +42,7 @@ def make_fleet(repository) -> dict[str, Node]:
 
 
 class StandInWorker:
-    """What ``lifecycle.enqueue`` hands over, kept in order; the test says how each run ends."""
+    """What ``rollouts.hand_out`` hands over, kept in order; the test says how each run ends."""
 
     def __init__(self):
         self.handed: list[int] = []  # deployment ids, in the order the rollout handed them out
