@@ -300,12 +300,9 @@ class Deployment(models.Model):
         indexes = [
             models.Index(fields=["node", "-created_at"], name="deployment_node_recent"),
             models.Index(fields=["rollout", "rollout_position"], name="deployment_rollout_position"),
-            # The fleet view's "what each node runs": its latest succeeded switch or test.
-            models.Index(
-                fields=["node", "-finished_at"],
-                condition=Q(status="succeeded", action__in=RUNNING_SYSTEM_ACTIONS),
-                name="deployment_node_running",
-            ),
+            # The fleet view's "what each node runs": its latest succeeded switch or test.  Not a partial
+            # index: SQLite cannot match a partial index's condition to bound parameters.
+            models.Index(fields=["node", "status", "-finished_at"], name="deployment_node_finished"),
         ]
 
     def __str__(self) -> str:

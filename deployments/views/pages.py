@@ -25,7 +25,7 @@ from ..validators import validate_node_name, validate_search_text, validate_tag
 
 def _fleet(nodes):
     """``nodes`` with what each runs and its last outcome, in the same query (correlated subqueries on
-    indexes: ``deployment_node_running``, ``deployment_node_recent``): the fleet view costs one query
+    indexes: ``deployment_node_finished``, ``deployment_node_recent``): the fleet view costs one query
     per page of nodes, whatever their number or history.
 
     What a node runs: its latest succeeded ``switch`` or ``test`` (``run_*``: commit, generation, when,
