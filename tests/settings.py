@@ -25,3 +25,7 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):  # noqa: F405
 if "prefix" in CHANNEL_LAYERS["default"].get("CONFIG", {}):  # noqa: F405
     CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"panel-test-{_RUN}"  # noqa: F405
 Q_CLUSTER["name"] = f"panel-test-{_RUN}"  # noqa: F405
+
+# Connections persist in the panel (PANEL_DB_CONN_MAX_AGE); in the test process they would keep
+# threads' sessions open on the test database, which then cannot be dropped at the end of the run.
+DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
