@@ -24,6 +24,7 @@ from datetime import datetime
 from asgiref.sync import async_to_sync
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from .dbretry import RETRY_FIRST, RETRY_MAX, TRANSIENT_DB_ERRORS, drop_connection
@@ -284,15 +285,18 @@ def lines_after(deployment_id: int, after: int = -1, limit: int | None = None) -
     return out
 
 
-def last_lines(deployment_id: int, n: int) -> list[tuple[int, str, str]]:
-    """The last ``n`` lines, in order (reads the newest chunks only)."""
-    out: list[tuple[int, str, str]] = []
-    chunks = LogChunk.objects.filter(deployment_id=deployment_id).order_by("-seq_start")
-    for chunk in chunks.iterator(chunk_size=4):
-        out[:0] = chunk.lines()
-        if len(out) >= n:
-            break
-    return out[-n:] if n else []
+def last_lines_of(line_counts: dict[int, int], n: int) -> dict[int, list[tuple[int, str, str]]]:
+    """The last ``n`` lines of each finished deployment in ``line_counts`` (id -> its line count), in one
+    query that reads only the chunks holding them."""
+    if not line_counts or not n:
+        return {pk: [] for pk in line_counts}
+    wanted = Q()
+    for pk, count in line_counts.items():
+        wanted |= Q(deployment_id=pk, seq_end__gt=count - n)
+    out: dict[int, list[tuple[int, str, str]]] = {pk: [] for pk in line_counts}
+    for chunk in LogChunk.objects.filter(wanted).order_by("deployment_id", "seq_start"):
+        out[chunk.deployment_id].extend(chunk.lines())
+    return {pk: lines[-n:] for pk, lines in out.items()}
 
 
 def iter_log_text(deployment_id: int) -> Iterator[str]:

@@ -595,7 +595,10 @@ def node_rows(deployments: QuerySet[Deployment], *, tails: bool = True) -> list[
     """One row per node: status, exit code, times, duration; a failed node's last lines (``tails``)."""
     now = timezone.now()
     rows = []
-    for d in deployments.select_related("node").order_by("rollout_position", "node__name"):
+    shown = list(deployments.select_related("node").order_by("rollout_position", "node__name"))
+    failed = {d.pk: d.line_count for d in shown if BUCKETS[d.status] == "failed"} if tails else {}
+    last = logstream.last_lines_of(failed, TAIL_LINES)
+    for d in shown:
         rows.append(
             {
                 "deployment": d.pk,
@@ -616,7 +619,7 @@ def node_rows(deployments: QuerySet[Deployment], *, tails: bool = True) -> list[
                 "cancel_requested": d.cancel_requested,
                 "line_count": d.line_count,
                 "url": d.get_absolute_url(),
-                "tail": logstream.last_lines(d.pk, TAIL_LINES) if tails and BUCKETS[d.status] == "failed" else None,
+                "tail": last.get(d.pk),
             }
         )
     return rows

@@ -113,11 +113,13 @@ def test_the_page_shows_counts_rows_and_a_failed_nodes_last_lines(alice_client, 
     lifecycle.claim(failed.pk)
     from deployments import logstream
 
-    writer = logstream.LogWriter(failed.pk, start_seq=0)
+    writer = logstream.LogWriter(failed.pk, start_seq=0, max_batch=7)  # several chunks: only the last are read
     for i in range(30):
         writer.write("err", f"line {i}")
-    writer.close()
-    lifecycle.finish(failed.pk, "failed", exit_code=4, error_message="nixos-rebuild switch exited with code 4")
+    summary = writer.close()
+    lifecycle.finish(
+        failed.pk, "failed", exit_code=4, error_message="exited with code 4", line_count=summary.line_count
+    )
     page = alice_client.get(rollout.get_absolute_url())
     text = page.content.decode()
     assert 'data-count="failed">1<' in text and 'data-count="queued">1<' in text

@@ -207,9 +207,15 @@ def api_rollout(request, pk):
             ids = {int(x) for x in wanted.split(",")[:100]}
         except ValueError:
             raise ApiError(400, "tails must be deployment numbers separated by commas") from None
+        failed = {
+            r["deployment"]: r["line_count"]
+            for r in data["nodes"]
+            if r["deployment"] in ids and r["bucket"] == "failed"
+        }
+        last = logstream.last_lines_of(failed, rollouts.TAIL_LINES)
         for row in data["nodes"]:
-            if row["deployment"] in ids and row["bucket"] == "failed":
-                row["tail"] = logstream.last_lines(row["deployment"], rollouts.TAIL_LINES)
+            if row["deployment"] in last:
+                row["tail"] = last[row["deployment"]]
     return JsonResponse({"rollout": data})
 
 
