@@ -89,6 +89,7 @@ class DaphneMeter:
 
     def read(self) -> tuple[float, dict]:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        self.sys = int(fields[12]) / os.sysconf("SC_CLK_TCK")
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         time.sleep(0.15)  # the counter file is rewritten every 0.1 s
         counts = json.loads(self.path.read_text()) if self.path.exists() else {"queries": 0, "connections": 0}
@@ -105,6 +106,7 @@ class DaphneMeter:
         self.t0 = time.monotonic()
         self.busy0 = self.machine_busy()
         self.cpu0, self.counts0 = self.read()
+        self.sys0 = self.sys
 
     def stop(self) -> dict:
         cpu, counts = self.read()
@@ -113,6 +115,7 @@ class DaphneMeter:
         return {
             "machine_busy_percent": 100 * (busy[0] - self.busy0[0]) / max(1, busy[1] - self.busy0[1]),
             "daphne_cpu_s": cpu - self.cpu0,
+            "daphne_kernel_cpu_s": self.sys - self.sys0,
             "seconds": seconds,
             "daphne_cpu_percent": 100 * (cpu - self.cpu0) / seconds,
             "queries_per_s": (counts["queries"] - self.counts0["queries"]) / seconds,
@@ -184,6 +187,7 @@ def follow(panel: Panel, browser: Browser, viewers: int, expected_act: int, time
     results = asyncio.run(all_viewers())
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     client_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    client_kernel = cpu1.ru_stime - cpu0.ru_stime
     failed = [r["failed"] for r in results if r["failed"]]
     checked = [check(r, expected_act) for r in results if not r["failed"]]
     connected = [r["connected_at"] for r in results if r["connected_at"]]
@@ -194,6 +198,7 @@ def follow(panel: Panel, browser: Browser, viewers: int, expected_act: int, time
         "checked": checked,
         "all_connected_at": max(connected, default=0.0),
         "client_cpu_s": client_cpu,
+        "client_kernel_cpu_s": client_kernel,
         "finished_after_s": (finished - t_req) if finished else None,
     }
 
@@ -219,12 +224,14 @@ def phase_many(panel, browser, repo, meter, lines: int, viewers: int) -> dict:
         **figures,
     }
     log(
-        f"  viewers' process {run['client_cpu_s']:.1f} CPU s; the deployment finished "
+        f"  viewers' process {run['client_cpu_s']:.1f} CPU s ({run['client_kernel_cpu_s']:.1f} in the kernel); "
+        "the deployment finished "
         f"{run['finished_after_s']:.2f} s after the request"
     )
     log(
         f"  {viewers} viewer(s): slowest {out['slowest_s']:.2f} s, fastest {out['fastest_s']:.2f} s; "
-        f"daphne {out['daphne_cpu_s']:.1f} CPU s, {out['queries_per_s']:.0f} queries/s, "
+        f"daphne {out['daphne_cpu_s']:.1f} CPU s ({out['daphne_kernel_cpu_s']:.1f} in the kernel), "
+        f"{out['queries_per_s']:.0f} queries/s, "
         f"{out['connections_per_s']:.1f} connections/s; machine {out['machine_busy_percent']:.0f} % busy; "
         f"{problems[:3] or 'every line once, in order'}"
     )

@@ -60,8 +60,16 @@ def notify(deployment_id: int, message: dict, *, loop: asyncio.AbstractEventLoop
             loop.run_until_complete(asyncio.wait_for(layer.group_send(group_name(deployment_id), message), timeout=5))
         else:
             async_to_sync(layer.group_send)(group_name(deployment_id), message)
-    except Exception:  # noqa: BLE001 - a lost notification only delays followers until their next poll
-        log.warning("could not notify followers of deployment %s", deployment_id, exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - a lost notification only delays followers until their next poll
+        global _notify_warned_at
+        now = time.monotonic()
+        if now - _notify_warned_at >= NOTIFY_WARN_EVERY:  # one line per Redis outage, not one per flush
+            _notify_warned_at = now
+            log.warning("could not notify followers of deployment %s: %s", deployment_id, exc)
+
+
+NOTIFY_WARN_EVERY = 30.0  # seconds
+_notify_warned_at = -NOTIFY_WARN_EVERY
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""A database blip mid-deploy breaks nothing: PostgreSQL (a private one) stopped for 5 s while a followed
-deploy prints its log; the deployment still succeeds, the stored log is complete, the follower gets every
-line once, and nothing stays running."""
+"""A database or Redis blip mid-deploy breaks nothing: PostgreSQL (a private one) stopped for 5 s, or Redis
+(a private one) restarted, while a followed deploy prints its log; the deployment still succeeds, the stored
+log is complete, followers get every line once (a reconnect too), and nothing stays running."""
 
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ def outage_panel(tmp_path_factory, testbed):
         try:
             panel.register_nodes([("paced", "paced", node)], repo_path=repo)
             panel.start()
-            yield panel, pg, node
+            yield panel, pg, node, redis
         finally:
             panel.stop()
 
 
 def test_postgres_stopped_for_5_seconds_mid_deploy_loses_nothing(outage_panel):
-    panel, pg, node = outage_panel
+    panel, pg, node, _ = outage_panel
     browser = Browser(panel)
     browser.login()
     system_before = node.current_system()
@@ -71,3 +71,26 @@ def test_postgres_stopped_for_5_seconds_mid_deploy_loses_nothing(outage_panel):
     wait_for(
         lambda: not matching(node.processes(), "nixos-rebuild"), timeout=30, what="nothing of the run left on the node"
     )
+
+
+def test_a_redis_restart_mid_deploy_loses_nothing_and_reconnects_are_served(outage_panel):
+    panel, _, node, redis = outage_panel
+    browser = Browser(panel)
+    browser.login()
+    pk = browser.deploy("paced")
+    followed: dict = {}
+    follower = threading.Thread(target=lambda: followed.update(asyncio.run(read_log(panel, browser, pk, timeout=180))))
+    follower.start()
+    first = asyncio.run(read_log(panel, browser, pk, stop_after_lines=200, timeout=60))
+    redis.stop()
+    time.sleep(2)
+    redis.start()
+    # A viewer reconnecting right after Redis is back is served (no HTTP 500) and resumes where it was.
+    rest = asyncio.run(read_log(panel, browser, pk, after=first["lines"][-1][0], timeout=180))
+    follower.join(200)
+    assert rest["close_code"] is None and rest["ended"], (rest["close_code"], panel.logs())
+    seqs = [line[0] for line in first["lines"] + rest["lines"]]
+    assert seqs == list(range(len(seqs)))
+    assert followed.get("ended") and followed["lines"] == first["lines"] + rest["lines"]
+    assert followed["statuses"][-1]["status"] == "succeeded"
+    assert sum(" paced line " in line[2] for line in followed["lines"]) == PACED_LINES
