@@ -449,17 +449,22 @@ def _advance(rollout_id: int, keep: bool) -> tuple[str, int | None]:
                 if Rollout.objects.filter(pk=rollout.pk, status=Status.RUNNING, dispatched=first).update(
                     dispatched=last
                 ):
-                    for pk in Deployment.objects.filter(
-                        rollout_id=rollout.pk,
-                        rollout_position__gte=first,
-                        rollout_position__lt=last,
-                        status=DStatus.QUEUED,
-                    ).values_list("pk", flat=True):
+                    started = list(
+                        Deployment.objects.filter(
+                            rollout_id=rollout.pk,
+                            rollout_position__gte=first,
+                            rollout_position__lt=last,
+                            status=DStatus.QUEUED,
+                        ).values_list("pk", flat=True)
+                    )
+                    for pk in started:
                         if keep and kept is None:
                             kept = pk
                         else:
                             hand_out(pk)
-                # Either way, count again: another copy moved, or some started ones had already ended.
+                    if len(started) == start:
+                        return rollout.status, kept  # every slot taken: nothing more to do now
+                # Count again: another copy moved first, or some of these had ended (cancelled) already.
                 continue
         else:
             # Stopping or cancelling: what has not started never will; running nodes end on their own
