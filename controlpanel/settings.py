@@ -226,8 +226,18 @@ else:
     # consumers follow the database instead of waiting for pushes.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-# How long one deployment may run before django-q2 kills it (seconds).
+# How long one deployment may run (seconds): the default of Deployment.timeout_seconds and its ceiling.
+# Past it the worker stops the run on the node like a cancel and ends it failed ("timed out").
 DEPLOY_TIMEOUT = envint("PANEL_DEPLOY_TIMEOUT", 4 * 3600)
+# An SSH link that answers nothing for this long is dead: keepalives every third of it, TCP_USER_TIMEOUT,
+# and a probe of a silent node. The worker then reconnects and resumes following the detached run.
+LINK_TIMEOUT = envfloat("PANEL_LINK_TIMEOUT", 15.0)
+# How long a node may stay unreachable after a drop before its deployment ends interrupted (reconcile later).
+UNREACHABLE_LIMIT = envfloat("PANEL_UNREACHABLE_LIMIT", 120.0)
+if DEPLOY_TIMEOUT < 1 or LINK_TIMEOUT < 3 or UNREACHABLE_LIMIT < 0:
+    raise ImproperlyConfigured(
+        "PANEL_DEPLOY_TIMEOUT must be at least 1, PANEL_LINK_TIMEOUT at least 3, PANEL_UNREACHABLE_LIMIT not negative"
+    )
 # A running deployment whose worker has not beaten for this long is interrupted.
 HEARTBEAT_INTERVAL = envfloat("PANEL_HEARTBEAT_INTERVAL", 5.0)
 HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
@@ -246,11 +256,13 @@ if BROKER not in ("orm", "redis"):
 Q_CLUSTER = {
     "name": env("PANEL_QUEUE_NAME", "panel"),
     "workers": envint("PANEL_WORKERS", 4),
-    "timeout": DEPLOY_TIMEOUT,
+    # The worker enforces DEPLOY_TIMEOUT itself (stopping the run on the node); django-q2 kills the task only
+    # if that did not end it: after a node unreachable for UNREACHABLE_LIMIT and the stop's grace and finish.
+    "timeout": DEPLOY_TIMEOUT + int(UNREACHABLE_LIMIT) + 300,
     # A deploy is never re-run by the queue: a re-deploy is a human decision.
     # retry > timeout keeps the broker from re-delivering a running task, and
     # the task's atomic claim makes a stray second delivery a no-op anyway.
-    "retry": DEPLOY_TIMEOUT + 600,
+    "retry": DEPLOY_TIMEOUT + int(UNREACHABLE_LIMIT) + 900,
     "max_attempts": 1,
     "ack_failures": True,
     "catch_up": False,

@@ -3,6 +3,7 @@
     (request) ──> queued ──claim──> running ──finish──> succeeded | failed | error | cancelled | interrupted
                     │                  │
                     └──cancel──> cancelled   └──reap (no heartbeat)──> interrupted
+    interrupted ──reconcile (what the node says)──> succeeded | failed | error
 
 Each transition is the same three steps: a conditional UPDATE that only
 succeeds from the expected status (so two workers, a cancel and a reaper can
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -31,6 +33,8 @@ from .audit.writer import record
 from .dbretry import retrying
 from .errors import NodeBusy, RequestError
 from .models import Deployment, Node, Rollout
+from .remote import RemoteError, RunReport, resolve_path
+from .remote import reconcile_run as remote_reconcile_run
 from .validators import validate_revision
 
 Status = Deployment.Status
@@ -266,6 +270,162 @@ def reap_stale(stale_after: float | None = None) -> int:
             logstream.notify(pk, {"type": "deployment.status"})
             _rollout_node_ended(reaped)
     return count
+
+
+# --- reconcile: what became of an interrupted deployment, from the node ---------------------
+
+
+@dataclass
+class Reconciled:
+    """What ``reconcile_deployment`` found and recorded."""
+
+    deployment: Deployment
+    report: RunReport
+    summary: str  # one sentence for people
+    final: bool  # the outcome is known now (the run's folder on the node may go)
+    running: bool  # the run is still going on the node
+
+
+def _reconcile_fields(d: Deployment, r: RunReport) -> tuple[dict, str, bool]:
+    """(fields to set, summary, final) for what the node says about interrupted ``d``."""
+    node_state = f"the node runs generation {r.generation if r.generation is not None else 'none'}" + (
+        f" ({r.current_system})" if r.current_system else ""
+    )
+    now = timezone.now()
+    after = {"generation_after": r.generation, "system_after": r.current_system}
+    if not r.exists:
+        return (
+            {"reconciled_at": now},
+            f"the node no longer holds the run's folder (rebooted, or cleaned up): what the run did is unknown; "
+            f"{node_state}",
+            True,
+        )
+    if r.exit_status is not None:
+        ended = f" at {datetime.fromtimestamp(r.ended_at, UTC):%Y-%m-%d %H:%M:%S} UTC" if r.ended_at else ""
+        if r.exit_status == 0:
+            return (
+                {
+                    "status": Status.SUCCEEDED,
+                    "exit_code": 0,
+                    "error_message": "",
+                    "toplevel": r.toplevel,
+                    "reconciled_at": now,
+                    **after,
+                },
+                f"the run ended on the node{ended} with exit code 0: succeeded; {node_state}",
+                True,
+            )
+        return (
+            {
+                "status": Status.FAILED,
+                "exit_code": r.exit_status,
+                "error_message": f"nixos-rebuild {d.action} exited with code {r.exit_status} "
+                "(recorded by reconcile: the panel had lost sight of the run)",
+                "reconciled_at": now,
+                **after,
+            },
+            f"the run ended on the node{ended} with exit code {r.exit_status}: failed; {node_state}",
+            True,
+        )
+    if r.running:
+        return {}, f"still running on the node (process group {r.pgid}); {node_state}", False
+    if r.pgid is None:
+        return (
+            {"status": Status.ERROR, "error_message": "nixos-rebuild never started on the node", "reconciled_at": now},
+            f"nixos-rebuild never started on the node (the source was still being shipped); {node_state}",
+            True,
+        )
+    return (
+        {
+            "status": Status.FAILED,
+            "error_message": "the run ended on the node without an exit status: it was killed before it finished; "
+            "the node may be half-switched: check it and deploy again",
+            "reconciled_at": now,
+            **after,
+        },
+        f"the run was killed on the node before it finished (no exit status): failed; {node_state}",
+        True,
+    )
+
+
+def reconcile_deployment(
+    deployment: Deployment, *, user=None, actor_kind: str | None = None, reconcile_run=None
+) -> Reconciled:
+    """Ask the node what became of interrupted ``deployment`` and record it: the outcome from the run's
+    exit-status file (``succeeded``/``failed``; ``failed`` when it was killed; ``error`` when it never
+    started), the generation and ``/run/current-system`` the node now has, and a
+    ``deployment.reconciled`` event with before and after.  A run still going is said and left
+    interrupted; a folder the node no longer has leaves the outcome unknown.  Once an outcome is
+    recorded the run's folder is removed from the node.
+
+    The gate decides first (DEPLOY on the node; refusals audited as ``deployment.reconcile``).  Raises
+    ``RequestError`` when the deployment is not interrupted, has no run folder recorded, or the node
+    cannot be reached.  ``reconcile_run`` stands in for ``remote.reconcile_run`` in tests.
+    """
+    from .tasks import target_for  # tasks imports this module
+
+    node = deployment.node
+    gate.require(user, gate.DEPLOY, node, event="deployment.reconcile", actor_kind=actor_kind)
+    deployment = Deployment.objects.select_related("node__credential").get(pk=deployment.pk)
+    if deployment.status != Status.INTERRUPTED:
+        raise RequestError(
+            f"Deployment #{deployment.pk} is {deployment.status}: only an interrupted deployment is reconciled."
+        )
+    if not deployment.remote_dir:
+        raise RequestError(
+            f"Deployment #{deployment.pk} has no run folder on the node recorded: it never reached the node."
+        )
+    found: dict = {}
+
+    def record_it(report: RunReport) -> bool:
+        fields, summary, final = _reconcile_fields(deployment, report)
+        before = {k: getattr(deployment, k) for k in ("status", "exit_code", "generation_after", "system_after")}
+        done = _transition(
+            deployment.pk,
+            expect={"status": Status.INTERRUPTED},
+            event="deployment.reconciled",
+            user=user,
+            actor_kind=actor_kind or "system",
+            set_fields=fields or {"reconciled_at": deployment.reconciled_at},
+            details=lambda d: {
+                "summary": summary,
+                "before": before,
+                "after": {k: getattr(d, k) for k in before},
+                "node": {
+                    "generation": report.generation,
+                    "current_system": report.current_system,
+                    "system_profile": report.profile_path,
+                },
+                "run": {
+                    "folder": deployment.remote_dir,
+                    "exists": report.exists,
+                    "running": report.running,
+                    "exit_status": report.exit_status,
+                    "ended_at": report.ended_at,
+                    "process_group": report.pgid,
+                    "unit": report.unit,
+                    "stdout_bytes": report.out_size,
+                    "stderr_bytes": report.err_size,
+                },
+            },
+        )
+        if done is None:
+            raise RequestError(f"Deployment #{deployment.pk} was reconciled meanwhile.")
+        found.update(deployment=done, summary=summary, final=final, running=report.running and not final)
+        return final
+
+    run = reconcile_run or remote_reconcile_run
+    try:
+        report = run(
+            target_for(deployment.node),
+            deployment.remote_dir,
+            record_it,
+            resolve_path(deployment.action, deployment.remote_dir),
+        )
+    except RemoteError as exc:
+        raise RequestError(f"Could not ask {node.name} about deployment #{deployment.pk}: {exc.message}") from None
+    logstream.notify(deployment.pk, {"type": "deployment.status"})
+    return Reconciled(report=report, **found)
 
 
 # --- rollouts: their nodes' deployments ----------------------------------------------------

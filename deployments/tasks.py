@@ -6,10 +6,19 @@ expected failure becomes ``failed`` or ``error`` with a message, anything else
 ``error`` with the traceback stored.  No task dies silently.  The runner that
 does the remote work is an argument, so every outcome can be tested with a
 stand-in runner as well as over real SSH.
+
+The worker enforces the deployment's timeout (``Deployment.timeout_seconds``,
+else ``PANEL_DEPLOY_TIMEOUT``, which is also the ceiling): past it the runner
+is told to stop exactly as for a cancel (the run's process tree on the node is
+killed) and the deployment ends ``failed``, "timed out after N s".  Before it
+runs, it reconciles the node's earlier interrupted deployments (``lifecycle.
+reconcile_deployment``), and does not start a second nixos-rebuild beside one
+still going there.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -22,7 +31,8 @@ from django.utils import timezone
 
 from . import logstream, repos
 from .audit.writer import record
-from .lifecycle import claim, finish
+from .errors import RequestError
+from .lifecycle import claim, finish, reconcile_deployment
 from .models import Deployment
 from .remote import Cancelled, HostKey, RebuildResult, RemoteError, Target, run_rebuild
 
@@ -44,6 +54,8 @@ def target_for(node) -> Target:
         password=None if is_key else cred.secret(),
         sudo=node.use_sudo,
         sudo_password=cred.sudo_password() or (None if is_key else cred.secret()),
+        link_timeout=settings.LINK_TIMEOUT,
+        reconnect_for=settings.UNREACHABLE_LIMIT,
     )
 
 
@@ -65,6 +77,75 @@ class Heartbeat:
             self.cancel.set()
 
 
+class Stop:
+    """What the runner polls as ``should_cancel``: a user's cancel (the heartbeat's flag) or the timeout.
+
+    ``reason`` is whichever came first: ``"cancel"`` or ``"timeout"``.
+    """
+
+    def __init__(self, beat: Heartbeat, seconds: float) -> None:
+        self.beat = beat
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.reason: str | None = None
+
+    def __call__(self) -> bool:
+        if self.reason is None:
+            if self.beat.cancel.is_set():
+                self.reason = "cancel"
+            elif time.monotonic() >= self.deadline:
+                self.reason = "timeout"
+        return self.reason is not None
+
+
+def timeout_for(deployment: Deployment) -> tuple[int, str]:
+    """Seconds the deployment may run, and a note for its log when its own timeout was cut to the ceiling."""
+    ceiling = settings.DEPLOY_TIMEOUT
+    own = getattr(deployment, "timeout_seconds", None)
+    if own is None:
+        return ceiling, ""
+    if own > ceiling:
+        return ceiling, f"its timeout of {own} s is cut to the panel's ceiling, PANEL_DEPLOY_TIMEOUT={ceiling} s"
+    return own, ""
+
+
+class EarlierRunGoing(Exception):
+    """An earlier deployment's run is still going on the node: a second nixos-rebuild must not start."""
+
+
+def reconcile_earlier(deployment: Deployment, write: Callable[[str, str], None]) -> None:
+    """Reconcile the node's interrupted deployments that hold a run folder; raise EarlierRunGoing if one is
+    still running there.  A node that cannot be reached is said and left: the run itself will say more."""
+    earlier = (
+        Deployment.objects.filter(node_id=deployment.node_id, status=Status.INTERRUPTED, reconciled_at__isnull=True)
+        .exclude(remote_dir="")
+        .exclude(pk=deployment.pk)
+        .select_related("node__credential")
+        .order_by("pk")[:10]
+    )
+    for d in earlier:
+        try:
+            done = reconcile_deployment(d, actor_kind="system")
+        except RequestError as exc:
+            write("sys", f"could not reconcile deployment #{d.pk}: {exc}")
+            continue
+        write("sys", f"reconciled deployment #{d.pk}: {done.summary}")
+        if done.running:
+            raise EarlierRunGoing(
+                f"deployment #{d.pk} is still running on the node ({done.summary}): "
+                "not starting a second nixos-rebuild beside it; deploy again once it has ended"
+            )
+
+
+def _accepts(runner: Callable, name: str) -> bool:
+    """Whether ``runner`` takes keyword ``name`` (stand-in runners of tests may not)."""
+    try:
+        params = inspect.signature(runner).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 # What does the remote work: ``run_rebuild``'s signature (target, keyword arguments) → RebuildResult.
 Runner = Callable[..., RebuildResult]
 
@@ -78,6 +159,8 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
     node = deployment.node
     beat = Heartbeat(deployment_id)
     writer = logstream.LogWriter(deployment_id, start_seq=logstream.next_seq(deployment_id), on_flush=beat)
+    seconds, cut = timeout_for(deployment)
+    stop = Stop(beat, seconds)
     status, fields = Status.ERROR, {}
     try:
         writer.write(
@@ -85,8 +168,14 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             f"deployment #{deployment_id}: nixos-rebuild {deployment.action} "
             f"{node.name} ({deployment.flake_attr}) at {deployment.commit_sha}",
         )
+        if cut:
+            writer.write("sys", cut)
+        reconcile_earlier(deployment, writer.write)
         archive = repos.archive(node.repository, deployment.commit_sha)
         fields["archive_sha256"] = archive.sha256
+        extra = {}
+        if _accepts(runner, "on_workdir"):
+            extra["on_workdir"] = lambda folder: Deployment.objects.filter(pk=deployment_id).update(remote_dir=folder)
         result = runner(
             target_for(node),
             deployment_id=deployment_id,
@@ -94,7 +183,8 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             attr=deployment.flake_attr,
             action=deployment.action,
             on_output=writer.write,
-            should_cancel=beat.cancel.is_set,
+            should_cancel=stop,
+            **extra,
         )
         fields.update(
             exit_code=result.exit_code,
@@ -110,12 +200,24 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             status = Status.FAILED
             fields["error_message"] = f"nixos-rebuild {deployment.action} exited with code {result.exit_code}"
     except Cancelled:
-        status, fields["error_message"] = Status.CANCELLED, "cancelled on request"
+        if stop.reason == "timeout":
+            status = Status.FAILED
+            fields["error_message"] = (
+                f"timed out after {seconds} s (the deployment's timeout): the run was stopped on the node"
+            )
+        else:
+            status, fields["error_message"] = Status.CANCELLED, "cancelled on request"
+    except EarlierRunGoing as exc:
+        status, fields["error_message"] = Status.ERROR, str(exc)
     except RemoteError as exc:
         if exc.kind == "disconnected":
             # The node may still be activating on its own: we only lost sight of it.
             status = Status.INTERRUPTED
-            fields["error_message"] = f"{exc.message}; the activation may still complete on the node: check it"
+            fields["error_message"] = exc.message + (
+                "" if "reconcile" in exc.message else "; the run may still complete on the node: reconcile it"
+            )
+        elif exc.kind == "killed":
+            status, fields["error_message"] = Status.FAILED, exc.message
         else:
             status, fields["error_message"] = Status.ERROR, exc.message
         if exc.kind == "host-key-mismatch":

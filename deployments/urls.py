@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, inventory, pages, rollouts
+from .views import api, inventory, pages, reconcile, rollouts
 
 app_name = "deployments"
 
@@ -16,6 +16,7 @@ urlpatterns = [
     path("deployments/", pages.deployment_list, name="deployment-list"),
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),
+    path("deployments/<int:pk>/reconcile/", reconcile.deployment_reconcile, name="deployment-reconcile"),
     path("deployments/<int:pk>/log.txt", pages.deployment_log, name="deployment-log"),
     path("rollouts/", rollouts.rollout_list, name="rollout-list"),
     path("rollouts/new/", rollouts.rollout_new, name="rollout-add"),

@@ -23,6 +23,9 @@ EVENTS: dict[str, str] = {
     "deployment.cancelled": "a queued deployment was cancelled before it started",
     "deployment.cancel_requested": "a running deployment was asked to stop",
     "deployment.interrupted": "the worker stopped beating; the deployment was marked interrupted",
+    "deployment.reconcile": "a reconcile was refused",
+    "deployment.reconciled": "the node was asked what became of an interrupted deployment: its outcome, "
+    "generation and current system recorded (before/after), or that the run is still going",
     "deployment.skipped": "a rollout's node was not deployed: it was busy with another deployment",
     # Rollouts (deployments/rollouts.py): one revision to many nodes
     "rollout.requested": "a rollout was requested (or refused whole: outcome denied)",

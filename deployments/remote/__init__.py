@@ -6,12 +6,16 @@ drives it, and it can be tested against a plain sshd without a database.
 * ``keys``: host keys to pin, private keys to log in with, SHA256 fingerprints.
 * ``connection``: TCP and the SSH handshake against the pinned key; Target, errors.
 * ``stream``: running a command with stdout/stderr streamed apart, cancellable.
+* ``system``: what a node runs (generation, /run/current-system).
+* ``detached``: a run that outlives the SSH session, followed by byte offset across drops.
 * ``rebuild``: one nixos-rebuild run from a shipped flake source.
 """
 
 from .connection import REMOTE_ERROR_KINDS, Cancelled, RemoteError, Target, scan_host_key
+from .detached import RunReport, inspect_run, reconcile_run
 from .keys import HostKey, key_fingerprint, load_private_key, openssh_fingerprint
-from .rebuild import COMMIT_SHA_RE, FLAKE_ATTR_RE, REBUILD_ACTIONS, RebuildResult, SystemState, run_rebuild
+from .rebuild import COMMIT_SHA_RE, FLAKE_ATTR_RE, REBUILD_ACTIONS, RebuildResult, resolve_path, run_rebuild
+from .system import SystemState
 
 __all__ = [
     "COMMIT_SHA_RE",
@@ -22,11 +26,15 @@ __all__ = [
     "HostKey",
     "RebuildResult",
     "RemoteError",
+    "RunReport",
     "SystemState",
     "Target",
+    "inspect_run",
     "key_fingerprint",
     "load_private_key",
     "openssh_fingerprint",
+    "reconcile_run",
+    "resolve_path",
     "run_rebuild",
     "scan_host_key",
 ]

@@ -31,6 +31,7 @@ REMOTE_ERROR_KINDS = (
     "not-ssh",
     "protocol",
     "sudo",
+    "killed",  # a detached run ended without an exit status, and nobody here asked for it
 )
 
 # Host key algorithms in the order scanning asks for them: the pinnable types in
@@ -42,7 +43,20 @@ _SCAN_ALGORITHM_ORDER = (
     "ssh-rsa",
 )
 
-KEEPALIVE_SECONDS = 15
+# A link that has answered nothing for this long is taken for dead (Target.link_timeout's default).
+# The SSH session sends a keepalive after a third of it without traffic, and the kernel gives up on
+# data left unacknowledged for that long (TCP_USER_TIMEOUT), so a cut link is noticed within about
+# 1.3 times this, instead of the 15 minutes of TCP's own retries; the follower of a detached run
+# also asks the node for an answer after a third of it without output (``detached``).
+LINK_TIMEOUT_SECONDS = 15.0
+# How long a dropped node may stay unreachable while its detached run is followed (Target.reconnect_for).
+RECONNECT_FOR_SECONDS = 120.0
+
+
+def keepalive_interval(link_timeout: float) -> float:
+    """Seconds without traffic after which the session sends a keepalive."""
+    return max(1.0, link_timeout / 3)
+
 
 # paramiko logs every exception of its transport thread at ERROR, traceback
 # included, and then hands the same exception to the caller. During the
@@ -109,6 +123,10 @@ class Target:
     sudo: bool = False
     sudo_password: str | None = field(default=None, repr=False)
     connect_timeout: float = 10
+    # A link silent for this long is dead (keepalives, TCP_USER_TIMEOUT, the follower's probe).
+    link_timeout: float = LINK_TIMEOUT_SECONDS
+    # How long a detached run's follower keeps reconnecting before it gives up on the node.
+    reconnect_for: float = RECONNECT_FOR_SECONDS
 
     def __repr__(self) -> str:
         auth = []
@@ -208,7 +226,7 @@ def _not_ssh(sock: _RecordingSocket, where: str, timeout: float) -> RemoteError 
     )
 
 
-def _open_socket(host: str, port: int, timeout: float) -> _RecordingSocket:
+def _open_socket(host: str, port: int, timeout: float, link_timeout: float = LINK_TIMEOUT_SECONDS) -> _RecordingSocket:
     """TCP connect, mapping failures to RemoteError unknown-host / unreachable."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -222,12 +240,13 @@ def _open_socket(host: str, port: int, timeout: float) -> _RecordingSocket:
         ) from None
     except OSError as e:
         raise RemoteError("unreachable", f"cannot connect to {host}:{port}: {e.strerror or e}") from None
-    # Detect a silently vanished peer: SSH keepalives plus TCP_USER_TIMEOUT make
-    # unacknowledged sends fail within about a minute instead of ~15 minutes.
+    # Detect a silently vanished peer: SSH keepalives (a third of link_timeout) plus
+    # TCP_USER_TIMEOUT make unacknowledged sends fail within link_timeout of being sent,
+    # instead of after ~15 minutes of retransmissions.
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 60_000)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(link_timeout * 1000))
     except OSError:
         pass
     return _RecordingSocket.wrap(sock)
@@ -325,7 +344,7 @@ class Connection:
         if pkey is None and not t.password:
             raise RemoteError("auth", f"no private key or password configured for {t.user}@{where}")
 
-        sock = _open_socket(t.host, t.port, t.connect_timeout)
+        sock = _open_socket(t.host, t.port, t.connect_timeout, t.link_timeout)
         client = paramiko.SSHClient()
         client.set_log_channel(_HANDSHAKE_LOG)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -397,7 +416,7 @@ class Connection:
             raise RemoteError("unreachable", f"connection to {where} failed: {e.strerror or e}") from None
         transport = client.get_transport()
         transport.set_log_channel("paramiko.transport")  # the handshake is over: see _HANDSHAKE_LOG
-        transport.set_keepalive(KEEPALIVE_SECONDS)
+        transport.set_keepalive(int(keepalive_interval(t.link_timeout)))
         self._client = client
 
     def close(self) -> None:

@@ -1,25 +1,26 @@
-"""Run ``nixos-rebuild`` on a node from a shipped flake source archive.
+"""Run ``nixos-rebuild`` on a node from a shipped flake source archive, detached from the SSH session.
 
 No Django here. The worker gives a :class:`~.connection.Target`, the ``git
 archive`` bytes of the pinned commit, the flake attribute and the nixos-rebuild
 action; this module connects, records the system generation before and after,
-streams the source to the node on stdin, runs ``nixos-rebuild <action> --flake
-'path:<dir>#<attr>'`` and removes the shipped folder again.
+streams the source to the node on stdin, starts ``nixos-rebuild <action>
+--flake 'path:<dir>/src#<attr>'`` detached from the session (``detached``:
+``setsid``, or ``systemd-run`` on a systemd node), follows its output by byte
+offset across dropped connections, and removes the folder once it has read
+the outcome.
 
-A folder that outlives its run (the connection dropped, so the cleanup could
-not reach the node) is removed by the next run on that node, once nothing of
-its run is left there. Each run writes the id of its remote process group to
-``<folder>.owner`` before it makes the folder; the next run's first command
-removes every ``deploy-*`` folder of the same login user whose owner group no
-longer exists, and leaves the others. A dropped run's nixos-rebuild may still
-be activating on the node for a while (it runs in its own process group, which
-the drop does not kill), and a run of another panel, or of a second worker,
-may be using its own folder right now; the panel's one-active-deployment-per-
-node lock does not cover either case (the dropped run is already marked
-interrupted, and another panel has its own database), so the test is the
-process group on the node, not any state in the panel. A folder without an
-owner file is never touched. A reused process id can only keep a folder
-longer, never remove one in use.
+A folder that outlives its run is handled by the next run on that node, by
+what its process group says. Each run writes the id of its process group to
+``<folder>.owner`` before it makes the folder (the shipping session's, then the
+detached run's). The next run's first command goes over every ``deploy-*``
+folder of the same login user: one whose owner group is alive is left (a run
+that lost its panel may still be activating; a run of another panel, or of a
+second worker, may be using its folder right now: the panel's one-active-
+deployment-per-node lock covers neither); one whose group is gone is removed,
+unless it holds a detached run whose outcome no panel has read yet (it has a
+``pgid`` file): that one stays for ``reconcile`` for ``UNCOLLECTED_KEEP_DAYS``.
+A folder without an owner file is never touched. A reused process id can
+only keep a folder longer, never remove one in use.
 """
 
 from __future__ import annotations
@@ -27,22 +28,27 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
-import posixpath
 import re
 import secrets
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .connection import Connection, RemoteError, Target
+from .connection import Cancelled, Connection, RemoteError, Target
+from .detached import OWNER_SUFFIX, Link, RunHandle, check_remote_dir, follow_run, launch_script, remove_script
 from .stream import OutputCallback, read_output, run_command, stderr_tail
+from .system import CURRENT_SYSTEM, SYSTEM_PROFILE, SystemState, parse_state, state_script
 
 __all__ = [
     "COMMIT_SHA_RE",
+    "CURRENT_SYSTEM",
     "FLAKE_ATTR_RE",
+    "OWNER_SUFFIX",
     "REBUILD_ACTIONS",
+    "SYSTEM_PROFILE",
     "RebuildResult",
     "SystemState",
+    "resolve_path",
     "run_rebuild",
 ]
 
@@ -53,11 +59,11 @@ REBUILD_ACTIONS = ("switch", "boot", "test", "dry-activate", "build")
 FLAKE_ATTR_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
 # A full git commit id as a deployment pins it (branch and tag names are resolved to one first).
 COMMIT_SHA_RE = re.compile(r"\A[0-9a-f]{40}\Z")
-SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
-CURRENT_SYSTEM = "/run/current-system"
 WORKDIR_ROOT = "/tmp/nixos-panel"
-_GENERATION_RE = re.compile(r"^system-(\d+)-link$")
+# A detached run's folder whose outcome no panel has read is kept this long after its last change.
+UNCOLLECTED_KEEP_DAYS = 14
 _USER_SAFE_RE = re.compile(r"[^A-Za-z0-9_.-]")
+_DEPLOY_FOLDER_RE = re.compile(r"/deploy-(\d+)-[^/]+$")
 
 
 def _check_attr(attr: str) -> None:
@@ -70,30 +76,6 @@ def _check_attr(attr: str) -> None:
 def _check_action(action: str) -> None:
     if not isinstance(action, str) or action not in REBUILD_ACTIONS:
         raise ValueError(f"invalid nixos-rebuild action {action!r}: must be one of {', '.join(REBUILD_ACTIONS)}")
-
-
-def _check_remote_dir(remote_dir: str) -> str:
-    """Refuse paths that would make ``rm -rf``/``mkdir`` dangerous; return the normalised path."""
-    if not isinstance(remote_dir, str) or "\x00" in remote_dir or "\n" in remote_dir:
-        raise ValueError("invalid remote directory")
-    norm = posixpath.normpath(remote_dir)
-    if not norm.startswith("/") or norm.startswith("//") or len([p for p in norm.split("/") if p]) < 2:
-        raise ValueError(f"refusing remote directory {remote_dir!r}: must be absolute and at least two levels deep")
-    return norm
-
-
-@dataclass
-class SystemState:
-    """What the node runs. ``generation`` None / paths '' when not present (e.g. not NixOS yet)."""
-
-    generation: int | None
-    profile_path: str  # store path the system profile points to (readlink -f)
-    current_system: str  # store path of /run/current-system (readlink -f)
-
-    def describe(self, when: str) -> str:
-        """The log line ``system generation <when>: <n or none> (<current system>)``."""
-        generation = "none" if self.generation is None else self.generation
-        return f"system generation {when}: {generation}" + (f" ({self.current_system})" if self.current_system else "")
 
 
 @dataclass
@@ -119,50 +101,41 @@ def _new_workdir(deployment_id: int, user: str) -> str:
     return f"{WORKDIR_ROOT}-{safe_user}/deploy-{deployment_id}-{secrets.token_hex(4)}"
 
 
-def _state_script(mark: str = "") -> str:
-    """Shell that prints three lines, each ``mark`` then possibly nothing: the
-    profile link's target, its store path, the current system."""
-    p, c = shlex.quote(SYSTEM_PROFILE), shlex.quote(CURRENT_SYSTEM)
-    return (
-        f"l=$(readlink {p} 2>/dev/null); "
-        f"r=; [ -e {p} ] && r=$(readlink -f {p} 2>/dev/null); "
-        f"s=; [ -e {c} ] && s=$(readlink -f {c} 2>/dev/null); "
-        f'printf \'{mark}%s\\n\' "$l" "$r" "$s"'
-    )
+def resolve_path(action: str, workdir: str) -> str | None:
+    """What names the system an action made, once it exited 0 (None: dry-activate records nothing)."""
+    if action == "build":
+        return f"{workdir}/src/result"
+    if action in ("switch", "test"):
+        return CURRENT_SYSTEM
+    if action == "boot":
+        return SYSTEM_PROFILE
+    return None
 
 
-def _parse_state(lines: list[str]) -> SystemState:
-    link, profile_path, current = (x.strip() for x in (list(lines) + ["", "", ""])[:3])
-    m = _GENERATION_RE.match(os.path.basename(link))
-    return SystemState(
-        generation=int(m.group(1)) if m else None,
-        profile_path=profile_path,
-        current_system=current,
-    )
+def _invocation(target: Target, action: str, workdir: str, attr: str, *, privileged: bool = True) -> str:
+    """The nixos-rebuild command line, run from ``<workdir>/src`` (where ``./result`` lands for ``build``).
 
-
-def _invocation(target: Target, action: str, workdir: str, attr: str) -> str:
-    """The nixos-rebuild command line, run from ``workdir`` (where ``./result`` lands for ``build``).
-
-    The flake ref is ``path:<workdir>#<attr>`` so Nix treats the shipped plain
-    folder (no .git) as is; every value is validated and shell-quoted.
+    The flake ref is ``path:<workdir>/src#<attr>`` so Nix treats the shipped
+    plain folder (no .git) as is, and the run's output files beside it are not
+    part of the source; every value is validated and shell-quoted.
     """
     _check_action(action)
     _check_attr(attr)
-    workdir = _check_remote_dir(workdir)
+    workdir = check_remote_dir(workdir)
     if "#" in workdir or "?" in workdir:
         raise ValueError(f"workdir {workdir!r} cannot be used in a flake reference")
-    ref = f"path:{workdir}#{attr}"
-    return f"{target.privileged_prefix()}nixos-rebuild {shlex.quote(action)} --flake {shlex.quote(ref)}"
+    ref = f"path:{workdir}/src#{attr}"
+    prefix = target.privileged_prefix() if privileged else ""
+    return f"{prefix}nixos-rebuild {shlex.quote(action)} --flake {shlex.quote(ref)}"
 
 
-# Marker lines of the ship-and-run script on stdout; run_rebuild consumes them.
+# Marker lines of the ship-and-launch script on stdout; run_rebuild consumes them.
 _STATE_MARK = b"__NIXOS_PANEL_STATE__ "
 _SHIPPED_MARK = b"__NIXOS_PANEL_SHIPPED__"
+_LAUNCHED_MARK = b"__NIXOS_PANEL_LAUNCHED__ "  # "<pgid> <unit or nothing>": the run started detached
 _STALE_MARK = b"__NIXOS_PANEL_STALE__ "  # "<folder>": removed, its run is gone
 _IN_USE_MARK = b"__NIXOS_PANEL_IN_USE__ "  # "<pgid> <folder>": left, its run's process group is alive
-# Next to each shipped folder: the remote process group of the run that made it.
-OWNER_SUFFIX = ".owner"
+_UNCOLLECTED_MARK = b"__NIXOS_PANEL_UNCOLLECTED__ "  # "<folder>": left, its run ended unread
 # Exit code of the script when the parent of the workdir cannot be used.
 _PARENT_EXIT = 97
 _PW_VAR = "__nixos_panel_pw"
@@ -172,13 +145,15 @@ def _sweep_script(parent: str) -> str:
     """Shell that removes the ``deploy-*`` folders in ``parent`` whose owner process group is gone.
 
     One ``_STALE_MARK`` line per folder removed, one ``_IN_USE_MARK`` line per
-    folder left because its owner group is alive. ``kill -0 -<pgid>`` sends
+    folder left because its owner group is alive, one ``_UNCOLLECTED_MARK``
+    line per folder left because it holds a detached run's outcome no panel has
+    read (younger than ``UNCOLLECTED_KEEP_DAYS``). ``kill -0 -<pgid>`` sends
     nothing; only its "No such process" (LC_ALL=C) counts as gone: a group of
     another user's processes answers "Operation not permitted" and is kept.
     ``kill -0 -- -<pgid>`` would be clearer, but dash's kill refuses ``--``.
     """
     q = shlex.quote(parent)
-    stale, in_use = _STALE_MARK.decode(), _IN_USE_MARK.decode()
+    stale, in_use, unread = _STALE_MARK.decode(), _IN_USE_MARK.decode(), _UNCOLLECTED_MARK.decode()
     return (
         f"for o in {q}/deploy-*{OWNER_SUFFIX}; do "
         '[ -f "$o" ] && [ ! -h "$o" ] || continue; '
@@ -187,48 +162,64 @@ def _sweep_script(parent: str) -> str:
         'if e=$(LC_ALL=C kill -0 "-$g" 2>&1); then '
         f'printf \'{in_use}%s %s\\n\' "$g" "${{o%{OWNER_SUFFIX}}}"; continue; fi; '
         'case $e in *"No such process"*) ;; *) continue ;; esac; '
-        f'd=${{o%{OWNER_SUFFIX}}}; rm -rf -- "$d" && rm -f -- "$o" && printf \'{stale}%s\\n\' "$d"; '
+        f"d=${{o%{OWNER_SUFFIX}}}; "
+        f'if [ -f "$d/pgid" ] && [ -z "$(find "$d" -maxdepth 0 -mtime +{UNCOLLECTED_KEEP_DAYS - 1} 2>/dev/null)" ]; '
+        f"then printf '{unread}%s\\n' \"$d\"; continue; fi; "
+        f'rm -rf -- "$d" && rm -f -- "$o" && printf \'{stale}%s\\n\' "$d"; '
         "done"
     )
 
 
-def _ship_and_run_script(target: Target, workdir: str, invocation: str) -> str:
-    """One remote command: read the state before, sweep stale folders, unpack the source from stdin, run ``invocation``.
+def _ship_and_launch_script(target: Target, workdir: str, invocation: str, plain_invocation: str) -> str:
+    """One remote command: read the state before, sweep stale folders, unpack the source from stdin into
+    ``<workdir>/src``, start ``invocation`` detached (``detached.launch_script``) and say so.
 
     stdin carries the sudo password line first (if any), then the tar archive.
-    stdout starts with three ``_STATE_MARK`` lines, ``_STALE_MARK`` and
-    ``_IN_USE_MARK`` lines of the sweep (see the module docstring), then
-    ``_SHIPPED_MARK`` once the source is unpacked; after that it is
-    nixos-rebuild's own output.  The script exits ``_PARENT_EXIT`` if the parent
-    folder is unusable and with tar's status if unpacking failed (both before
-    the shipped mark), else with nixos-rebuild's.  ``$$`` is the id of the
-    command's own process group (``stream.run_command`` starts it in one).
+    stdout starts with three ``_STATE_MARK`` lines, ``_STALE_MARK``,
+    ``_IN_USE_MARK`` and ``_UNCOLLECTED_MARK`` lines of the sweep (see the
+    module docstring), then ``_SHIPPED_MARK`` once the source is unpacked, and
+    ``_LAUNCHED_MARK <pgid> <unit>`` once the run has started. The script exits
+    ``_PARENT_EXIT`` if the parent folder is unusable and with tar's status if
+    unpacking failed (both before the shipped mark), 94/95 if the run did not
+    start. Run again for the same folder (after a drop) it starts nothing
+    twice: a folder whose run started only repeats the launched mark. ``$$``
+    is the id of the command's own process group (``stream.run_command``
+    starts it in one).
     """
-    workdir = _check_remote_dir(workdir)
+    workdir = check_remote_dir(workdir)
     parent = os.path.dirname(workdir)
     qp, qd, qo = shlex.quote(parent), shlex.quote(workdir), shlex.quote(workdir + OWNER_SUFFIX)
+    qn = shlex.quote(workdir + OWNER_SUFFIX + ".new")
     secret = target.privileged_stdin() is not None
+    unit = "nixos-panel-" + os.path.basename(workdir)
+    launched = (
+        f'printf \'{_LAUNCHED_MARK.decode()}%s %s\\n\' "$(head -c 20 {qd}/pgid)" "$(head -c 200 {qd}/unit 2>/dev/null)"'
+    )
     lines = [
         # `read` takes stdin byte by byte, so tar gets exactly what follows the line.
         f"IFS= read -r {_PW_VAR} || exit {_PARENT_EXIT - 1}" if secret else "",
-        f"{{ {_state_script(_STATE_MARK.decode())}; }} </dev/null",
+        f"if [ -s {qd}/pgid ]; then {launched}; exit 0; fi",
+        f"{{ {state_script(_STATE_MARK.decode())}; }} </dev/null",
         f"mkdir -p -m 700 -- {qp} && test -d {qp} && test ! -h {qp} && test -O {qp} || exit {_PARENT_EXIT}",
         _sweep_script(parent),
         # The owner file first: whenever the folder exists, its owner can be checked.
         f"echo $$ > {qo} || exit",
-        f"rm -rf -- {qd} && mkdir -m 700 -- {qd} && tar -x -f - -C {qd} || exit",
+        f"rm -rf -- {qd} && mkdir -m 700 -- {qd} {qd}/src && tar -x -f - -C {qd}/src || exit",
         f"echo {_SHIPPED_MARK.decode()}",
-        f"cd {qd} && " + (f"printf '%s\\n' \"${_PW_VAR}\" | {invocation}" if secret else f"{invocation} </dev/null"),
+        f"cd {qd} && : > out && : > err || exit",
+        launch_script(target, workdir, invocation, plain_invocation, unit, _PW_VAR),
+        # From now on the folder belongs to the detached run's process group.
+        f"head -c 20 pgid > {qn} && mv -f {qn} {qo} || exit",
+        launched,
     ]
     return "\n".join(line for line in lines if line)
 
 
 class _Prelude:
-    """Filters the ship-and-run output: takes the state lines and the shipped mark.
+    """Filters the ship-and-launch output: takes the state lines and the marks.
 
-    Lines before the mark are held back: on success they are delivered (login
-    noise, or nixos-rebuild's first stderr lines if sshd forwarded them first);
-    on a shipping failure their stderr ends the error message.
+    Lines before the shipped mark are held back: on success they are delivered
+    (login noise); on a shipping failure their stderr ends the error message.
     """
 
     def __init__(
@@ -244,10 +235,15 @@ class _Prelude:
         self.note = note
         self.state: list[str] = []
         self.shipped = False
+        self.launched: tuple[int, str] | None = None
         self.held: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
 
     def __call__(self, stream: str, line: bytes) -> None:
-        if self.shipped:
+        if stream == "out" and line.startswith(_LAUNCHED_MARK):
+            pgid, _, unit = line[len(_LAUNCHED_MARK) :].decode("utf-8", "replace").partition(" ")
+            if pgid.strip().isdigit():
+                self.launched = (int(pgid), unit.strip())
+        elif self.shipped:
             self.on_output(stream, line)
         elif stream == "out" and line.startswith(_STATE_MARK) and len(self.state) < 3:
             self.state.append(line[len(_STATE_MARK) :].decode("utf-8", "replace"))
@@ -262,6 +258,14 @@ class _Prelude:
                 f"left {folder} in place: its run is still going on the node (process group {pgid}); "
                 "an earlier run that lost its connection may still be activating"
             )
+        elif stream == "out" and line.startswith(_UNCOLLECTED_MARK):
+            folder = line[len(_UNCOLLECTED_MARK) :].decode("utf-8", "replace")
+            m = _DEPLOY_FOLDER_RE.search(folder)
+            which = f"deployment #{m.group(1)}" if m else "an earlier deployment"
+            self.note(
+                f"left {folder} in place: its run ended, and no panel has read its outcome yet "
+                f"(reconcile {which}; it goes after {UNCOLLECTED_KEEP_DAYS} days)"
+            )
         elif stream == "out" and line == _SHIPPED_MARK:
             self.shipped = True
             self.on_shipped()
@@ -270,6 +274,10 @@ class _Prelude:
                 self.on_output(s, held_line)
         else:
             self.held.append((stream, line))
+
+    def again(self) -> None:
+        """The script is run again after a drop: what it says next replaces what was held."""
+        self.state, self.held = [], collections.deque(maxlen=1000)
 
 
 def run_rebuild(
@@ -281,27 +289,35 @@ def run_rebuild(
     action: str,
     on_output: OutputCallback,
     should_cancel: Callable[[], bool] | None = None,
+    on_workdir: Callable[[str], None] | None = None,
 ) -> RebuildResult:
     """Deploy a flake source archive (``git archive`` tar bytes) to one node with nixos-rebuild.
 
     Contract:
     * ValueError for an invalid attr/action/id (before any connection).
+    * ``on_workdir(folder)`` is told the run's folder on the node before anything
+      is shipped (a later ``reconcile`` asks the node about it).
     * RemoteError for anything that stops us running or finishing the command
-      (connect, host key, auth, sudo, shipping, dropped connection).
+      (connect, host key, auth, sudo, shipping; ``disconnected`` when the node
+      stayed unreachable for ``target.reconnect_for`` seconds after a drop: the
+      run may go on, and its folder stays for reconcile; ``killed`` when the run
+      ended without an exit status nobody here asked for).
     * A non-zero nixos-rebuild exit is *returned* in ``RebuildResult.exit_code``.
-    * :class:`Cancelled` propagates after the remote process group was killed.
-    * Once connected, the shipped folder is always removed (best effort).
+    * :class:`Cancelled` propagates after the run's process group on the node
+      was killed (``should_cancel`` said so: a user's cancel or a timeout).
+    * Once its outcome is read (or nothing started), the folder is removed (best effort).
     * Panel progress lines go to ``on_output("sys", b"...")``.
 
     Each remote command costs a round trip and a process start on the node
-    (about 50-60 ms on the testbed), so there are two after connecting (three
+    (about 50-60 ms on the testbed), so there are three after connecting (four
     with sudo): one reads the state before, unpacks the source streamed on its
-    stdin and runs nixos-rebuild; one resolves the toplevel, reads the state
-    after and removes the folder.
+    stdin and starts nixos-rebuild detached; one follows its output; one reads
+    the status, the state after and the built system; and the folder's removal.
     """
     workdir = _new_workdir(deployment_id, target.user)
     invocation = _invocation(target, action, workdir, attr)
-    script = _ship_and_run_script(target, workdir, invocation)
+    plain_invocation = _invocation(target, action, workdir, attr, privileged=False)
+    script = _ship_and_launch_script(target, workdir, invocation, plain_invocation)
 
     def note(msg: str) -> None:
         on_output("sys", msg.encode())
@@ -310,9 +326,12 @@ def run_rebuild(
     digest = hashlib.sha256(archive).hexdigest()
 
     note(f"connecting to {target.user}@{target.address}")
-    conn = Connection(target)
-    conn.open()
-    cleaned = False
+    link = Link(target, note)
+    conn = link.open()
+    if on_workdir is not None:
+        on_workdir(workdir)
+    prelude: _Prelude | None = None
+    collected = False  # the run's outcome is read: its folder may go
     try:
         note(f"host key verified ({target.host_key.fingerprint})")
         if target.sudo:
@@ -321,18 +340,22 @@ def run_rebuild(
         states: list[SystemState] = []
 
         def on_state(lines: list[str]) -> None:
-            states.append(_parse_state(lines))
-            note(states[0].describe("before"))
+            states.append(parse_state(lines))
+            note(states[-1].describe("before"))
 
         prelude = _Prelude(on_output, on_state, lambda: note(f"running: {invocation}"), note)
-        exit_code = run_command(
-            conn,
-            script,
-            prelude,
-            stdin=(target.privileged_stdin() or b"") + archive,
-            should_cancel=should_cancel,
-        )
-        if not prelude.shipped:
+        while True:
+            try:
+                exit_code = run_command(link.conn, script, prelude, stdin=(target.privileged_stdin() or b"") + archive)
+                break
+            except RemoteError as e:
+                if e.kind != "disconnected" or prelude.launched is not None:
+                    if prelude.launched is None:
+                        raise
+                    break  # started: the follower reconnects
+                link.reconnect(e, " while shipping the source")
+                prelude.again()
+        if prelude.launched is None:
             err = [line for stream, line in prelude.held if stream == "err"]
             if exit_code == _PARENT_EXIT:
                 raise RemoteError(
@@ -340,22 +363,40 @@ def run_rebuild(
                     f"cannot use {os.path.dirname(workdir)} on {target.address}: "
                     f"it must be a directory owned by {target.user!r}{stderr_tail(err)}",
                 )
+            if prelude.shipped:
+                raise RemoteError(
+                    "ship", f"nixos-rebuild did not start on {target.address} (exit {exit_code}){stderr_tail(err)}"
+                )
             raise RemoteError(
                 "ship",
                 f"unpacking the source into {target.address}:{workdir} failed (exit {exit_code}){stderr_tail(err)}",
             )
-        before = states[0] if states else _parse_state([])
+        pgid, unit = prelude.launched
+        note(
+            f"started on the node, detached from this connection (process group {pgid}"
+            + (f", unit {unit}" if unit else "")
+            + f"); its output goes to {workdir}/out and /err"
+        )
+        before = states[-1] if states else parse_state([])
+        resolve = resolve_path(action, workdir)
+        try:
+            report = follow_run(
+                link,
+                RunHandle(workdir, pgid, unit),
+                on_output=on_output,
+                note=note,
+                should_cancel=should_cancel,
+                resolve=resolve,
+            )
+        except (Cancelled, RemoteError) as e:
+            # Stopped on request, or ended without a status: nothing more to read.
+            collected = isinstance(e, Cancelled) or e.kind == "killed"
+            raise
+        collected = True
+        exit_code = report.exit_status
         note(f"exit code {exit_code}")
-        resolve = None
-        if exit_code == 0:
-            if action == "build":
-                resolve = f"{workdir}/result"
-            elif action in ("switch", "test"):
-                resolve = CURRENT_SYSTEM
-            elif action == "boot":
-                resolve = SYSTEM_PROFILE
-            # dry-activate: nothing is recorded by nixos-rebuild we could read back.
-        after, toplevel, cleaned = _finish(conn, workdir, resolve)
+        after = SystemState(report.generation, report.profile_path, report.current_system)
+        toplevel = (report.toplevel or None) if exit_code == 0 and resolve else None
         note(after.describe("after"))
         if toplevel:
             note(f"toplevel: {toplevel}")
@@ -363,39 +404,17 @@ def run_rebuild(
     finally:
         # Never let cleanup mask the real outcome (an exception or the result).
         try:
-            note("cleaning up")
-            if not cleaned:
-                read_output(conn, _remove_script(workdir))
+            if prelude is not None and prelude.launched is not None and not collected:
+                note(f"left {workdir} on the node: it holds the run's output and, once it ends, its exit status")
+            elif link.conn is not None:
+                note("cleaning up")
+                read_output(link.conn, remove_script(workdir))
         except (RemoteError, RuntimeError, OSError) as e:
             try:
                 note(f"warning: could not remove {workdir}: {e}")
             except Exception:
                 pass
-        conn.close()
-
-
-def _remove_script(workdir: str) -> str:
-    """Shell that removes a run's folder, then its owner file (so a folder never outlives its owner file)."""
-    workdir = _check_remote_dir(workdir)
-    return f"rm -rf -- {shlex.quote(workdir)} && rm -f -- {shlex.quote(workdir + OWNER_SUFFIX)}"
-
-
-def _finish(conn: Connection, workdir: str, resolve: str | None) -> tuple[SystemState, str | None, bool]:
-    """In one command: resolve the toplevel link (if any), read the state after, remove ``workdir``.
-
-    Returns (state, toplevel or None, whether the folder was removed); if it was
-    not, run_rebuild's cleanup tries again and reports why it failed.
-    """
-    q = shlex.quote(resolve) if resolve else None
-    script = (
-        (f"t=; [ -e {q} ] && t=$(readlink -f {q} 2>/dev/null); " if q else "t=; ")
-        + _state_script()
-        + '; printf "%s\\n" "$t"'
-        + f"; {{ {_remove_script(workdir)}; }} 2>/dev/null && echo removed || echo kept"
-    )
-    lines = read_output(conn, script).split("\n")
-    lines += [""] * (5 - len(lines))
-    return _parse_state(lines[:3]), (lines[3].strip() or None) if q else None, lines[4].strip() == "removed"
+        link.close()
 
 
 def _check_sudo(conn: Connection, target: Target) -> None:

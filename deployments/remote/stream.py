@@ -21,7 +21,7 @@ import paramiko
 
 from .connection import Cancelled, Connection, RemoteError
 
-__all__ = ["CANCEL_GRACE_SECONDS", "OutputCallback", "read_output", "run_command", "stderr_tail"]
+__all__ = ["CANCEL_GRACE_SECONDS", "OutputCallback", "read_output", "run_command", "signal_group", "stderr_tail"]
 
 # on_output(stream, line): stream is "out" or "err" ("sys" for the panel's own progress lines).
 OutputCallback = Callable[[str, bytes], None]
@@ -83,15 +83,20 @@ class _ArrivalLog:
 
 
 class _Reader:
-    """Turns channel data into lines for ``on_output``; consumes the PGID line."""
+    """Turns channel data into lines for ``on_output``; consumes the PGID line.
 
-    def __init__(self, chan: paramiko.Channel, on_output: OutputCallback) -> None:
+    ``raw``: ``on_output`` gets the data as it arrived, in chunks of any size
+    (the PGID line included), and nothing is split or held back.
+    """
+
+    def __init__(self, chan: paramiko.Channel, on_output: OutputCallback, raw: bool = False) -> None:
         self.chan = chan
         self.on_output = on_output
+        self.raw = raw
         self.log = _ArrivalLog(chan)
         self.partial = {"out": b"", "err": b""}
         self.pgid: int | None = None
-        self._looking_for_pgid = True
+        self._looking_for_pgid = not raw
         self.done = False
 
     def pump(self, wait: float) -> bool:
@@ -128,6 +133,10 @@ class _Reader:
                 break
             chunks.append(data)
             n -= len(data)
+        if self.raw:
+            if chunks:
+                self.on_output(name, b"".join(chunks))
+            return
         data = self.partial[name] + b"".join(chunks)
         lines = data.split(b"\n")
         self.partial[name] = lines.pop()
@@ -182,6 +191,8 @@ def run_command(
     *,
     stdin: bytes | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_tick: Callable[[], None] | None = None,
+    raw: bool = False,
     poll: float = 0.2,
 ) -> int:
     """Run a shell command on the node and stream its output; return its exit code.
@@ -193,13 +204,18 @@ def run_command(
     * The command runs in its own process group. ``should_cancel`` is polled
       every ``poll`` seconds; when it returns True the group gets SIGTERM, then
       SIGKILL after CANCEL_GRACE_SECONDS, and :class:`Cancelled` is raised.
+    * ``on_tick()`` (if given) is called about every ``poll`` seconds on the
+      calling thread, whatever arrives; it may raise to end the command (the
+      channel is closed; the remote command is left to itself).
+    * ``raw``: ``on_output(stream, data)`` gets the bytes as they arrived, in
+      chunks, not split into lines (the wrapper's PGID line is left in).
     * Both streams are read to EOF before the exit status is taken.
     * Raises RemoteError("disconnected") if the connection drops mid-run.
     """
     chan = conn.open_channel()
     tr = conn.transport
     try:
-        reader = _Reader(chan, on_output)  # tap before exec: no data can be missed
+        reader = _Reader(chan, on_output, raw)  # tap before exec: no data can be missed
         try:
             chan.exec_command(_wrap_in_process_group(command))
         except (paramiko.SSHException, EOFError, OSError) as e:
@@ -218,9 +234,11 @@ def run_command(
 
         next_check = time.monotonic() + poll
         while not reader.pump(poll):
-            if should_cancel is not None and time.monotonic() >= next_check:
+            if time.monotonic() >= next_check:
                 next_check = time.monotonic() + poll
-                if should_cancel():
+                if on_tick is not None:
+                    on_tick()
+                if should_cancel is not None and should_cancel():
                     _cancel(conn, chan, reader)
             if not tr.is_active() and not reader.log.entries and not reader.log.eof:
                 raise conn.lost()
@@ -229,6 +247,8 @@ def run_command(
         # EOF on both streams; the process may still be running (it closed its
         # output), so wait for the exit status, still honouring cancel.
         while not chan.status_event.wait(poll):
+            if on_tick is not None:
+                on_tick()
             if should_cancel is not None and should_cancel():
                 _cancel(conn, chan, reader)
             if not tr.is_active():
@@ -289,12 +309,22 @@ def _cancel(conn: Connection, chan: paramiko.Channel, reader: _Reader) -> None:
 
 def _signal_group(conn: Connection, pgid: int, sig: str) -> None:
     """Send ``sig`` to the remote process group through a second channel (best effort)."""
+    signal_group(conn, pgid, sig)
+
+
+def signal_group(conn: Connection, pgid: int, sig: str, unit: str | None = None) -> None:
+    """Send ``sig`` (TERM, KILL) to remote process group ``pgid`` and, if given, every process of
+    systemd ``unit``, through a channel of its own (best effort: a link that is gone says so elsewhere)."""
+    if sig not in ("TERM", "KILL", "INT", "HUP"):
+        raise ValueError(f"unexpected signal {sig!r}")
     # With sudo, as root first: that also reaches children running as root. If
     # sudo refuses, as the login user: that still reaches sudo itself (its real
     # uid is ours), which relays the signal to its child.
     kill = f"kill -s {sig} -- -{int(pgid)}"
+    if unit:
+        kill = f"{kill}; systemctl kill --signal={sig} -- {shlex.quote(unit)}"
     prefix = conn.target.privileged_prefix()
-    command = f"{prefix}{kill} 2>/dev/null || {kill}" if prefix else kill
+    command = f"{prefix}sh -c {shlex.quote(kill)} 2>/dev/null || {{ {kill}; }} 2>/dev/null" if prefix else kill
     try:
         chan = conn.open_channel()
     except RemoteError:

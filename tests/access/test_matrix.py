@@ -172,6 +172,10 @@ RULES: dict[str, Rule] = {
     "deployments:deployment-list": Rule("GET", signed_in(200)),
     "deployments:deployment-detail": Rule("GET", on_node(1, 200), _deployment, node_route=True),
     "deployments:deployment-cancel": Rule("POST", on_node(2, 302), _active, node_route=True, denial_audited=True),
+    # A finished (not interrupted) deployment: past the gate the page is told there is nothing to reconcile.
+    "deployments:deployment-reconcile": Rule(
+        "POST", on_node(2, 302), _deployment, node_route=True, denial_audited=True
+    ),
     "deployments:deployment-log": Rule("GET", on_node(1, 200), _deployment, node_route=True),
     "deployments:api-nodes": Rule("GET", signed_in(200, api=True), api=True),
     "deployments:api-deploy": Rule(

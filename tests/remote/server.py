@@ -34,6 +34,11 @@ printf 'PWD:%s\n' "$PWD"
 find . -type f | sort | sed 's/^/FILE:/'
 case "$3" in
   *'#fail-me') echo "warning: the following units failed: foo.service" >&2; exit 4 ;;
+  *'#lines-'*)  # <n> lines on each stream, 40 a second, the last stdout one without a newline
+    n=${3##*#lines-}; i=1
+    while [ "$i" -le "$n" ]; do echo "out line $i"; echo "err line $i" >&2; sleep 0.025; i=$((i + 1)); done
+    printf 'last words'; exit 3 ;;
+  *'#hang-'*) echo "hanging" >&2; exec sleep "${3##*#hang-}" ;;
 esac
 if [ "$1" = build ]; then ln -s /usr result; fi
 echo "done" >&2

@@ -65,8 +65,8 @@ def test_run_rebuild_end_to_end_with_fake_nixos_rebuild(node):
     assert result.exit_code == 0
     assert result.toplevel == "/usr"  # the fake's ./result -> /usr, resolved in the workdir
     out_lines = [line.decode() for s, line in lines if s == "out"]
-    assert out_lines[:3] == ["ARG:build", "ARG:--flake", f"ARG:path:{workdir}#web-1.prod"]
-    assert f"PWD:{workdir}" in out_lines
+    assert out_lines[:3] == ["ARG:build", "ARG:--flake", f"ARG:path:{workdir}/src#web-1.prod"]
+    assert f"PWD:{workdir}/src" in out_lines
     assert {"FILE:./flake.nix", "FILE:./hosts/web 1.nix"} <= set(out_lines)
     assert ("err", b"building the system configuration...") in lines
     sys_lines = [line.decode() for s, line in lines if s == "sys"]
@@ -74,7 +74,7 @@ def test_run_rebuild_end_to_end_with_fake_nixos_rebuild(node):
     assert sys_lines[1] == f"host key verified ({node.host_key.fingerprint})"
     assert any(x.startswith(f"shipping source ({len(archive)} bytes") for x in sys_lines)
     # The logged command is the one that ran: the arguments the fake printed.
-    assert f"running: nixos-rebuild build --flake {shlex.quote(f'path:{workdir}#web-1.prod')}" in sys_lines
+    assert f"running: nixos-rebuild build --flake {shlex.quote(f'path:{workdir}/src#web-1.prod')}" in sys_lines
     assert "exit code 0" in sys_lines and "cleaning up" in sys_lines
     # The loopback node is this machine: a missing profile or current system reads as none.
     assert result.before.generation == result.after.generation == generation_here()

@@ -339,6 +339,20 @@ class Node:
         below = self._proc.pid if self._proc is not None else None
         return processes_of(below=below, environ=marker)
 
+    def link_down(self) -> None:
+        """Cut the node's network link, as a pulled cable would: the host side of its veth goes down, so
+        packets to and from the node are dropped silently (nothing is reset). Root only."""
+        self._set_link("down")
+
+    def link_up(self) -> None:
+        """Plug the node's link back in (``link_down`` undone); connections that survived carry on."""
+        self._set_link("up")
+
+    def _set_link(self, state: str) -> None:
+        if not (self.isolated and self.veth):
+            raise NamespacesUnavailable(namespaces_missing_reason())
+        _run(["ip", "link", "set", self.veth, state])
+
     def stop(self) -> None:
         """Kill every process of the node and remove its network namespace."""
         if self._stopped:

@@ -1,0 +1,54 @@
+"""What a node runs: its system profile generation and ``/run/current-system``, read by one shell snippet.
+
+No Django here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+
+__all__ = ["CURRENT_SYSTEM", "SYSTEM_PROFILE", "SystemState", "parse_state", "state_script"]
+
+SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
+CURRENT_SYSTEM = "/run/current-system"
+_GENERATION_RE = re.compile(r"^system-(\d+)-link$")
+
+
+@dataclass
+class SystemState:
+    """What the node runs. ``generation`` None / paths '' when not present (e.g. not NixOS yet)."""
+
+    generation: int | None
+    profile_path: str  # store path the system profile points to (readlink -f)
+    current_system: str  # store path of /run/current-system (readlink -f)
+
+    def describe(self, when: str) -> str:
+        """The log line ``system generation <when>: <n or none> (<current system>)``."""
+        generation = "none" if self.generation is None else self.generation
+        return f"system generation {when}: {generation}" + (f" ({self.current_system})" if self.current_system else "")
+
+
+def state_script(mark: str = "") -> str:
+    """Shell that prints three lines, each ``mark`` then possibly nothing: the
+    profile link's target, its store path, the current system."""
+    p, c = shlex.quote(SYSTEM_PROFILE), shlex.quote(CURRENT_SYSTEM)
+    return (
+        f"l=$(readlink {p} 2>/dev/null); "
+        f"r=; [ -e {p} ] && r=$(readlink -f {p} 2>/dev/null); "
+        f"s=; [ -e {c} ] && s=$(readlink -f {c} 2>/dev/null); "
+        f'printf \'{mark}%s\\n\' "$l" "$r" "$s"'
+    )
+
+
+def parse_state(lines: list[str]) -> SystemState:
+    """The state from ``state_script``'s three lines (without their mark)."""
+    link, profile_path, current = (x.strip() for x in (list(lines) + ["", "", ""])[:3])
+    m = _GENERATION_RE.match(os.path.basename(link))
+    return SystemState(
+        generation=int(m.group(1)) if m else None,
+        profile_path=profile_path,
+        current_system=current,
+    )
