@@ -13,7 +13,9 @@ the superuser (medians of --runs requests after warm-up):
 * the queries of each page (their number must not depend on the nodes or their history) and the
   database's plan for the page of nodes (the subqueries must use the deployment indexes);
 * a 200-node rollout's page and its JSON (``/rollouts/<id>/``, ``/api/rollouts/<id>/``), 20 nodes
-  failed with 40 log lines each.
+  failed with 40 log lines each;
+* requesting a rollout to all 10,000 nodes (``rollouts.request_rollout``: the gate, one commit, 10,000
+  queued deployments and 10,001 audit events in one transaction), once, nothing handed to a worker.
 
 Exits non-zero if a median is over --budget-ms.
 """
@@ -55,7 +57,11 @@ def build() -> dict:
     credential = Credential(name="bench", kind=Credential.Kind.PASSWORD)
     credential.set_secret("bench-password")
     credential.save()
-    repo = Repository.objects.create(name="fleet", url="/nonexistent", branch="main")
+    from tests.support.testbed import make_flake_repo
+
+    path = Path(tempfile.mkdtemp(prefix="fleet-bench-repo-")) / "fleet"
+    make_flake_repo(path)
+    repo = Repository.objects.create(name="fleet", url=str(path), branch="main")
     tags = {t.name: t for t in Tag.objects.bulk_create([Tag(name=f"{g}-{i:02d}") for g in TAGS for i in range(20)])}
     nodes = Node.objects.bulk_create(
         [
@@ -190,7 +196,21 @@ def measure(people: dict, runs: int) -> dict:
         "rollout JSON, no tails": timed(alice, f"/api/rollouts/{rid}/?tails="),
     }
     out["plan"] = page_plan()
+    out["request"] = request_all(people["alice"])
     return out
+
+
+def request_all(user) -> dict:
+    """Time a rollout request to every node (after finishing the nodes' bench history, none is busy)."""
+    from deployments import rollouts
+    from deployments.models import Deployment
+
+    Deployment.objects.filter(status__in=Deployment.ACTIVE).update(status="succeeded")
+    rollouts.hand_out = lambda pk: None  # no worker here: only the request is timed
+    start = time.perf_counter()
+    rollout = rollouts.request_rollout(rollouts.Options(all_nodes=True, confirm_all=True), user=user)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "nodes": rollout.deployments.count()}
 
 
 def page_plan() -> str:
@@ -234,6 +254,7 @@ def main() -> int:
         connection.creation.destroy_test_db(old_name, verbosity=0)
 
     plan = result.pop("plan")
+    request = result.pop("request")
     print(f"fleet bench on {vendor}: {NODES} nodes, {NODES * 5} deployments (built in {built_s:.1f} s)")
     ok = True
     for name, r in result.items():
@@ -243,6 +264,7 @@ def main() -> int:
             f"  {name:26} median {r['median_ms']:6.1f} ms  p90 {r['p90_ms']:6.1f} ms  "
             f"{r['queries']:2} queries  {r['rows']:3} rows{'  OVER BUDGET' if over else ''}"
         )
+    print(f"  a rollout to all {request['nodes']:,} nodes requested in {request['seconds']:.1f} s")
     uses = [name for name in ("deployment_node_finished", "deployment_node_recent") if name in plan]
     print(f"  the page's subqueries use: {', '.join(uses) or 'no deployment index'}")
     if len(uses) < 2:

@@ -432,50 +432,64 @@ def reconcile_deployment(
 
 
 def queue_in_rollout(
-    rollout: Rollout, node: Node, *, position: int, timeout_seconds: int | None, user=None, actor_kind=None
-) -> Deployment:
-    """Write ``node``'s deployment of ``rollout``: ``queued`` at ``position`` with its ``deployment.requested``
-    event, handed to the worker later by the rollout (``rollouts.advance_rollout``); or, if the node
-    already has an active deployment, ``cancelled`` at once with the reason (``deployment.skipped``).
+    rollout: Rollout, nodes: list[Node], *, timeouts: dict[int, int | None], user=None, actor_kind=None
+) -> list[Deployment]:
+    """Write the deployments of ``rollout``, one per node of ``nodes`` in that order: ``queued`` at the next
+    ``rollout_position`` with its ``deployment.requested`` event, handed to the worker later by the rollout
+    (``rollouts.advance_rollout``); or, for a node that already has an active deployment, ``cancelled`` at
+    once with the reason and no position (``deployment.skipped``).  ``timeouts``: node id -> seconds.
 
-    Runs inside the rollout's transaction; the gate, the host key and the commit were checked for
-    the whole rollout before.
+    Runs inside the rollout's transaction; the gate, the host keys and the commits were checked for the
+    whole rollout before.  The rows go in as one bulk insert; a node that became busy since the check
+    (the one-active index refuses it) refuses the whole rollout with ``NodeBusy``: try again.
     """
     acting = user if user is not None and user.is_authenticated else None
-    fields = dict(
-        node=node,
-        action=rollout.action,
-        requested_revision=rollout.requested_revision or node.repository.branch,
-        commit_sha=rollout.commits[node.repository.name],
-        flake_attr=node.flake_attr,
-        requested_by=acting,
-        requested_by_name=rollout.requested_by_name,
-        trigger=rollout.trigger,
-        rollout=rollout,
-        timeout_seconds=timeout_seconds,
+    busy = dict(
+        Deployment.objects.filter(node_id__in=[n.pk for n in nodes], status__in=Deployment.ACTIVE).values_list(
+            "node_id", "pk"
+        )
     )
+    now = timezone.now()
+    rows, position = [], 0
+    for node in nodes:
+        fields = dict(
+            node=node,
+            action=rollout.action,
+            requested_revision=rollout.requested_revision or node.repository.branch,
+            commit_sha=rollout.commits[node.repository.name],
+            flake_attr=node.flake_attr,
+            requested_by=acting,
+            requested_by_name=rollout.requested_by_name,
+            trigger=rollout.trigger,
+            rollout=rollout,
+            timeout_seconds=timeouts.get(node.pk),
+            created_at=now,
+        )
+        if node.pk in busy:
+            reason = f"not deployed: the node was busy with deployment #{busy[node.pk]}"
+            rows.append(Deployment(status=Status.CANCELLED, finished_at=now, error_message=reason, **fields))
+        else:
+            rows.append(Deployment(rollout_position=position, **fields))
+            position += 1
     try:
-        with transaction.atomic():  # a savepoint: the one-active index may refuse this node alone
-            deployment = Deployment.objects.create(rollout_position=position, **fields)
-            _record_requested(deployment, user=user, actor_kind=actor_kind)
-        return deployment
+        with transaction.atomic():  # a savepoint: the one-active index refuses a node that became busy
+            created = Deployment.objects.bulk_create(rows, batch_size=500)
     except IntegrityError:
-        pass
-    busy = Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).values_list("pk", flat=True).first()
-    reason = f"not deployed: the node was busy with deployment #{busy}" if busy else "not deployed: the node was busy"
-    deployment = Deployment.objects.create(
-        status=Status.CANCELLED, finished_at=timezone.now(), error_message=reason, **fields
-    )
-    record(
-        "deployment.skipped",
-        user=user,
-        actor_kind=actor_kind,
-        obj=deployment,
-        node=node,
-        outcome="failure",
-        details={"rollout": rollout.pk, "busy_with": busy, "commit": deployment.commit_sha},
-    )
-    return deployment
+        raise NodeBusy("A node of this rollout became busy while it was being written: try again.") from None
+    for d in created:
+        if d.status == Status.QUEUED:
+            _record_requested(d, user=user, actor_kind=actor_kind)
+        else:
+            record(
+                "deployment.skipped",
+                user=user,
+                actor_kind=actor_kind,
+                obj=d,
+                node=d.node,
+                outcome="failure",
+                details={"rollout": rollout.pk, "busy_with": busy[d.node_id], "commit": d.commit_sha},
+            )
+    return created
 
 
 def _rollout_node_ended(deployment: Deployment | None) -> None:

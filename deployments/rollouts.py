@@ -245,19 +245,9 @@ def request_rollout(options: Options, *, user=None, trigger: str = Deployment.Tr
                 "trigger": trigger,
             },
         )
-        position = canary_count = 0
-        for node in ordered:
-            d = lifecycle.queue_in_rollout(
-                rollout,
-                node,
-                position=position,
-                timeout_seconds=options.node_timeouts.get(node.name, options.timeout),
-                user=user,
-                actor_kind=actor_kind,
-            )
-            if d.status == DStatus.QUEUED:
-                position += 1
-                canary_count += node.pk in canary_ids
+        timeouts = {n.pk: options.node_timeouts.get(n.name, options.timeout) for n in ordered}
+        written = lifecycle.queue_in_rollout(rollout, ordered, timeouts=timeouts, user=user, actor_kind=actor_kind)
+        canary_count = sum(1 for d in written if d.status == DStatus.QUEUED and d.node_id in canary_ids)
         if canaries and not canary_count:
             # Every canary was busy: a rollout asked to prove itself first must not go on without it.
             raise RequestError("Every canary node is busy with another deployment: try again when they are free.")

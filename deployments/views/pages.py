@@ -81,8 +81,7 @@ def _filters(request, **validators) -> dict[str, str]:
 @login_required
 @require_GET
 def dashboard(request):
-    nodes = gate.annotate_permissions(gate.visible_nodes(request.user), request.user)
-    nodes = nodes.prefetch_related("tags").select_related("repository")
+    nodes = gate.visible_nodes(request.user)
     filters = _filters(request, tag=validate_tag, q=None, outcome=_validate_outcome)
     tag = filters["tag"]
     if tag:
@@ -90,11 +89,16 @@ def dashboard(request):
     query = filters["q"]
     if query:
         nodes = nodes.filter(name__icontains=query)
-    nodes = _fleet(nodes)
     outcome = filters["outcome"]
     if outcome:
+        last = Deployment.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-id").values("status")[:1]
+        nodes = nodes.annotate(last_status=Subquery(last))
         nodes = nodes.filter(last_status__isnull=True) if outcome == NEVER else nodes.filter(last_status=outcome)
     page = Paginator(nodes.order_by("name"), 100).get_page(request.GET.get("page"))
+    # The fleet's columns for this page's nodes only: PostgreSQL would otherwise compute every subquery
+    # for each row an OFFSET skips (a deep page of 10,000 nodes took 0.5 s).  Still one query.
+    shown = gate.annotate_permissions(Node.objects.filter(pk__in=page.object_list.values("pk")), request.user)
+    page.object_list = _fleet(shown.prefetch_related("tags").select_related("repository")).order_by("name")
     active = gate.visible_deployments(request.user).filter(status__in=Deployment.ACTIVE).count()
     return render(
         request,

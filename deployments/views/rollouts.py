@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from .. import logstream, rollouts
 from ..access import gate
 from ..access.gate import DEPLOY
-from ..errors import RequestError
+from ..errors import NodeBusy, RequestError
 from ..forms import RolloutForm
 from ..models import Deployment, Rollout
 from ..rollouts import Options
@@ -183,6 +183,8 @@ def api_rollouts(request):
     options = _options(json_object(request, {name: object for name in _FIELDS}))
     try:
         rollout = rollouts.request_rollout(options, user=request.user, trigger=Deployment.Trigger.API)
+    except NodeBusy as exc:
+        return JsonResponse({"error": str(exc)}, status=409)
     except RequestError as exc:
         return JsonResponse({"error": str(exc)}, status=400)
     deployments = gate.rollout_deployments(request.user, rollout)
