@@ -91,9 +91,12 @@ def test_the_deploy_command_follows_the_log_and_exits_with_the_outcome(panel):
     assert refused.returncode == 2 and "not allowed" in refused.stderr
 
 
-def test_a_worker_killed_mid_deploy_leaves_an_interrupted_deployment_and_a_free_node(panel, browser):
-    pk = browser.deploy("slow")
-    asyncio.run(read_log(panel, browser, pk, stop_after_lines=12, timeout=60))
+def test_a_worker_killed_mid_deploy_leaves_an_interrupted_deployment_and_a_free_node(panel, browser, testbed):
+    node = testbed.nodes[f"e2e-chatty-{testbed.token}"]
+    runs = len(node.rebuild_runs())
+    pk = browser.deploy("chatty")
+    first = asyncio.run(read_log(panel, browser, pk, stop_after_lines=300, timeout=60))
+    assert not first["ended"]
     panel.kill("worker", signal.SIGKILL)
     try:
         wait_for(
@@ -106,13 +109,22 @@ def test_a_worker_killed_mid_deploy_leaves_an_interrupted_deployment_and_a_free_
         assert b'"status": "interrupted"' in body
     finally:
         panel.start(worker=True)
-    # Never re-run by the queue, and the node is free for a human's new deploy.
-    again = browser.deploy("slow")
-    browser.request("POST", f"/deployments/{again}/cancel/", {})
-    result = asyncio.run(read_log(panel, browser, again))
-    assert final_status(result) == "cancelled"
+    # The run went on without its worker, detached on the node: reconcile records how it ended there.
+    reconciled = []
+    wait_for(
+        lambda: reconciled.append(panel.manage("reconcile", str(pk), check=False)) or reconciled[-1].returncode == 0,
+        timeout=60,
+        interval=1,
+        what="reconcile to find the run ended on the node",
+    )
+    assert "exit code 0: succeeded" in reconciled[-1].stdout, reconciled[-1].stdout + reconciled[-1].stderr
     _, _, body = browser.request("GET", f"/api/deployments/{pk}/")
-    assert b'"status": "interrupted"' in body
+    assert b'"status": "succeeded"' in body and b'"generation_after": null' not in body
+    # Never re-run by the queue, and the node is free for a human's new deploy.
+    again = browser.deploy("chatty")
+    result = asyncio.run(read_log(panel, browser, again))
+    assert final_status(result) == "succeeded"
+    assert len(node.rebuild_runs()) == runs + 2
 
 
 def test_runpanel_creates_the_first_admin_and_serves_the_panel(tmp_path):

@@ -11,6 +11,7 @@ import shlex
 import threading
 
 import pytest
+from django.db import connection
 
 from deployments import inventory, lifecycle, logstream, tasks
 from deployments.audit.models import AuditEvent
@@ -33,6 +34,14 @@ def deploy(node, action="switch", revision="", user=None) -> Deployment:
     return d
 
 
+def run_in_thread(pk: int) -> str:
+    """The worker's task, as a qcluster thread runs it (its own database connection, closed after)."""
+    try:
+        return tasks.run_deployment(pk)
+    finally:
+        connection.close()
+
+
 def log_text(d: Deployment) -> list[str]:
     return [text for _, _, text in logstream.lines_after(d.pk)]
 
@@ -51,7 +60,7 @@ def activating(add_node):
     """
     node, tb = add_node("slow")
     d = lifecycle.request_deployment(node, action="switch")
-    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
+    worker = threading.Thread(target=run_in_thread, args=(d.pk,))
     worker.start()
     try:
         wait_for(lambda: any("activating" in t for t in log_text(d)), what="the slow activation to start")
@@ -280,7 +289,7 @@ def test_a_deploy_running_twice_from_the_broker_runs_once(add_node):
     node, tb = add_node()
     d = lifecycle.request_deployment(node, action="switch")
     results = []
-    threads = [threading.Thread(target=lambda: results.append(tasks.run_deployment(d.pk))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(run_in_thread(d.pk))) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

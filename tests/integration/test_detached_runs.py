@@ -16,6 +16,7 @@ import time
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 
 from deployments import lifecycle, logstream, tasks
 from deployments.audit.models import AuditEvent
@@ -74,9 +75,17 @@ def start(node, **fields) -> tuple[Deployment, threading.Thread]:
     d = lifecycle.request_deployment(node, action="switch")
     if fields:
         Deployment.objects.filter(pk=d.pk).update(**fields)
-    worker = threading.Thread(target=tasks.run_deployment, args=(d.pk,))
+    worker = threading.Thread(target=run_in_thread, args=(d.pk,))
     worker.start()
     return d, worker
+
+
+def run_in_thread(pk: int) -> None:
+    """The worker's task, as a qcluster thread runs it (its own database connection, closed after)."""
+    try:
+        tasks.run_deployment(pk)
+    finally:
+        connection.close()
 
 
 def ended(d: Deployment, worker: threading.Thread, timeout: float = 180) -> Deployment:
