@@ -238,3 +238,52 @@ def test_cancel_and_timeout_kill_the_detached_tree_on_the_node(add_node, how):
     assert not matching(tb.processes(), "switch-to-configuration")
     assert not matching(tb.processes(), "nixos-rebuild")
     assert tb.run(f"test -e {shlex.quote(d.remote_dir)}", check=False).returncode == 1
+
+
+FAKE_SYSTEMD_RUN = r"""#!/bin/sh
+# Testbed stand-in for systemd-run (the node has no systemd): logs its unit, then starts the command in a
+# session of its own with the --setenv environment, as a transient service would be.
+unit=
+while [ $# -gt 0 ]; do
+    case $1 in
+        --unit=*) unit=${1#--unit=} ;;
+        --setenv=*) export "${1#--setenv=}" ;;
+        -*) ;;
+        *) break ;;
+    esac
+    shift
+done
+echo "$unit $*" >> /run/testbed/systemd-run.log
+cd / && setsid "$@" </dev/null >/dev/null 2>&1 &
+"""
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$*" >> /run/testbed/systemctl.log
+"""
+
+
+@pytest.mark.parametrize("how", ["succeeds", "cancelled"])
+def test_on_a_node_with_systemd_the_run_is_a_transient_unit(isolated, add_node, how):
+    node, tb = add_node("devm" if how == "succeeds" else "slow")
+    tb.run("mkdir -p /run/systemd/system")
+    for name, text in (("systemd-run", FAKE_SYSTEMD_RUN), ("systemctl", FAKE_SYSTEMCTL)):
+        tb.run(f"cat > /usr/local/bin/{name} && chmod 755 /usr/local/bin/{name}", input=text)
+    d, worker = start(node)
+    try:
+        wait_for(lambda: any(t.startswith("started on the node") for t in texts(d)), timeout=90, what="the start")
+        if how == "cancelled":
+            wait_for(lambda: any("activation in progress" in t for t in texts(d)), timeout=90, what="activation")
+            lifecycle.cancel_deployment(d)
+    finally:
+        d = ended(d, worker)
+    unit = f"nixos-panel-{d.remote_dir.rsplit('/', 1)[1]}"
+    assert any(t.startswith("started on the node") and f"unit {unit}" in t for t in texts(d, "s"))
+    (started,) = tb.run("cat /run/testbed/systemd-run.log").stdout.splitlines()
+    assert started.startswith(f"{unit} sh -c ") and "nixos-rebuild switch --flake" in started
+    if how == "succeeds":
+        assert d.status == "succeeded", d.error_message
+        assert d.system_after == tb.current_system() == d.toplevel
+    else:
+        assert d.status == "cancelled"
+        assert f"kill --signal=TERM -- {unit}" in tb.run("cat /run/testbed/systemctl.log").stdout
+        assert not matching(tb.processes(), "switch-to-configuration")
+    assert tb.run(f"test -e {shlex.quote(d.remote_dir)}", check=False).returncode == 1
