@@ -133,14 +133,18 @@ async def viewer(url: str, headers: dict, timeout: float) -> dict:
     except Exception as exc:  # noqa: BLE001 - a failed handshake is a figure, not a crash
         return {"failed": repr(exc), "frames": [], "connected_at": None}
     connected_at = time.time()
+    closed = None
     async with ws:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            raw = await asyncio.wait_for(ws.recv(decode=False), timeout=deadline - time.monotonic())
-            frames.append((time.time(), raw))
-            if raw.startswith(b'{"type":"end"') or raw.startswith(b'{"type": "end"'):
-                break
-    return {"failed": None, "frames": frames, "connected_at": connected_at}
+        try:
+            while time.monotonic() < deadline:
+                raw = await asyncio.wait_for(ws.recv(decode=False), timeout=deadline - time.monotonic())
+                frames.append((time.time(), raw))
+                if raw.startswith(b'{"type":"end"') or raw.startswith(b'{"type": "end"'):
+                    break
+        except websockets.ConnectionClosed as exc:
+            closed = f"closed by the server with {exc.rcvd.code if exc.rcvd else None} before the end"
+    return {"failed": None, "frames": frames, "connected_at": connected_at, "closed": closed}
 
 
 def check(result: dict, expected_act: int) -> dict:
@@ -163,6 +167,8 @@ def check(result: dict, expected_act: int) -> dict:
         elif msg["type"] == "status":
             status = msg["status"]
             finished_at = msg.get("finished_at")
+    if result.get("closed"):
+        problems.append(result["closed"])
     if act != expected_act:
         problems.append(f"{act} activation lines, {expected_act} expected")
     if status != "succeeded":
@@ -175,7 +181,12 @@ def check(result: dict, expected_act: int) -> dict:
     }
 
 
-def follow(panel: Panel, browser: Browser, viewers: int, expected_act: int, timeout: float) -> dict:
+def follow(
+    panel: Panel, browser: Browser, viewers: int, expected_act: int, timeout: float, meter: DaphneMeter | None = None
+) -> dict:
+    """Deploy and follow with ``viewers`` sockets; ``meter`` measures from the request to the last viewer's end."""
+    if meter:
+        meter.start()
     t_req = time.time()
     pk = browser.deploy("bench")
     url = f"ws://127.0.0.1:{panel.port}/ws/deployments/{pk}/log/?after=-1"
@@ -186,6 +197,7 @@ def follow(panel: Panel, browser: Browser, viewers: int, expected_act: int, time
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     results = asyncio.run(all_viewers())
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    figures = meter.stop() if meter else {}
     client_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     client_kernel = cpu1.ru_stime - cpu0.ru_stime
     failed = [r["failed"] for r in results if r["failed"]]
@@ -196,19 +208,19 @@ def follow(panel: Panel, browser: Browser, viewers: int, expected_act: int, time
         "t_req": t_req,
         "failed": failed,
         "checked": checked,
-        "all_connected_at": max(connected, default=0.0),
+        "all_connected_at": max(connected, default=t_req),
         "client_cpu_s": client_cpu,
         "client_kernel_cpu_s": client_kernel,
         "finished_after_s": (finished - t_req) if finished else None,
+        "figures": figures,
     }
 
 
 def phase_many(panel, browser, repo, meter, lines: int, viewers: int) -> dict:
     commit_change(repo, ATTR, extra_lines=lines, lines_per_second=0)
     follow(panel, browser, 1, lines, 300)  # builds the new system once, outside the measurement
-    meter.start()
-    run = follow(panel, browser, viewers, lines, 300)
-    figures = meter.stop()
+    run = follow(panel, browser, viewers, lines, 300, meter)
+    figures = run["figures"]
     times = [c["last_line_at"] - run["t_req"] for c in run["checked"]]
     problems = [p for c in run["checked"] for p in c["problems"]] + run["failed"]
     out = {
@@ -241,9 +253,8 @@ def phase_many(panel, browser, repo, meter, lines: int, viewers: int) -> dict:
 def phase_spread(panel, browser, repo, meter, lines: int, rate: int, viewers: int) -> dict:
     commit_change(repo, ATTR, extra_lines=lines, lines_per_second=rate)
     follow(panel, browser, 1, lines, 300)
-    meter.start()
-    run = follow(panel, browser, viewers, lines, 300)
-    figures = meter.stop()
+    run = follow(panel, browser, viewers, lines, 300, meter)
+    figures = run["figures"]
     spreads = []
     checked = run["checked"]
     if checked:
