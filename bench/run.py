@@ -12,6 +12,8 @@ HERE = Path(__file__).resolve().parent
 BENCHES = [
     ["pipeline_bench.py"],
     ["roles_bench.py"],
+    ["rollout_bench.py"],
+    ["fleet_bench.py"],
     ["audit_bench.py"],
     ["audit_bench.py", "--database-url", "postgres://postgres@127.0.0.1:5432/panel_audit_bench"],
 ]
