@@ -11,6 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     ["pipeline_bench.py"],
+    ["viewers_bench.py"],
     ["roles_bench.py"],
     ["rollout_bench.py"],
     ["fleet_bench.py"],
