@@ -37,8 +37,8 @@ from .models import Deployment, LogChunk
 log = logging.getLogger(__name__)
 
 BATCH_LINES = 2000  # lines per WebSocket message
-CACHE_LINES = 200_000  # lines a feed keeps encoded (about 20 MB); older ones are read again when asked for
-FETCH_ROWS = 20  # log chunks a feed reads per query (a chunk holds up to 5,000 lines)
+CACHE_LINES = 100_000  # lines a feed keeps encoded (about 10 MB); older ones are read again when asked for
+FETCH_ROWS = 10  # log chunks a feed reads per query (a chunk holds up to 5,000 lines)
 PUSH_SAFETY_POLL = 1.0  # seconds between polls when pushes arrive
 MAX_BACKOFF = 5.0  # seconds between retries of a failing database or channel layer
 

@@ -184,3 +184,27 @@ def write_one(pk):
     writer = logstream.LogWriter(pk, flush_interval=0.001)
     writer.write("out", "after the quiet")
     writer.close()
+
+
+def test_followers_far_apart_share_a_small_cache_and_still_get_every_line_once(running, alice, monkeypatch):
+    monkeypatch.setattr(logfeed, "BATCH_LINES", 50)
+    monkeypatch.setattr(logfeed, "CACHE_LINES", 250)  # far less than the log: messages are evicted and read again
+    writer = logstream.LogWriter(running.pk, flush_interval=0.001, max_batch=120)
+    for i in range(3000):
+        writer.write("out", f"line {i}")
+    writer.close()
+    Deployment.objects.filter(pk=running.pk).update(status="succeeded")
+
+    async def scenario():
+        comms = [await open_socket(alice, running.pk, after=after) for after in (-1, 499, 1733, 2990)]
+        results = await asyncio.gather(*(read_until_end(c) for c in comms))
+        feed_lines = [f.cached_lines for f in logfeed._feeds.values()]
+        for c in comms:
+            await c.disconnect()
+        return results, feed_lines
+
+    results, feed_lines = async_to_sync(scenario)()
+    for (lines, _), after in zip(results, (-1, 499, 1733, 2990), strict=True):
+        assert [line[0] for line in lines] == list(range(after + 1, 3000))
+        assert all(line[2] == f"line {line[0]}" for line in lines)
+    assert all(n <= 250 + 50 for n in feed_lines)
