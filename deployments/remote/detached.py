@@ -68,8 +68,8 @@ RECONNECT_MAX_DELAY = 10.0
 FOLLOW_MARK = b"__NIXOS_PANEL_FOLLOW__"
 # The run did not write its process group within this long after it was started.
 LAUNCH_WAIT_SECONDS = 10
-# How often the node-side watcher looks whether the run has ended.
-WATCH_INTERVAL = "0.2"
+# How often the node's tail looks whether the watcher (and so the run) has ended: a syscall, no process.
+TAIL_INTERVAL = "0.05"
 # Exit codes of the node-side scripts.
 _GONE_EXIT = 97  # the run's folder is not there
 _NO_FOLLOW_EXIT = 98  # this tail cannot follow (--pid and -f are GNU's): poll instead
@@ -126,31 +126,39 @@ class RunReport:
 
 
 def launch_script(target: Target, workdir: str, invocation: str, plain_invocation: str, unit: str, pw_var: str) -> str:
-    """Shell (run from inside ``workdir``) that starts the run detached and waits until it is started.
+    """Shell (run from inside ``workdir``) that starts the run detached and returns once ``pgid`` holds its
+    process group.
 
     ``invocation`` is the command as the login user runs it (with the sudo
     prefix, if any); ``plain_invocation`` the same without it, for a
     systemd-run unit that already runs as root. The sudo password, if any, is
     in shell variable ``pw_var`` and reaches sudo (or systemd-run's sudo) on a
-    pipe, never on a command line. Returns once the run has written ``pgid``
-    (exit 95 if it does not within ``LAUNCH_WAIT_SECONDS``, 94 if systemd-run
-    refused).
+    pipe, never on a command line. Started with ``setsid``, the run is the
+    background job ``$!`` (a background job of a shell without job control
+    leads no group, so setsid does not fork: ``$!`` leads the new session).
+    Under systemd-run the unit's shell writes ``pgid`` itself (exit 95 if it
+    does not within ``LAUNCH_WAIT_SECONDS``; 94 if systemd-run refused). When
+    the run ends it writes ``status``, then wakes its followers through the
+    FIFO ``end`` (opened read-write, so it never blocks without one; a line
+    for each of up to eight followers).
     """
     w = workdir
     secret = target.privileged_stdin() is not None
 
-    def inner(command: str, stdin: str) -> str:
-        # Runs detached: records its process group, runs the command into the files, then the status.
+    def inner(command: str, stdin: str, own_pgid: bool) -> str:
+        # Runs detached: runs the command into the files, then writes the status and wakes the followers.
         return (
-            f"cd {_q(w)} || exit 1; echo $$ > pgid.new && mv -f pgid.new pgid || exit 1; cd src || exit 1; "
-            f"{command} >{_q(w + '/out')} 2>{_q(w + '/err')} {stdin}; "
-            f"c=$?; echo $c > {_q(w + '/status.new')} && mv -f {_q(w + '/status.new')} {_q(w + '/status')}"
+            f"cd {_q(w)} || exit 1; "
+            + ("echo $$ > pgid.new && mv -f pgid.new pgid || exit 1; " if own_pgid else "")
+            + f"cd src || exit 1; {command} >{_q(w + '/out')} 2>{_q(w + '/err')} {stdin}; "
+            f"c=$?; echo $c > {_q(w + '/status.new')} && mv -f {_q(w + '/status.new')} {_q(w + '/status')}; "
+            f"{{ exec 3<>{_q(w + '/end')} && printf '\\n\\n\\n\\n\\n\\n\\n\\n' >&3; }} 2>/dev/null; exit $c"
         )
 
     feed = f"printf '%s\\n' \"${pw_var}\" | " if secret else ""
     setsid_start = (
-        f"{feed}setsid sh -c {_q(inner(invocation, '' if secret else '</dev/null'))} "
-        f"{'' if secret else '</dev/null '}>/dev/null 2>&1 &"
+        f"{feed}setsid sh -c {_q(inner(invocation, '' if secret else '</dev/null', False))} "
+        f"{'' if secret else '</dev/null '}>/dev/null 2>&1 & echo $! > pgid.new && mv -f pgid.new pgid"
     )
     # systemd-run: where the node runs systemd and we are root there (or may become root with sudo).
     root = "true" if target.sudo else '[ "$(id -u)" = 0 ]'
@@ -158,16 +166,17 @@ def launch_script(target: Target, workdir: str, invocation: str, plain_invocatio
         f"echo {_q(unit)} > unit && "
         f"{feed}{target.privileged_prefix()}systemd-run --unit={_q(unit)} --quiet --collect "
         f'--setenv=PATH="$PATH" --setenv=HOME="${{HOME:-/root}}" '
-        f"sh -c {_q(inner(plain_invocation, '</dev/null'))} </dev/null >/dev/null 2>launch.err "
+        f"sh -c {_q(inner(plain_invocation, '</dev/null', True))} </dev/null >/dev/null 2>launch.err "
         "|| { cat launch.err >&2; exit 94; }"
     )
     return "\n".join(
         [
+            "mkfifo -m 600 end || exit",
             "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1 && "
-            f"{root}; then {systemd_start}; else {setsid_start} fi",
+            f"{root}; then {systemd_start}; else {setsid_start}; fi",
             "i=0; while [ ! -s pgid ]; do i=$((i + 1)); "
-            f"if [ $i -gt {LAUNCH_WAIT_SECONDS * 20} ]; then "
-            f"echo 'the detached run did not start within {LAUNCH_WAIT_SECONDS} s' >&2; exit 95; fi; sleep 0.05; done",
+            f"if [ $i -gt {LAUNCH_WAIT_SECONDS * 50} ]; then "
+            f"echo 'the detached run did not start within {LAUNCH_WAIT_SECONDS} s' >&2; exit 95; fi; sleep 0.02; done",
         ]
     )
 
@@ -200,15 +209,18 @@ def follow_script(run: RunHandle, out_offset: int, err_offset: int, *, live: boo
         return "\n".join(lines)
     lines += [
         # GNU tail (every NixOS has it) follows with -f until --pid's process is gone, then reads once more.
-        f"tail -s {WATCH_INTERVAL} --pid=$$ -c +1 /dev/null >/dev/null 2>&1 || exit {_NO_FOLLOW_EXIT}",
+        f"tail -s {TAIL_INTERVAL} --pid=$$ -c +1 /dev/null >/dev/null 2>&1 || exit {_NO_FOLLOW_EXIT}",
         f"echo {mark}; echo {mark} >&2",
-        # The watcher: until the status file is there, or (looked at every second) the run's group is gone.
-        f"( n=0; while [ ! -e status ]; do n=$((n + 1)); "
-        f"if [ $((n % 5)) = 0 ] && ! {_alive_test(str(int(run.pgid)))}; then break; fi; "
-        f"sleep {WATCH_INTERVAL}; done ) </dev/null >/dev/null 2>&1 &",
+        # The watcher: until the status file is there, or the run's group is gone. The run wakes it
+        # through the FIFO when it ends; without a wake-up it looks again every second.
+        # It holds the FIFO open itself before it looks at the status, so no wake-up is lost in between.
+        "( if [ -p end ] && command -v timeout >/dev/null 2>&1 && exec 3<>end; then "
+        "nap() { timeout 1 sh -c 'read x' <&3; }; else nap() { sleep 1; }; fi; "
+        f"while [ ! -e status ] && {_alive_test(str(int(run.pgid)))}; do nap; done ) "
+        "</dev/null >/dev/null 2>&1 &",
         "w=$!",
-        f"tail -s {WATCH_INTERVAL} --pid=$w -c +{o} -f out 2>/dev/null &",
-        f"tail -s {WATCH_INTERVAL} --pid=$w -c +{e} -f err >&2 2>/dev/null &",
+        f"tail -s {TAIL_INTERVAL} --pid=$w -c +{o} -f out 2>/dev/null &",
+        f"tail -s {TAIL_INTERVAL} --pid=$w -c +{e} -f err >&2 2>/dev/null &",
         "wait; exit 0",
     ]
     return "\n".join(lines)

@@ -253,7 +253,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-echo "$unit $*" >> /run/testbed/systemd-run.log
+printf '%s\n' "$unit $*" | tr '\n' ' ' >> /run/testbed/systemd-run.log; echo >> /run/testbed/systemd-run.log
 cd / && setsid "$@" </dev/null >/dev/null 2>&1 &
 """
 FAKE_SYSTEMCTL = """#!/bin/sh
