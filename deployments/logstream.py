@@ -128,6 +128,8 @@ class LogWriter:
         self.line_count = 0
         self.byte_count = 0
         self.outages = 0  # times storing failed and was retried (for tests and logs)
+        self._failing_since: float | None = None  # monotonic start of the current outage
+        self._wall_failing_since: datetime | None = None
         self._thread = threading.Thread(target=self._run, name=f"logwriter-{deployment_id}", daemon=True)
         self._thread.start()
 
@@ -189,39 +191,41 @@ class LogWriter:
             connection.close()
 
     def _store(self, batch: list[str]) -> None:
-        """Store ``batch``, retrying across a database outage; drop it (as a recorded gap) after ``give_up_after``."""
-        failing_since = None
+        """Store ``batch``, retrying across a database outage; drop it (as a recorded gap) once the outage has
+        lasted ``give_up_after``.  The outage is the writer's, not the batch's: after giving up, each later
+        batch gets one attempt, so the reader is not held back again for as long."""
         delay = RETRY_FIRST
         while True:
             try:
                 self._persist(batch)
             except TRANSIENT_DB_ERRORS as exc:
                 now = time.monotonic()
-                if failing_since is None:
-                    failing_since, wall_since = now, timezone.now()
+                if self._failing_since is None:
+                    self._failing_since, self._wall_failing_since = now, timezone.now()
                     self.outages += 1
                     log.warning("log of deployment %s: cannot store lines (%s); retrying", self.deployment_id, exc)
                 drop_connection()
-                if now - failing_since >= self.give_up_after:
-                    log.error(
-                        "log of deployment %s: database unreachable for %.0f s, %d lines lost",
-                        self.deployment_id,
-                        now - failing_since,
-                        len(batch),
-                    )
+                if now - self._failing_since >= self.give_up_after:
+                    if not self._lost:
+                        log.error(
+                            "log of deployment %s: database unreachable for %.0f s; dropping the lines held",
+                            self.deployment_id,
+                            now - self._failing_since,
+                        )
                     self._lost += len(batch)
-                    start = self._lost_window[0] if self._lost_window else wall_since
+                    start = self._lost_window[0] if self._lost_window else self._wall_failing_since
                     self._lost_window = (start, timezone.now())
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 continue
-            if failing_since is not None:
+            if self._failing_since is not None:
                 log.warning(
                     "log of deployment %s: stored again after %.1f s",
                     self.deployment_id,
-                    time.monotonic() - failing_since,
+                    time.monotonic() - self._failing_since,
                 )
+                self._failing_since = None
             return
 
     def _persist(self, batch: list[str]) -> None:

@@ -1,5 +1,7 @@
 """The log writer across a database outage: it retries, never stores a line twice, and says when it lost lines."""
 
+import time
+
 import pytest
 from django.db import OperationalError
 
@@ -157,3 +159,24 @@ def test_a_blip_gives_up_after_its_time(settings):
 
     with pytest.raises(OperationalError):
         never()
+
+
+def test_after_giving_up_later_batches_are_dropped_at_once_and_counted_in_one_gap(deployment, monkeypatch):
+    from tests.support.wait import wait_for
+
+    writer = logstream.LogWriter(deployment.pk, flush_interval=0.001, max_batch=10, give_up_after=0.3)
+    writer.write("out", "before")
+    wait_for(lambda: stored(deployment), timeout=5, what="the first line to be stored")
+    Outage(monkeypatch, failures=10**9)
+    started = time.monotonic()
+    for i in range(95):
+        writer.write("out", f"lost {i}")
+    wait_for(lambda: writer._lost == 95, timeout=10, what="every held line to be dropped")
+    assert time.monotonic() - started < 3, "one give-up period for the whole outage, not one per batch"
+    monkeypatch.undo()
+    writer.write("out", "after")
+    writer.close()
+    texts = [t for _, t in stored(deployment)]
+    assert texts[0] == "before" and texts[-1] == "after" and texts[1].startswith("[panel] 95 lines of output were lost")
+    deployment.refresh_from_db()
+    assert [(g["after_seq"], g["lines"]) for g in deployment.log_gaps] == [(0, 95)]
