@@ -330,6 +330,18 @@
     const errorBox = $('error-box');
     if (errorBox) errorBox.hidden = !s.error_message;
 
+    // Lines the log writer could not store (a long database outage): said, never silent.
+    const gapBox = $('log-incomplete');
+    const gapList = $('log-gaps');
+    if (gapBox && gapList && Array.isArray(s.log_gaps)) {
+      gapBox.hidden = s.log_gaps.length === 0;
+      gapList.replaceChildren(...s.log_gaps.map((g) => {
+        const li = document.createElement('li');
+        li.textContent = `${g.lines} line${g.lines === 1 ? '' : 's'} lost after line ${g.after_seq}: ${g.reason}`;
+        return li;
+      }));
+    }
+
     const duration = $('duration');
     if (duration) {
       if (s.started_at) {
