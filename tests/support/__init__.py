@@ -8,6 +8,7 @@
 - ``panel``: a real panel (daphne + qcluster) and a browser-like HTTP/WebSocket client.
 - ``personas``: alice, bob, charlie, carol, zed and the permission matrix's role personas.
 - ``processes``: processes by owner (below a pid, in a network namespace, by session environment).
+- ``services``: private PostgreSQL and Redis servers a test or bench starts and stops itself.
 - ``sshd``: the one throwaway OpenSSH server harness.
 - ``testbed``: NixOS-like nodes over real SSH (``testbed/README.md``).
 - ``wait``: ``wait_for``, the one polling loop.
