@@ -121,7 +121,7 @@ class Feed:
                 log.warning("log feed of deployment %s: %s; the follower waits", self.deployment_id, exc)
                 return None
             message = self._find(after + 1)
-            if message is None:  # evicted at once under a flood of loads: read it for this follower only
+            if message is None:  # evicted at once by another load: the follower asks again at the next change
                 return None
         return message.after(after), message.last
 
@@ -219,9 +219,11 @@ class Feed:
     def _take(self, status: dict, rows: list, start: int) -> None:
         if self.next_seq is None:
             self.next_seq = start
+        hole = False
         for seq_start, seq_end, data in rows:
             if seq_start != self.next_seq:
                 # Chunks tile the sequence; a hole means the read raced a writer's commit order. Read again.
+                hole = True
                 break
             for message in _messages(seq_start, data):
                 self._add(message)
@@ -231,7 +233,7 @@ class Feed:
             self.status = status
             self.status_text = encode({"type": "status", **status})
             self.status_version += 1
-        self.complete = status["status"] in Deployment.TERMINAL and len(rows) < FETCH_ROWS
+        self.complete = status["status"] in Deployment.TERMINAL and len(rows) < FETCH_ROWS and not hole
         self._wake()
 
     async def _listen(self) -> None:
