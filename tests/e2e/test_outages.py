@@ -1,6 +1,7 @@
-"""A database or Redis blip mid-deploy breaks nothing: PostgreSQL (a private one) stopped for 5 s or 60 s, or Redis
-(a private one) restarted, while a followed deploy prints its log; the deployment still succeeds, the stored
-log is complete, followers get every line once (a reconnect too), and nothing stays running."""
+"""A database, Redis or daphne blip mid-deploy breaks nothing: PostgreSQL (a private one) stopped for 5 s or
+60 s, Redis (a private one) restarted, or daphne killed, while a followed deploy prints its log; the deployment
+still succeeds, the stored log is complete, followers get every line once (across a reconnect too), and
+nothing stays running."""
 
 from __future__ import annotations
 
@@ -94,3 +95,19 @@ def test_a_redis_restart_mid_deploy_loses_nothing_and_reconnects_are_served(outa
     assert followed.get("ended") and followed["lines"] == first["lines"] + rest["lines"]
     assert followed["statuses"][-1]["status"] == "succeeded"
     assert sum(" paced line " in line[2] for line in followed["lines"]) == PACED_LINES
+
+
+def test_daphne_killed_mid_deploy_followers_resume_on_the_new_one_with_every_line_once(outage_panel):
+    panel, _, _, _ = outage_panel
+    browser = Browser(panel)
+    browser.login()
+    pk = browser.deploy("paced")
+    first = asyncio.run(read_log(panel, browser, pk, stop_after_lines=300, timeout=60))
+    panel.kill("daphne")  # SIGKILL: the sockets drop, the deployment goes on in the worker
+    panel.start(daphne=True, worker=False)
+    rest = asyncio.run(read_log(panel, browser, pk, after=first["lines"][-1][0], timeout=180))
+    assert rest["ended"], (rest["close_code"], panel.logs())
+    lines = first["lines"] + rest["lines"]
+    assert [line[0] for line in lines] == list(range(len(lines)))
+    assert sum(" paced line " in line[2] for line in lines) == PACED_LINES
+    assert rest["statuses"][-1]["status"] == "succeeded"
