@@ -17,7 +17,7 @@ from tests.support.services import PrivatePostgres, PrivateRedis
 from tests.support.testbed import NodeConfigSpec, make_flake_repo
 from tests.support.wait import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+pytestmark = pytest.mark.e2e
 
 PACED_LINES = 1500  # at 100 lines/s: 15 s of activation output
 
