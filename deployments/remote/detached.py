@@ -50,6 +50,7 @@ __all__ = [
     "RunHandle",
     "RunReport",
     "check_remote_dir",
+    "follow_lines",
     "follow_run",
     "inspect_run",
     "launch_script",
@@ -74,7 +75,7 @@ TAIL_INTERVAL = "0.05"
 _GONE_EXIT = 97  # the run's folder is not there
 _NO_FOLLOW_EXIT = 98  # this tail cannot follow (--pid and -f are GNU's): poll instead
 _POLL_INTERVAL = 1.0  # seconds between reads when the node's tail cannot follow
-_INSPECT_KEYS = ("exists", "status", "ended", "out", "err", "pgid", "alive", "unit", "toplevel")
+_INSPECT_KEYS = ("exists", "status", "pgid", "alive", "unit", "toplevel")
 
 
 def _q(path: str) -> str:
@@ -197,7 +198,12 @@ def follow_script(run: RunHandle, out_offset: int, err_offset: int, *, live: boo
     """Shell that writes the run's stdout file from byte ``out_offset`` on stdout and its stderr file from
     ``err_offset`` on stderr, each after a ``FOLLOW_MARK`` line, and (``live``) keeps following both until
     the run has ended (status file written, or its process group gone), then exits."""
-    w = _q(run.workdir)
+    return follow_lines(run.workdir, str(int(run.pgid)), out_offset, err_offset, live=live)
+
+
+def follow_lines(workdir: str, pgid: str, out_offset: int, err_offset: int, *, live: bool = True) -> str:
+    """``follow_script`` for process group ``pgid`` (a number, or a shell expression such as ``$g``)."""
+    w = _q(workdir)
     o, e = int(out_offset) + 1, int(err_offset) + 1
     mark = FOLLOW_MARK.decode()
     lines = [f"cd {w} || exit {_GONE_EXIT}"]
@@ -216,7 +222,7 @@ def follow_script(run: RunHandle, out_offset: int, err_offset: int, *, live: boo
         # It holds the FIFO open itself before it looks at the status, so no wake-up is lost in between.
         "( if [ -p end ] && command -v timeout >/dev/null 2>&1 && exec 3<>end; then "
         "nap() { timeout 1 sh -c 'read x' <&3; }; else nap() { sleep 1; }; fi; "
-        f"while [ ! -e status ] && {_alive_test(str(int(run.pgid)))}; do nap; done ) "
+        f"while [ ! -e status ] && {_alive_test(pgid)}; do nap; done ) "
         "</dev/null >/dev/null 2>&1 &",
         "w=$!",
         f"tail -s {TAIL_INTERVAL} --pid=$w -c +{o} -f out 2>/dev/null &",
@@ -227,19 +233,21 @@ def follow_script(run: RunHandle, out_offset: int, err_offset: int, *, live: boo
 
 
 def inspect_script(workdir: str, resolve: str | None) -> str:
-    """Shell that prints ``<key> <value>`` lines about the run in ``workdir`` (see ``_INSPECT_KEYS``), the
-    target of ``resolve`` (``toplevel``), then the node's system state (three ``state`` lines)."""
+    """Shell that prints ``<key> <value>`` lines about the run in ``workdir`` (see ``_INSPECT_KEYS``; the
+    sizes and times of its files as ``file <path> <bytes> <mtime>``), the target of ``resolve``
+    (``toplevel``), then the node's system state (three ``state`` lines). Few processes: it runs at the
+    end of every deployment."""
     w = _q(check_remote_dir(workdir))
     t = f"t=; [ -e {_q(resolve)} ] && t=$(readlink -f {_q(resolve)} 2>/dev/null); " if resolve else "t=; "
     return (
         f"if [ -d {w} ]; then echo 'exists 1'; else echo 'exists 0'; fi; "
-        f's=; [ -f {w}/status ] && s=$(head -c 20 {w}/status); echo "status $s"; '
-        f'echo "ended $(stat -c %Y {w}/status 2>/dev/null)"; '
-        f'echo "out $(wc -c < {w}/out 2>/dev/null)"; echo "err $(wc -c < {w}/err 2>/dev/null)"; '
-        f'g=$(head -c 20 {w}/pgid 2>/dev/null); echo "pgid $g"; '
-        f"case $g in ''|*[!0-9]*|0|1) a=0 ;; *) if {_alive_test('$g')}; then a=1; else a=0; fi ;; esac; "
+        f's=; [ -f {w}/status ] && read -r s < {w}/status; echo "status $s"; '
+        f"stat -c 'file %n %s %Y' {w}/status {w}/out {w}/err 2>/dev/null; "
+        f'g=; [ -f {w}/pgid ] && read -r g < {w}/pgid; echo "pgid $g"; '
+        # Only a run without a status needs the process table.
+        f"case $s$g in ''|*[!0-9]*) a=0 ;; *) if [ -z \"$s\" ] && {_alive_test('$g')}; then a=1; else a=0; fi ;; esac; "
         'echo "alive $a"; '
-        f'echo "unit $(head -c 200 {w}/unit 2>/dev/null)"; '
+        f'u=; [ -f {w}/unit ] && read -r u < {w}/unit; echo "unit $u"; '
         f"{t}" + 'echo "toplevel $t"; ' + state_script("state ")
     )
 
@@ -257,11 +265,15 @@ def _int(text: str) -> int | None:
 
 def _parse_report(text: str) -> RunReport:
     values: dict[str, str] = {}
+    files: dict[str, tuple[int | None, int | None]] = {}
     state: list[str] = []
     for line in text.split("\n"):
         key, _, value = line.partition(" ")
         if key == "state":
             state.append(value)
+        elif key == "file":
+            path, size, mtime = (value.rsplit(" ", 2) + ["", ""])[:3]
+            files[path.rsplit("/", 1)[-1]] = (_int(size), _int(mtime))
         elif key in _INSPECT_KEYS and key not in values:
             values[key] = value
     system = parse_state(state)
@@ -269,9 +281,9 @@ def _parse_report(text: str) -> RunReport:
         exists=values.get("exists") == "1",
         running=values.get("alive") == "1",
         exit_status=_int(values.get("status", "")),
-        ended_at=_int(values.get("ended", "")),
-        out_size=_int(values.get("out", "")) or 0,
-        err_size=_int(values.get("err", "")) or 0,
+        ended_at=files.get("status", (None, None))[1],
+        out_size=files.get("out", (0, None))[0] or 0,
+        err_size=files.get("err", (0, None))[0] or 0,
         pgid=_int(values.get("pgid", "")),
         unit=values.get("unit", "").strip(),
         toplevel=values.get("toplevel", "").strip(),
@@ -378,7 +390,7 @@ class _Stream:
 @dataclass
 class _Follow:
     link: Link
-    run: RunHandle
+    run: RunHandle | None  # None until the start command has started it
     on_output: stream.OutputCallback
     note: Callable[[str], None]
     should_cancel: Callable[[], bool] | None
@@ -389,6 +401,7 @@ class _Follow:
     kill_at: float = 0.0
     last_heard: float = 0.0
     live: bool = True
+    on_prelude: stream.OutputCallback | None = None  # the start command's lines before the follow mark
 
     # The pass's data, in arrival order; whole lines are delivered, the offsets move with them.
     def data(self, name: str, chunk: bytes) -> None:
@@ -396,11 +409,15 @@ class _Follow:
         s = self.streams[name]
         if s.prelude is not None:
             s.prelude += chunk
-            at = s.prelude.find(FOLLOW_MARK + b"\n")
-            if at < 0:
-                s.prelude = s.prelude[-4096:]
+            while s.prelude is not None and (nl := s.prelude.find(b"\n")) >= 0:
+                line, s.prelude = s.prelude[:nl], s.prelude[nl + 1 :]
+                if line == FOLLOW_MARK:
+                    chunk, s.prelude = s.prelude, None
+                elif self.on_prelude is not None and not line.startswith(stream.PGID_MARK):
+                    self.on_prelude(name, line)
+            if s.prelude is not None:
+                s.prelude = s.prelude[-65536:]
                 return
-            chunk, s.prelude = s.prelude[at + len(FOLLOW_MARK) + 1 :], None
         data = s.partial + chunk
         lines = data.split(b"\n")
         s.partial = lines.pop()
@@ -412,7 +429,9 @@ class _Follow:
     def tick(self) -> None:
         now = self.clock()
         conn = self.link.conn
-        if self.kill_stage == 0 and self.should_cancel is not None and self.should_cancel():
+        if self.run is None:
+            pass  # still shipping: a cancel waits until there is a run to stop
+        elif self.kill_stage == 0 and self.should_cancel is not None and self.should_cancel():
             self.note(f"stopping the run on the node: SIGTERM to its process group {self.run.pgid}")
             stream.signal_group(conn, self.run.pgid, "TERM", self.run.unit or None)
             self.kill_stage, self.kill_at = 1, now
@@ -433,21 +452,22 @@ class _Follow:
                 ) from None
             self.last_heard = self.clock()
 
-    def one_pass(self) -> None:
-        """Stream the files from the offsets until the run has ended (live), or once (polling)."""
+    def one_pass(self, start: tuple[str, bytes] | None = None) -> int:
+        """Stream the files from the offsets until the run has ended (live), or once (polling). With
+        ``start``, run that command (it starts the run, then follows it) instead."""
         for s in self.streams.values():
             s.partial, s.prelude = b"", b""
         self.last_heard = self.clock()
         conn = self.link.conn
         if not self.live:
             self.tick()
-        code = stream.run_command(
-            conn,
-            follow_script(self.run, self.streams["out"].offset, self.streams["err"].offset, live=self.live),
-            self.data,
-            on_tick=self.tick,
-            raw=True,
-        )
+        if start is not None:
+            command, stdin = start
+        else:
+            command, stdin = follow_script(self.run, *self.offsets(), live=self.live), None
+        code = stream.run_command(conn, command, self.data, stdin=stdin, on_tick=self.tick, raw=True)
+        if start is not None and self.run is None:
+            return code  # it started nothing: the caller says why
         if code == _NO_FOLLOW_EXIT:
             self.note("the node's tail cannot follow a file (needs GNU coreutils): reading every second instead")
             self.live = False
@@ -457,6 +477,10 @@ class _Follow:
             raise RemoteError("protocol", f"following the run on {conn.target.address} failed (exit {code})")
         if any(s.prelude is not None for s in self.streams.values()) and code == 0:
             raise RemoteError("protocol", f"the follow command on {conn.target.address} printed no start mark")
+        return code
+
+    def offsets(self) -> tuple[int, int]:
+        return self.streams["out"].offset, self.streams["err"].offset
 
     def received_all(self, report: RunReport) -> bool:
         out, err = self.streams["out"], self.streams["err"]
@@ -478,6 +502,14 @@ class _Gone(Exception):
     """The run's folder is not on the node."""
 
 
+class NotStarted(Exception):
+    """The start command ended without starting the run; ``code`` is its exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"exit {code}")
+        self.code = code
+
+
 def follow_run(
     link: Link,
     run: RunHandle,
@@ -487,8 +519,19 @@ def follow_run(
     should_cancel: Callable[[], bool] | None = None,
     resolve: str | None = None,
     offsets: tuple[int, int] = (0, 0),
+    start: tuple[str, bytes] | None = None,
+    on_prelude: stream.OutputCallback | None = None,
+    launched: Callable[[], RunHandle | None] | None = None,
 ) -> RunReport:
     """Follow ``run`` until it ends; deliver its lines exactly once; return the node's report.
+
+    With ``start`` = (command, stdin) and ``run`` None, first run ``command``:
+    it starts the run and goes on as ``follow_script`` from offset 0 (the
+    ship-and-launch command). Its lines before the follow mark go to
+    ``on_prelude``; ``launched()`` gives the run once the prelude said it
+    started. If the link drops before that, the command is run again (it must
+    start nothing twice); if it ends without starting the run,
+    :class:`NotStarted` is raised with its exit status.
 
     * Lines go to ``on_output("out"|"err", line)`` in arrival order, from byte
       ``offsets`` of the two files; a drop of the link resumes at the last
@@ -502,23 +545,41 @@ def follow_run(
     """
     f = _Follow(link, run, on_output, note, should_cancel, resolve)
     f.streams["out"].offset, f.streams["err"].offset = offsets
+    if start is not None:
+
+        def prelude(name: str, line: bytes) -> None:
+            on_prelude(name, line)
+            if f.run is None and launched is not None:
+                f.run = launched()
+
+        f.on_prelude = prelude
     while True:
         try:
-            f.one_pass()
-            report = inspect(link.conn, run.workdir, resolve)
+            if f.run is None:
+                code = f.one_pass(start)
+                if f.run is None:
+                    raise NotStarted(code)
+            else:
+                f.one_pass()
+            f.on_prelude = None
+            report = inspect(link.conn, f.run.workdir, resolve)
         except _Gone:
             raise RemoteError(
-                "protocol", f"the run's folder {run.workdir} is gone from {link.target.address}"
+                "protocol", f"the run's folder {f.run.workdir} is gone from {link.target.address}"
             ) from None
         except RemoteError as e:
             if e.kind != "disconnected":
                 raise
+            if f.run is None:
+                link.reconnect(e, " while shipping the source")
+                continue
+            f.on_prelude = None
             link.reconnect(e, " while following the run")
             out, err = f.streams["out"], f.streams["err"]
             note(f"resuming the run's output at byte {out.offset} of stdout and {err.offset} of stderr")
             continue
         if not report.exists:
-            raise RemoteError("protocol", f"the run's folder {run.workdir} is gone from {link.target.address}")
+            raise RemoteError("protocol", f"the run's folder {f.run.workdir} is gone from {link.target.address}")
         if not f.received_all(report):
             continue  # written after the follower's last read: catch up from the offsets
         if report.ended:

@@ -35,7 +35,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .connection import Cancelled, Connection, RemoteError, Target
-from .detached import OWNER_SUFFIX, Link, RunHandle, check_remote_dir, follow_run, launch_script, remove_script
+from .detached import (
+    OWNER_SUFFIX,
+    Link,
+    NotStarted,
+    RunHandle,
+    check_remote_dir,
+    follow_lines,
+    follow_run,
+    launch_script,
+    remove_script,
+)
 from .stream import OutputCallback, read_output, run_command, stderr_tail
 from .system import CURRENT_SYSTEM, SYSTEM_PROFILE, SystemState, parse_state, state_script
 
@@ -172,13 +182,15 @@ def _sweep_script(parent: str) -> str:
 
 def _ship_and_launch_script(target: Target, workdir: str, invocation: str, plain_invocation: str) -> str:
     """One remote command: read the state before, sweep stale folders, unpack the source from stdin into
-    ``<workdir>/src``, start ``invocation`` detached (``detached.launch_script``) and say so.
+    ``<workdir>/src``, start ``invocation`` detached (``detached.launch_script``), say so, and follow its
+    output from the start (``detached.follow_lines``: it ends when the run has).
 
     stdin carries the sudo password line first (if any), then the tar archive.
     stdout starts with three ``_STATE_MARK`` lines, ``_STALE_MARK``,
     ``_IN_USE_MARK`` and ``_UNCOLLECTED_MARK`` lines of the sweep (see the
     module docstring), then ``_SHIPPED_MARK`` once the source is unpacked, and
-    ``_LAUNCHED_MARK <pgid> <unit>`` once the run has started. The script exits
+    ``_LAUNCHED_MARK <pgid> <unit>`` once the run has started; then the
+    follower's start mark and the run's output. The script exits
     ``_PARENT_EXIT`` if the parent folder is unusable and with tar's status if
     unpacking failed (both before the shipped mark), 94/95 if the run did not
     start. Run again for the same folder (after a drop) it starts nothing
@@ -192,13 +204,14 @@ def _ship_and_launch_script(target: Target, workdir: str, invocation: str, plain
     qn = shlex.quote(workdir + OWNER_SUFFIX + ".new")
     secret = target.privileged_stdin() is not None
     unit = "nixos-panel-" + os.path.basename(workdir)
-    launched = (
-        f'printf \'{_LAUNCHED_MARK.decode()}%s %s\\n\' "$(head -c 20 {qd}/pgid)" "$(head -c 200 {qd}/unit 2>/dev/null)"'
-    )
+    # Says the run started: its process group and unit (read into g and u first).
+    launched = f'printf \'{_LAUNCHED_MARK.decode()}%s %s\\n\' "$g" "$u"'
+    read_run = f"g=; read -r g < {qd}/pgid; u=; [ -f {qd}/unit ] && read -r u < {qd}/unit"
     lines = [
         # `read` takes stdin byte by byte, so tar gets exactly what follows the line.
         f"IFS= read -r {_PW_VAR} || exit {_PARENT_EXIT - 1}" if secret else "",
-        f"if [ -s {qd}/pgid ]; then {launched}; exit 0; fi",
+        # Started already (this is a second try after a drop)? Then only say so and follow.
+        f"if [ -s {qd}/pgid ]; then cat >/dev/null; {read_run}; {launched}; else",
         f"{{ {state_script(_STATE_MARK.decode())}; }} </dev/null",
         f"mkdir -p -m 700 -- {qp} && test -d {qp} && test ! -h {qp} && test -O {qp} || exit {_PARENT_EXIT}",
         _sweep_script(parent),
@@ -209,8 +222,11 @@ def _ship_and_launch_script(target: Target, workdir: str, invocation: str, plain
         f"cd {qd} && : > out && : > err || exit",
         launch_script(target, workdir, invocation, plain_invocation, unit, _PW_VAR),
         # From now on the folder belongs to the detached run's process group.
-        f"head -c 20 pgid > {qn} && mv -f {qn} {qo} || exit",
+        read_run,
+        f'echo "$g" > {qn} && mv -f {qn} {qo} || exit',
         launched,
+        "fi",
+        follow_lines(workdir, "$g", 0, 0),
     ]
     return "\n".join(line for line in lines if line)
 
@@ -344,54 +360,52 @@ def run_rebuild(
             note(states[-1].describe("before"))
 
         prelude = _Prelude(on_output, on_state, lambda: note(f"running: {invocation}"), note)
-        while True:
-            try:
-                exit_code = run_command(link.conn, script, prelude, stdin=(target.privileged_stdin() or b"") + archive)
-                break
-            except RemoteError as e:
-                if e.kind != "disconnected" or prelude.launched is not None:
-                    if prelude.launched is None:
-                        raise
-                    break  # started: the follower reconnects
-                link.reconnect(e, " while shipping the source")
-                prelude.again()
-        if prelude.launched is None:
-            err = [line for stream, line in prelude.held if stream == "err"]
-            if exit_code == _PARENT_EXIT:
-                raise RemoteError(
-                    "ship",
-                    f"cannot use {os.path.dirname(workdir)} on {target.address}: "
-                    f"it must be a directory owned by {target.user!r}{stderr_tail(err)}",
-                )
-            if prelude.shipped:
-                raise RemoteError(
-                    "ship", f"nixos-rebuild did not start on {target.address} (exit {exit_code}){stderr_tail(err)}"
-                )
-            raise RemoteError(
-                "ship",
-                f"unpacking the source into {target.address}:{workdir} failed (exit {exit_code}){stderr_tail(err)}",
-            )
-        pgid, unit = prelude.launched
-        note(
-            f"started on the node, detached from this connection (process group {pgid}"
-            + (f", unit {unit}" if unit else "")
-            + f"); its output goes to {workdir}/out and /err"
-        )
-        before = states[-1] if states else parse_state([])
         resolve = resolve_path(action, workdir)
+
+        def launched() -> RunHandle | None:
+            if prelude.launched is None:
+                return None
+            pgid, unit = prelude.launched
+            note(
+                f"started on the node, detached from this connection (process group {pgid}"
+                + (f", unit {unit}" if unit else "")
+                + f"); its output goes to {workdir}/out and /err"
+            )
+            return RunHandle(workdir, pgid, unit)
+
         try:
             report = follow_run(
                 link,
-                RunHandle(workdir, pgid, unit),
+                None,
                 on_output=on_output,
                 note=note,
                 should_cancel=should_cancel,
                 resolve=resolve,
+                start=(script, (target.privileged_stdin() or b"") + archive),
+                on_prelude=prelude,
+                launched=launched,
             )
+        except NotStarted as e:
+            err = [line for stream, line in prelude.held if stream == "err"]
+            if e.code == _PARENT_EXIT:
+                raise RemoteError(
+                    "ship",
+                    f"cannot use {os.path.dirname(workdir)} on {target.address}: "
+                    f"it must be a directory owned by {target.user!r}{stderr_tail(err)}",
+                ) from None
+            if prelude.shipped:
+                raise RemoteError(
+                    "ship", f"nixos-rebuild did not start on {target.address} (exit {e.code}){stderr_tail(err)}"
+                ) from None
+            raise RemoteError(
+                "ship",
+                f"unpacking the source into {target.address}:{workdir} failed (exit {e.code}){stderr_tail(err)}",
+            ) from None
         except (Cancelled, RemoteError) as e:
             # Stopped on request, or ended without a status: nothing more to read.
             collected = isinstance(e, Cancelled) or e.kind == "killed"
             raise
+        before = states[0] if states else parse_state([])
         collected = True
         exit_code = report.exit_status
         note(f"exit code {exit_code}")

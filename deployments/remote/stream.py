@@ -27,7 +27,7 @@ __all__ = ["CANCEL_GRACE_SECONDS", "OutputCallback", "read_output", "run_command
 OutputCallback = Callable[[str, bytes], None]
 
 # The wrapper's first stderr line; run_command() consumes it and never delivers it.
-_PGID_MARK = b"__NIXOS_PANEL_PGID__ "
+_PGID_MARK = PGID_MARK = b"__NIXOS_PANEL_PGID__ "
 # After SIGTERM to the remote group, how long to wait before SIGKILL.
 CANCEL_GRACE_SECONDS = 5.0
 # How long the kill command itself may take on the node.
