@@ -327,8 +327,10 @@ def run_rebuild(
     Each remote command costs a round trip and a process start on the node
     (about 50-60 ms on the testbed), so there are three after connecting (four
     with sudo): one reads the state before, unpacks the source streamed on its
-    stdin and starts nixos-rebuild detached; one follows its output; one reads
-    the status, the state after and the built system; and the folder's removal.
+    stdin, starts nixos-rebuild detached and follows its output until it ends;
+    one reads the status, the state after and the built system; one removes the
+    folder (only once that answer is in). A dropped link adds a follow command
+    per reconnect.
     """
     workdir = _new_workdir(deployment_id, target.user)
     invocation = _invocation(target, action, workdir, attr)
