@@ -60,19 +60,30 @@ def target_for(node) -> Target:
 
 
 class Heartbeat:
-    """Beats the deployment's heartbeat and watches its cancel flag (called from the log writer thread)."""
+    """Beats the deployment's heartbeat and watches its cancel flag (called from the log writer thread).
+
+    ``remote_dir`` set by the runner is stored at the next flush (within ``LOG_FLUSH_INTERVAL``), off the
+    path of the SSH reader."""
 
     def __init__(self, deployment_id: int) -> None:
         self.deployment_id = deployment_id
         self.cancel = threading.Event()
         self._last = 0.0
+        self.remote_dir: str | None = None
 
     def __call__(self) -> None:
         now = time.monotonic()
-        if now - self._last < min(1.0, settings.HEARTBEAT_INTERVAL):
+        remote_dir, self.remote_dir = self.remote_dir, None
+        if remote_dir is None and now - self._last < min(1.0, settings.HEARTBEAT_INTERVAL):
             return
         self._last = now
-        Deployment.objects.filter(pk=self.deployment_id).update(heartbeat_at=timezone.now())
+        extra = {"remote_dir": remote_dir} if remote_dir is not None else {}
+        try:
+            Deployment.objects.filter(pk=self.deployment_id).update(heartbeat_at=timezone.now(), **extra)
+        except BaseException:
+            if remote_dir is not None and self.remote_dir is None:
+                self.remote_dir = remote_dir  # stored at the next flush, then
+            raise
         if Deployment.objects.filter(pk=self.deployment_id, cancel_requested=True).exists():
             self.cancel.set()
 
@@ -115,7 +126,7 @@ class EarlierRunGoing(Exception):
 
 def reconcile_earlier(deployment: Deployment, write: Callable[[str, str], None]) -> None:
     """Reconcile the node's interrupted deployments that hold a run folder; raise EarlierRunGoing if one is
-    still running there.  A node that cannot be reached is said and left: the run itself will say more."""
+    still running there.  A node that cannot be reached is said once and left: the run itself will say more."""
     earlier = (
         Deployment.objects.filter(node_id=deployment.node_id, status=Status.INTERRUPTED, reconciled_at__isnull=True)
         .exclude(remote_dir="")
@@ -127,8 +138,9 @@ def reconcile_earlier(deployment: Deployment, write: Callable[[str, str], None])
         try:
             done = reconcile_deployment(d, actor_kind="system")
         except RequestError as exc:
+            # Most likely the node cannot be reached: the others would only wait for it again.
             write("sys", f"could not reconcile deployment #{d.pk}: {exc}")
-            continue
+            break
         write("sys", f"reconciled deployment #{d.pk}: {done.summary}")
         if done.running:
             raise EarlierRunGoing(
@@ -175,7 +187,7 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
         fields["archive_sha256"] = archive.sha256
         extra = {}
         if _accepts(runner, "on_workdir"):
-            extra["on_workdir"] = lambda folder: Deployment.objects.filter(pk=deployment_id).update(remote_dir=folder)
+            extra["on_workdir"] = lambda folder: setattr(beat, "remote_dir", folder)
         result = runner(
             target_for(node),
             deployment_id=deployment_id,

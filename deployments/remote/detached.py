@@ -70,12 +70,15 @@ FOLLOW_MARK = b"__NIXOS_PANEL_FOLLOW__"
 # The run did not write its process group within this long after it was started.
 LAUNCH_WAIT_SECONDS = 10
 # How often the node's tail looks whether the watcher (and so the run) has ended: a syscall, no process.
-TAIL_INTERVAL = "0.05"
+TAIL_INTERVAL = "0.01"
 # Exit codes of the node-side scripts.
-_GONE_EXIT = 97  # the run's folder is not there
-_NO_FOLLOW_EXIT = 98  # this tail cannot follow (--pid and -f are GNU's): poll instead
+# What the follow command says, instead of its start mark, when it cannot follow.
+_GONE_MARK = b"__NIXOS_PANEL_GONE__"  # the run's folder is not there
+_NO_FOLLOW_MARK = b"__NIXOS_PANEL_NO_FOLLOW__"  # this tail cannot follow (--pid and -f are GNU's): poll instead
+# The follow command's exit status once the run has ended: the run's, or this when it has none (or it is 255).
+_NO_STATUS_EXIT = 255
 _POLL_INTERVAL = 1.0  # seconds between reads when the node's tail cannot follow
-_INSPECT_KEYS = ("exists", "status", "pgid", "alive", "unit", "toplevel")
+_INSPECT_KEYS = ("exists", "status", "pgid", "alive", "unit", "toplevel", "removed")
 
 
 def _q(path: str) -> str:
@@ -117,6 +120,7 @@ class RunReport:
     generation: int | None
     profile_path: str
     current_system: str
+    removed: bool = False  # the folder was removed after this was read (``finish_script``)
 
     @property
     def ended(self) -> bool:
@@ -159,7 +163,7 @@ def launch_script(target: Target, workdir: str, invocation: str, plain_invocatio
     feed = f"printf '%s\\n' \"${pw_var}\" | " if secret else ""
     setsid_start = (
         f"{feed}setsid sh -c {_q(inner(invocation, '' if secret else '</dev/null', False))} "
-        f"{'' if secret else '</dev/null '}>/dev/null 2>&1 & echo $! > pgid.new && mv -f pgid.new pgid"
+        f"{'' if secret else '</dev/null '}>/dev/null 2>&1 & echo $! > pgid"
     )
     # systemd-run: where the node runs systemd and we are root there (or may become root with sudo).
     root = "true" if target.sudo else '[ "$(id -u)" = 0 ]'
@@ -206,28 +210,32 @@ def follow_lines(workdir: str, pgid: str, out_offset: int, err_offset: int, *, l
     w = _q(workdir)
     o, e = int(out_offset) + 1, int(err_offset) + 1
     mark = FOLLOW_MARK.decode()
-    lines = [f"cd {w} || exit {_GONE_EXIT}"]
+    lines = [f"cd {w} || {{ echo {_GONE_MARK.decode()}; exit 1; }}"]
     if not live:
         lines += [
             f"echo {mark}; echo {mark} >&2",
-            f"tail -c +{o} out 2>/dev/null; tail -c +{e} err >&2 2>/dev/null; exit 0",
+            f"tail -c +{o} out 2>/dev/null; tail -c +{e} err >&2 2>/dev/null; exit {_NO_STATUS_EXIT}",
         ]
         return "\n".join(lines)
     lines += [
         # GNU tail (every NixOS has it) follows with -f until --pid's process is gone, then reads once more.
-        f"tail -s {TAIL_INTERVAL} --pid=$$ -c +1 /dev/null >/dev/null 2>&1 || exit {_NO_FOLLOW_EXIT}",
+        f"tail -s {TAIL_INTERVAL} --pid=$$ -c +1 /dev/null >/dev/null 2>&1 || "
+        f"{{ echo {_NO_FOLLOW_MARK.decode()}; exit 1; }}",
         f"echo {mark}; echo {mark} >&2",
         # The watcher: until the status file is there, or the run's group is gone. The run wakes it
         # through the FIFO when it ends; without a wake-up it looks again every second.
         # It holds the FIFO open itself before it looks at the status, so no wake-up is lost in between.
         "( if [ -p end ] && command -v timeout >/dev/null 2>&1 && exec 3<>end; then "
         "nap() { timeout 1 sh -c 'read x' <&3; }; else nap() { sleep 1; }; fi; "
-        f"while [ ! -e status ] && {_alive_test(pgid)}; do nap; done ) "
+        f"while [ ! -e status ]; do nap; [ -e status ] || {_alive_test(pgid)} || break; done ) "
         "</dev/null >/dev/null 2>&1 &",
         "w=$!",
         f"tail -s {TAIL_INTERVAL} --pid=$w -c +{o} -f out 2>/dev/null &",
         f"tail -s {TAIL_INTERVAL} --pid=$w -c +{e} -f err >&2 2>/dev/null &",
-        "wait; exit 0",
+        # Once both tails are done the run has ended: its exit status is this command's.
+        "wait; s=; [ -f status ] && read -r s < status",
+        f"case $s in ''|*[!0-9]*) exit {_NO_STATUS_EXIT} ;; esac; "
+        f'[ "$s" -lt {_NO_STATUS_EXIT} ] && exit "$s"; exit {_NO_STATUS_EXIT}',
     ]
     return "\n".join(lines)
 
@@ -249,6 +257,19 @@ def inspect_script(workdir: str, resolve: str | None) -> str:
         'echo "alive $a"; '
         f'u=; [ -f {w}/unit ] && read -r u < {w}/unit; echo "unit $u"; '
         f"{t}" + 'echo "toplevel $t"; ' + state_script("state ")
+    )
+
+
+def finish_script(workdir: str, resolve: str | None, out_size: int, err_size: int) -> str:
+    """``inspect_script``, then the run's folder removed if its files hold exactly ``out_size`` and
+    ``err_size`` bytes (all of it was received); ``removed 1`` or ``removed 0``. For a run whose exit
+    status the panel already has (the follow command's own): it reads the rest and clears up at once."""
+    w = _q(check_remote_dir(workdir))
+    return (
+        inspect_script(workdir, resolve)
+        + f'; if [ -d {w} ] && [ "$(stat -c %s {w}/out {w}/err 2>/dev/null)" = "$(printf \'%s\\n%s\' '
+        f'{int(out_size)} {int(err_size)})" ] && {{ {remove_script(workdir)}; }}; '
+        "then echo 'removed 1'; else echo 'removed 0'; fi"
     )
 
 
@@ -290,12 +311,18 @@ def _parse_report(text: str) -> RunReport:
         generation=system.generation,
         profile_path=system.profile_path,
         current_system=system.current_system,
+        removed=values.get("removed") == "1",
     )
 
 
 def inspect(conn: Connection, workdir: str, resolve: str | None = None) -> RunReport:
     """What the node says about the run in ``workdir`` and about its system, in one command."""
     return _parse_report(stream.read_output(conn, inspect_script(workdir, resolve)))
+
+
+def finish(conn: Connection, workdir: str, resolve: str | None, out_size: int, err_size: int) -> RunReport:
+    """``inspect``, and the folder removed in the same command if all its output was received."""
+    return _parse_report(stream.read_output(conn, finish_script(workdir, resolve, out_size, err_size)))
 
 
 # -- the connection, re-opened when it drops ------------------------------------------------
@@ -402,6 +429,8 @@ class _Follow:
     last_heard: float = 0.0
     live: bool = True
     on_prelude: stream.OutputCallback | None = None  # the start command's lines before the follow mark
+    gone: bool = False  # the follow command found no folder
+    no_follow: bool = False  # the follow command's tail cannot follow
 
     # The pass's data, in arrival order; whole lines are delivered, the offsets move with them.
     def data(self, name: str, chunk: bytes) -> None:
@@ -413,6 +442,10 @@ class _Follow:
                 line, s.prelude = s.prelude[:nl], s.prelude[nl + 1 :]
                 if line == FOLLOW_MARK:
                     chunk, s.prelude = s.prelude, None
+                elif line == _GONE_MARK and self.run is not None:
+                    self.gone = True
+                elif line == _NO_FOLLOW_MARK and self.run is not None:
+                    self.no_follow = True
                 elif self.on_prelude is not None and not line.startswith(stream.PGID_MARK):
                     self.on_prelude(name, line)
             if s.prelude is not None:
@@ -465,29 +498,32 @@ class _Follow:
             command, stdin = start
         else:
             command, stdin = follow_script(self.run, *self.offsets(), live=self.live), None
+        self.gone = self.no_follow = False
         code = stream.run_command(conn, command, self.data, stdin=stdin, on_tick=self.tick, raw=True)
         if start is not None and self.run is None:
             return code  # it started nothing: the caller says why
-        if code == _NO_FOLLOW_EXIT:
+        if self.gone:
+            raise _Gone()
+        if self.no_follow:
             self.note("the node's tail cannot follow a file (needs GNU coreutils): reading every second instead")
             self.live = False
-        elif code == _GONE_EXIT:
-            raise _Gone()
-        elif code != 0:
-            raise RemoteError("protocol", f"following the run on {conn.target.address} failed (exit {code})")
-        if any(s.prelude is not None for s in self.streams.values()) and code == 0:
-            raise RemoteError("protocol", f"the follow command on {conn.target.address} printed no start mark")
+            return _NO_STATUS_EXIT
+        if any(s.prelude is not None for s in self.streams.values()):
+            raise RemoteError(
+                "protocol", f"the follow command on {conn.target.address} printed no start mark (exit {code})"
+            )
         return code
+
+    def received(self) -> tuple[int, int]:
+        """Bytes of each file received (delivered as lines, or held as the last, unfinished one)."""
+        out, err = self.streams["out"], self.streams["err"]
+        return out.offset + len(out.partial), err.offset + len(err.partial)
 
     def offsets(self) -> tuple[int, int]:
         return self.streams["out"].offset, self.streams["err"].offset
 
     def received_all(self, report: RunReport) -> bool:
-        out, err = self.streams["out"], self.streams["err"]
-        return (report.out_size, report.err_size) == (
-            out.offset + len(out.partial),
-            err.offset + len(err.partial),
-        )
+        return (report.out_size, report.err_size) == self.received()
 
     def finish_lines(self) -> None:
         """The run has ended: its last line without a newline is a line too."""
@@ -553,15 +589,28 @@ def follow_run(
                 f.run = launched()
 
         f.on_prelude = prelude
+    status: int | None = None  # the run's exit status, as the follow command said it
     while True:
         try:
-            if f.run is None:
-                code = f.one_pass(start)
+            if status is None:
                 if f.run is None:
-                    raise NotStarted(code)
-            else:
-                f.one_pass()
-            f.on_prelude = None
+                    code = f.one_pass(start)
+                    if f.run is None:
+                        raise NotStarted(code)
+                else:
+                    code = f.one_pass()
+                f.on_prelude = None
+                if f.live and code != _NO_STATUS_EXIT:
+                    status = code
+            if status is not None:
+                # Ended with a status: read the rest and clear up in one command, if all output is in.
+                report = finish(link.conn, f.run.workdir, resolve, *f.received())
+                if report.exists and not report.removed:
+                    status = None
+                    continue  # written after the follower's last read: catch up from the offsets
+                report.exit_status, report.removed = status, True
+                f.finish_lines()
+                return report
             report = inspect(link.conn, f.run.workdir, resolve)
         except _Gone:
             raise RemoteError(
@@ -575,8 +624,9 @@ def follow_run(
                 continue
             f.on_prelude = None
             link.reconnect(e, " while following the run")
-            out, err = f.streams["out"], f.streams["err"]
-            note(f"resuming the run's output at byte {out.offset} of stdout and {err.offset} of stderr")
+            if status is None:
+                out, err = f.streams["out"], f.streams["err"]
+                note(f"resuming the run's output at byte {out.offset} of stdout and {err.offset} of stderr")
             continue
         if not report.exists:
             raise RemoteError("protocol", f"the run's folder {f.run.workdir} is gone from {link.target.address}")

@@ -325,12 +325,13 @@ def run_rebuild(
     * Panel progress lines go to ``on_output("sys", b"...")``.
 
     Each remote command costs a round trip and a process start on the node
-    (about 50-60 ms on the testbed), so there are three after connecting (four
+    (about 50-60 ms on the testbed), so there are two after connecting (three
     with sudo): one reads the state before, unpacks the source streamed on its
-    stdin, starts nixos-rebuild detached and follows its output until it ends;
-    one reads the status, the state after and the built system; one removes the
-    folder (only once that answer is in). A dropped link adds a follow command
-    per reconnect.
+    stdin, starts nixos-rebuild detached and follows its output until it ends,
+    exiting with the run's exit status; one reads the state after and the built
+    system and removes the folder if all of its output was received. A dropped
+    link adds a follow command per reconnect; a run without an exit status (a
+    cancel) one more, to remove the folder once that is known.
     """
     workdir = _new_workdir(deployment_id, target.user)
     invocation = _invocation(target, action, workdir, attr)
@@ -350,6 +351,7 @@ def run_rebuild(
         on_workdir(workdir)
     prelude: _Prelude | None = None
     collected = False  # the run's outcome is read: its folder may go
+    removed = False  # and it is gone already
     try:
         note(f"host key verified ({target.host_key.fingerprint})")
         if target.sudo:
@@ -408,7 +410,7 @@ def run_rebuild(
             collected = isinstance(e, Cancelled) or e.kind == "killed"
             raise
         before = states[0] if states else parse_state([])
-        collected = True
+        collected, removed = True, report.removed
         exit_code = report.exit_status
         note(f"exit code {exit_code}")
         after = SystemState(report.generation, report.profile_path, report.current_system)
@@ -422,6 +424,8 @@ def run_rebuild(
         try:
             if prelude is not None and prelude.launched is not None and not collected:
                 note(f"left {workdir} on the node: it holds the run's output and, once it ends, its exit status")
+            elif removed:
+                note(f"removed {workdir}: its outcome is read")
             elif link.conn is not None:
                 note("cleaning up")
                 read_output(link.conn, remove_script(workdir))

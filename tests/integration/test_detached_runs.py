@@ -21,7 +21,7 @@ from django.db import connection
 from deployments import lifecycle, logstream, tasks
 from deployments.audit.models import AuditEvent
 from deployments.models import Deployment
-from deployments.remote import rebuild
+from deployments.remote import detached, rebuild
 from tests.support.processes import matching, process_group
 from tests.support.testbed import NodeConfigSpec, make_flake_repo
 from tests.support.wait import wait_for
@@ -60,7 +60,8 @@ def isolated(testbed):
 @pytest.fixture
 def keep_folders(monkeypatch):
     """Runs leave their folder on the node (to compare it with the stored log); the test removes it."""
-    monkeypatch.setattr(rebuild, "remove_script", lambda workdir: "true")
+    for module in (rebuild, detached):
+        monkeypatch.setattr(module, "remove_script", lambda workdir: "true")
 
 
 def log(d: Deployment) -> list[tuple[int, str, str]]:

@@ -150,11 +150,13 @@ def test_reconcile_reads_the_outcome_then_removes_the_folder(node, monkeypatch):
     lines, out = collect()
     kept = []
     # A run whose panel lost it: run to the end, but keep the folder (as an interrupted run leaves it).
-    monkeypatch.setattr(rebuild_module, "remove_script", lambda workdir: "true")
+    for module in (rebuild_module, detached_module):
+        monkeypatch.setattr(module, "remove_script", lambda workdir: "true")
     run_rebuild(
         node.target(), deployment_id=5, archive=make_tar({"flake.nix": b"{}\n"}), attr="lines-3",
         action="test", on_output=out,
     )  # fmt: skip
+    monkeypatch.undo()
     folder = shipped_to(lines)
     assert os.path.exists(f"{folder}/status")
 

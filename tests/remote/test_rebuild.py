@@ -75,7 +75,7 @@ def test_run_rebuild_end_to_end_with_fake_nixos_rebuild(node):
     assert any(x.startswith(f"shipping source ({len(archive)} bytes") for x in sys_lines)
     # The logged command is the one that ran: the arguments the fake printed.
     assert f"running: nixos-rebuild build --flake {shlex.quote(f'path:{workdir}/src#web-1.prod')}" in sys_lines
-    assert "exit code 0" in sys_lines and "cleaning up" in sys_lines
+    assert "exit code 0" in sys_lines and f"removed {workdir}: its outcome is read" in sys_lines
     # The loopback node is this machine: a missing profile or current system reads as none.
     assert result.before.generation == result.after.generation == generation_here()
     current = os.path.realpath(CURRENT_SYSTEM) if os.path.exists(CURRENT_SYSTEM) else ""
