@@ -8,7 +8,8 @@ from django.db.models import Q
 from .access import gate
 from .access.models import Team
 from .models import Credential, Deployment, Node, Repository
-from .validators import validate_node_name, validate_revision, validate_search_text, validate_tag
+from .remote.generations import ROLLBACK_ACTIONS
+from .validators import validate_generation, validate_node_name, validate_revision, validate_search_text, validate_tag
 
 
 class DeployForm(forms.Form):
@@ -20,6 +21,27 @@ class DeployForm(forms.Form):
         help_text="Branch, tag or commit; empty means the tracked branch's head.",
         widget=forms.TextInput(attrs={"placeholder": "tracked branch"}),
     )
+
+
+class RollbackForm(forms.Form):
+    """Back to ``generation`` (empty: the previous one), then switch to it now or boot it next time."""
+
+    generation = forms.CharField(
+        required=False,
+        max_length=9,
+        strip=False,  # " 3" is not a generation number: refused, not silently trimmed
+        validators=[validate_generation],
+        help_text="Empty: the previous generation.",
+    )
+    action = forms.ChoiceField(
+        choices=[(a, a) for a in ROLLBACK_ACTIONS],
+        initial="switch",
+        help_text="switch: run it now and boot it; boot: boot it next time, the running system unchanged.",
+    )
+
+    def clean_generation(self) -> int | None:
+        value = self.cleaned_data["generation"]
+        return int(value) if value else None
 
 
 class NamesField(forms.CharField):

@@ -214,6 +214,8 @@ def claim(deployment_id: int) -> bool:
 def _finished_details(d: Deployment) -> dict:
     return {
         "status": d.status,
+        "kind": d.kind,
+        **({"target_generation": d.target_generation} if d.kind == Deployment.Kind.ROLLBACK else {}),
         "exit_code": d.exit_code,
         "commit": d.commit_sha,
         "flake_attr": d.flake_attr,

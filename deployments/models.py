@@ -239,12 +239,17 @@ class Deployment(models.Model):
     # The nixos-rebuild actions, from their one definition (remote.REBUILD_ACTIONS): SWITCH, BOOT, TEST, …
     Action = models.TextChoices("Action", [(a.upper().replace("-", "_"), (a, a)) for a in REBUILD_ACTIONS])
 
+    class Kind(models.TextChoices):
+        REBUILD = "rebuild", "Rebuild"  # nixos-rebuild <action> of a commit
+        ROLLBACK = "rollback", "Rollback"  # back to an earlier generation (deployments/rollbacks.py)
+
     class Trigger(models.TextChoices):
         WEB = "web", "Web"
         CLI = "cli", "Command line"
         API = "api", "API"
 
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="deployments")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.REBUILD, db_index=True)
     action = models.CharField(max_length=16, choices=Action.choices)
     requested_revision = models.CharField(max_length=200, blank=True)
     commit_sha = models.CharField(max_length=40)
@@ -284,6 +289,8 @@ class Deployment(models.Model):
     remote_dir = models.CharField(max_length=300, blank=True, editable=False)
     # When ``lifecycle.reconcile_deployment`` recorded what the node says about this interrupted deployment.
     reconciled_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # A rollback's generation: as asked (None: the previous one), then the one the node went to.
+    target_generation = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -349,7 +356,25 @@ class Deployment(models.Model):
             "log_sha256": self.log_sha256,
             "log_gaps": self.log_gaps,
             "cancel_requested": self.cancel_requested,
+            "kind": self.kind,
+            "target_generation": self.target_generation,
         }
+
+
+class NodeGenerations(models.Model):
+    """The last read of a node's system generations (``deployments/generations.py``), kept so the node page
+    shows them without connecting; ``error`` says why the last read failed (then ``data`` is the read
+    before it, if any)."""
+
+    node = models.OneToOneField(Node, on_delete=models.CASCADE, related_name="generations_read")
+    data = models.JSONField(default=dict)  # remote.generations.Generations.as_dict()
+    read_at = models.DateTimeField(null=True, blank=True)  # the last successful read
+    tried_at = models.DateTimeField(default=timezone.now)  # the last attempt, successful or not
+    read_by_name = models.CharField(max_length=150, blank=True)
+    error = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return f"generations of {self.node.name}"
 
 
 class LogChunk(models.Model):

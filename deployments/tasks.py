@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import logstream, repos
+from . import logstream, repos, rollbacks
 from .audit.writer import record
 from .errors import RequestError
 from .lifecycle import claim, finish, reconcile_deployment
@@ -175,29 +175,37 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
     stop = Stop(beat, seconds)
     status, fields = Status.ERROR, {}
     try:
+        rollback = deployment.kind == Deployment.Kind.ROLLBACK
+        what = rollbacks.describe(deployment) if rollback else f"nixos-rebuild {deployment.action}"
         writer.write(
             "sys",
-            f"deployment #{deployment_id}: nixos-rebuild {deployment.action} "
-            f"{node.name} ({deployment.flake_attr}) at {deployment.commit_sha}",
+            f"deployment #{deployment_id}: {what} {node.name} ({deployment.flake_attr})"
+            + ("" if rollback else f" at {deployment.commit_sha}"),
         )
         if cut:
             writer.write("sys", cut)
         reconcile_earlier(deployment, writer.write)
-        archive = repos.archive(node.repository, deployment.commit_sha)
-        fields["archive_sha256"] = archive.sha256
         extra = {}
         if _accepts(runner, "on_workdir"):
             extra["on_workdir"] = lambda folder: setattr(beat, "remote_dir", folder)
-        result = runner(
-            target_for(node),
-            deployment_id=deployment_id,
-            archive=archive.data,
-            attr=deployment.flake_attr,
-            action=deployment.action,
-            on_output=writer.write,
-            should_cancel=stop,
-            **extra,
-        )
+        if rollback:  # back to an earlier generation: no source, no build (deployments/rollbacks.py)
+            result, rolled = rollbacks.run_on_node(
+                deployment, target_for(node), on_output=writer.write, should_cancel=stop, **extra
+            )
+            fields.update(rolled)
+        else:
+            archive = repos.archive(node.repository, deployment.commit_sha)
+            fields["archive_sha256"] = archive.sha256
+            result = runner(
+                target_for(node),
+                deployment_id=deployment_id,
+                archive=archive.data,
+                attr=deployment.flake_attr,
+                action=deployment.action,
+                on_output=writer.write,
+                should_cancel=stop,
+                **extra,
+            )
         fields.update(
             exit_code=result.exit_code,
             generation_before=result.before.generation,
@@ -210,7 +218,7 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             status = Status.SUCCEEDED
         else:
             status = Status.FAILED
-            fields["error_message"] = f"nixos-rebuild {deployment.action} exited with code {result.exit_code}"
+            fields["error_message"] = f"{what} exited with code {result.exit_code}"
     except Cancelled:
         if stop.reason == "timeout":
             status = Status.FAILED

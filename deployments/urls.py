@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, inventory, pages, reconcile, rollouts
+from .views import api, generations, inventory, pages, reconcile, rollouts
 
 app_name = "deployments"
 
@@ -13,6 +13,8 @@ urlpatterns = [
     path("nodes/<str:name>/edit/", pages.node_edit, name="node-edit"),
     path("nodes/<str:name>/deploy/", pages.node_deploy, name="node-deploy"),
     path("nodes/<str:name>/hostkey/", pages.node_hostkey, name="node-hostkey"),
+    path("nodes/<str:name>/generations/", generations.node_generations_read, name="node-generations-read"),
+    path("nodes/<str:name>/rollback/", generations.node_rollback, name="node-rollback"),
     path("deployments/", pages.deployment_list, name="deployment-list"),
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),
@@ -46,6 +48,8 @@ urlpatterns = [
     ),
     path("api/nodes/", api.api_nodes, name="api-nodes"),
     path("api/nodes/<str:name>/deploy/", api.api_deploy, name="api-deploy"),
+    path("api/nodes/<str:name>/generations/", generations.api_node_generations, name="api-node-generations"),
+    path("api/nodes/<str:name>/rollback/", generations.api_rollback, name="api-rollback"),
     path("api/deployments/<int:pk>/", api.api_deployment, name="api-deployment"),
     path("api/deployments/<int:pk>/log/", api.api_deployment_log, name="api-deployment-log"),
     path("api/deployments/<int:pk>/cancel/", api.api_cancel, name="api-cancel"),

@@ -11,6 +11,7 @@ from urllib.parse import unquote
 from django.core.exceptions import ValidationError
 
 from .remote import COMMIT_SHA_RE, FLAKE_ATTR_RE  # noqa: F401  (defined once, beside the code that quotes them)
+from .remote.generations import GENERATION_RE
 
 # Every pattern is anchored with \A…\Z: "$" would also accept a trailing newline.
 NODE_NAME_RE = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
@@ -85,6 +86,16 @@ def validate_revision(value: str) -> None:
         raise ValidationError(
             "A revision is a branch, tag or commit SHA (letters, digits, '.', '_', '/', '-', not starting with '-')%(hint)s.",
             code="invalid_revision",
+            params={"hint": _shell_hint(value or "")},
+        )
+
+
+def validate_generation(value: str) -> None:
+    """A system generation number, as a user types it (it reaches a remote shell: digits only)."""
+    if not GENERATION_RE.match(value or ""):
+        raise ValidationError(
+            "A generation is a number from 1 to 999999999%(hint)s.",
+            code="invalid_generation",
             params={"hint": _shell_hint(value or "")},
         )
 

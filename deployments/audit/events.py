@@ -44,6 +44,7 @@ EVENTS: dict[str, str] = {
     "node.created": "a node was added",
     "node.changed": "a node was edited (before/after)",
     "node.deleted": "a node was deleted",
+    "node.generations_read": "a node's system generations were read over SSH (or the read failed, or was refused)",
     "credential.created": "a credential was added (the secret never appears)",
     "credential.changed": "a credential was edited or its secret replaced",
     "credential.deleted": "a credential was deleted",

@@ -32,6 +32,7 @@ REMOTE_ERROR_KINDS = (
     "protocol",
     "sudo",
     "killed",  # a detached run ended without an exit status, and nobody here asked for it
+    "no-generation",  # a rollback's generation is not on the node: nothing was changed
 )
 
 # Host key algorithms in the order scanning asks for them: the pinnable types in

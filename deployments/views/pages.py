@@ -14,11 +14,11 @@ from django.http import HttpResponseBadRequest, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from .. import inventory, lifecycle, logstream
+from .. import generations, inventory, lifecycle, logstream
 from ..access import gate
 from ..access.gate import ADMIN, DEPLOY, VIEW
 from ..errors import RequestError
-from ..forms import DeployForm, NodeForm, PinHostKeyForm
+from ..forms import DeployForm, NodeForm, PinHostKeyForm, RollbackForm
 from ..models import RUNNING_SYSTEM_ACTIONS, Credential, Deployment, Node, Repository
 from ..validators import validate_node_name, validate_search_text, validate_tag
 
@@ -135,6 +135,8 @@ def _node_page(request, node: Node, form: DeployForm, *, status: int = 200):
             "can_deploy": gate.can(request.user, DEPLOY, node),
             "can_admin": gate.can(request.user, ADMIN, node),
             "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
+            "generations": generations.shown(node),  # the last read; reading is a button (views/generations.py)
+            "rollback_form": RollbackForm(auto_id="rollback_%s"),
         },
         status=status,
     )

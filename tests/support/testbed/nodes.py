@@ -266,6 +266,29 @@ class Node:
         except (FileNotFoundError, OSError):
             return ""
 
+    def booted_system(self) -> str:
+        """Target of the node's /run/booted-system: the system it booted ('' if none). Set when the node
+        starts (to its initial system) and by ``reboot``; switching never changes it, as on NixOS."""
+        try:
+            return os.readlink(self._run_dir / "booted-system")
+        except OSError:
+            return ""
+
+    def reboot(self) -> None:
+        """What a reboot does to the node's systems, as NixOS boots: the boot default (the system profile's
+        generation) is booted, so ``/run/booted-system`` and ``/run/current-system`` both become it.
+        Processes and connections are left alone (only the two links change)."""
+        system = self.system_profile()
+        if not system:
+            raise TestbedError(f"node {self.name} has no system profile to boot")
+        for name in ("booted-system", "current-system"):
+            link = self._run_dir / name
+            tmp = self._run_dir / f".{name}.new"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(system, tmp)
+            os.replace(tmp, link)
+
     def rebuild_runs(self) -> list[tuple[float, float | None, int | None, str]]:
         """Every ``nixos-rebuild`` run on the node, from its own log: (start, end or None, exit code or
         None, action), epoch seconds on the node's clock (the host's: nodes share its kernel)."""
@@ -748,6 +771,7 @@ class Testbed:
                 if initial:
                     node.run(f'nix-env -p "$TESTBED_SYSTEM_PROFILE" --set {initial} >/dev/null 2>&1')
                     os.symlink(initial, node_dir / "run" / "current-system")
+                    os.symlink(initial, node_dir / "run" / "booted-system")
         except BaseException:
             node.stop()
             raise
