@@ -264,12 +264,12 @@ def rollback_invocation(target: Target, generation: int | None, action: str, *, 
     return f"{prefix}sh -c {shlex.quote(script)}"
 
 
-def _target_check(generation: int | None) -> str:
+def _target_check(generation: int | None, profile: str = SYSTEM_PROFILE) -> str:
     """Shell: find the generation to go to (into n and t) or say why there is none and exit."""
-    p = shlex.quote(SYSTEM_PROFILE)
+    p = shlex.quote(profile)
     if generation is None:
         find = (
-            f"c=$(readlink {p} 2>/dev/null); c=${{c##*/system-}}; c=${{c%-link}}; n=; "
+            f"c=$(readlink {p} 2>/dev/null); c=${{c##*/}}; c=${{c#system-}}; c=${{c%-link}}; n=; "
             f'case $c in ""|*[!0-9]*) ;; *) for l in {p}-*-link; do [ -L "$l" ] || continue; '
             'k=${l##*/system-}; k=${k%-link}; case $k in ""|*[!0-9]*) continue ;; esac; '
             '[ "$k" -lt "$c" ] && { [ -z "$n" ] || [ "$k" -gt "$n" ]; } && n=$k; done ;; esac; '

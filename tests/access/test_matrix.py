@@ -169,6 +169,16 @@ RULES: dict[str, Rule] = {
         "POST", on_node(2, 302), _node, {"action": "switch"}, node_route=True, denial_audited=True
     ),
     "deployments:node-hostkey": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
+    # Generations: reading them needs only to see the node (the world's hosts do not resolve: the read
+    # fails fast and says so); rolling back is a deploy.
+    "deployments:node-generations-read": Rule("POST", on_node(1, 302), _node, node_route=True, denial_audited=True),
+    "deployments:node-rollback": Rule(
+        "POST", on_node(2, 302), _node, {"action": "switch"}, node_route=True, denial_audited=True
+    ),
+    "deployments:api-node-generations": Rule("GET", on_node(1, 200, api=True), _node, node_route=True, api=True),
+    "deployments:api-rollback": Rule(
+        "POST", on_node(2, 201, api=True), _node, {"action": "switch"}, node_route=True, api=True, denial_audited=True
+    ),
     "deployments:deployment-list": Rule("GET", signed_in(200)),
     "deployments:deployment-detail": Rule("GET", on_node(1, 200), _deployment, node_route=True),
     "deployments:deployment-cancel": Rule("POST", on_node(2, 302), _active, node_route=True, denial_audited=True),
@@ -369,6 +379,20 @@ INVALID_INPUT: dict[str, list] = {
     "deployments:api-cancel": [
         ("application/json", b'{"unexpected": true}'),
         ("text/plain", b"{}"),
+    ],
+    "deployments:node-rollback": [
+        {"generation": "2;reboot", "action": "switch"},
+        {"generation": "$(reboot)"},
+        {"generation": "1", "action": "test"},
+        {"generation": "0", "action": "boot"},
+    ],
+    "deployments:api-rollback": [
+        ("application/json", b'{"generation": "1; reboot"}'),
+        ("application/json", b'{"generation": true}'),
+        ("application/json", b'{"generation": 1, "action": "dry-activate"}'),
+        ("application/json", b'{"generation": [1]}'),
+        ("application/json", b'{"unexpected": 1}'),
+        ("text/plain", b'{"generation": 1}'),
     ],
     "deployments:rollout-add": [
         {"action": "switch", "tags": "web;reboot"},
