@@ -46,6 +46,7 @@ from .rebuild import (  # the run folder's conventions are the rebuild's: one sw
     _LAUNCHED_MARK,
     _PARENT_EXIT,
     _PW_VAR,
+    _SHIPPED_MARK,
     _STATE_MARK,
     OWNER_SUFFIX,
     _check_sudo,
@@ -340,12 +341,8 @@ class _RollbackPrelude(_Prelude):
                     self.target = (int(number), path.strip())
                 return
             if line == _READY_MARK:
-                line = _SHIPPED
+                line = _SHIPPED_MARK  # the rebuild's prelude takes it for "ready to start": nothing is shipped
         super().__call__(stream, line)
-
-
-# The rebuild's prelude takes this mark for "ready to start"; a rollback ships nothing.
-_SHIPPED = b"__NIXOS_PANEL_SHIPPED__"
 
 
 def run_rollback(

@@ -4,6 +4,7 @@ command line.  (Reading and rolling back over SSH: tests/integration/test_genera
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import subprocess
@@ -149,3 +150,25 @@ def test_the_invocation_goes_through_sudo_as_one_shell():
     assert "pw" not in command
     previous = shlex.split(rollback_invocation(target, None, "switch", privileged=False))
     assert previous[:2] == ["sh", "-c"] and "--rollback" in previous[2]
+
+
+def test_a_refused_sudo_stops_the_rollback_before_anything_runs(node):
+    from dataclasses import replace
+
+    from deployments.remote import RemoteError
+    from deployments.remote.rebuild import WORKDIR_ROOT
+
+    lines: list[tuple[str, bytes]] = []
+    target = node.target(sudo=True, sudo_password=node.sudo_password)
+    for deployment_id, password, says in ((901_001, "wrong-sudo-pw", "incorrect password"), (901_002, None, "sudo -n")):
+        with pytest.raises(RemoteError) as e:
+            run_rollback(
+                replace(target, sudo_password=password),
+                deployment_id=deployment_id,
+                generation=2,
+                action="switch",
+                on_output=lambda s, line: lines.append((s, line)),
+            )
+        assert e.value.kind == "sudo" and says in e.value.message and "wrong-sudo-pw" not in e.value.message
+        assert not any(line.startswith(b"running:") for _, line in lines)
+        assert not glob.glob(f"{WORKDIR_ROOT}-{node.user}/deploy-{deployment_id}-*")
