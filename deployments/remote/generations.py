@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -54,7 +55,7 @@ from .rebuild import (  # the run folder's conventions are the rebuild's: one sw
     _Prelude,
     _sweep_script,
 )
-from .stream import OutputCallback, read_output, stderr_tail
+from .stream import OutputCallback, read_output, run_command, stderr_tail
 from .system import CURRENT_SYSTEM, SYSTEM_PROFILE, SystemState, parse_state, state_script
 
 __all__ = [
@@ -73,6 +74,8 @@ __all__ = [
 ]
 
 BOOTED_SYSTEM = "/run/booted-system"
+# A read of the generations is a person waiting for a page: it gets this long on the node.
+READ_TIMEOUT_SECONDS = 30
 # The switch-to-configuration actions a rollback may end with (NixOS: `nixos-rebuild switch|boot --rollback`).
 ROLLBACK_ACTIONS = ("switch", "boot")
 # A generation number as a user gives it: it reaches a remote shell, so digits only (\A…\Z: no trailing newline).
@@ -221,13 +224,33 @@ def parse_generations(text: str) -> Generations:
     return gens
 
 
-def read_generations(target: Target) -> Generations:
+def read_generations(target: Target, *, timeout: float = READ_TIMEOUT_SECONDS) -> Generations:
     """Connect (pinned host key) and read the node's generations with one command.
 
-    RemoteError for anything that stops it (unreachable, host key, login, the command failing).
+    RemoteError for anything that stops it (unreachable, host key, login, the command failing, or
+    not ending within ``timeout`` seconds: someone waits for it, and a hung file system must not keep
+    them waiting; the command is killed on the node).
     """
+    out: list[bytes] = []
+    err: list[bytes] = []
+    deadline = time.monotonic() + timeout
     with Connection(target) as conn:
-        return parse_generations(read_output(conn, list_script()))
+        try:
+            code = run_command(
+                conn,
+                list_script(),
+                lambda stream, line: (out if stream == "out" else err).append(line),
+                should_cancel=lambda: time.monotonic() >= deadline,
+            )
+        except Cancelled:
+            raise RemoteError(
+                "protocol", f"reading the generations on {target.address} took longer than {timeout:g} s: stopped"
+            ) from None
+    if code != 0:
+        raise RemoteError(
+            "protocol", f"reading the generations on {target.address} failed (exit {code}){stderr_tail(err)}"
+        )
+    return parse_generations(b"\n".join(out).decode("utf-8", "replace"))
 
 
 # -- going back -------------------------------------------------------------------------------

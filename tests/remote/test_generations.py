@@ -24,6 +24,7 @@ from deployments.remote.generations import (
     run_rollback,
 )
 from tests.support.keys import HOST_KEY
+from tests.support.wait import wait_for
 
 
 def profile_with(tmp_path, numbers: list[int], current: int | None) -> str:
@@ -172,3 +173,13 @@ def test_a_refused_sudo_stops_the_rollback_before_anything_runs(node):
         assert e.value.kind == "sudo" and says in e.value.message and "wrong-sudo-pw" not in e.value.message
         assert not any(line.startswith(b"running:") for _, line in lines)
         assert not glob.glob(f"{WORKDIR_ROOT}-{node.user}/deploy-{deployment_id}-*")
+
+
+def test_a_read_that_hangs_on_the_node_is_stopped_and_said(node, monkeypatch):
+    from deployments.remote import RemoteError, generations
+
+    monkeypatch.setattr(generations, "list_script", lambda: "echo __NIXOS_PANEL_GEN_PROFILE__ x; exec sleep 60")
+    with pytest.raises(RemoteError) as e:
+        generations.read_generations(node.target(), timeout=1)
+    assert e.value.kind == "protocol" and "took longer than 1 s: stopped" in e.value.message
+    wait_for(lambda: not node.pids("sleep 60"), timeout=10, what="the hung read to be killed on the node")
