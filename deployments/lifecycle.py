@@ -321,7 +321,8 @@ def _reconcile_fields(d: Deployment, r: RunReport) -> tuple[dict, str, bool]:
             {
                 "status": Status.FAILED,
                 "exit_code": r.exit_status,
-                "error_message": f"nixos-rebuild {d.action} exited with code {r.exit_status} "
+                "error_message": f"{'rollback' if d.kind == Deployment.Kind.ROLLBACK else 'nixos-rebuild'} "
+                f"{d.action} exited with code {r.exit_status} "
                 "(recorded by reconcile: the panel had lost sight of the run)",
                 "reconciled_at": now,
                 **after,
