@@ -19,6 +19,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import QuerySet
@@ -170,7 +171,8 @@ def approve(approval: ApprovalRequest, *, user, comment: str = ""):
     if expire_if_stale(approval):
         raise RequestError(f"Approval #{approval.pk} expired: {approval.comment}")
     nodes = approval.nodes.all()
-    requester = approval.requested_by
+    # Loaded afresh: the gate memoises grants on a user object, and the requester's may have changed.
+    requester = get_user_model().objects.filter(pk=approval.requested_by_id).first()
     if requester is None and approval.trigger not in (Deployment.Trigger.CLI, Deployment.Trigger.GITOPS):
         raise RequestError(f"The requester of approval #{approval.pk} no longer exists: request it again.")
     if requester is not None and not gate.can_every(requester, gate.DEPLOY, nodes):
