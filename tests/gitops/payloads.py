@@ -171,3 +171,36 @@ def post(client, provider: str, headers: dict, body: bytes, **extra):
     """POST a delivery with the Django test client, headers as the forge names them."""
     meta = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
     return client.post(f"/hooks/{provider}/", data=body, content_type="application/json", **meta, **extra)
+
+
+def arm_auto_deploy(panel, node_name: str, repository: str = "fleet") -> str:
+    """In a real panel (tests/support/panel.py): give ``repository`` a webhook secret and ``node_name``
+    the auto policy, as an operator's shell would (the system acts); return the secret."""
+    proc = panel.manage(
+        "shell",
+        "-c",
+        "from deployments.gitops import changes\n"
+        "from deployments.models import Node, Repository\n"
+        f"repo = Repository.objects.get(name={repository!r})\n"
+        f"changes.set_policy(Node.objects.get(name={node_name!r}), mode='auto', user=None)\n"
+        "print('SECRET=' + changes.rotate_webhook_secret(repo, user=None))\n",
+    )
+    return next(line[7:] for line in proc.stdout.splitlines() if line.startswith("SECRET="))
+
+
+def send(panel, provider: str, headers: dict, body: bytes) -> tuple[int, dict]:
+    """POST a delivery to a real panel over HTTP, as a forge does (no session, no CSRF token)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{panel.url}/hooks/{provider}/",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
