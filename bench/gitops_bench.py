@@ -74,7 +74,7 @@ def main() -> int:
                     answered = time.time() - sent
                     if status != 202:
                         raise SystemExit(f"webhook answered {status}: {answer}")
-                    runs = wait_for(lambda: node.rebuild_runs()[seen:], timeout=60, what="the node's run")
+                    runs = wait_for(lambda seen=seen: node.rebuild_runs()[seen:], timeout=60, what="the node's run")
                     latency = runs[0][0] - sent
                     latencies.append(latency)
                     log(f"push {i + 1}: 202 after {answered * 1000:.0f} ms, activation started after {latency:.3f} s")

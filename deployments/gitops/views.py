@@ -3,6 +3,7 @@ polling, tag and node policies, approvals.  The gate decides first in every view
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse, JsonResponse
@@ -25,7 +26,7 @@ def webhook(request, provider):
     session token; the signature (per-repository secret) is what proves the sender."""
     if request.method != "POST":
         return JsonResponse({"error": "POST a webhook delivery here."}, status=405, headers={"Allow": "POST"})
-    limit = webhooks.settings.WEBHOOK_MAX_BYTES
+    limit = settings.WEBHOOK_MAX_BYTES
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
