@@ -14,7 +14,11 @@ Between pushes it waits for the deployment to end, so every push meets an idle n
 the webhook's verification and record (the 202), the queue, the worker's fetch and head, the policy,
 the rollout request (one more fetch), the rollout's hand-out, the SSH connection and the archive.
 
-Writes bench/results/gitops-<timestamp>.json; exits 1 when the median misses the target (< 2 s).
+Then it sends 40 deliveries for an unknown repository and 40 with a wrong secret, interleaved, and
+compares their median answer times (they must be alike: 0.67–1.5).
+
+Writes bench/results/gitops-<timestamp>.json; exits 1 when the median misses the target (< 2 s) or the
+refusals differ.
 """
 
 from __future__ import annotations
@@ -47,6 +51,23 @@ def latest_status(panel: Panel) -> str:
         "shell", "-c", "from deployments.models import Deployment\nprint(Deployment.objects.order_by('-pk')[0].status)"
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+def refusal_times(panel: Panel, fleet: Path, head: str, rounds: int = 40) -> dict:
+    """Median answer time (ms) of a delivery for an unknown repository and of one with a wrong secret,
+    interleaved: the two must be indistinguishable from outside (the same 401, about the same time)."""
+    times: dict[str, list[float]] = {"unknown_repository": [], "wrong_secret": []}
+    for _ in range(rounds):
+        for kind, url, secret in (
+            ("unknown_repository", "https://git.example.org/nobody/else.git", "guess"),
+            ("wrong_secret", str(fleet), "guess"),
+        ):
+            started = time.perf_counter()
+            status, _ = send(panel, "github", *github(url, after=head, secret=secret))
+            times[kind].append((time.perf_counter() - started) * 1000)
+            if status != 401:
+                raise SystemExit(f"{kind}: answered {status}, not 401")
+    return {kind: round(statistics.median(values), 1) for kind, values in times.items()}
 
 
 def main() -> int:
@@ -82,6 +103,7 @@ def main() -> int:
                     status = latest_status(panel)
                     if status != "succeeded":
                         raise SystemExit(f"push {i + 1}: the deployment ended {status}\n{panel.logs()[-3000:]}")
+                refusals = refusal_times(panel, fleet, head)
             finally:
                 stop_panel(panel)
     median = statistics.median(latencies)
@@ -95,12 +117,18 @@ def main() -> int:
         "min_s": round(min(latencies), 3),
         "max_s": round(max(latencies), 3),
         "target_s": TARGET,
+        "refusal_median_ms": refusals,
     }
     out = ROOT / "bench" / "results" / f"gitops-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     log(f"median {median:.3f} s (min {min(latencies):.3f}, max {max(latencies):.3f}) over {args.pushes} pushes; {out}")
-    return 0 if median < TARGET else 1
+    ratio = refusals["unknown_repository"] / refusals["wrong_secret"]
+    log(
+        f"refusals: unknown repository {refusals['unknown_repository']} ms, wrong secret "
+        f"{refusals['wrong_secret']} ms (ratio {ratio:.2f})"
+    )
+    return 0 if median < TARGET and 0.67 <= ratio <= 1.5 else 1
 
 
 if __name__ == "__main__":

@@ -284,3 +284,24 @@ def test_manage_py_deploy_exits_3_when_held(protected, capsys):
         call_command("deploy", "web-1", "--as", "dora")
     assert exit_.value.code == 3
     assert "Awaiting approval" in capsys.readouterr().err
+
+
+def test_the_rollout_api_and_page_say_the_request_awaits_approval(protected):
+    world, dora, dave, vic = protected
+    api = client_for(dora).post("/api/rollouts/", {"tags": ["web"]}, content_type="application/json")
+    assert api.status_code == 202 and api.json()["approval"]["kind"] == "rollout"
+    page = client_for(dora).post("/rollouts/new/", {"action": "switch", "tags": "web", "parallelism": "10"})
+    assert page.status_code == 302 and page["Location"].startswith("/gitops/approvals/")
+    assert not Rollout.objects.exists() and ApprovalRequest.objects.count() == 2
+
+
+def test_a_held_auto_deploy_may_be_approved_by_any_deployer_of_its_nodes(protected, alice):
+    from deployments.gitops import policies
+
+    world, dora, dave, vic = protected
+    changes.set_policy(world.nodes["web-1"], mode="auto", user=alice)
+    policies.act_on_move(world.repository, world_head(world))
+    (approval,) = ApprovalRequest.objects.all()
+    assert approval.requested_by is None and approval.trigger == "gitops"
+    rollout = approvals.approve(approval, user=dora, comment="window agreed")
+    assert rollout.trigger == "gitops" and rollout.requested_by is None
