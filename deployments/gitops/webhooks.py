@@ -101,35 +101,36 @@ def receive(provider: str, headers, body: bytes, *, source: str | None) -> Answe
         reason = "bad signature" if candidates else "no repository with this URL"
         return _refuse(provider, source, reason, push)
 
+    tracked = [r for r in verified if push.is_push and push.branch == r.branch]
+    deleted = push.after in ("", hooks.ZERO_SHA)
     try:
+        # The delivery id and the record of the push in one transaction: a replay finds the id only if the
+        # push was recorded.
         with transaction.atomic():
             Delivery.objects.create(provider=provider, delivery_id=push.delivery_id, repository=verified[0])
+            for repository in tracked if not deleted else []:
+                record(
+                    "webhook.received",
+                    actor_kind="webhook",
+                    actor_name=provider,
+                    obj=repository,
+                    details={
+                        "provider": provider,
+                        "delivery": push.delivery_id,
+                        "source": source or "",
+                        "ref": push.ref,
+                        "before": push.before,
+                        "after": push.after,
+                    },
+                )
+                transaction.on_commit(lambda pk=repository.pk: _enqueue(pk, push.after))
     except IntegrityError:
         return Answer(200, {"status": "duplicate", "detail": "This delivery id was handled before: nothing done."})
-
-    tracked = [r for r in verified if push.is_push and push.branch == r.branch]
     if not tracked:
         what = f"event {push.event!r}" if not push.is_push else f"ref {push.ref!r} (not a tracked branch)"
         return Answer(202, {"status": "ignored", "detail": f"Verified; nothing to do for {what}."})
-    if push.after in ("", hooks.ZERO_SHA):
+    if deleted:
         return Answer(202, {"status": "ignored", "detail": "Verified; the branch was deleted: nothing deployed."})
-    with transaction.atomic():
-        for repository in tracked:
-            record(
-                "webhook.received",
-                actor_kind="webhook",
-                actor_name=provider,
-                obj=repository,
-                details={
-                    "provider": provider,
-                    "delivery": push.delivery_id,
-                    "source": source or "",
-                    "ref": push.ref,
-                    "before": push.before,
-                    "after": push.after,
-                },
-            )
-            transaction.on_commit(lambda pk=repository.pk: _enqueue(pk, push.after))
     return Answer(
         202, {"status": "accepted", "detail": "Verified push: the panel fetches it and applies the policies."}
     )
