@@ -62,3 +62,11 @@ def test_old_delivery_ids_are_forgotten(inventory, settings):
     Delivery.objects.create(provider="github", delivery_id="new")
     assert tasks.tick()["purged"] == 1
     assert list(Delivery.objects.values_list("delivery_id", flat=True)) == ["new"]
+
+
+def test_migrate_installs_the_minute_tick(db):
+    from django_q.models import Schedule
+
+    tick = Schedule.objects.get(name="gitops-tick")
+    assert tick.func == "deployments.gitops.tasks.tick"
+    assert tick.schedule_type == Schedule.MINUTES and tick.minutes == 1 and tick.repeats == -1
