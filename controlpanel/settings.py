@@ -121,6 +121,7 @@ INSTALLED_APPS = [
     "deployments",
     "deployments.audit",
     "deployments.access",
+    "deployments.gitops",
 ]
 
 MIDDLEWARE = [
@@ -172,6 +173,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "deployments.access.context_processors.access",
+                "deployments.gitops.context_processors.approvals_badge",
             ],
         },
     },
@@ -225,6 +227,19 @@ else:
     # In-memory: daphne and the worker are separate processes, so live
     # consumers follow the database instead of waiting for pushes.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# GitOps (deployments/gitops): a webhook body's size limit (bytes), how far a generic webhook's signed
+# timestamp may be from now (seconds), how long delivery ids are kept against replays (seconds), and how
+# long an approval request may wait before it expires (seconds).
+WEBHOOK_MAX_BYTES = envint("PANEL_WEBHOOK_MAX_BYTES", 1024 * 1024)
+WEBHOOK_TIMESTAMP_WINDOW = envint("PANEL_WEBHOOK_TIMESTAMP_WINDOW", 300)
+WEBHOOK_DELIVERY_KEEP = envint("PANEL_WEBHOOK_DELIVERY_KEEP", 7 * 24 * 3600)
+APPROVAL_MAX_AGE = envint("PANEL_APPROVAL_MAX_AGE", 24 * 3600)
+if WEBHOOK_MAX_BYTES < 1024 or WEBHOOK_TIMESTAMP_WINDOW < 1 or WEBHOOK_DELIVERY_KEEP < WEBHOOK_TIMESTAMP_WINDOW:
+    raise ImproperlyConfigured(
+        "PANEL_WEBHOOK_MAX_BYTES must be at least 1024, PANEL_WEBHOOK_TIMESTAMP_WINDOW at least 1, "
+        "PANEL_WEBHOOK_DELIVERY_KEEP at least the timestamp window"
+    )
 
 # How long one deployment may run (seconds): the default of Deployment.timeout_seconds and its ceiling.
 # Past it the worker stops the run on the node like a cancel and ends it failed ("timed out").

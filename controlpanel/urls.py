@@ -5,6 +5,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from deployments.access import gate
+from deployments.gitops import views as gitops_views
 
 admin.site.site_header = "NixOS control panel"
 admin.site.site_title = "NixOS control panel"
@@ -21,5 +22,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("audit/", include("deployments.audit.urls")),
     path("teams/", include("deployments.access.urls")),
+    path("gitops/", include("deployments.gitops.urls")),
+    path("hooks/<str:provider>/", gitops_views.webhook, name="webhook"),
     path("", include("deployments.urls")),
 ]

@@ -81,10 +81,14 @@ def request_deployment(
     user=None,
     trigger: str = Deployment.Trigger.WEB,
     timeout_seconds: int | None = None,
+    approval=None,
 ) -> Deployment:
     """Resolve ``revision`` to a commit and queue ``nixos-rebuild <action>`` on ``node``.
 
     ``timeout_seconds``: how long the run may take on the node (None: the panel's default).
+    A node carrying a protected tag is not deployed: the request is held as an approval request
+    (``AwaitingApproval`` is raised, nothing queued); ``approval`` is that request once a second
+    person approved it, whose pinned commit is then deployed.
 
     ``user=None`` means the system acts (only management commands do that).
     The gate decides first (403, audited).  Raises ``NodeBusy`` if the node
@@ -108,6 +112,15 @@ def request_deployment(
         sha = repos.resolve(node.repository, revision)
     except repos.RepositoryError as exc:
         raise RequestError(str(exc)) from None
+    # Imported here: the GitOps app builds on this module, not the other way round.
+    from .gitops import approvals
+
+    if approval is None:
+        approvals.hold_deployment(
+            node, action=action, revision=revision, commit=sha, user=user, trigger=trigger, timeout=timeout_seconds
+        )
+    else:
+        sha = approvals.pinned_commit(approval, node.repository)
     acting = user if user is not None and user.is_authenticated else None
     try:
         with transaction.atomic():

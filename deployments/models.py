@@ -247,6 +247,7 @@ class Deployment(models.Model):
         WEB = "web", "Web"
         CLI = "cli", "Command line"
         API = "api", "API"
+        GITOPS = "gitops", "GitOps"  # an auto-deploy after a push (deployments/gitops): the system acts
 
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="deployments")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.REBUILD, db_index=True)

@@ -160,14 +160,16 @@ def _selected(user, options: Options) -> QuerySet[Node]:
     return seen.filter(q)
 
 
-def request_rollout(options: Options, *, user=None, trigger: str = Deployment.Trigger.WEB) -> Rollout:
+def request_rollout(options: Options, *, user=None, trigger: str = Deployment.Trigger.WEB, approval=None) -> Rollout:
     """Write a rollout of ``options`` and its node deployments in one transaction, then start it.
 
     The gate decides first: whoever may deploy nowhere is refused before anything is read, and a
     selection naming one node ``user`` may not deploy is refused whole (403, one ``rollout.requested``
     event with outcome denied), before anything starts.  Then RequestError for bad options, an empty
     selection, an unconfirmed "all", unpinned host keys or a revision a repository lacks.
-    ``user=None`` is the command line itself.
+    ``user=None`` is the command line itself (or the GitOps auto-deploy, trigger ``gitops``).
+    A selection touching a protected node is held as an approval request (``AwaitingApproval``,
+    nothing written here); ``approval`` is that request once approved: its pinned commits are deployed.
     """
     actor_kind = "cli" if trigger == Deployment.Trigger.CLI else None
     gate.require_somewhere(user, gate.DEPLOY, event="rollout.requested", actor_kind=actor_kind)
@@ -202,12 +204,20 @@ def request_rollout(options: Options, *, user=None, trigger: str = Deployment.Tr
         if options.canary >= len(nodes):
             raise RequestError(f"{options.canary} canaries leave none of the {len(nodes)} nodes to follow them.")
         canaries = nodes[: options.canary]
+    # Imported here: the GitOps app builds on this module, not the other way round.
+    from .gitops import approvals
+
     commits = {}
     for repository in {n.repository_id: n.repository for n in nodes}.values():
+        if approval is not None:
+            commits[repository.name] = approvals.pinned_commit(approval, repository)
+            continue
         try:
             commits[repository.name] = repos.resolve(repository, options.revision)
         except repos.RepositoryError as exc:
             raise RequestError(f"{repository.name}: {exc}") from None
+    if approval is None:
+        approvals.hold_rollout(options, nodes, commits=commits, user=user, trigger=trigger)
     canary_ids = {n.pk for n in canaries}
     ordered = canaries + [n for n in nodes if n.pk not in canary_ids]
     acting = user if user is not None and user.is_authenticated else None

@@ -278,3 +278,21 @@ def validate_team_name(value: str) -> None:
             code="invalid_team_name",
             params={"hint": _shell_hint(value or "")},
         )
+
+
+# --- GitOps ---------------------------------------------------------------------
+
+# A comment on an approval decision: words, digits, spaces, newlines and plain punctuation; never a shell
+# character (it is shown, audited and sent on by notifications, which may hand it to scripts).
+COMMENT_RE = re.compile(r"\A[\w .,:!?/@%+=\r\n-]{0,1000}\Z")
+# A webhook delivery id (a UUID, GitHub's GUID, GitLab's idempotency key, a generic sender's id).
+DELIVERY_ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,99}\Z")
+
+
+def validate_comment(value: str) -> None:
+    if not COMMENT_RE.match(value or ""):
+        raise ValidationError(
+            "A comment is up to 1000 letters, digits, spaces and plain punctuation (. , : ! ? / @ %% + = -)%(hint)s.",
+            code="invalid_comment",
+            params={"hint": _shell_hint(value or "")},
+        )

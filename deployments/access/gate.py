@@ -485,3 +485,37 @@ def rollout_for(user, pk: int) -> Rollout:
         return visible_rollouts(user).get(pk=pk)
     except Rollout.DoesNotExist:
         raise Http404("No such rollout") from None
+
+
+# --- approvals (deployments/gitops/approvals.py) -----------------------------------
+
+
+def with_every_node(user, permission: str, queryset: QuerySet, nodes_field: str = "nodes") -> QuerySet:
+    """The rows of ``queryset`` all of whose nodes (the many-to-many ``nodes_field``) ``user`` has
+    ``permission`` on, as one SQL query."""
+    q = _scope_q(user, permission)
+    if q is True:
+        return queryset
+    if q is False:
+        return queryset.none()
+    return queryset.exclude(**{f"{nodes_field}__in": Node.objects.exclude(q)})
+
+
+def require_approver(
+    user, nodes: QuerySet[Node], *, requested_by_id: int | None, event: str, obj, actor_kind: str | None = None
+) -> None:
+    """Refuse with 403 (audited as ``event``, outcome denied) unless ``user`` may approve a held request
+    over ``nodes``: a second person, not its requester, with DEPLOY on every one of them."""
+    if _active(user) and requested_by_id is not None and user.pk == requested_by_id:
+        _refuse(
+            user,
+            event,
+            "You requested this yourself: a second person with deploy rights must decide.",
+            actor_kind=actor_kind,
+            obj=obj,
+            object_type="",
+            required="second-person",
+        )
+    if not _active(user):
+        raise PermissionDenied("Sign in to decide on approvals.")
+    require_every(user, DEPLOY, nodes, event=event, actor_kind=actor_kind, obj=obj, object_type="")

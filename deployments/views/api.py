@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_POST
 from .. import lifecycle, logstream
 from ..access import gate
 from ..access.gate import DEPLOY, VIEW
-from ..errors import NodeBusy, RequestError
+from ..errors import AwaitingApproval, NodeBusy, RequestError
 from ..forms import DeployForm
 from ..models import Deployment, Node
 
@@ -175,6 +175,8 @@ def api_deploy(request, name):
             user=request.user,
             trigger=Deployment.Trigger.API,
         )
+    except AwaitingApproval as exc:
+        return JsonResponse({"error": str(exc), "approval": exc.approval.payload()}, status=202)
     except NodeBusy as exc:
         return JsonResponse({"error": str(exc)}, status=409)
     except RequestError as exc:

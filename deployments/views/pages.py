@@ -17,7 +17,7 @@ from django.views.decorators.http import require_GET, require_POST
 from .. import generations, inventory, lifecycle, logstream
 from ..access import gate
 from ..access.gate import ADMIN, DEPLOY, VIEW
-from ..errors import RequestError
+from ..errors import AwaitingApproval, RequestError
 from ..forms import DeployForm, NodeForm, PinHostKeyForm, RollbackForm
 from ..models import RUNNING_SYSTEM_ACTIONS, Credential, Deployment, Node, Repository
 from ..validators import validate_node_name, validate_search_text, validate_tag
@@ -155,6 +155,9 @@ def node_deploy(request, name):
         deployment = lifecycle.request_deployment(
             node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"], user=request.user
         )
+    except AwaitingApproval as exc:
+        messages.info(request, str(exc))
+        return redirect(exc.approval)
     except RequestError as exc:
         messages.error(request, str(exc))
         return redirect(node)

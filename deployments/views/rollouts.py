@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from .. import logstream, rollouts
 from ..access import gate
 from ..access.gate import DEPLOY
-from ..errors import NodeBusy, RequestError
+from ..errors import AwaitingApproval, NodeBusy, RequestError
 from ..forms import RolloutForm
 from ..models import Deployment, Rollout
 from ..rollouts import Options
@@ -61,6 +61,9 @@ def rollout_new(request):
     if request.method == "POST" and form.is_valid():
         try:
             rollout = rollouts.request_rollout(form.options(), user=request.user)
+        except AwaitingApproval as exc:
+            messages.info(request, str(exc))
+            return redirect(exc.approval)
         except RequestError as exc:
             form.add_error(None, str(exc))
         else:
@@ -183,6 +186,8 @@ def api_rollouts(request):
     options = _options(json_object(request, {name: object for name in _FIELDS}))
     try:
         rollout = rollouts.request_rollout(options, user=request.user, trigger=Deployment.Trigger.API)
+    except AwaitingApproval as exc:
+        return JsonResponse({"error": str(exc), "approval": exc.approval.payload()}, status=202)
     except NodeBusy as exc:
         return JsonResponse({"error": str(exc)}, status=409)
     except RequestError as exc:

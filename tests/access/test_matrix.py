@@ -122,6 +122,19 @@ def _rollout(world, target):
     return {"pk": rollout.pk}
 
 
+def _approval(world, target):
+    """A pending approval request for a deploy of ``target`` (asked from the command line, so any deployer
+    of the node may decide), pinned to a named revision."""
+    from deployments.gitops.models import ApprovalRequest
+    from tests.support.world import COMMIT
+
+    approval = ApprovalRequest.objects.create(
+        kind="deployment", action="switch", revision="main", commits={"flakes": COMMIT}, trigger="cli"
+    )
+    approval.nodes.set([world.nodes[target]])
+    return {"pk": approval.pk}
+
+
 def deployers(ok: int, *, api: bool = False):
     """Whoever may deploy some node (a rollout's request): anonymous 401/302, the rest 403."""
     return lambda persona, lvl: (401 if api else 302) if persona == "anonymous" else ok if lvl >= 2 else 403
@@ -209,6 +222,22 @@ RULES: dict[str, Rule] = {
     "deployments:api-rollout-cancel": Rule(
         "POST", on_node(2, 200, api=True), _rollout, node_route=True, api=True, denial_audited=True
     ),
+    # GitOps: the webhook answers everyone alike (here: not JSON); settings for who manages the inventory,
+    # node policies for the node's admins; approvals decided by deployers of every node of the request.
+    "webhook": Rule("POST", anyone(400), lambda w, t: {"provider": "github"}),
+    "gitops:overview": Rule("GET", auditors, denial_audited=True),
+    "gitops:repository-secret": Rule(
+        "POST", superuser_only(200), lambda w, t: {"pk": w.repository.pk}, denial_audited=True
+    ),
+    "gitops:repository-poll": Rule(
+        "POST", superuser_only(302), lambda w, t: {"pk": w.repository.pk}, {"poll_interval": "0"}, denial_audited=True
+    ),
+    "gitops:tag-policy": Rule("GET", superuser_only(200), lambda w, t: {"name": "web"}, denial_audited=True),
+    "gitops:node-policy": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
+    "gitops:approval-list": Rule("GET", signed_in(200)),
+    "gitops:approval-detail": Rule("GET", on_node(1, 200), _approval, node_route=True),
+    "gitops:approval-approve": Rule("POST", on_node(2, 302), _approval, node_route=True, denial_audited=True),
+    "gitops:approval-reject": Rule("POST", on_node(2, 302), _approval, node_route=True, denial_audited=True),
     # Teams and grants: superusers only; refused changes are audited.
     "access:team-list": Rule("GET", superuser_only(200)),
     "access:team-add": Rule("GET", superuser_only(200)),

@@ -13,6 +13,8 @@ from django.core.management.base import CommandError
 
 NOT_SUCCEEDED = 1
 REFUSED = 2
+# A deploy to a protected node was held for a second person's approval (deployments/gitops/approvals.py).
+AWAITING = 3
 
 
 def refused(message: str) -> CommandError:

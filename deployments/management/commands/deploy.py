@@ -3,7 +3,8 @@ or a rollout to many (``deploy --tag web [--node a …] [--all --yes-all] --para
 
 Exit status: 0 when the deployment (every node of the rollout) succeeded, or it
 was queued without --follow; 1 when it (any node) did not succeed; 2 when the
-request was refused (see _base.py); 130 when Ctrl-C stopped following (the
+request was refused (see _base.py); 3 when it touches a protected node and waits for
+approval (nothing started); 130 when Ctrl-C stopped following (the
 deployment or rollout goes on).
 """
 
@@ -15,10 +16,10 @@ from django.core.management.base import BaseCommand
 from django.db.models import Q
 
 from deployments import lifecycle, logstream, rollouts
-from deployments.errors import RequestError
+from deployments.errors import AwaitingApproval, RequestError
 from deployments.models import Deployment, LogChunk, Rollout
 
-from ._base import NOT_SUCCEEDED, REFUSED, acting_user, lookup_node, no_qcluster_warning, refused
+from ._base import AWAITING, NOT_SUCCEEDED, REFUSED, acting_user, lookup_node, no_qcluster_warning, refused
 
 # The shell's status for a command stopped by SIGINT (128 + 2).
 INTERRUPTED = 130
@@ -66,6 +67,9 @@ class Command(BaseCommand):
             deployment = lifecycle.request_deployment(
                 target, action=action, revision=rev, user=user, trigger=Deployment.Trigger.CLI, timeout_seconds=timeout
             )
+        except AwaitingApproval as exc:
+            self.stderr.write(f"{exc} ({exc.approval.get_absolute_url()})")
+            sys.exit(AWAITING)
         except (RequestError, PermissionDenied) as exc:
             self.stderr.write(f"refused: {exc}")
             sys.exit(REFUSED)
@@ -155,6 +159,9 @@ class Command(BaseCommand):
         )
         try:
             rollout = rollouts.request_rollout(options, user=user, trigger=Deployment.Trigger.CLI)
+        except AwaitingApproval as exc:
+            self.stderr.write(f"{exc} ({exc.approval.get_absolute_url()})")
+            sys.exit(AWAITING)
         except (RequestError, PermissionDenied) as exc:
             self.stderr.write(f"refused: {exc}")
             sys.exit(REFUSED)
