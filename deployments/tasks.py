@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import logstream, repos
+from . import health, logstream, repos
 from .audit.writer import record
 from .errors import RequestError
 from .lifecycle import claim, finish, reconcile_deployment
@@ -188,6 +188,9 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
         extra = {}
         if _accepts(runner, "on_workdir"):
             extra["on_workdir"] = lambda folder: setattr(beat, "remote_dir", folder)
+        guard = health.Guard(deployment, writer.write)  # health checks and magic rollback
+        if guard.arming is not None and _accepts(runner, "arm"):
+            extra["arm"] = guard.arming
         result = runner(
             target_for(node),
             deployment_id=deployment_id,
@@ -207,7 +210,7 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             toplevel=result.toplevel or "",
         )
         if result.exit_code == 0:
-            status = Status.SUCCEEDED
+            status = guard.outcome(result, Status.SUCCEEDED, fields)
         else:
             status = Status.FAILED
             fields["error_message"] = f"nixos-rebuild {deployment.action} exited with code {result.exit_code}"

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, inventory, pages, reconcile, rollouts
+from .views import api, health, inventory, pages, reconcile, rollouts
 
 app_name = "deployments"
 
@@ -13,6 +13,14 @@ urlpatterns = [
     path("nodes/<str:name>/edit/", pages.node_edit, name="node-edit"),
     path("nodes/<str:name>/deploy/", pages.node_deploy, name="node-deploy"),
     path("nodes/<str:name>/hostkey/", pages.node_hostkey, name="node-hostkey"),
+    path("nodes/<str:name>/health/", health.health_page, name="node-health"),
+    path("nodes/<str:name>/health/new/", health.check_edit, name="node-check-add"),
+    path("nodes/<str:name>/health/<int:pk>/", health.check_edit, name="node-check-edit"),
+    path("nodes/<str:name>/health/<int:pk>/delete/", health.check_delete, name="node-check-delete"),
+    path("tags/<str:tag>/health/", health.health_page, name="tag-health"),
+    path("tags/<str:tag>/health/new/", health.check_edit, name="tag-check-add"),
+    path("tags/<str:tag>/health/<int:pk>/", health.check_edit, name="tag-check-edit"),
+    path("tags/<str:tag>/health/<int:pk>/delete/", health.check_delete, name="tag-check-delete"),
     path("deployments/", pages.deployment_list, name="deployment-list"),
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),
