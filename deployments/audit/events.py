@@ -37,6 +37,7 @@ EVENTS: dict[str, str] = {
     "health_check.changed": "a health check was edited (before/after)",
     "health_check.deleted": "a health check was deleted",
     "health_check.change": "a change to health checks was refused",
+    "health_check.viewed": "a tag's health check page was refused",
     # Rollouts (deployments/rollouts.py): one revision to many nodes
     "rollout.requested": "a rollout was requested (or refused whole: outcome denied)",
     "rollout.canary_passed": "every canary node of a rollout succeeded: the rest may start",

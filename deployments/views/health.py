@@ -39,7 +39,7 @@ def health_page(request, name=None, tag=None):
     (POST: change it)."""
     node, tag_obj, url = _owner(request, name, tag)
     if tag_obj is not None:
-        gate.require_global(request.user, gate.VIEW_INVENTORY, event="health_check.change", object_type="tag")
+        gate.require_global(request.user, gate.VIEW_INVENTORY, event="health_check.viewed", object_type="tag")
     timeout_form = None
     if node is not None:
         if request.method == "POST":
