@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from django.db import close_old_connections, connection, transaction
 
 from .audit.writer import record
+from .dbretry import retrying
 from .healthchecks import HealthCheck
 from .models import Deployment, Node
 from .remote import RebuildResult, RemoteError
@@ -166,6 +167,15 @@ def run_check(
     return result
 
 
+@retrying  # across a database blip, like the deployment's own end
+def record_confirmed(deployment_id: int, details: dict) -> None:
+    """The ``deployment.confirmed`` event: the node said it keeps the new system."""
+    with transaction.atomic():
+        d = Deployment.objects.select_related("node").get(pk=deployment_id)
+        record("deployment.confirmed", actor_kind="system", obj=d, node=d.node, details=details)
+
+
+@retrying
 def record_check(deployment_id: int, result: CheckResult) -> None:
     """The ``deployment.health_checked`` event of one check, with every attempt."""
     with transaction.atomic():
@@ -243,33 +253,30 @@ class Guard:
             return
         self.note(f"reached {self.node.name} over a new SSH connection in {run.connected_after or 0:.2f} s")
         for check in self.checks:
-            result = run_check(check, self.node, run, self.note)
-            self.results.append(result)
-            record_check(self.deployment.pk, result)
+            self.results.append(run_check(check, self.node, run, self.note))
+        # The verdict before the audit events: the node's deadline must not wait out a database blip.
         back = [r for r in self.results if not r.healthy and r.check.on_failure == HealthCheck.OnFailure.ROLLBACK]
         if back:
             self.rejected = "; ".join(r.summary() for r in back)
             self.note(f"rolling back (policy of {back[0].check.name!r}): {self.rejected}")
             self.verdict = run.reject(self.rejected)
-            return
-        self.verdict = run.confirm()
-        if self.verdict.outcome == "confirmed":
-            self.note("confirmed: the node keeps the new system")
-            with transaction.atomic():
-                d = Deployment.objects.select_related("node").get(pk=self.deployment.pk)
-                record(
-                    "deployment.confirmed",
-                    actor_kind="system",
-                    obj=d,
-                    node=d.node,
-                    details={
-                        "confirm_timeout": self.node.confirm_timeout if self.magic else None,
-                        "connected_after_seconds": round(run.connected_after or 0, 3),
-                        "checks": {r.check.name: r.healthy for r in self.results},
-                    },
-                )
         else:
-            self.note(f"the node had decided already: {self.verdict.outcome} ({self.verdict.reason})")
+            self.verdict = run.confirm()
+            if self.verdict.outcome == "confirmed":
+                self.note("confirmed: the node keeps the new system")
+            else:
+                self.note(f"the node had decided already: {self.verdict.outcome} ({self.verdict.reason})")
+        for result in self.results:
+            record_check(self.deployment.pk, result)
+        if self.verdict.outcome == "confirmed":
+            record_confirmed(
+                self.deployment.pk,
+                {
+                    "confirm_timeout": self.node.confirm_timeout if self.magic else None,
+                    "connected_after_seconds": round(run.connected_after or 0, 3),
+                    "checks": {r.check.name: r.healthy for r in self.results},
+                },
+            )
 
     def outcome(self, result: RebuildResult, status: str, fields: dict) -> str:
         """The deployment's status after a run that exited 0, from the node's decision and the checks;

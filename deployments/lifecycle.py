@@ -1,9 +1,9 @@
 """The deployment state machine: every change of a deployment's status, one function each.
 
     (request) ──> queued ──claim──> running ──finish──> succeeded | failed | error | cancelled | interrupted
-                    │                  │
+                    │                  │                 | unhealthy | rolled_back  (health checks, magic rollback)
                     └──cancel──> cancelled   └──reap (no heartbeat)──> interrupted
-    interrupted ──reconcile (what the node says)──> succeeded | failed | error
+    interrupted ──reconcile (what the node says)──> succeeded | failed | error | rolled_back
 
 Each transition is the same three steps: a conditional UPDATE that only
 succeeds from the expected status (so two workers, a cancel and a reaper can

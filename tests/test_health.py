@@ -393,3 +393,12 @@ def test_deleting_a_check_is_audited(client, world, alice):
 
 def test_new_statuses_are_terminal():
     assert {"unhealthy", "rolled_back"} <= set(Deployment.TERMINAL)
+
+
+def test_a_rollouts_counts_take_unhealthy_and_rolled_back_nodes_for_failures():
+    from deployments import rollouts
+
+    for status in Deployment.TERMINAL:
+        assert status in rollouts.BUCKETS, status
+    assert rollouts.BUCKETS["unhealthy"] == rollouts.BUCKETS["rolled_back"] == "failed"
+    assert {"unhealthy", "rolled_back"} <= set(rollouts.FAILURES)

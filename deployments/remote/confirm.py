@@ -142,15 +142,15 @@ revert() {{
   if [ "$x" -eq 0 ]; then say "the node runs $(readlink -f {c} 2>/dev/null) again"
   else say "going back failed (exit $x)"; fi
 }}
-now() {{ date +%s; }}
+now() {{ echo $(( $(date +%s%N) / 1000000 )); }}  # milliseconds (GNU date, as on every NixOS)
 echo "{ARMED_MARK.decode()}{contact} {verdict}"
 say "armed: waiting up to {contact} s for the panel to confirm over a new connection"
-d=$(( $(now) + {contact} )); seen=
+d=$(( $(now) + {contact}000 )); seen=
 while :; do
   if [ -e {w}/reject ]; then r=$(head -c 500 {w}/reject | head -n 1); revert rejected "the panel rejected the new system: $r"; break; fi
   if [ -e {w}/confirm ]; then decide confirmed; say "confirmed by the panel: keeping the new system"; break; fi
   if [ -z "$seen" ] && [ -e {w}/alive ]; then
-    seen=1; d=$(( $(now) + {verdict} )); say "the panel reached the node again; waiting up to {verdict} s for its verdict"
+    seen=1; d=$(( $(now) + {verdict}000 )); say "the panel reached the node again; waiting up to {verdict} s for its verdict"
   fi
   if [ "$(now)" -ge "$d" ]; then
     set -- {on_timeout}
