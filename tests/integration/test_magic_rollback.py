@@ -233,3 +233,18 @@ def _reconciled(d):
         return lifecycle.reconcile_deployment(Deployment.objects.get(pk=d.pk), actor_kind="system")
     except RequestError:  # the node's link may take a moment to come back
         return None
+
+
+def test_a_command_check_that_outlives_its_timeout_fails_each_attempt_and_is_stopped(isolated, add_node):
+    node, tb = add_node()
+    configure(node, "good")
+    HealthCheck.objects.create(node=node, name="hangs", kind="command", command="echo started; sleep 30",
+                               timeout_seconds=1, retries=1, interval_seconds=0, on_failure="keep")  # fmt: skip
+    d = deploy(node)
+    assert d.status == Deployment.Status.UNHEALTHY, (d.status, d.error_message)
+    log = texts(d)
+    assert len([t for t in log if " attempt " in t and "timed out after 1 s" in t]) == 2
+    assert log.count("  | started") == 2, "the output of each attempt is in the log"
+    assert "good1" in tb.current_system()
+    wait_for(lambda: not [c for c in tb.processes().values() if "sleep 30" in c], timeout=10,
+             what="the timed-out command to be stopped on the node")  # fmt: skip
