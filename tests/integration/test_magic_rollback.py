@@ -165,8 +165,11 @@ def test_a_healthy_system_is_confirmed_over_a_new_connection_and_kept(isolated, 
     HealthCheck.objects.create(node=node, name="service", kind="command", command=f"{HEALTH} && echo fine")
     HealthCheck.objects.create(node=node, name="port", kind="tcp", host="127.0.0.1", port=tcp_port)
     HealthCheck.objects.create(tag=tag, name="page", kind="http", url=f"{http_server}/ok")
+    logins = tb.sshd_log.read_text().count("Accepted publickey")
     d = deploy(node)
     assert d.status == Deployment.Status.SUCCEEDED, (d.status, d.error_message)
+    # The node's own sshd saw two logins: the followed connection, and the new one that confirmed.
+    assert tb.sshd_log.read_text().count("Accepted publickey") == logins + 2
     assert "good1" in tb.current_system() and d.system_after == tb.current_system()
     log = texts(d)
     assert any(t.startswith("reached ") and "over a new SSH connection" in t for t in log)
