@@ -7,6 +7,7 @@ from django.db.models import Q
 
 from .access import gate
 from .access.models import Team
+from .healthchecks import HealthCheck
 from .models import Credential, Deployment, Node, Repository
 from .remote.generations import ROLLBACK_ACTIONS
 from .validators import validate_generation, validate_node_name, validate_revision, validate_search_text, validate_tag
@@ -229,3 +230,36 @@ class RolloutForm(forms.Form):
 class PinHostKeyForm(forms.Form):
     key = forms.CharField(widget=forms.HiddenInput)
     fingerprint = forms.CharField(widget=forms.HiddenInput)
+
+
+class HealthCheckForm(forms.ModelForm):
+    """A health check of a node or a tag (the owner is set by the view, never by the form)."""
+
+    class Meta:
+        model = HealthCheck
+        fields = [
+            "name",
+            "kind",
+            "command",
+            "host",
+            "port",
+            "url",
+            "expected_status",
+            "timeout_seconds",
+            "retries",
+            "interval_seconds",
+            "on_failure",
+        ]
+        widgets = {"command": forms.TextInput(attrs={"size": 60})}
+
+
+class ConfirmTimeoutForm(forms.Form):
+    """A node's magic-rollback deadline."""
+
+    confirm_timeout = forms.IntegerField(
+        label="Confirmation deadline (s)",
+        min_value=0,
+        max_value=3600,
+        help_text="After switch or test the node waits this long for the panel to confirm over a new SSH "
+        "connection, then goes back to the system before by itself. 0 turns magic rollback off.",
+    )

@@ -260,3 +260,83 @@ def _change_use(obj, team: Team, what: str, change, *, user) -> None:
         if change(_USE_MODELS[type(obj)].objects, {"team": team, kind: obj}):
             details = {"team": team.name, "before": before, "after": _teams_using(obj)}
             _record(obj, what, details, user=user, actor_kind=None)
+
+
+# --- health checks and magic rollback (deployments/health.py runs them) ----------------------------
+
+
+def save_health_check(check, *, user=None, actor_kind: str | None = None):
+    """Create or update a node's or tag's health check (already validated), audited with before/after.
+
+    The gate decides first: node admins for a node's checks; inventory managers for a tag's, and for a
+    tag's command check also admin of every node carrying the tag (``gate.require_check_change``)."""
+    from .healthchecks import HealthCheck
+
+    created = check.pk is None
+    old = None if created else HealthCheck.objects.get(pk=check.pk)
+    # The owner before and after: moving a check is changing both.
+    for owner in ([old] if old is not None else []) + [check]:
+        gate.require_check_change(
+            user,
+            node=owner.node if owner.node_id else None,
+            tag=owner.tag if owner.tag_id else None,
+            command=owner.kind == HealthCheck.Kind.COMMAND,
+            event="health_check.change",
+            actor_kind=actor_kind,
+        )
+    with transaction.atomic():
+        if created and user is not None and user.is_authenticated:
+            check.created_by = user
+        check.save()
+        record(
+            "health_check.created" if created else "health_check.changed",
+            user=user,
+            actor_kind=actor_kind,
+            obj=check,
+            node=check.node if check.node_id else None,
+            details={"after": check.details(), **({} if created else {"before": old.details()})},
+        )
+    return check
+
+
+def delete_health_check(check, *, user=None, actor_kind: str | None = None) -> None:
+    from .healthchecks import HealthCheck
+
+    gate.require_check_change(
+        user,
+        node=check.node if check.node_id else None,
+        tag=check.tag if check.tag_id else None,
+        command=check.kind == HealthCheck.Kind.COMMAND,
+        event="health_check.change",
+        actor_kind=actor_kind,
+    )
+    with transaction.atomic():
+        record(
+            "health_check.deleted",
+            user=user,
+            actor_kind=actor_kind,
+            obj=check,
+            node=check.node if check.node_id else None,
+            details={"before": check.details()},
+        )
+        check.delete()
+
+
+def set_confirm_timeout(node: Node, seconds: int, *, user=None, actor_kind: str | None = None) -> Node:
+    """Set the node's magic-rollback deadline (0: off), audited as ``node.changed`` with before/after."""
+    gate.require(user, gate.ADMIN, node, event="node.changed", actor_kind=actor_kind)
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= 3600:
+        raise RequestError("The confirmation deadline is 0 (off) to 3600 seconds.")
+    with transaction.atomic():
+        before = Node.objects.get(pk=node.pk).confirm_timeout
+        Node.objects.filter(pk=node.pk).update(confirm_timeout=seconds)
+        node.confirm_timeout = seconds
+        record(
+            "node.changed",
+            user=user,
+            actor_kind=actor_kind,
+            obj=node,
+            node=node,
+            details={"before": {"confirm_timeout": before}, "after": {"confirm_timeout": seconds}},
+        )
+    return node

@@ -1,9 +1,9 @@
 """The deployment state machine: every change of a deployment's status, one function each.
 
     (request) ──> queued ──claim──> running ──finish──> succeeded | failed | error | cancelled | interrupted
-                    │                  │
+                    │                  │                 | unhealthy | rolled_back  (health checks, magic rollback)
                     └──cancel──> cancelled   └──reap (no heartbeat)──> interrupted
-    interrupted ──reconcile (what the node says)──> succeeded | failed | error
+    interrupted ──reconcile (what the node says)──> succeeded | failed | error | rolled_back
 
 Each transition is the same three steps: a conditional UPDATE that only
 succeeds from the expected status (so two workers, a cancel and a reaper can
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -32,9 +33,11 @@ from .access import gate
 from .audit.writer import record
 from .dbretry import retrying
 from .errors import NodeBusy, RequestError
+from .health import rolled_back_message
 from .models import Deployment, Node, Rollout
 from .remote import RemoteError, RunReport, resolve_path
 from .remote import reconcile_run as remote_reconcile_run
+from .remote.confirm import parse_magic
 from .validators import validate_revision
 
 Status = Deployment.Status
@@ -55,8 +58,10 @@ def _transition(
     actor_kind: str = "system",
     user=None,
     outcome: str = "success",
+    also: Callable[[Deployment], tuple[str, ...]] | None = None,
 ) -> Deployment | None:
-    """UPDATE the row if it still matches ``expect``; if it did, record ``event``.  The row, or None if not."""
+    """UPDATE the row if it still matches ``expect``; if it did, record ``event`` (and the events ``also``
+    names for the changed row, with the same details).  The row, or None if not."""
     with transaction.atomic():
         if not Deployment.objects.filter(pk=deployment_id, **expect).update(**set_fields):
             return None
@@ -70,6 +75,16 @@ def _transition(
             outcome=outcome,
             details=details(deployment) if callable(details) else (details or {}),
         )
+        for extra in also(deployment) if also else ():
+            record(
+                extra,
+                user=user,
+                actor_kind=None if user else actor_kind,
+                obj=deployment,
+                node=deployment.node,
+                outcome="failure",
+                details=_finished_details(deployment),
+            )
     return deployment
 
 
@@ -244,6 +259,20 @@ def _finished_details(d: Deployment) -> dict:
     }
 
 
+def _health_events(d: Deployment) -> tuple[str, ...]:
+    """The events of an ended deployment's health (``deployments/health.py``): unhealthy and rolled back
+    are audited on their own, beside ``deployment.finished``/``deployment.reconciled``."""
+    if d.status == Status.UNHEALTHY:
+        return ("deployment.unhealthy",)
+    if d.status == Status.ROLLED_BACK:
+        return (
+            ("deployment.unhealthy", "deployment.rolled_back")
+            if "health check" in d.error_message
+            else ("deployment.rolled_back",)
+        )
+    return ()
+
+
 def finish(deployment_id: int, status: str, **fields) -> Deployment:
     """running → a terminal status, with its audit event; a row no longer running is left as it is."""
     if status not in Deployment.TERMINAL:
@@ -255,6 +284,7 @@ def finish(deployment_id: int, status: str, **fields) -> Deployment:
         set_fields={"status": status, "finished_at": timezone.now(), **fields},
         outcome="success" if status == Status.SUCCEEDED else "failure",
         details=_finished_details,
+        also=_health_events,
     )
     logstream.notify(deployment_id, {"type": "deployment.status"})
     _rollout_node_ended(finished)
@@ -317,6 +347,19 @@ def _reconcile_fields(d: Deployment, r: RunReport) -> tuple[dict, str, bool]:
         )
     if r.exit_status is not None:
         ended = f" at {datetime.fromtimestamp(r.ended_at, UTC):%Y-%m-%d %H:%M:%S} UTC" if r.ended_at else ""
+        if r.exit_status == 0 and (magic := parse_magic(r.magic)) is not None and magic.rolled_back:
+            message = rolled_back_message(magic, d.node.confirm_timeout, r.generation, r.current_system)
+            return (
+                {
+                    "status": Status.ROLLED_BACK if magic.exit_code == 0 else Status.FAILED,
+                    "exit_code": 0,
+                    "error_message": message + " (recorded by reconcile: the panel had lost sight of the run)",
+                    "reconciled_at": now,
+                    **after,
+                },
+                f"the run ended on the node{ended} with exit code 0, then the node {message}",
+                True,
+            )
         if r.exit_status == 0:
             return (
                 {
@@ -400,6 +443,7 @@ def reconcile_deployment(
             deployment.pk,
             expect={"status": Status.INTERRUPTED},
             event="deployment.reconciled",
+            also=_health_events,
             user=user,
             actor_kind=actor_kind or "system",
             set_fields=fields or {"reconciled_at": deployment.reconciled_at},

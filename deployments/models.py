@@ -137,11 +137,22 @@ class Node(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, editable=False, related_name="+"
     )
     tags = models.ManyToManyField(Tag, blank=True, related_name="nodes")
+    # Magic rollback (deployments/remote/confirm.py): after switch or test the node waits this long for the
+    # panel to confirm over a new SSH connection, and goes back to the system before if none comes.
+    confirm_timeout = models.PositiveIntegerField(
+        "confirmation deadline (s)",
+        default=30,
+        help_text="Magic rollback: seconds the node waits after switch/test for the panel to confirm over a "
+        "new SSH connection before it goes back by itself. 0 turns it off.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["name"]
-        constraints = [models.CheckConstraint(condition=Q(port__gte=1, port__lte=65535), name="node_port_range")]
+        constraints = [
+            models.CheckConstraint(condition=Q(port__gte=1, port__lte=65535), name="node_port_range"),
+            models.CheckConstraint(condition=Q(confirm_timeout__lte=3600), name="node_confirm_timeout_range"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -232,9 +243,19 @@ class Deployment(models.Model):
         ERROR = "error", "Error"  # we could not run it: SSH, auth, host key, shipping, panel bug
         CANCELLED = "cancelled", "Cancelled"  # a user asked to stop it
         INTERRUPTED = "interrupted", "Interrupted"  # the worker died or lost track mid-run
+        UNHEALTHY = "unhealthy", "Unhealthy"  # activated, but a health check failed (policy: keep)
+        ROLLED_BACK = "rolled_back", "Rolled back"  # activated, then the node went back to the system before
 
     ACTIVE = (Status.QUEUED, Status.RUNNING)
-    TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.ERROR, Status.CANCELLED, Status.INTERRUPTED)
+    TERMINAL = (
+        Status.SUCCEEDED,
+        Status.FAILED,
+        Status.ERROR,
+        Status.CANCELLED,
+        Status.INTERRUPTED,
+        Status.UNHEALTHY,
+        Status.ROLLED_BACK,
+    )
 
     # The nixos-rebuild actions, from their one definition (remote.REBUILD_ACTIONS): SWITCH, BOOT, TEST, …
     Action = models.TextChoices("Action", [(a.upper().replace("-", "_"), (a, a)) for a in REBUILD_ACTIONS])
@@ -402,3 +423,6 @@ class LogChunk(models.Model):
     def lines(self) -> list[tuple[int, str, str]]:
         """Return ``(seq, stream, text)`` for each line of the chunk."""
         return [(self.seq_start + i, entry[:1], entry[1:]) for i, entry in enumerate(self.data.split("\n"))]
+
+
+from .healthchecks import HealthCheck  # noqa: E402, F401  (a model module of its own, found through here)

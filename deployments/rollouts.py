@@ -62,7 +62,7 @@ MAX_PARALLELISM = 500
 MAX_TAGS = 50
 MAX_NODES = 10_000
 # A node's count bucket on the rollout page: what did not succeed and was not cancelled is a failure.
-FAILURES = (DStatus.FAILED, DStatus.ERROR, DStatus.INTERRUPTED)
+FAILURES = (DStatus.FAILED, DStatus.ERROR, DStatus.INTERRUPTED, DStatus.UNHEALTHY, DStatus.ROLLED_BACK)
 BUCKETS = {
     DStatus.QUEUED: "queued",
     DStatus.RUNNING: "running",
@@ -70,6 +70,8 @@ BUCKETS = {
     DStatus.FAILED: "failed",
     DStatus.ERROR: "failed",
     DStatus.INTERRUPTED: "failed",
+    DStatus.UNHEALTHY: "failed",  # activated, but a health check failed
+    DStatus.ROLLED_BACK: "failed",  # the node went back: the rollout's revision is not what it runs
     DStatus.CANCELLED: "cancelled",
 }
 COUNT_NAMES = ("queued", "running", "succeeded", "failed", "cancelled")

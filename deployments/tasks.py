@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import logstream, repos, rollbacks
+from . import health, logstream, repos, rollbacks
 from .audit.writer import record
 from .errors import RequestError
 from .lifecycle import claim, finish, reconcile_deployment
@@ -188,6 +188,7 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
         extra = {}
         if _accepts(runner, "on_workdir"):
             extra["on_workdir"] = lambda folder: setattr(beat, "remote_dir", folder)
+        guard = health.Guard(deployment, writer.write)  # health checks and magic rollback
         if rollback:  # back to an earlier generation: no source, no build (deployments/rollbacks.py)
             result, rolled = rollbacks.run_on_node(
                 deployment, target_for(node), on_output=writer.write, should_cancel=stop, **extra
@@ -196,6 +197,8 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
         else:
             archive = repos.archive(node.repository, deployment.commit_sha)
             fields["archive_sha256"] = archive.sha256
+            if guard.arming is not None and _accepts(runner, "arm"):
+                extra["arm"] = guard.arming
             result = runner(
                 target_for(node),
                 deployment_id=deployment_id,
@@ -215,7 +218,7 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             toplevel=result.toplevel or "",
         )
         if result.exit_code == 0:
-            status = Status.SUCCEEDED
+            status = guard.outcome(result, Status.SUCCEEDED, fields)
         else:
             status = Status.FAILED
             fields["error_message"] = f"{what} exited with code {result.exit_code}"

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, generations, inventory, pages, reconcile, rollouts
+from .views import api, generations, health, inventory, pages, reconcile, rollouts
 
 app_name = "deployments"
 
@@ -15,6 +15,14 @@ urlpatterns = [
     path("nodes/<str:name>/hostkey/", pages.node_hostkey, name="node-hostkey"),
     path("nodes/<str:name>/generations/", generations.node_generations_read, name="node-generations-read"),
     path("nodes/<str:name>/rollback/", generations.node_rollback, name="node-rollback"),
+    path("nodes/<str:name>/health/", health.health_page, name="node-health"),
+    path("nodes/<str:name>/health/new/", health.check_edit, name="node-check-add"),
+    path("nodes/<str:name>/health/<int:pk>/", health.check_edit, name="node-check-edit"),
+    path("nodes/<str:name>/health/<int:pk>/delete/", health.check_delete, name="node-check-delete"),
+    path("tags/<str:tag>/health/", health.health_page, name="tag-health"),
+    path("tags/<str:tag>/health/new/", health.check_edit, name="tag-check-add"),
+    path("tags/<str:tag>/health/<int:pk>/", health.check_edit, name="tag-check-edit"),
+    path("tags/<str:tag>/health/<int:pk>/delete/", health.check_delete, name="tag-check-delete"),
     path("deployments/", pages.deployment_list, name="deployment-list"),
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),

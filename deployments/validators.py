@@ -296,3 +296,52 @@ def validate_comment(value: str) -> None:
             code="invalid_comment",
             params={"hint": _shell_hint(value or "")},
         )
+
+
+# -- health checks (deployments/healthchecks.py) ----------------------------------------------------
+CHECK_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,49}\Z")
+# An http(s) URL probed from the panel: a host name, IPv4 or [IPv6] address, or the placeholder {host}
+# (the node's host), an optional port, then a path and query of URL-safe characters only (no spaces,
+# quotes, backslashes or shell characters; no user:password@).
+CHECK_URL_RE = re.compile(
+    r"\Ahttps?://(?:\{host\}|\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
+    r"(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%/=&+,:@-]*)?(?:\?[A-Za-z0-9._~%/=&+,:@-]*)?\Z"
+)
+CHECK_COMMAND_MAX = 1000
+
+
+def validate_check_name(value: str) -> None:
+    if not CHECK_NAME_RE.match(value or ""):
+        raise ValidationError(
+            "A check name uses letters, digits, '_', '.', '-', up to 50 characters%(hint)s.",
+            code="invalid_check_name",
+            params={"hint": _shell_hint(value or "")},
+        )
+
+
+def validate_check_url(value: str) -> None:
+    value = value or ""
+    if not CHECK_URL_RE.match(value):
+        raise ValidationError(
+            "Enter an http:// or https:// URL: a host name, an IP address or {host} (the node's), an optional "
+            "port, a path; no spaces, quotes or shell characters, no user or password%(hint)s.",
+            code="invalid_check_url",
+            params={"hint": _shell_hint(value.replace("{host}", ""))},
+        )
+    m = re.search(r"\]?:([0-9]{1,5})(?:/|\?|\Z)", value.split("://", 1)[1])
+    if m and not 1 <= int(m.group(1)) <= 65535:
+        raise ValidationError("The URL's port must be 1-65535.", code="invalid_check_url")
+
+
+def validate_check_command(value: str) -> None:
+    """A health check's command is a shell command by design (it runs on the node with ``sh -c``, as the
+    node's SSH user): only its size and characters are checked, and only node admins may set one."""
+    value = value or ""
+    if not value.strip():
+        raise ValidationError("Enter the command to run on the node.", code="invalid_check_command")
+    if len(value) > CHECK_COMMAND_MAX:
+        raise ValidationError(
+            f"A check command has at most {CHECK_COMMAND_MAX} characters.", code="invalid_check_command"
+        )
+    if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+        raise ValidationError("A check command is one line, without control characters.", code="invalid_check_command")

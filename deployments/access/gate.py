@@ -519,3 +519,25 @@ def require_approver(
     if not _active(user):
         raise PermissionDenied("Sign in to decide on approvals.")
     require_every(user, DEPLOY, nodes, event=event, actor_kind=actor_kind, obj=obj, object_type="")
+
+
+# -- health checks (deployments/healthchecks.py) ----------------------------------------------------
+
+
+def can_change_checks(user, node: Node) -> bool:
+    """May ``user`` add, change or delete ``node``'s own health checks? Node admins only: a command check
+    runs a shell command on the node as its SSH user, which is an admin's power."""
+    return can(user, ADMIN, node)
+
+
+def require_check_change(user, *, node: Node | None = None, tag=None, command: bool = False,
+                         event: str, actor_kind: str | None = None) -> None:  # fmt: skip
+    """Refuse (403, audited as ``event``) a change to a node's health checks unless ``user`` is admin of
+    the node; to a tag's unless they manage the inventory, and for a command check also admin of every
+    node that carries the tag (it would run there)."""
+    if node is not None:
+        require(user, ADMIN, node, event=event, actor_kind=actor_kind)
+        return
+    require_global(user, MANAGE_INVENTORY, event=event, actor_kind=actor_kind)
+    if command and tag is not None:
+        require_every(user, ADMIN, tag.nodes.all(), event=event, actor_kind=actor_kind, object_type="tag")

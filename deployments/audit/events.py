@@ -27,6 +27,17 @@ EVENTS: dict[str, str] = {
     "deployment.reconciled": "the node was asked what became of an interrupted deployment: its outcome, "
     "generation and current system recorded (before/after), or that the run is still going",
     "deployment.skipped": "a rollout's node was not deployed: it was busy with another deployment",
+    # Health checks and magic rollback (deployments/health.py, deployments/remote/confirm.py)
+    "deployment.health_checked": "a health check ran after activation: every attempt's result and output",
+    "deployment.unhealthy": "a health check failed after activation (the node keeps the system, or goes back)",
+    "deployment.confirmed": "the panel confirmed an activation over a new SSH connection: the node keeps it",
+    "deployment.rolled_back": "the node went back to the system before: no confirmation in time, or a "
+    "failing health check with policy rollback",
+    "health_check.created": "a health check was added to a node or a tag",
+    "health_check.changed": "a health check was edited (before/after)",
+    "health_check.deleted": "a health check was deleted",
+    "health_check.change": "a change to health checks was refused",
+    "health_check.viewed": "a tag's health check page was refused",
     # Rollouts (deployments/rollouts.py): one revision to many nodes
     "rollout.requested": "a rollout was requested (or refused whole: outcome denied)",
     "rollout.canary_passed": "every canary node of a rollout succeeded: the rest may start",

@@ -9,6 +9,7 @@ drives it, and it can be tested against a plain sshd without a database.
 * ``system``: what a node runs (generation, /run/current-system).
 * ``detached``: a run that outlives the SSH session, followed by byte offset across drops.
 * ``rebuild``: one nixos-rebuild run from a shipped flake source.
+* ``confirm``: magic rollback: an armed run waits for a confirmation over a new connection, or goes back.
 """
 
 from .connection import REMOTE_ERROR_KINDS, Cancelled, RemoteError, Target, scan_host_key

@@ -78,7 +78,7 @@ _NO_FOLLOW_MARK = b"__NIXOS_PANEL_NO_FOLLOW__"  # this tail cannot follow (--pid
 # The follow command's exit status once the run has ended: the run's, or this when it has none (or it is 255).
 _NO_STATUS_EXIT = 255
 _POLL_INTERVAL = 1.0  # seconds between reads when the node's tail cannot follow
-_INSPECT_KEYS = ("exists", "status", "pgid", "alive", "unit", "toplevel", "removed")
+_INSPECT_KEYS = ("exists", "status", "pgid", "alive", "unit", "toplevel", "removed", "magic")
 
 
 def _q(path: str) -> str:
@@ -121,6 +121,7 @@ class RunReport:
     profile_path: str
     current_system: str
     removed: bool = False  # the folder was removed after this was read (``finish_script``)
+    magic: str = ""  # an armed run's decision (``confirm``: confirmed, rolled-back …), '' if none
 
     @property
     def ended(self) -> bool:
@@ -256,6 +257,7 @@ def inspect_script(workdir: str, resolve: str | None) -> str:
         f"case $s$g in ''|*[!0-9]*) a=0 ;; *) if [ -z \"$s\" ] && {_alive_test('$g')}; then a=1; else a=0; fi ;; esac; "
         'echo "alive $a"; '
         f'u=; [ -f {w}/unit ] && read -r u < {w}/unit; echo "unit $u"; '
+        f'm=; [ -f {w}/magic ] && read -r m < {w}/magic; echo "magic $m"; '
         f"{t}" + 'echo "toplevel $t"; ' + state_script("state ")
     )
 
@@ -312,6 +314,7 @@ def _parse_report(text: str) -> RunReport:
         profile_path=system.profile_path,
         current_system=system.current_system,
         removed=values.get("removed") == "1",
+        magic=values.get("magic", "").strip(),
     )
 
 

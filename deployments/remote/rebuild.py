@@ -34,6 +34,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .confirm import ArmedWatch, Arming, MagicState, armed_command, parse_magic
 from .connection import Cancelled, Connection, RemoteError, Target
 from .detached import (
     OWNER_SUFFIX,
@@ -96,6 +97,7 @@ class RebuildResult:
     before: SystemState
     after: SystemState
     toplevel: str | None
+    magic: MagicState | None = None  # an armed run's decision (``confirm``); None when not armed
 
 
 def _new_workdir(deployment_id: int, user: str) -> str:
@@ -306,6 +308,7 @@ def run_rebuild(
     on_output: OutputCallback,
     should_cancel: Callable[[], bool] | None = None,
     on_workdir: Callable[[str], None] | None = None,
+    arm: Arming | None = None,
 ) -> RebuildResult:
     """Deploy a flake source archive (``git archive`` tar bytes) to one node with nixos-rebuild.
 
@@ -323,6 +326,9 @@ def run_rebuild(
       was killed (``should_cancel`` said so: a user's cancel or a timeout).
     * Once its outcome is read (or nothing started), the folder is removed (best effort).
     * Panel progress lines go to ``on_output("sys", b"...")``.
+    * ``arm`` (switch and test only): the activation must be confirmed over a new
+      connection or the node goes back by itself (``confirm``: magic rollback);
+      the node's decision is ``RebuildResult.magic``.
 
     Each remote command costs a round trip and a process start on the node
     (about 50-60 ms on the testbed), so there are two after connecting (three
@@ -336,6 +342,14 @@ def run_rebuild(
     workdir = _new_workdir(deployment_id, target.user)
     invocation = _invocation(target, action, workdir, attr)
     plain_invocation = _invocation(target, action, workdir, attr, privileged=False)
+    shown = invocation + (" (armed: magic rollback)" if arm is not None else "")
+    watch = None
+    if arm is not None:
+        # The whole armed run (the wait, and any rollback) runs as root: the sudo prefix goes in front.
+        plain_invocation = armed_command(plain_invocation, workdir, action, arm)
+        invocation = target.privileged_prefix() + plain_invocation
+        watch = ArmedWatch(target, workdir, arm, on_output)
+        on_output = watch
     script = _ship_and_launch_script(target, workdir, invocation, plain_invocation)
 
     def note(msg: str) -> None:
@@ -363,7 +377,7 @@ def run_rebuild(
             states.append(parse_state(lines))
             note(states[-1].describe("before"))
 
-        prelude = _Prelude(on_output, on_state, lambda: note(f"running: {invocation}"), note)
+        prelude = _Prelude(on_output, on_state, lambda: note(f"running: {shown}"), note)
         resolve = resolve_path(action, workdir)
 
         def launched() -> RunHandle | None:
@@ -415,10 +429,15 @@ def run_rebuild(
         note(f"exit code {exit_code}")
         after = SystemState(report.generation, report.profile_path, report.current_system)
         toplevel = (report.toplevel or None) if exit_code == 0 and resolve else None
+        magic = parse_magic(report.magic) if arm is not None else None
+        if watch is not None:
+            watch.join(30)  # its last lines belong to this run's log
+        if magic is not None and magic.rolled_back:
+            toplevel = None  # the node no longer runs what was built
         note(after.describe("after"))
         if toplevel:
             note(f"toplevel: {toplevel}")
-        return RebuildResult(exit_code=exit_code, before=before, after=after, toplevel=toplevel)
+        return RebuildResult(exit_code=exit_code, before=before, after=after, toplevel=toplevel, magic=magic)
     finally:
         # Never let cleanup mask the real outcome (an exception or the result).
         try:

@@ -135,6 +135,26 @@ def _approval(world, target):
     return {"pk": approval.pk}
 
 
+def _node_check(world, target):
+
+    from deployments.healthchecks import HealthCheck
+
+    check, _ = HealthCheck.objects.get_or_create(
+        node=world.nodes[target], name="port", defaults={"kind": "tcp", "port": 443}
+    )
+    return {"name": target, "pk": check.pk}
+
+
+def _tag_check(world, target):
+    from deployments.healthchecks import HealthCheck
+    from deployments.models import Tag
+
+    check, _ = HealthCheck.objects.get_or_create(
+        tag=Tag.objects.get(name="web"), name="page", defaults={"kind": "http", "url": "http://{host}/"}
+    )
+    return {"tag": "web", "pk": check.pk}
+
+
 def deployers(ok: int, *, api: bool = False):
     """Whoever may deploy some node (a rollout's request): anonymous 401/302, the rest 403."""
     return lambda persona, lvl: (401 if api else 302) if persona == "anonymous" else ok if lvl >= 2 else 403
@@ -192,6 +212,15 @@ RULES: dict[str, Rule] = {
     "deployments:api-rollback": Rule(
         "POST", on_node(2, 201, api=True), _node, {"action": "switch"}, node_route=True, api=True, denial_audited=True
     ),
+    # Health checks: a node's by its admins, a tag's by superusers (inventory); auditors read a tag's.
+    "deployments:node-health": Rule("GET", on_node(1, 200), _node, node_route=True),
+    "deployments:node-check-add": Rule("GET", on_node(3, 200), _node, node_route=True, denial_audited=True),
+    "deployments:node-check-edit": Rule("GET", on_node(3, 200), _node_check, node_route=True, denial_audited=True),
+    "deployments:node-check-delete": Rule("POST", on_node(3, 302), _node_check, node_route=True, denial_audited=True),
+    "deployments:tag-health": Rule("GET", auditors, lambda w, t: {"tag": "web"}, denial_audited=True),
+    "deployments:tag-check-add": Rule("GET", superuser_only(200), lambda w, t: {"tag": "web"}, denial_audited=True),
+    "deployments:tag-check-edit": Rule("GET", superuser_only(200), _tag_check, denial_audited=True),
+    "deployments:tag-check-delete": Rule("POST", superuser_only(302), _tag_check, denial_audited=True),
     "deployments:deployment-list": Rule("GET", signed_in(200)),
     "deployments:deployment-detail": Rule("GET", on_node(1, 200), _deployment, node_route=True),
     "deployments:deployment-cancel": Rule("POST", on_node(2, 302), _active, node_route=True, denial_audited=True),
@@ -405,6 +434,13 @@ INVALID_INPUT: dict[str, list] = {
         ("application/json", b"\xff\xfe"),
         ("text/plain", b'{"action": "switch"}'),
     ],
+    "deployments:node-check-add": [
+        {"name": "web;1", "kind": "tcp", "host": "$(reboot)", "port": "443"},
+        {"name": "page", "kind": "http", "url": "http://x/`id`"},
+        {"name": "page", "kind": "http", "url": "http://u:p@x/"},
+        {"name": "cmd", "kind": "command", "command": "true\nreboot"},
+        {},
+    ],
     "deployments:api-cancel": [
         ("application/json", b'{"unexpected": true}'),
         ("text/plain", b"{}"),
@@ -448,6 +484,8 @@ def may_act(route: str, persona: str, target: str) -> bool:
     """Whether ``persona`` passes the gate of ``route`` (adding nodes: superusers; the rest: deployers)."""
     if route == "deployments:node-add":
         return persona == "superuser"
+    if route == "deployments:node-check-add":  # a node's health checks: its admins
+        return persona != "anonymous" and level(persona, target) >= 3
     return persona != "anonymous" and level(persona, target) >= 2
 
 

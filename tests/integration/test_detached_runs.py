@@ -64,6 +64,13 @@ def keep_folders(monkeypatch):
         monkeypatch.setattr(module, "remove_script", lambda workdir: "true")
 
 
+def no_magic_rollback(node) -> None:
+    """A plain detached run: without a confirmation deadline a cut link cannot make the node go back
+    (tests/integration/test_magic_rollback.py is about that), and its output files are the log as is."""
+    node.confirm_timeout = 0
+    node.save(update_fields=["confirm_timeout"])
+
+
 def log(d: Deployment) -> list[tuple[int, str, str]]:
     return logstream.lines_after(d.pk)
 
@@ -114,6 +121,7 @@ def node_file(tb, d: Deployment, name: str) -> list[str]:
 
 def test_a_cut_link_is_noticed_and_the_run_resumes_with_every_line_once(isolated, add_node, keep_folders):
     node, tb = add_node("paced")
+    no_magic_rollback(node)
     d, worker = start(node)
     try:
         wait_for(lambda: len([t for t in texts(d, "o") if "paced line" in t]) >= 40, timeout=90, what="output")
@@ -145,6 +153,7 @@ def test_a_cut_link_is_noticed_and_the_run_resumes_with_every_line_once(isolated
 def test_a_node_that_stays_away_ends_interrupted_and_reconcile_records_the_truth(isolated, add_node, settings):
     settings.LINK_TIMEOUT, settings.UNREACHABLE_LIMIT = 6, 8
     node, tb = add_node("sleepy")
+    no_magic_rollback(node)
     gens = tb.generations()
     d, worker = start(node)
     try:

@@ -59,10 +59,13 @@ FLAKE_NIX = r"""{
           extraLines = toString spec.extra_lines;
           linesPerSecond = toString spec.lines_per_second;
           sleepTicks = toString spec.sleep_ticks;
+          network = spec.network or "up";
+          health = if (spec.healthy or true) then "ok" else "failing";
           args = [ "-c" ''
             set -e
             mkdir -p $out/bin
             echo "24.05.testbed-$versionTag (Uakari)" > $out/nixos-version
+            echo "$health" > $out/health
             ln -s $sw $out/sw
             {
               echo '#!/bin/sh'
@@ -72,6 +75,7 @@ FLAKE_NIX = r"""{
               echo "extra_lines=$extraLines"
               echo "lines_per_second=$linesPerSecond"
               echo "sleep_ticks=$sleepTicks"
+              echo "network=$network"
               cat $stcBody
             } > $out/bin/switch-to-configuration
             chmod 0555 $out/bin/switch-to-configuration
@@ -97,6 +101,11 @@ class NodeConfigSpec:
         starts with ``<epoch seconds>.<nanoseconds>``.
     sleep: seconds activation takes, printing a line every 0.5 s.
     version_tag: part of the store path name; change it for a new toplevel.
+    network: ``up`` (activation brings the node's ``eth0`` up, as NixOS's network setup does) or
+        ``down`` (activation takes it down: a broken network or firewall change that cuts the node
+        off; packets are dropped, nothing is reset). Only on nodes with their own network namespace.
+    healthy: the system's ``health`` file says ``ok`` (else ``failing``): what a health check reads
+        (``grep -qx ok /run/current-system/health``), as a service's status would say.
     """
 
     activation_exit: int = 0
@@ -104,10 +113,14 @@ class NodeConfigSpec:
     lines_per_second: int = 0
     sleep: float = 0
     version_tag: str = "1"
+    network: str = "up"
+    healthy: bool = True
 
     def to_json(self) -> dict:
         if not _TAG_RE.match(self.version_tag):
             raise ValueError(f"version_tag {self.version_tag!r} is not a valid store path name part")
+        if self.network not in ("up", "down"):
+            raise ValueError(f"network must be 'up' or 'down', not {self.network!r}")
         return {
             "activation_exit": int(self.activation_exit),
             "extra_lines": int(self.extra_lines),
@@ -115,6 +128,8 @@ class NodeConfigSpec:
             "sleep": float(self.sleep),
             "sleep_ticks": math.ceil(self.sleep * 2),
             "version_tag": self.version_tag,
+            "network": self.network,
+            "healthy": bool(self.healthy),
         }
 
     @classmethod

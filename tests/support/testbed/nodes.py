@@ -305,6 +305,15 @@ class Node:
                 runs[pid][1], runs[pid][2] = float(at), int(rest)
         return [tuple(r) for r in runs.values()]
 
+    def network_log(self) -> list[tuple[str, float]]:
+        """Every time an activation set the node's ``eth0`` up or down: (``up``|``down``, epoch seconds),
+        from the node's own log (``NodeConfigSpec.network``)."""
+        try:
+            lines = (self._sshd_dir / "network.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [(w[1], float(w[2])) for w in (line.split() for line in lines) if len(w) == 3]
+
     def system_profile(self) -> str:
         """Store path the system profile points at ('' if none)."""
         try:
@@ -686,6 +695,8 @@ class Testbed:
             root_passwords=password is not None,
         )
         _write(node_dir / "run" / "testbed" / "sshd_config", config)
+        # Its eth0 is its own: a system's activation may set it up or down (switch-to-configuration.sh).
+        _write(node_dir / "run" / "testbed" / "own-netns", "")
 
         _run(["ip", "-batch", "-"], input=(
             f"netns add {netns}\n"

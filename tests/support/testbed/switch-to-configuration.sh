@@ -1,7 +1,7 @@
 # Body of the test double for NixOS's switch-to-configuration.
 #
 # The flake's builder prepends a header that sets: toplevel, attr,
-# activation_exit, extra_lines, lines_per_second, sleep_ticks.
+# activation_exit, extra_lines, lines_per_second, sleep_ticks, network.
 # Messages and exit codes follow nixpkgs' switch-to-configuration:
 # progress on stderr; 0 ok, 1 usage/bootloader, 2 activation script failed,
 # 3 daemon-reload/tmpfiles failed, 4 a unit failed, 100 reboot needed.
@@ -79,6 +79,21 @@ while [ "$tick" -le "$sleep_ticks" ]; do
 done
 
 ln -sfn "$toplevel" "$current_system"
+
+# The node's network, as this system configures it. Only a node with a network namespace of its own
+# (the testbed marks it in its /run) has an eth0 that is its own to change.
+if [ -f /run/testbed/own-netns ]; then
+    PATH=/usr/sbin:/sbin:$PATH
+    if [ "$network" = down ]; then
+        echo "network down $(date +%s.%N)" >> /run/testbed/network.log
+        ip link set eth0 down
+    else
+        ip link set eth0 up && echo "network up $(date +%s.%N)" >> /run/testbed/network.log
+    fi
+elif [ "$network" = down ]; then
+    echo "this testbed node has no network namespace of its own: cannot take its network down" >&2
+    exit 2
+fi
 
 if [ "$activation_exit" = 2 ]; then
     echo "Activation script snippet 'testbed' failed (1)" >&2
