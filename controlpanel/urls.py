@@ -21,5 +21,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("audit/", include("deployments.audit.urls")),
     path("teams/", include("deployments.access.urls")),
+    path("api/v1/", include("deployments.restapi.api_urls")),
+    path("tokens/", include("deployments.restapi.urls")),
     path("", include("deployments.urls")),
 ]
