@@ -89,7 +89,12 @@ def _int_query(request, name: str, default: int | None, lo: int, hi: int | None 
 
 
 def _read(serializer_class, request):
+    """The body judged by ``serializer_class``; a field it does not know is refused too (400), as the JSON
+    API refuses it: a typo must not be silently ignored."""
     serializer = serializer_class(data=request.data)
+    unknown = sorted(set(request.data) - set(serializer.fields))
+    if unknown:
+        raise exceptions.ValidationError({name[:50]: ["unknown field"] for name in unknown[:5]})
     serializer.is_valid(raise_exception=True)
     return serializer
 
@@ -151,16 +156,12 @@ def _validate_status(value: str) -> None:
         raise ValidationError(f"use one of {', '.join(Deployment.Status.values)}")
 
 
-class EventStreamRenderer(renderers.BaseRenderer):
-    """``text/event-stream``: the log stream's type, so a client may ask for it; an error before the stream
-    starts is one ``error`` event."""
+class EventStreamRenderer(renderers.JSONRenderer):
+    """Lets a client ask for ``text/event-stream`` (DRF would answer 406 otherwise).  Only errors before the
+    stream starts are rendered (the stream itself is a streaming response): as JSON, like every error."""
 
     media_type = "text/event-stream"
     format = "sse"
-    charset = "utf-8"
-
-    def render(self, data, accepted_media_type=None, renderer_context=None):
-        return logsse.event("error", data).encode()
 
 
 @extend_schema(tags=["deployments"])
@@ -170,6 +171,12 @@ class DeploymentViewSet(viewsets.GenericViewSet):
     serializer_class = DeploymentOut
     pagination_class = KeysetPagination
     queryset = Deployment.objects.none()
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        if isinstance(response, Response) and isinstance(request.accepted_renderer, EventStreamRenderer):
+            response.content_type = "application/json"  # an error of the stream: JSON like every error
+        return response
 
     @extend_schema(
         parameters=[
