@@ -131,3 +131,10 @@ def test_a_rollout_page_follows_every_node_live_and_shows_a_failed_nodes_last_li
     assert 0 < len(lines) <= 20 and any("the following units failed" in t for t in lines)
     full_log = tail.locator("a").get_attribute("href")
     assert page.goto(panel.url + full_log).status == 200
+
+
+def test_the_api_documentation_page_runs_under_the_content_security_policy(panel, page):
+    """Swagger UI from the panel's own static files (drf-spectacular-sidecar), no CDN, no inline code."""
+    page.goto(panel.url + "/api/v1/docs/")
+    page.wait_for_selector(".opblock", timeout=60_000)
+    assert "/api/v1/deployments/{id}/log/stream/" in page.content()
