@@ -430,7 +430,7 @@ class AuditEventViewSet(viewsets.GenericViewSet):
             raise exceptions.ValidationError({e.split(":", 1)[0]: [e.split(":", 1)[1].strip()] for e in errors})
         before = _int_query(request, "before", None, 1)
         limit = _int_query(request, "limit", 100, 1, 500)
-        events = found.page(below=before, limit=limit + 1, fields=LIST_FIELDS)
+        events = found.page(below=before, limit=limit + 1, fields=(*LIST_FIELDS, "prev_hash", "hash"))
         return Response(
             {
                 "results": AuditEventOut(events[:limit], many=True).data,

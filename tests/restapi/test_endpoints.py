@@ -338,6 +338,41 @@ def test_auditors_search_the_trail_with_the_pages_filters_and_pages(world, admin
     assert bad.status_code == 400 and set(bad.json()["fields"]) == {"outcome", "since"}
 
 
+def test_a_page_of_audit_events_costs_a_constant_number_of_queries(world, django_assert_max_num_queries):
+    api = ApiClient(token_for(world.persona("auditor")))
+    api.get(url("node-list"))  # the token's use is recorded: later requests only read
+    for _ in range(10):
+        api.post(url("deployment-list"), {"node": OUT_OF_SCOPE})  # refused: one event each
+    assert AuditEvent.objects.count() > 10
+    with django_assert_max_num_queries(3):  # the token and its user, the page (no query per event)
+        page = api.get(url("audit-event-list"), limit=500).json()
+    assert len(page["results"]) == AuditEvent.objects.count()
+
+
+def test_lists_cost_a_constant_number_of_queries(world, admin_api, django_assert_max_num_queries):
+    admin_api.get(url("node-list"))  # the token's use is recorded: later requests only read
+    # The token and its user; the page; what each node runs and the buttons (one query); their tags.
+    with django_assert_max_num_queries(4):
+        assert len(admin_api.get(url("node-list")).json()["results"]) == 2
+    with django_assert_max_num_queries(2):
+        assert len(admin_api.get(url("deployment-list")).json()["results"]) == 2
+
+
+def test_the_gate_answers_before_the_input_is_judged(world):
+    """Who may not deploy the node learns nothing from how their input would have been judged."""
+    bad = {"node": IN_SCOPE, "action": "explode", "revision": "a;b", "timeout": -1}
+    for persona, status in (("viewer-node", 403), ("viewer-tag", 403), ("nobody", 404), ("auditor", 403)):
+        api = ApiClient(token_for(world.persona(persona)))
+        denied = AuditEvent.objects.filter(outcome="denied").count()
+        assert api.post(url("deployment-list"), bad).status_code == status, persona
+        assert AuditEvent.objects.filter(outcome="denied").count() == denied + (status == 403)
+        rollout = api.post(url("rollout-list"), {"nodes": "web-1;reboot", "parallelism": "many"})
+        assert rollout.status_code == 403, persona
+        cancel = api.post(url("deployment-cancel", pk=world.finished[IN_SCOPE].pk), {"unexpected": True})
+        assert cancel.status_code == status, persona
+    assert not Deployment.objects.filter(status="queued").exists()
+
+
 def test_an_audit_event_shows_its_details_with_url_secrets_redacted(world):
     from django.db import transaction
 
