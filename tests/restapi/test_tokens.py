@@ -73,8 +73,10 @@ def test_a_token_within_the_minute_costs_one_query(bob, django_assert_num_querie
         ("bearer npt_0123abcd_" + "y" * 43, "unknown"),
     ],
 )
-def test_a_bad_token_is_refused_with_401_and_audited(db, header, reason):
-    response = Client().get(NODES, HTTP_AUTHORIZATION=header)
+def test_a_bad_token_is_refused_with_401_and_audited(db, header, reason, caplog):
+    with caplog.at_level(logging.DEBUG):
+        response = Client().get(NODES, HTTP_AUTHORIZATION=header)
+    assert "x" * 43 not in caplog.text and "y" * 43 not in caplog.text
     assert response.status_code == 401
     assert response.json()["error"] in ("malformed token", "invalid token")
     assert response["WWW-Authenticate"].startswith("Bearer")
