@@ -37,6 +37,8 @@ def test_the_schema_describes_every_api_route_and_method(db):
         name, method = route.split(" ")
         methods_per_route.setdefault(name, set()).add(method)
     assert sum(len(m) for n, m in methods_per_route.items() if n not in ("schema", "docs")) == len(described)
+    as_yaml = yaml.safe_load(Client().get("/api/v1/schema/").content)
+    assert as_yaml == Client().get("/api/v1/schema/?format=json").json() == schema
     stream = schema["paths"]["/api/v1/deployments/{id}/log/stream/"]["get"]["responses"]["200"]["content"]
     assert "text/event-stream" in stream
     deploy = schema["paths"]["/api/v1/deployments/"]["post"]
