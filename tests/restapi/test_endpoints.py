@@ -168,6 +168,19 @@ def test_reconcile_of_a_finished_deployment_is_a_conflict(world, admin_api):
     assert response.status_code == 409 and "only an interrupted deployment" in response.json()["error"]
 
 
+def test_reconcile_of_an_interrupted_deployment_that_never_reached_its_node_says_so(world, admin_api):
+    deployment = world.queue(IN_SCOPE)
+    Deployment.objects.filter(pk=deployment.pk).update(status="interrupted")
+    response = admin_api.post(url("deployment-reconcile", pk=deployment.pk))
+    assert response.status_code == 409 and "never reached the node" in response.json()["error"]
+
+
+def test_a_revision_the_repository_does_not_have_is_400_with_the_reason(world, admin_api):
+    response = admin_api.post(url("deployment-list"), {"node": IN_SCOPE, "revision": "no-such-branch"})
+    assert response.status_code == 400 and "no-such-branch" in response.json()["error"]
+    assert not Deployment.objects.filter(status="queued").exists()
+
+
 def test_an_id_that_is_not_a_number_is_not_found(admin_api, world):
     assert admin_api.get("/api/v1/deployments/1x/").status_code == 404
     assert admin_api.get("/api/v1/deployments/99999/").status_code == 404
