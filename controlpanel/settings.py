@@ -122,6 +122,10 @@ INSTALLED_APPS = [
     "deployments.audit",
     "deployments.access",
     "deployments.gitops",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files served by the panel itself: the CSP allows no CDN
+    "deployments.restapi",
 ]
 
 MIDDLEWARE = [
@@ -371,6 +375,33 @@ if AUDIT_CHECKPOINT_MINUTES < 0:
 # PostgreSQL only: commit transactions that write an audit event with synchronous_commit = off
 # (docs/audit.md: the trade-off).
 AUDIT_ASYNC_COMMIT = envbool("PANEL_AUDIT_ASYNC_COMMIT", False)
+
+# The REST API (deployments/restapi/, /api/v1/): Bearer tokens or the session (CSRF enforced), JSON only,
+# the panel's error shape; every view asks the gate itself.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "deployments.restapi.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",  # CSRF enforced on unsafe methods
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["deployments.restapi.framework.LimitedJSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "deployments.restapi.framework.exception_handler",
+    "DEFAULT_METADATA_CLASS": None,  # no OPTIONS answers describing forms: the schema does that
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "NixOS control panel API",
+    "DESCRIPTION": "Nodes, deployments and their logs, rollouts, the audit trail and your API tokens. "
+    "Authenticate with `Authorization: Bearer npt_…` (create a token on the API tokens page).",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+}
 
 LOGGING = {
     "version": 1,

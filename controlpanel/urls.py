@@ -24,5 +24,7 @@ urlpatterns = [
     path("teams/", include("deployments.access.urls")),
     path("gitops/", include("deployments.gitops.urls")),
     path("hooks/<str:provider>/", gitops_views.webhook, name="webhook"),
+    path("api/v1/", include("deployments.restapi.api_urls")),
+    path("tokens/", include("deployments.restapi.urls")),
     path("", include("deployments.urls")),
 ]

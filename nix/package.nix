@@ -63,6 +63,9 @@ let
       whitenoise
       django-axes
       django-csp
+      djangorestframework
+      drf-spectacular
+      drf-spectacular-sidecar
     ]
   );
   bins = [

@@ -104,6 +104,11 @@ EVENTS: dict[str, str] = {
     "team.member_removed": "a user left a team",
     "team.grant_added": "a team was given a role over a scope",
     "team.grant_removed": "a team lost a role over a scope",
+    # API tokens (deployments/restapi/tokens.py): never the secret, only the prefix
+    "api_token.created": "a user created an API token (its name, prefix and expiry)",
+    "api_token.revoked": "a user revoked one of their API tokens",
+    "api_token.used": "an API token was used (recorded at most once a minute per token)",
+    "api_token.refused": "a request's API token was refused: malformed, unknown, revoked, expired, or its user deactivated",
     # The trail itself
     "audit.exported": "the trail (or a filtered part) was exported",
     "audit.verified": "the chain was verified from the command line",

@@ -25,7 +25,7 @@ from tests.support.personas import ROLES
 from tests.support.world import IN_SCOPE, OUT_OF_SCOPE, World, level
 
 # Whole namespaces covered by one rule each.
-NAMESPACE_RULES = ("admin", "audit")
+NAMESPACE_RULES = ("admin", "audit", "api-v1")
 
 
 def url_pattern_names() -> list[str]:
@@ -160,6 +160,12 @@ def deployers(ok: int, *, api: bool = False):
     return lambda persona, lvl: (401 if api else 302) if persona == "anonymous" else ok if lvl >= 2 else 403
 
 
+def _zeds_token(world) -> int:
+    from deployments.restapi import tokens
+
+    return tokens.create_token(world.zed, name="zed-script")[0].pk
+
+
 def _admin_urls(world):
     return [
         reverse("admin:index"),
@@ -193,6 +199,12 @@ RULES: dict[str, Rule] = {
     "logout": Rule("POST", anyone(302)),
     "admin:*": Rule("GET", staff_superusers, urls=_admin_urls),
     "audit:*": Rule("GET", auditors, urls=_audit_urls),
+    # The REST API: every route, method and persona, with a token and with the session, is in
+    # tests/restapi/test_matrix.py (which fails for a route without a rule); here its schema.
+    "api-v1:*": Rule("GET", anyone(200), urls=lambda world: [reverse("api-v1:schema")]),
+    # API tokens: each user's own; another's token does not exist for them (zed's, here).
+    "restapi:token-list": Rule("GET", signed_in(200)),
+    "restapi:token-revoke": Rule("POST", signed_in(404), lambda w, t: {"pk": _zeds_token(w)}),
     # Nodes and deployments.
     "deployments:dashboard": Rule("GET", signed_in(200)),
     "deployments:node-add": Rule("GET", superuser_only(200), denial_audited=True),

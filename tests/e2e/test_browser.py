@@ -131,3 +131,18 @@ def test_a_rollout_page_follows_every_node_live_and_shows_a_failed_nodes_last_li
     assert 0 < len(lines) <= 20 and any("the following units failed" in t for t in lines)
     full_log = tail.locator("a").get_attribute("href")
     assert page.goto(panel.url + full_log).status == 200
+
+
+def test_the_api_tokens_page_and_the_api_documentation_run_under_the_content_security_policy(panel, page):
+    """A token made on its page is shown once; Swagger UI comes from the panel's own static files
+    (drf-spectacular-sidecar), with no CDN and no inline code."""
+    page.click("text=API tokens")
+    page.fill("input[name=name]", "browser script")
+    page.click("text=Create token")
+    secret = page.inner_text(".token-secret")
+    assert secret.startswith("npt_") and len(secret) == len("npt_") + 8 + 1 + 43
+    page.goto(panel.url + "/tokens/")
+    assert secret not in page.content() and "browser script" in page.content()
+    page.goto(panel.url + "/api/v1/docs/")
+    page.wait_for_selector(".opblock", timeout=60_000)
+    assert "/api/v1/deployments/{id}/log/stream/" in page.content()

@@ -1,0 +1,335 @@
+"""What the REST API reads and writes, field by field.  Input is judged by the panel's own validators
+(``deployments.validators``: node names, tags, revisions refuse shell metacharacters), so the API
+refuses exactly what the pages refuse; the state changes judge it again."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from deployments import logstream, rollouts
+from deployments.audit.models import AuditEvent
+from deployments.models import Deployment, Node
+from deployments.validators import validate_node_name, validate_revision, validate_tag
+
+from . import tokens
+from .models import ApiToken
+
+# --- input ---------------------------------------------------------------------------------------
+
+
+class DeployRequest(serializers.Serializer):
+    """A deployment of one node: ``nixos-rebuild <action>`` of ``revision`` (empty: the tracked branch)."""
+
+    node = serializers.CharField(max_length=63, validators=[validate_node_name])
+    action = serializers.ChoiceField(choices=Deployment.Action.choices, default=Deployment.Action.SWITCH)
+    revision = serializers.CharField(
+        max_length=200, required=False, allow_blank=True, default="", validators=[validate_revision]
+    )
+    timeout = serializers.IntegerField(
+        min_value=1, max_value=settings.DEPLOY_TIMEOUT, required=False, allow_null=True, default=None
+    )
+
+
+class RolloutRequest(serializers.Serializer):
+    """A rollout: the same options as the form and ``deploy --tag`` (``rollouts.Options``)."""
+
+    action = serializers.ChoiceField(choices=Deployment.Action.choices, default=Deployment.Action.SWITCH)
+    revision = serializers.CharField(
+        max_length=200, required=False, allow_blank=True, default="", validators=[validate_revision]
+    )
+    tags = serializers.ListField(
+        child=serializers.CharField(max_length=50, validators=[validate_tag]),
+        required=False,
+        default=list,
+        max_length=rollouts.MAX_TAGS,
+    )
+    nodes = serializers.ListField(
+        child=serializers.CharField(max_length=63, validators=[validate_node_name]),
+        required=False,
+        default=list,
+        max_length=rollouts.MAX_NODES,
+    )
+    all = serializers.BooleanField(required=False, default=False, help_text="Every node you may deploy.")
+    confirm_all = serializers.BooleanField(required=False, default=False, help_text="Needed with all.")
+    parallelism = serializers.IntegerField(
+        min_value=1, max_value=rollouts.MAX_PARALLELISM, required=False, default=rollouts.DEFAULT_PARALLELISM
+    )
+    canary = serializers.IntegerField(min_value=0, required=False, default=0)
+    canary_tag = serializers.CharField(
+        max_length=50, required=False, allow_blank=True, default="", validators=[validate_tag]
+    )
+    max_failures = serializers.IntegerField(min_value=1, required=False, allow_null=True, default=None)
+    timeout = serializers.IntegerField(
+        min_value=1, max_value=settings.DEPLOY_TIMEOUT, required=False, allow_null=True, default=None
+    )
+    node_timeouts = serializers.DictField(
+        child=serializers.IntegerField(min_value=1, max_value=settings.DEPLOY_TIMEOUT), required=False, default=dict
+    )
+
+    def validate_node_timeouts(self, value):
+        for name in value:
+            validate_node_name(name)
+        return value
+
+    def options(self) -> rollouts.Options:
+        data = self.validated_data
+        return rollouts.Options(
+            action=data["action"],
+            revision=data["revision"],
+            tags=sorted({t.lower() for t in data["tags"]}),
+            nodes=sorted(set(data["nodes"])),
+            all_nodes=data["all"],
+            confirm_all=data["confirm_all"],
+            parallelism=data["parallelism"],
+            max_failures=data["max_failures"],
+            canary=data["canary"],
+            canary_tag=data["canary_tag"],
+            timeout=data["timeout"],
+            node_timeouts=data["node_timeouts"],
+        )
+
+
+class TokenRequest(serializers.Serializer):
+    name = serializers.CharField(max_length=100, validators=[tokens.validate_token_name])
+    expires_in_days = serializers.IntegerField(
+        min_value=1, max_value=tokens.MAX_EXPIRY_DAYS, required=False, allow_null=True, default=None
+    )
+
+
+class Empty(serializers.Serializer):
+    """No fields: an empty body or ``{}``."""
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+class DeploymentOut(serializers.ModelSerializer):
+    node = serializers.CharField(source="node.name")
+    status_label = serializers.CharField(source="get_status_display")
+    url = serializers.CharField(source="get_absolute_url")
+
+    class Meta:
+        model = Deployment
+        fields = [
+            "id", "node", "status", "status_label", "action", "requested_revision", "commit_sha", "flake_attr",
+            "exit_code", "error_message", "requested_by_name", "trigger", "created_at", "started_at", "finished_at",
+            "cancel_requested", "generation_before", "generation_after", "system_before", "system_after",
+            "toplevel", "line_count", "byte_count", "log_sha256", "log_gaps", "rollout", "rollout_position",
+            "timeout_seconds", "reconciled_at", "url",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class RunningOut(serializers.Serializer):
+    """What the node runs: its latest succeeded ``switch`` or ``test``."""
+
+    deployment = serializers.IntegerField()
+    commit_sha = serializers.CharField()
+    generation = serializers.IntegerField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    requested_by = serializers.CharField()
+
+
+class LastOut(serializers.Serializer):
+    """The node's latest deployment, whatever became of it."""
+
+    deployment = serializers.IntegerField()
+    status = serializers.CharField()
+    action = serializers.CharField()
+    exit_code = serializers.IntegerField(allow_null=True)
+    at = serializers.DateTimeField()
+
+
+class NodeOut(serializers.ModelSerializer):
+    tags = serializers.SerializerMethodField()
+    repository = serializers.CharField(source="repository.name")
+    running = serializers.SerializerMethodField()
+    last = serializers.SerializerMethodField()
+    can_deploy = serializers.BooleanField()
+    can_admin = serializers.BooleanField()
+    url = serializers.CharField(source="get_absolute_url")
+
+    class Meta:
+        model = Node
+        fields = [
+            "name", "host", "port", "ssh_user", "flake_attr", "repository", "tags", "host_key_fingerprint",
+            "running", "last", "can_deploy", "can_admin", "url",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_tags(self, node) -> list[str]:
+        return sorted(t.name for t in node.tags.all())
+
+    @extend_schema_field(RunningOut(allow_null=True))
+    def get_running(self, node) -> dict | None:
+        if node.run_id is None:
+            return None
+        return {
+            "deployment": node.run_id,
+            "commit_sha": node.run_commit,
+            "generation": node.run_generation,
+            "finished_at": node.run_at,
+            "requested_by": node.run_by,
+        }
+
+    @extend_schema_field(LastOut(allow_null=True))
+    def get_last(self, node) -> dict | None:
+        if node.last_id is None:
+            return None
+        return {
+            "deployment": node.last_id,
+            "status": node.last_status,
+            "action": node.last_action,
+            "exit_code": node.last_exit_code,
+            "at": node.last_at,
+        }
+
+
+class LogLine(serializers.Serializer):
+    seq = serializers.IntegerField()
+    stream = serializers.ChoiceField(
+        choices=[(code, name) for name, code in logstream.STREAM_CODES.items()],
+        help_text="o: the run's stdout, e: its stderr, s: the panel's own notes",
+    )
+    text = serializers.CharField()
+
+
+class LogPage(serializers.Serializer):
+    lines = LogLine(many=True)
+    next_after = serializers.IntegerField(help_text="Ask ?after= this for the lines that follow.")
+    more = serializers.BooleanField(help_text="Lines after these are stored already.")
+    status = serializers.CharField()
+    finished = serializers.BooleanField(help_text="The deployment has ended: no line will be added.")
+
+
+class RolloutCounts(serializers.Serializer):
+    queued = serializers.IntegerField()
+    running = serializers.IntegerField()
+    succeeded = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    cancelled = serializers.IntegerField()
+
+
+class RolloutNodeRow(serializers.Serializer):
+    deployment = serializers.IntegerField()
+    node = serializers.CharField()
+    position = serializers.IntegerField(allow_null=True)
+    status = serializers.CharField()
+    status_label = serializers.CharField()
+    bucket = serializers.CharField()
+    exit_code = serializers.IntegerField(allow_null=True)
+    commit_sha = serializers.CharField()
+    started_at = serializers.CharField(allow_null=True)
+    finished_at = serializers.CharField(allow_null=True)
+    duration_seconds = serializers.FloatField(allow_null=True)
+    timeout_seconds = serializers.IntegerField(allow_null=True)
+    error_message = serializers.CharField()
+    cancel_requested = serializers.BooleanField()
+    line_count = serializers.IntegerField()
+    url = serializers.CharField()
+    tail = LogLine(many=True, allow_null=True, help_text="A failed node's last lines (detail only).")
+
+
+class RolloutOut(serializers.Serializer):
+    """``rollouts.payload``: the rollout, its counts and one row per node the caller sees."""
+
+    id = serializers.IntegerField()
+    status = serializers.CharField()
+    status_label = serializers.CharField()
+    terminal = serializers.BooleanField()
+    action = serializers.CharField()
+    requested_revision = serializers.CharField()
+    commits = serializers.DictField(child=serializers.CharField())
+    selection = serializers.DictField()
+    node_count = serializers.IntegerField()
+    parallelism = serializers.IntegerField()
+    max_failures = serializers.IntegerField(allow_null=True)
+    canary_count = serializers.IntegerField()
+    canary_tag = serializers.CharField()
+    canary_passed_at = serializers.CharField(allow_null=True)
+    timeout_seconds = serializers.IntegerField(allow_null=True)
+    stop_reason = serializers.CharField()
+    requested_by = serializers.CharField()
+    created_at = serializers.CharField()
+    finished_at = serializers.CharField(allow_null=True)
+    counts = RolloutCounts()
+    nodes = RolloutNodeRow(many=True)
+    url = serializers.CharField()
+
+
+class RolloutSummary(serializers.Serializer):
+    id = serializers.IntegerField()
+    status = serializers.CharField()
+    action = serializers.CharField()
+    node_count = serializers.IntegerField()
+    requested_by = serializers.CharField(source="requested_by_name")
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+    url = serializers.CharField(source="get_absolute_url")
+
+
+class TokenOut(serializers.ModelSerializer):
+    state = serializers.SerializerMethodField()
+    display = serializers.CharField()
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "prefix", "display", "state", "created_at", "expires_at", "last_used_at", "revoked_at"]
+        read_only_fields = fields
+
+    def get_state(self, token) -> str:
+        return token.state()
+
+
+class NewTokenOut(TokenOut):
+    token = serializers.SerializerMethodField(help_text="The whole token: shown this once, never again.")
+
+    class Meta(TokenOut.Meta):
+        fields = [*TokenOut.Meta.fields, "token"]
+        read_only_fields = fields
+
+    def get_token(self, token) -> str:
+        return self.context["secret"]
+
+
+class AuditEventOut(serializers.ModelSerializer):
+    event = serializers.CharField(source="action", help_text="The event name (stored as ``action``).")
+
+    class Meta:
+        model = AuditEvent
+        fields = [
+            "seq", "created_at", "event", "actor_kind", "actor_id", "actor_name", "object_type", "object_id",
+            "object_repr", "node_name", "outcome", "request_id", "source_ip", "hash", "prev_hash",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+
+class AuditEventDetailOut(AuditEventOut):
+    details = serializers.JSONField(help_text="As the event page shows them: secrets in URLs redacted.")
+
+    class Meta(AuditEventOut.Meta):
+        fields = [*AuditEventOut.Meta.fields, "user_agent", "details"]
+        read_only_fields = fields
+
+
+class AuditPage(serializers.Serializer):
+    results = AuditEventOut(many=True)
+    next_before = serializers.IntegerField(allow_null=True, help_text="Ask ?before= this for older events.")
+
+
+class AuditVerifyOut(serializers.Serializer):
+    ok = serializers.BooleanField()
+    checked_events = serializers.IntegerField()
+    first_seq = serializers.IntegerField()
+    last_seq = serializers.IntegerField()
+    head_hash = serializers.CharField()
+    since_checkpoint = serializers.CharField(allow_null=True)
+    problem = serializers.CharField(allow_null=True)
+    notes = serializers.ListField(child=serializers.CharField())
+
+
+class Error(serializers.Serializer):
+    error = serializers.CharField()
+    fields = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False)

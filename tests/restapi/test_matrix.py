@@ -1,0 +1,199 @@
+"""Every /api/v1/ route and method, for every persona, with a token and with the session: allowed or
+refused with the status the pages give (404 unseen, 403 seen but not allowed, refusals audited).
+
+The routes are enumerated from the URL resolver (a viewset's methods from its actions), so a new
+endpoint without a rule in ``RULES`` fails ``test_every_api_route_has_a_rule`` until someone decides
+who may use it.  Node routes are tried on a node inside the persona's scope (web-1) and one outside
+it (db-1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+
+from deployments.audit.models import AuditEvent
+from deployments.models import Deployment
+from deployments.restapi import tokens
+from deployments.restapi.models import ApiToken
+from tests.support.personas import ROLES
+from tests.support.world import IN_SCOPE, OUT_OF_SCOPE, level
+
+from .conftest import ApiClient
+
+NAMESPACE = "api-v1"
+
+
+def api_routes() -> list[str]:
+    """``name METHOD`` of every route under the namespace (viewset routes: one per method they answer)."""
+    found = []
+
+    def walk(patterns, namespace: str) -> None:
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                walk(p.url_patterns, ":".join(filter(None, [namespace, p.namespace])))
+            elif namespace == NAMESPACE:
+                assert isinstance(p, URLPattern)
+                actions = getattr(p.callback, "actions", None) or {"get": "get"}
+                # HEAD is GET without the body: the same view, the same rule.
+                found.extend(f"{p.name} {method.upper()}" for method in actions if method != "head")
+
+    walk(get_resolver().url_patterns, "")
+    return sorted(set(found))
+
+
+def signed_in(ok: int):
+    return lambda persona, lvl: 401 if persona == "anonymous" else ok
+
+
+def anyone(ok: int):
+    return lambda persona, lvl: ok
+
+
+def on_node(need: int, ok: int):
+    """Unseen 404, seen but below ``need`` 403, else ``ok``."""
+
+    def expect(persona, lvl):
+        if persona == "anonymous":
+            return 401
+        if lvl == 0:
+            return 404
+        return ok if lvl >= need else 403
+
+    return expect
+
+
+def deployers(ok: int):
+    return lambda persona, lvl: 401 if persona == "anonymous" else ok if lvl >= 2 else 403
+
+
+def auditors(persona, lvl):
+    if persona == "anonymous":
+        return 401
+    return 200 if persona in ("auditor", "superuser") else 403
+
+
+@dataclass
+class Rule:
+    expect: Callable[[str, int], int]
+    kwargs: Callable = lambda world, target, user: {}
+    data: dict | Callable = field(default_factory=dict)
+    node_route: bool = False  # tried on web-1 and db-1
+    denial_audited: bool = False  # a 403 leaves exactly one "denied" audit event
+    token_status: int | None = None  # the answer with a token, when it differs from the session's
+
+
+def _node(world, target, user):
+    return {"name": target}
+
+
+def _deployment(world, target, user):
+    return {"pk": world.finished[target].pk}
+
+
+def _active(world, target, user):
+    return {"pk": world.queue(target).pk}
+
+
+def _rollout(world, target, user):
+    from deployments import rollouts
+
+    return {"pk": rollouts.request_rollout(rollouts.Options(nodes=[target]), user=None, trigger="cli").pk}
+
+
+def _event(world, target, user):
+    return {"seq": AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[0]}
+
+
+def _own_token(world, target, user):
+    """A token of the persona's own (of zed's for anonymous, who has none)."""
+    owner = user or world.zed
+    token, _ = tokens.create_token(owner, name="to-revoke")
+    return {"pk": token.pk}
+
+
+RULES: dict[str, Rule] = {
+    "schema GET": Rule(anyone(200)),
+    "docs GET": Rule(anyone(200)),
+    "node-list GET": Rule(signed_in(200)),
+    "node-detail GET": Rule(on_node(1, 200), _node, node_route=True),
+    "deployment-list GET": Rule(signed_in(200)),
+    "deployment-list POST": Rule(
+        on_node(2, 201), data=lambda target: {"node": target, "action": "switch"}, node_route=True, denial_audited=True
+    ),
+    "deployment-detail GET": Rule(on_node(1, 200), _deployment, node_route=True),
+    "deployment-cancel POST": Rule(on_node(2, 200), _active, node_route=True, denial_audited=True),
+    # A finished (not interrupted) deployment: past the gate, "nothing to reconcile" (409).
+    "deployment-reconcile POST": Rule(on_node(2, 409), _deployment, node_route=True, denial_audited=True),
+    "deployment-log GET": Rule(on_node(1, 200), _deployment, node_route=True),
+    "deployment-log-stream GET": Rule(on_node(1, 200), _deployment, node_route=True),
+    "rollout-list GET": Rule(signed_in(200)),
+    "rollout-list POST": Rule(deployers(201), data=lambda target: {"nodes": [IN_SCOPE]}, denial_audited=True),
+    "rollout-detail GET": Rule(on_node(1, 200), _rollout, node_route=True),
+    "rollout-cancel POST": Rule(on_node(2, 200), _rollout, node_route=True, denial_audited=True),
+    "audit-event-list GET": Rule(auditors),
+    "audit-event-detail GET": Rule(auditors, _event),
+    "audit-event-verify GET": Rule(auditors),
+    "token-list GET": Rule(signed_in(200)),
+    # Tokens are made from a signed-in session, never by a token.
+    "token-list POST": Rule(signed_in(201), data=lambda target: {"name": "ci"}, token_status=403),
+    "token-revoke POST": Rule(signed_in(200), _own_token),
+}
+
+
+def test_every_api_route_has_a_rule():
+    routes = api_routes()
+    assert len(routes) >= len(RULES) - 1  # the walk finds the routes (not an empty namespace)
+    missing = [r for r in routes if r not in RULES]
+    assert not missing, f"/api/v1/ routes without a rule in the API permission matrix: {missing}"
+    stale = [r for r in RULES if r not in routes]
+    assert not stale, f"rules for /api/v1/ routes that no longer exist: {stale}"
+
+
+def _client(world, persona: str, auth: str):
+    user = world.persona(persona)
+    if user is None:
+        return None, ApiClient()
+    if auth == "token":
+        return user, ApiClient(tokens.create_token(user, name="matrix")[1])
+    client = ApiClient()
+    client.client.force_login(user)
+    return user, client
+
+
+@pytest.mark.parametrize("auth", ["token", "session"])
+@pytest.mark.parametrize("persona", ROLES)
+@pytest.mark.parametrize("route", sorted(RULES))
+def test_api_route_answers_each_persona_as_its_rule_says(world, route, persona, auth):
+    if persona == "anonymous" and auth == "token":
+        pytest.skip("anonymous has no token (the session run asks without any)")
+    rule = RULES[route]
+    name, method = route.split(" ")
+    user, client = _client(world, persona, auth)
+    for target in (IN_SCOPE, OUT_OF_SCOPE) if rule.node_route else (IN_SCOPE,):
+        url = reverse(f"{NAMESPACE}:{name}", kwargs=rule.kwargs(world, target, user))
+        expected = rule.expect(persona, level(persona, target))
+        if auth == "token" and rule.token_status is not None and persona != "anonymous":
+            expected = rule.token_status
+        denials_before = AuditEvent.objects.filter(outcome="denied").count()
+        deployments_before = Deployment.objects.count()
+        if method == "GET":
+            response = client.get(url)
+        else:
+            response = client.post(url, rule.data(target) if callable(rule.data) else rule.data)
+        where = f"{persona} ({auth}) {method} {url}"
+        assert response.status_code == expected, f"{where}: {response.status_code}, expected {expected}"
+        if response.status_code >= 400:
+            assert response.json()["error"], f"{where}: no error message"
+        if response.status_code == 403 and rule.denial_audited:
+            assert AuditEvent.objects.filter(outcome="denied").count() == denials_before + 1, (
+                f"{where}: the refusal was not audited once"
+            )
+        if route == "deployment-list POST" and response.status_code == 201:
+            assert Deployment.objects.count() == deployments_before + 1, f"{where}: nothing queued"
+            assert Deployment.objects.get(pk=response.json()["id"]).node.name == target
+        if route == "token-revoke POST" and response.status_code == 200:
+            assert ApiToken.objects.get(pk=response.json()["id"]).revoked_at is not None
