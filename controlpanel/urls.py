@@ -5,6 +5,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from deployments.access import gate
+from deployments.sync.metrics import metrics_view
 
 admin.site.site_header = "NixOS control panel"
 admin.site.site_title = "NixOS control panel"
@@ -21,5 +22,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("audit/", include("deployments.audit.urls")),
     path("teams/", include("deployments.access.urls")),
+    path("metrics", metrics_view, name="metrics"),
+    path("", include("deployments.sync.urls")),
     path("", include("deployments.urls")),
 ]
