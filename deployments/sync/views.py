@@ -22,7 +22,8 @@ from .models import Delivery, NodeSync, Subscription
 @require_POST
 def node_refresh(request, name):
     """Read the node and recompute its sync status now (its deployers and admins)."""
-    node = gate.node_for(request.user, name, DEPLOY)
+    node = gate.node_for(request.user, name)
+    gate.require(request.user, DEPLOY, node, event="node.sync_changed")
     sync = status.refresh_node(node, user=request.user)
     if sync is None:
         messages.info(request, f"{node.name} is being deployed: its sync status is read after the deployment.")
@@ -35,7 +36,8 @@ def node_refresh(request, name):
 @require_POST
 def node_redeploy(request, name):
     """Deploy (switch) the branch head the sync status was computed against, to a drifted or behind node."""
-    node = gate.node_for(request.user, name, DEPLOY)
+    node = gate.node_for(request.user, name)
+    gate.require(request.user, DEPLOY, node, event="deployment.requested")
     sync = NodeSync.objects.filter(node=node).first()
     if sync is None or not sync.redeployable:
         messages.error(request, f"{node.name} is not drifted or behind: nothing to redeploy.")
