@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hmac
 import time
-from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Sum
+from django.db.models import Count, F, FloatField, Func, Q, Sum
 from django.http import Http404, HttpResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import CollectorRegistry
@@ -31,6 +30,22 @@ DURATION_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1800, 3600)
 def _by_status(queryset, choices) -> dict[str, int]:
     counts = dict(queryset.values_list("status").annotate(n=Count("pk")).order_by())
     return {status: counts.get(status, 0) for status in choices}
+
+
+class SecondsBetween(Func):
+    """``end - start`` in seconds, in the database's own arithmetic (Django's duration expressions call a
+    Python function per row on SQLite: 0.5 s a scrape for 10,000 deployments)."""
+
+    arity = 2
+    output_field = FloatField()
+
+    def as_sql(self, compiler, connection, **extra):  # PostgreSQL
+        (start, start_params), (end, end_params) = (compiler.compile(e) for e in self.source_expressions)
+        return f"EXTRACT(EPOCH FROM ({end} - {start}))", [*end_params, *start_params]
+
+    def as_sqlite(self, compiler, connection, **extra):
+        (start, start_params), (end, end_params) = (compiler.compile(e) for e in self.source_expressions)
+        return f"((julianday({end}) - julianday({start})) * 86400.0)", [*end_params, *start_params]
 
 
 class PanelCollector:
@@ -62,15 +77,14 @@ class PanelCollector:
     def _durations(self) -> HistogramMetricFamily:
         """Finished deployments' run time (started to finished), as one aggregate query."""
         ran = Deployment.objects.filter(started_at__isnull=False, finished_at__isnull=False).annotate(
-            took=ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
+            took=SecondsBetween(F("started_at"), F("finished_at"))
         )
         counts = ran.aggregate(
             total=Count("pk"),
             seconds=Sum("took"),
-            **{f"le{b}": Count("pk", filter=Q(took__lte=timedelta(seconds=b))) for b in DURATION_BUCKETS},
+            **{f"le{b}": Count("pk", filter=Q(took__lte=b)) for b in DURATION_BUCKETS},
         )
-        took = counts["seconds"]
-        total_seconds = took.total_seconds() if isinstance(took, timedelta) else float(took or 0) / 1e6
+        total_seconds = float(counts["seconds"] or 0)
         buckets = [(str(float(b)), counts[f"le{b}"]) for b in DURATION_BUCKETS] + [("+Inf", counts["total"])]
         return HistogramMetricFamily(
             "panel_deployment_duration_seconds",

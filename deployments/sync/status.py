@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import OuterRef, Subquery
+from django.db import IntegrityError, transaction
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from deployments import repos
@@ -175,63 +175,95 @@ def compute_states(nodes: list[Node], readings: dict[int, Reading]) -> dict[int,
     return states
 
 
+# Changes recorded per transaction: each change and its events stay together, without a commit per node.
+_CHUNK = 200
+
+
 def record_states(states: dict[int, State], *, user=None, started=None) -> dict[int, tuple[str, str]]:
     """Store ``states``; audit each change.  Returns {node id: (status before, after)} of the changes.
 
     A node whose deployment began or ended after ``started`` (the refresh's start) is left as it was: what
-    was read may already be out of date.
+    was read may already be out of date.  Rows whose status and paths did not change only get their
+    check time, in one UPDATE per chunk.
     """
     now = timezone.now()
     if started is not None:
-        moved = set(
-            Deployment.objects.filter(node_id__in=list(states))
-            .filter(created_at__gte=started)
-            .values_list("node_id", flat=True)
-        ) | set(
-            Deployment.objects.filter(node_id__in=list(states), finished_at__gte=started).values_list(
-                "node_id", flat=True
-            )
-        )
+        recent = Deployment.objects.filter(Q(created_at__gte=started) | Q(finished_at__gte=started))
+        moved = set(recent.values_list("node_id", flat=True))
         states = {pk: s for pk, s in states.items() if pk not in moved}
-    existing = {s.node_id: s for s in NodeSync.objects.filter(node_id__in=list(states))}
-    same, changes = [], {}
+    pks = list(states)
+    existing = {}
+    for i in range(0, len(pks), 5000):
+        existing.update((r.node_id, r) for r in NodeSync.objects.filter(node_id__in=pks[i : i + 5000]))
+    names = list(State.__dataclass_fields__)
+    untouched, refreshed, changes = [], [], {}
     for pk, state in states.items():
         row = existing.get(pk)
-        fields = dataclasses.asdict(state)
-        if row is not None and row.status == state.status:
-            for name, value in fields.items():
-                setattr(row, name, value)
+        if row is None or row.status != state.status:
+            changes[pk] = (row.status if row is not None else "", state)
+        elif all(getattr(row, name) == getattr(state, name) for name in names):
+            untouched.append(pk)
+        else:
+            for name in names:
+                setattr(row, name, getattr(state, name))
             row.checked_at = now
-            same.append(row)
-            continue
-        before = row.status if row is not None else ""
-        _record_change(pk, before, state, now=now, user=user)
-        changes[pk] = (before, state.status)
-    NodeSync.objects.bulk_update(same, [*State.__dataclass_fields__, "checked_at"], batch_size=500)
-    return changes
+            refreshed.append(row)
+    for i in range(0, len(untouched), 5000):
+        NodeSync.objects.filter(node_id__in=untouched[i : i + 5000]).update(checked_at=now)
+    NodeSync.objects.bulk_update(refreshed, [*names, "checked_at"], batch_size=500)
+    changed = list(changes.items())
+    for i in range(0, len(changed), _CHUNK):
+        chunk = changed[i : i + _CHUNK]
+        try:
+            _record_changes(chunk, existing, now=now, user=user)
+        except IntegrityError:
+            if started is None:
+                raise
+            # Another refresh wrote some of these rows first: judge them again against what it wrote.
+            again = record_states({pk: state for pk, (_, state) in chunk}, user=user)
+            for pk, (before, _) in again.items():
+                changes[pk] = (before, states[pk])
+            for pk, _ in chunk:
+                if pk not in again:
+                    changes.pop(pk, None)
+    return {pk: (before, state.status) for pk, (before, state) in changes.items()}
 
 
-def _record_change(pk: int, before: str, state: State, *, now, user) -> None:
-    fields = dataclasses.asdict(state)
+def _record_changes(changed: list, existing: dict, *, now, user) -> None:
+    """One transaction: the rows of these changed nodes and, for each, its events."""
+    names = dict(Node.objects.filter(pk__in=[pk for pk, _ in changed]).values_list("pk", "name"))
+    changed = [c for c in changed if c[0] in names]  # a node deleted meanwhile took its row with it
+    actor = {"user": user} if user is not None else {"actor_kind": "system"}
     with transaction.atomic():
-        NodeSync.objects.update_or_create(node_id=pk, defaults={**fields, "since": now, "checked_at": now})
-        node = Node.objects.only("pk", "name").get(pk=pk)
-        actor = {"user": user} if user is not None else {"actor_kind": "system"}
-        details = {"before": before or None, "after": state.status, **fields}
-        record("node.sync_changed", obj=node, details=details, **actor)
-        if state.status == Status.DRIFTED:
-            record(
-                "node.drifted",
-                obj=node,
-                outcome="failure",
-                details={
-                    "expected_system": state.deployed_system,  # what the panel deployed last
-                    "actual_system": state.current_system,
-                    "branch_head": state.commit_sha,
-                    "branch_head_system": state.expected_system,
-                },
-                **actor,
-            )
+        new, updated = [], []
+        for pk, (_, state) in changed:
+            fields = {**dataclasses.asdict(state), "since": now, "checked_at": now}
+            row = existing.get(pk)
+            if row is None:
+                new.append(NodeSync(node_id=pk, **fields))
+            else:
+                for name, value in fields.items():
+                    setattr(row, name, value)
+                updated.append(row)
+        NodeSync.objects.bulk_create(new)
+        NodeSync.objects.bulk_update(updated, [*State.__dataclass_fields__, "since", "checked_at"])
+        for pk, (before, state) in changed:
+            node = Node(pk=pk, name=names[pk])
+            details = {"before": before or None, "after": state.status, **dataclasses.asdict(state)}
+            record("node.sync_changed", obj=node, details=details, **actor)
+            if state.status == Status.DRIFTED:
+                record(
+                    "node.drifted",
+                    obj=node,
+                    outcome="failure",
+                    details={
+                        "expected_system": state.deployed_system,  # what the panel deployed last
+                        "actual_system": state.current_system,
+                        "branch_head": state.commit_sha,
+                        "branch_head_system": state.expected_system,
+                    },
+                    **actor,
+                )
 
 
 def refresh(nodes: Iterable[Node] | None = None, *, user=None, reader: Reader = read_current_systems) -> dict:
