@@ -210,12 +210,16 @@ def record_states(states: dict[int, State], *, user=None, started=None) -> dict[
             refreshed.append(row)
     for i in range(0, len(untouched), 5000):
         NodeSync.objects.filter(node_id__in=untouched[i : i + 5000]).update(checked_at=now)
-    NodeSync.objects.bulk_update(refreshed, [*names, "checked_at"], batch_size=500)
+    for i in range(0, len(refreshed), _CHUNK):
+        with transaction.atomic():  # the same status with other paths: rewritten, keeping since
+            chunk = refreshed[i : i + _CHUNK]
+            NodeSync.objects.filter(node_id__in=[r.node_id for r in chunk]).delete()
+            NodeSync.objects.bulk_create(chunk)
     changed = list(changes.items())
     for i in range(0, len(changed), _CHUNK):
         chunk = changed[i : i + _CHUNK]
         try:
-            _record_changes(chunk, existing, now=now, user=user)
+            _record_changes(chunk, now=now, user=user)
         except IntegrityError:
             if started is None:
                 raise
@@ -229,24 +233,18 @@ def record_states(states: dict[int, State], *, user=None, started=None) -> dict[
     return {pk: (before, state.status) for pk, (before, state) in changes.items()}
 
 
-def _record_changes(changed: list, existing: dict, *, now, user) -> None:
+def _record_changes(changed: list, *, now, user) -> None:
     """One transaction: the rows of these changed nodes and, for each, its events."""
     names = dict(Node.objects.filter(pk__in=[pk for pk, _ in changed]).values_list("pk", "name"))
     changed = [c for c in changed if c[0] in names]  # a node deleted meanwhile took its row with it
     actor = {"user": user} if user is not None else {"actor_kind": "system"}
     with transaction.atomic():
-        new, updated = [], []
-        for pk, (_, state) in changed:
-            fields = {**dataclasses.asdict(state), "since": now, "checked_at": now}
-            row = existing.get(pk)
-            if row is None:
-                new.append(NodeSync(node_id=pk, **fields))
-            else:
-                for name, value in fields.items():
-                    setattr(row, name, value)
-                updated.append(row)
-        NodeSync.objects.bulk_create(new)
-        NodeSync.objects.bulk_update(updated, [*State.__dataclass_fields__, "since", "checked_at"])
+        # Rewritten, not updated: Django's bulk_update builds a CASE per field per row (15 s for 2,000 rows here).
+        rows = [
+            NodeSync(node_id=pk, since=now, checked_at=now, **dataclasses.asdict(state)) for pk, (_, state) in changed
+        ]
+        NodeSync.objects.filter(node_id__in=[pk for pk, _ in changed]).delete()
+        NodeSync.objects.bulk_create(rows)
         for pk, (before, state) in changed:
             node = Node(pk=pk, name=names[pk])
             details = {"before": before or None, "after": state.status, **dataclasses.asdict(state)}

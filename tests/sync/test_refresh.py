@@ -75,3 +75,20 @@ def test_an_unknown_branch_is_unknown_with_the_reason(inventory):
     status.refresh([node], reader=lambda nodes: {node.pk: status.Reading(current_system=HEAD)})
     s = NodeSync.objects.get()
     assert s.status == "unknown" and "no-such-branch" in s.reason
+
+
+def test_migrate_schedules_the_refresh_and_the_retries(db, settings):
+    from django_q.models import Schedule
+
+    from deployments.sync.apps import ensure_schedules
+
+    settings.SYNC_MINUTES = 7
+    ensure_schedules(sender=None)
+    got = dict(
+        Schedule.objects.filter(name__in=["sync-refresh", "notification-retries"]).values_list("name", "minutes")
+    )
+    assert got == {"sync-refresh": 7, "notification-retries": 1}
+    assert Schedule.objects.get(name="sync-refresh").func == "deployments.sync.status.refresh_fleet"
+    settings.SYNC_MINUTES = 0  # only the buttons
+    ensure_schedules(sender=None)
+    assert not Schedule.objects.filter(name="sync-refresh").exists()
