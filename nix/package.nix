@@ -63,6 +63,7 @@ let
       whitenoise
       django-axes
       django-csp
+      prometheus-client
     ]
   );
   bins = [
