@@ -70,6 +70,8 @@ def _enqueue(seq: int) -> None:
     from django_q.tasks import async_task
 
     try:
+        if not Subscription.objects.filter(enabled=True).exists():
+            return  # nobody listens: no task in the queue (the rollouts' safety net reads an empty broker)
         async_task("deployments.sync.notify.dispatch", seq, task_name=f"notify-{seq}")
     except Exception:  # noqa: BLE001 - the change is committed; a broker hiccup must not turn it into an error
         log.exception("could not queue the notifications of audit event #%s", seq)
@@ -129,7 +131,7 @@ def save_subscription(subscription: Subscription, *, target: str | None, user) -
         if target is not None:
             target = validate_target(subscription.kind, target)
             subscription.target_encrypted = crypto.encrypt(target)
-            subscription.target_display = mask_target(subscription.kind, target)
+            subscription.target_display = mask_target(subscription.kind, target)[:300]
         subscription.save()
         record(
             "subscription.changed",

@@ -238,3 +238,27 @@ def test_the_target_is_encrypted_at_rest(teams):
     stored = Subscription.objects.values_list("target_encrypted", "target_display").get(pk=sub.pk)
     assert "XyZsecret" not in stored[0] and "XyZsecret" not in stored[1]
     assert sub.target() == "https://hooks.slack.com/services/T0123/B0456/XyZsecret"
+
+
+@pytest.fixture
+def orm_broker(settings):
+    if settings.BROKER != "orm":
+        pytest.skip("reads the ORM broker's queue (PANEL_BROKER=orm)")
+
+
+def test_without_subscriptions_nothing_is_queued(inventory, orm_broker):
+    from django_q.models import OrmQ
+
+    failed_deployment(inventory["node"])
+    assert not OrmQ.objects.exists()
+
+
+def test_with_a_subscription_only_the_events_seq_is_queued_after_commit(inventory, teams, orm_broker):
+    from django_q.models import OrmQ
+    from django_q.signing import SignedPackage
+
+    subscribe(teams[0], "webhook", "https://example.org/hook")
+    failed_deployment(inventory["node"])
+    [task] = [SignedPackage.loads(q.payload) for q in OrmQ.objects.all()]
+    seq = AuditEvent.objects.get(action="deployment.finished").seq
+    assert (task["func"], task["args"]) == ("deployments.sync.notify.dispatch", (seq,))
