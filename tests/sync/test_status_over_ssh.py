@@ -110,3 +110,14 @@ def test_a_never_deployed_node_running_something_else_is_behind(add_node):
     assert s.status == "behind"
     assert s.current_system == tb.current_system()
     assert s.deployed_system == ""
+
+
+def test_the_refresh_button_reads_the_node_now_and_the_page_shows_it(add_node, alice_client):
+    node, tb = add_node()
+    deploy(node)
+    r = alice_client.post(f"/nodes/{node.name}/sync/refresh/", follow=True)
+    html = r.content.decode()
+    assert f"{node.name} is in sync." in html
+    assert tb.current_system() in html
+    event = AuditEvent.objects.get(action="node.sync_changed", node_id=node.pk)
+    assert event.actor_name == "alice"
