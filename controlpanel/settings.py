@@ -126,6 +126,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's files served by the panel itself: the CSP allows no CDN
     "deployments.restapi",
+    "deployments.sync",
 ]
 
 MIDDLEWARE = [
@@ -311,6 +312,42 @@ else:
             else {"BACKEND": "deployments.queue_status.StatusFileCache", "LOCATION": str(DATA_DIR / "qcluster-status")}
         ),
     }
+
+# Sync status (deployments/sync/): how often the fleet is read (minutes; 0: only the refresh buttons),
+# how many nodes are read at once, how long reading one may take, how long one `nix eval` may take.
+SYNC_MINUTES = envint("PANEL_SYNC_MINUTES", 5)
+SYNC_PARALLELISM = envint("PANEL_SYNC_PARALLELISM", 20)
+SYNC_READ_TIMEOUT = envfloat("PANEL_SYNC_READ_TIMEOUT", 10.0)
+SYNC_EVAL_TIMEOUT = envfloat("PANEL_SYNC_EVAL_TIMEOUT", 120.0)
+if SYNC_MINUTES < 0 or SYNC_PARALLELISM < 1 or SYNC_READ_TIMEOUT <= 0 or SYNC_EVAL_TIMEOUT <= 0:
+    raise ImproperlyConfigured(
+        "PANEL_SYNC_MINUTES must be 0 (off) or more; PANEL_SYNC_PARALLELISM, PANEL_SYNC_READ_TIMEOUT and "
+        "PANEL_SYNC_EVAL_TIMEOUT must be positive"
+    )
+NIX_BIN = env("PANEL_NIX", "nix")
+# Notifications: one attempt's timeout, and how many attempts (with back-off) before a delivery fails for good.
+NOTIFY_TIMEOUT = envfloat("PANEL_NOTIFY_TIMEOUT", 10.0)
+NOTIFY_MAX_ATTEMPTS = envint("PANEL_NOTIFY_MAX_ATTEMPTS", 5)
+if NOTIFY_TIMEOUT <= 0 or NOTIFY_MAX_ATTEMPTS < 1:
+    raise ImproperlyConfigured("PANEL_NOTIFY_TIMEOUT and PANEL_NOTIFY_MAX_ATTEMPTS must be positive")
+# The panel's address as people reach it, for links in notifications (none when unset).
+BASE_URL = (env("PANEL_BASE_URL", "") or "").rstrip("/")
+if BASE_URL and not BASE_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"PANEL_BASE_URL={BASE_URL!r}: use an http:// or https:// URL")
+# E-mail for notifications: an SMTP server (none set: e-mail subscriptions fail, saying so).
+EMAIL_BACKEND = env("PANEL_EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = env("PANEL_EMAIL_HOST", "")
+EMAIL_PORT = envint("PANEL_EMAIL_PORT", 25)
+EMAIL_HOST_USER = env("PANEL_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = env("PANEL_EMAIL_PASSWORD", "")
+EMAIL_USE_TLS = envbool("PANEL_EMAIL_STARTTLS", False)
+EMAIL_USE_SSL = envbool("PANEL_EMAIL_TLS", False)
+EMAIL_TIMEOUT = envint("PANEL_EMAIL_TIMEOUT", 10)
+DEFAULT_FROM_EMAIL = env("PANEL_EMAIL_FROM", "nixos-panel@localhost")
+if EMAIL_USE_TLS and EMAIL_USE_SSL:
+    raise ImproperlyConfigured("PANEL_EMAIL_STARTTLS and PANEL_EMAIL_TLS exclude each other: choose one")
+# Prometheus metrics at /metrics, for a scraper sending `Authorization: Bearer <token>`; unset: /metrics is 404.
+METRICS_TOKEN = env("PANEL_METRICS_TOKEN", "") or ""
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},

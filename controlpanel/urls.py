@@ -6,6 +6,7 @@ from django.urls import include, path
 
 from deployments.access import gate
 from deployments.gitops import views as gitops_views
+from deployments.sync.metrics import metrics_view
 
 admin.site.site_header = "NixOS control panel"
 admin.site.site_title = "NixOS control panel"
@@ -26,5 +27,7 @@ urlpatterns = [
     path("hooks/<str:provider>/", gitops_views.webhook, name="webhook"),
     path("api/v1/", include("deployments.restapi.api_urls")),
     path("tokens/", include("deployments.restapi.urls")),
+    path("metrics", metrics_view, name="metrics"),
+    path("", include("deployments.sync.urls")),
     path("", include("deployments.urls")),
 ]

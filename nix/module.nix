@@ -115,10 +115,12 @@ let
     // lib.mapAttrs (_: credential: "%d/${credential}") credentialFiles;
 
   # git (repository mirrors) and ssh (git over SSH) are run by the web process (it resolves
-  # revisions when a deploy is requested) and by the worker.
+  # revisions when a deploy is requested) and by the worker; nix evaluates the expected systems
+  # of the sync status (deployments/sync/evaluate.py).
   path = [
     pkgs.git
     pkgs.openssh
+    pkgs.nix
   ];
 
   useStateDirectory = lib.hasPrefix "/var/lib/" cfg.dataDir;

@@ -66,6 +66,7 @@ let
       djangorestframework
       drf-spectacular
       drf-spectacular-sidecar
+      prometheus-client
     ]
   );
   bins = [

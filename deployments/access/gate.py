@@ -85,13 +85,20 @@ def _grants(user) -> _Grants:
     cached = getattr(user, _CACHE_ATTR, None)
     if cached is not None:
         return cached
-    grants = _Grants()
-    for role, scope, node_id, tag in (
+    grants = _fold(
         Grant.objects.filter(team__members=user.pk)
         .order_by()  # no ordering: it would join the team and node tables into the DISTINCT
         .values_list("role", "scope", "node_id", "tag")
         .distinct()
-    ):
+    )
+    setattr(user, _CACHE_ATTR, grants)
+    return grants
+
+
+def _fold(rows) -> _Grants:
+    """(role, scope, node id, tag) rows folded into the highest rank per scope."""
+    grants = _Grants()
+    for role, scope, node_id, tag in rows:
         rank = ROLE_RANK[role]
         if role == Grant.Role.AUDITOR:
             grants.auditor = True
@@ -103,7 +110,6 @@ def _grants(user) -> _Grants:
             grants.prefixes[tag[:-1]] = max(grants.prefixes.get(tag[:-1], 0), rank)
         else:
             grants.tags[tag] = max(grants.tags.get(tag, 0), rank)
-    setattr(user, _CACHE_ATTR, grants)
     return grants
 
 
@@ -541,3 +547,45 @@ def require_check_change(user, *, node: Node | None = None, tag=None, command: b
     require_global(user, MANAGE_INVENTORY, event=event, actor_kind=actor_kind)
     if command and tag is not None:
         require_every(user, ADMIN, tag.nodes.all(), event=event, actor_kind=actor_kind, object_type="tag")
+
+
+# --- a team's own view (notifications: deployments/sync/notify.py) -------------------------
+
+
+def team_can_view(team, node: Node | None) -> bool:
+    """True if ``team``'s own grants let it view ``node`` (not its members' other teams: a team hears only
+    about what the team itself sees).  An event about no node: only a team that views every node."""
+    grants = _fold(Grant.objects.filter(team=team).values_list("role", "scope", "node_id", "tag"))
+    rank = _rank(VIEW)
+    if grants.all_rank >= rank:
+        return True
+    if node is None:
+        return False
+    return grants.nodes.get(node.pk, 0) >= rank or _node_matches_tags(node, grants, rank)
+
+
+def subscription_teams(user) -> QuerySet:
+    """Teams whose notification subscriptions ``user`` may manage: every team with ``MANAGE_TEAMS``, else the
+    teams ``user`` belongs to that hold an admin grant (the team's admins)."""
+    from .models import Team
+
+    if may(user, MANAGE_TEAMS):
+        return Team.objects.all()
+    if not _active(user):
+        return Team.objects.none()
+    return Team.objects.filter(members=user.pk, grants__role=Grant.Role.ADMIN).distinct()
+
+
+def require_subscriptions(user, team, *, event: str) -> None:
+    """Refuse with 403 (audited as ``event``, outcome denied) unless ``user`` may manage ``team``'s subscriptions."""
+    if subscription_teams(user).filter(pk=team.pk).exists():
+        return
+    _refuse(
+        user,
+        event,
+        f"You may not manage the notifications of team {team.name}.",
+        actor_kind=None,
+        obj=team,
+        object_type="",
+        required="team admin or " + MANAGE_TEAMS,
+    )

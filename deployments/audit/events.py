@@ -46,6 +46,12 @@ EVENTS: dict[str, str] = {
     "rollout.cancel": "a rollout's cancel was refused",
     "rollout.cancelled": "a rollout was cancelled: running nodes stop, queued ones never start",
     "rollout.finished": "a rollout's last node ended: succeeded, failed or cancelled, with counts",
+    # Sync status and notifications (deployments/sync/)
+    "node.sync_changed": "a node's sync status changed (in sync, behind, drifted, unknown): before/after, reason",
+    "node.drifted": "a node runs a system other than the one the panel last deployed to it: expected vs actual",
+    "notification.sent": "a notification was delivered to a subscription's target (masked)",
+    "notification.failed": "a notification could not be delivered (an attempt, or for good after its retries)",
+    "subscription.changed": "a team's notification subscription was created, changed or deleted (targets masked)",
     # Host keys
     "hostkey.viewed": "the host key page was refused",
     "hostkey.scanned": "the key a node presents was fetched (nothing pinned)",

@@ -28,6 +28,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
+from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.ipv6 import clean_ipv6_address
 
@@ -56,6 +57,11 @@ _APPEND_SQL = (
 _ATTNAMES = tuple(f.attname for f in AuditEvent._meta.concrete_fields)
 # What the caller gives, in the order audit_append() takes it: every hashed field but the two the chain assigns.
 _APPEND_FIELDS = tuple(f for f in HASHED_FIELDS if f not in ("seq", "created_at"))
+# Sent with ``event=`` (the stored AuditEvent) by ``record()``, inside the caller's transaction: receivers
+# that act on the event (notifications) defer to ``transaction.on_commit``, so a rolled-back change is
+# never announced.  record() writes with a plain INSERT (the chain's lock), so ``post_save`` never fires.
+recorded = Signal()
+
 _MAX = {f.name: f.max_length for f in AuditEvent._meta.concrete_fields if getattr(f, "max_length", None)}
 
 
@@ -186,7 +192,7 @@ def record(
         request_id=_text("request_id", ctx.request_id),
     )
     if connection.vendor == "postgresql":
-        return _append_postgresql(fields)
+        return _announce(_append_postgresql(fields))
     seq, prev_hash, last_time, now = _read_head_sqlite()
     fields["seq"] = seq + 1
     # Never before the previous event, even if a clock stepped back.
@@ -196,7 +202,7 @@ def record(
     with connection.cursor() as cur:
         cur.execute(_INSERT_SQL, [f.get_db_prep_save(getattr(event, f.attname), connection) for f in _INSERT_FIELDS])
         event.pk = cur.fetchone()[0]
-    return _saved(event)
+    return _announce(_saved(event))
 
 
 def _append_postgresql(fields: dict) -> AuditEvent:
@@ -215,6 +221,11 @@ def _append_postgresql(fields: dict) -> AuditEvent:
     # Positional: Django's fast path (the caller's COMMIT, and so the chain lock's release, waits for this).
     values = {**fields, "id": pk, "seq": seq, "created_at": created_at, "prev_hash": prev_hash, "hash": hash_}
     return _saved(AuditEvent(*[values[name] for name in _ATTNAMES]))
+
+
+def _announce(event: AuditEvent) -> AuditEvent:
+    recorded.send(sender=AuditEvent, event=event)
+    return event
 
 
 def _saved(event: AuditEvent) -> AuditEvent:

@@ -8,9 +8,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 from dataclasses import dataclass
 
-__all__ = ["CURRENT_SYSTEM", "SYSTEM_PROFILE", "SystemState", "parse_state", "state_script"]
+from .connection import Connection, RemoteError, Target
+from .stream import run_command
+
+__all__ = ["CURRENT_SYSTEM", "SYSTEM_PROFILE", "SystemState", "parse_state", "read_state", "state_script"]
 
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
 CURRENT_SYSTEM = "/run/current-system"
@@ -52,3 +56,28 @@ def parse_state(lines: list[str]) -> SystemState:
         profile_path=profile_path,
         current_system=current,
     )
+
+
+def read_state(target: Target, *, timeout: float) -> SystemState:
+    """Connect (pinned host key only), read the node's state, disconnect; all within about ``timeout`` s.
+
+    Raises RemoteError: whatever connecting raises, ``disconnected`` when the read does not finish in time,
+    ``protocol`` when the snippet fails.  Needs no root: the links are world-readable.
+    """
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+
+    def collect(stream: str, line: bytes) -> None:
+        if stream == "out":
+            lines.append(line.decode(errors="replace"))
+
+    def in_time() -> None:
+        if time.monotonic() > deadline:
+            raise RemoteError("disconnected", f"{target.address} did not answer within {timeout:g} s")
+
+    with Connection(target) as conn:
+        in_time()
+        code = run_command(conn, state_script(), collect, on_tick=in_time, poll=0.1)
+    if code != 0:
+        raise RemoteError("protocol", f"reading the system of {target.address} failed (exit {code})")
+    return parse_state(lines)

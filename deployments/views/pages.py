@@ -8,10 +8,11 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import BadRequest, ValidationError
 from django.core.paginator import Paginator
-from django.db.models import OuterRef, Subquery
+from django.db.models import OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpResponseBadRequest, StreamingHttpResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from .. import generations, inventory, lifecycle, logstream
@@ -20,6 +21,7 @@ from ..access.gate import ADMIN, DEPLOY, VIEW
 from ..errors import AwaitingApproval, RequestError
 from ..forms import DeployForm, NodeForm, PinHostKeyForm, RollbackForm
 from ..models import RUNNING_SYSTEM_ACTIONS, Credential, Deployment, Node, Repository
+from ..sync.models import NodeSync
 from ..validators import validate_node_name, validate_search_text, validate_tag
 
 
@@ -58,6 +60,11 @@ def _validate_outcome(value: str) -> None:
         raise ValidationError(f"use one of {', '.join([*Deployment.Status.values, NEVER])}")
 
 
+def _validate_sync(value: str) -> None:
+    if value not in NodeSync.Status.values:
+        raise ValidationError(f"use one of {', '.join(NodeSync.Status.values)}")
+
+
 def _filters(request, **validators) -> dict[str, str]:
     """The GET fields ``validators`` names, each checked (free text first, then its own rule).
 
@@ -82,7 +89,7 @@ def _filters(request, **validators) -> dict[str, str]:
 @require_GET
 def dashboard(request):
     nodes = gate.visible_nodes(request.user)
-    filters = _filters(request, tag=validate_tag, q=None, outcome=_validate_outcome)
+    filters = _filters(request, tag=validate_tag, q=None, outcome=_validate_outcome, sync=_validate_sync)
     tag = filters["tag"]
     if tag:
         nodes = nodes.filter(tags__name=tag)
@@ -94,11 +101,16 @@ def dashboard(request):
         last = Deployment.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-id").values("status")[:1]
         nodes = nodes.annotate(last_status=Subquery(last))
         nodes = nodes.filter(last_status__isnull=True) if outcome == NEVER else nodes.filter(last_status=outcome)
+    sync = filters["sync"]
+    if sync:
+        # A node never checked counts as unknown (nodesync_status index; the join is on the primary key).
+        unchecked = Q(sync__isnull=True) if sync == NodeSync.Status.UNKNOWN else Q(pk__in=[])
+        nodes = nodes.filter(Q(sync__status=sync) | unchecked)
     page = Paginator(nodes.order_by("name"), 100).get_page(request.GET.get("page"))
     # The fleet's columns for this page's nodes only: PostgreSQL would otherwise compute every subquery
     # for each row an OFFSET skips (a deep page of 10,000 nodes took 0.5 s).  Still one query.
     shown = gate.annotate_permissions(Node.objects.filter(pk__in=page.object_list.values("pk")), request.user)
-    page.object_list = _fleet(shown.prefetch_related("tags").select_related("repository")).order_by("name")
+    page.object_list = _fleet(shown.prefetch_related("tags").select_related("repository", "sync")).order_by("name")
     active = gate.visible_deployments(request.user).filter(status__in=Deployment.ACTIVE).count()
     return render(
         request,
@@ -110,6 +122,8 @@ def dashboard(request):
             "q": query,
             "outcome": outcome,
             "outcomes": [*Deployment.Status.choices, (NEVER, "Never deployed")],
+            "sync": sync,
+            "sync_statuses": NodeSync.Status.choices,
             "active_count": active,
             "can_roll_out": gate.can(request.user, DEPLOY),
             "can_add_node": gate.may(request.user, gate.MANAGE_INVENTORY),
@@ -137,6 +151,8 @@ def _node_page(request, node: Node, form: DeployForm, *, status: int = 200):
             "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
             "generations": generations.shown(node),  # the last read; reading is a button (views/generations.py)
             "rollback_form": RollbackForm(auto_id="rollback_%s"),
+            "sync": NodeSync.objects.filter(node=node).first(),
+            "sync_refresh_url": reverse("sync:node-refresh", args=[node.name]),
         },
         status=status,
     )

@@ -136,7 +136,6 @@ def _approval(world, target):
 
 
 def _node_check(world, target):
-
     from deployments.healthchecks import HealthCheck
 
     check, _ = HealthCheck.objects.get_or_create(
@@ -153,6 +152,33 @@ def _tag_check(world, target):
         tag=Tag.objects.get(name="web"), name="page", defaults={"kind": "http", "url": "http://{host}/"}
     )
     return {"tag": "web", "pk": check.pk}
+
+
+def _drifted(world, target):
+    """``target`` drifted from its branch head (so a redeploy has something to deploy)."""
+    from deployments import repos
+    from deployments.sync.models import NodeSync
+
+    NodeSync.objects.update_or_create(
+        node=world.nodes[target], defaults={"status": "drifted", "commit_sha": repos.resolve(world.repository)}
+    )
+    return {"name": target}
+
+
+def _subscription(world, target):
+    from deployments.sync.models import Subscription
+
+    sub, _ = Subscription.objects.get_or_create(
+        team=world.ops, name="ops-chat", defaults={"kind": "email", "target_encrypted": "", "events": ["node.drifted"]}
+    )
+    return {"pk": sub.pk}
+
+
+def team_admins(ok: int):
+    """Superusers and members of a team holding an admin grant (its subscriptions); the rest 403."""
+    return lambda persona, lvl: (
+        302 if persona == "anonymous" else ok if persona.startswith(("admin-", "super")) else 403
+    )
 
 
 def deployers(ok: int, *, api: bool = False):
@@ -279,6 +305,15 @@ RULES: dict[str, Rule] = {
     "gitops:approval-detail": Rule("GET", on_node(1, 200), _approval, node_route=True),
     "gitops:approval-approve": Rule("POST", on_node(2, 302), _approval, node_route=True, denial_audited=True),
     "gitops:approval-reject": Rule("POST", on_node(2, 302), _approval, node_route=True, denial_audited=True),
+    # Sync status (the node page's buttons) and notifications; metrics need a token (none here: 404).
+    "metrics": Rule("GET", anyone(404)),
+    "sync:node-refresh": Rule("POST", on_node(2, 302), _node, node_route=True, denial_audited=True),
+    "sync:node-redeploy": Rule("POST", on_node(2, 302), _drifted, node_route=True, denial_audited=True),
+    "sync:subscription-list": Rule("GET", signed_in(200)),
+    "sync:subscription-add": Rule("GET", team_admins(200), denial_audited=True),
+    # ops' subscription: ops holds no admin grant, so only superusers manage it.
+    "sync:subscription-edit": Rule("GET", superuser_only(200), _subscription, denial_audited=True),
+    "sync:subscription-delete": Rule("POST", superuser_only(302), _subscription, denial_audited=True),
     # Teams and grants: superusers only; refused changes are audited.
     "access:team-list": Rule("GET", superuser_only(200)),
     "access:team-add": Rule("GET", superuser_only(200)),

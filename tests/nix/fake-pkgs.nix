@@ -15,6 +15,7 @@ rec {
 
   git = "/usr";
   openssh = "/usr";
+  nix = "/usr";
   systemd = systemdPath;
 
   writeShellScriptBin = name: text: {

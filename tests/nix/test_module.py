@@ -140,7 +140,7 @@ def test_the_default_environment_is_the_embedded_setup():
             "PANEL_WORKERS": "4",
             "PYTHONUNBUFFERED": "1",
         }, name
-        assert unit["path"] == ["/usr", "/usr"], "git and openssh"  # fake-pkgs: both are /usr
+        assert unit["path"] == ["/usr", "/usr", "/usr"], "git, openssh and nix"  # fake-pkgs: all are /usr
 
 
 def test_options_and_settings_reach_the_environment():
@@ -490,7 +490,7 @@ def test_nixos_panel_manage_runs_manage_py_like_the_units_in_a_transient_unit(tm
     credentials = Path(f"/run/credentials/{unit}.service")
     expected = {k: expand_specifiers(v, credentials) for k, v in worker["environment"].items()}
     # ... plus the person behind sudo, whom the audit trail's command-line events name.
-    assert setenv == {**expected, "PATH": "/usr/bin:/usr/bin", "SUDO_USER": "carol"}  # git's, openssh's bin: /usr
+    assert setenv == {**expected, "PATH": "/usr/bin:/usr/bin:/usr/bin", "SUDO_USER": "carol"}  # git, openssh, nix
     assert setenv["SECRET_KEY_FILE"] == f"/run/credentials/{unit}.service/SECRET_KEY"
 
 
