@@ -102,10 +102,24 @@ class Repository(models.Model):
         return validators.redact_url_secrets(self.url)
 
 
+class BuildLocation(models.TextChoices):
+    """Where a node's system is built (``deployments/change.py``); "" on a node: its tags' default."""
+
+    TARGET = "target", "on the node itself"  # nixos-rebuild on the node, as always
+    PANEL = "panel", "on the panel host"  # the panel host's Nix builds, the closure is copied to the node
+    HOST = "host", "on a build host"  # another registered node builds, the closure is copied to the node
+
+
 class Tag(models.Model):
-    """A free label on nodes, used for roles and rollouts."""
+    """A free label on nodes, used for roles and rollouts; may give its nodes a default build location."""
 
     name = models.CharField(max_length=50, unique=True, validators=[validators.validate_tag])
+    build_location = models.CharField(
+        max_length=8, choices=BuildLocation.choices, blank=True, default="", editable=False
+    )
+    build_host = models.ForeignKey(
+        "Node", null=True, blank=True, on_delete=models.PROTECT, related_name="+", editable=False
+    )
 
     class Meta:
         ordering = ["name"]
@@ -137,6 +151,13 @@ class Node(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, editable=False, related_name="+"
     )
     tags = models.ManyToManyField(Tag, blank=True, related_name="nodes")
+    # Where its system is built ("": its tags' default, else on the node); set by ``change.set_build_location``.
+    build_location = models.CharField(
+        max_length=8, choices=BuildLocation.choices, blank=True, default="", editable=False
+    )
+    build_host = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="+", editable=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -222,7 +243,13 @@ class Rollout(models.Model):
 
 
 class Deployment(models.Model):
-    """One run of ``nixos-rebuild <action>`` on one node, pinned to one commit."""
+    """One run on one node, pinned to one commit: ``nixos-rebuild <action>`` (kind "rebuild"), a build and
+    closure diff without activation ("diff"), or the switch to a diff's built system ("activate")."""
+
+    class Kind(models.TextChoices):
+        REBUILD = "rebuild", "Rebuild"  # build the commit (where the node builds) and run the action
+        DIFF = "diff", "Difference"  # build, bring the system to the node, compare with what it runs; no switch
+        ACTIVATE = "activate", "Activate"  # switch to a confirmed diff's built system (no second evaluation)
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"  # written by the request, waiting for a worker
@@ -245,6 +272,7 @@ class Deployment(models.Model):
         API = "api", "API"
 
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="deployments")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.REBUILD, db_index=True)
     action = models.CharField(max_length=16, choices=Action.choices)
     requested_revision = models.CharField(max_length=200, blank=True)
     commit_sha = models.CharField(max_length=40)
@@ -284,6 +312,14 @@ class Deployment(models.Model):
     remote_dir = models.CharField(max_length=300, blank=True, editable=False)
     # When ``lifecycle.reconcile_deployment`` recorded what the node says about this interrupted deployment.
     reconciled_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Where the system was built: "target", "panel" or "host:<node>" ("" before the run says).
+    built_on = models.CharField(max_length=80, blank=True, editable=False)
+    # A diff's outcome (``remote.closure.parse_diff``): packages added, removed, changed; sizes; reboot hint.
+    diff = models.JSONField(null=True, blank=True, editable=False)
+    # An activation's diff: the one deployment whose built system it switches to (confirmed once).
+    diff_of = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="activation", editable=False
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -349,7 +385,43 @@ class Deployment(models.Model):
             "log_sha256": self.log_sha256,
             "log_gaps": self.log_gaps,
             "cancel_requested": self.cancel_requested,
+            "kind": self.kind,
+            "built_on": self.built_on,
+            "diff": self.diff,
         }
+
+
+class BuiltSystem(models.Model):
+    """A system built off its target, once per (build location, commit, attribute): a rollout's nodes that
+    need the same system wait for the one build and copy its result (``deployments/change.py``).
+
+    ``location`` is "panel" or "host:<node id>"; the first deployment to insert the row builds
+    (``building``), the others wait for ``built`` or ``failed``; a row whose builder ended without
+    saying is taken over by a conditional UPDATE.
+    """
+
+    class Status(models.TextChoices):
+        BUILDING = "building", "Building"  # a deployment is building it
+        BUILT = "built", "Built"  # toplevel holds it on the build location, under a GC root
+        FAILED = "failed", "Failed"  # the build failed: the waiting nodes fail too (no retry storm)
+
+    location = models.CharField(max_length=40)
+    commit_sha = models.CharField(max_length=40)
+    flake_attr = models.CharField(max_length=100)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.BUILDING)
+    toplevel = models.CharField(max_length=300, blank=True)
+    error_message = models.TextField(blank=True)
+    built_by = models.ForeignKey(Deployment, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["location", "commit_sha", "flake_attr"], name="built_system_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.flake_attr}@{self.commit_sha[:10]} on {self.location}: {self.status}"
 
 
 class LogChunk(models.Model):

@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import logstream, repos
+from . import change, logstream, repos
 from .audit.writer import record
 from .errors import RequestError
 from .lifecycle import claim, finish, reconcile_deployment
@@ -185,6 +185,8 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
         reconcile_earlier(deployment, writer.write)
         archive = repos.archive(node.repository, deployment.commit_sha)
         fields["archive_sha256"] = archive.sha256
+        if runner is run_rebuild:
+            runner = change.runner_for(deployment, run_rebuild)  # off-target builds, diffs, activations
         extra = {}
         if _accepts(runner, "on_workdir"):
             extra["on_workdir"] = lambda folder: setattr(beat, "remote_dir", folder)

@@ -27,6 +27,8 @@ EVENTS: dict[str, str] = {
     "deployment.reconciled": "the node was asked what became of an interrupted deployment: its outcome, "
     "generation and current system recorded (before/after), or that the run is still going",
     "deployment.skipped": "a rollout's node was not deployed: it was busy with another deployment",
+    "deployment.diffed": "a diff deployment compared its built system with what the node runs (the difference)",
+    "build_location.changed": "where a node (or a tag's nodes) builds its system was changed, or refused",
     # Rollouts (deployments/rollouts.py): one revision to many nodes
     "rollout.requested": "a rollout was requested (or refused whole: outcome denied)",
     "rollout.canary_passed": "every canary node of a rollout succeeded: the rest may start",
