@@ -35,6 +35,7 @@ from .errors import NodeBusy, RequestError
 from .models import Deployment, Node, Rollout
 from .remote import RemoteError, RunReport, resolve_path
 from .remote import reconcile_run as remote_reconcile_run
+from .remote.build import ACTIVATE_ACTIONS
 from .validators import validate_revision
 
 Status = Deployment.Status
@@ -102,6 +103,8 @@ def request_deployment(
         raise RequestError(f"Unknown action {action!r}: use one of {', '.join(Deployment.Action.values)}.")
     if kind not in Deployment.Kind.values or (kind == Deployment.Kind.ACTIVATE) != (diff_of is not None):
         raise RequestError(f"Unknown kind of deployment {kind!r}.")
+    if kind == Deployment.Kind.DIFF and action not in ACTIVATE_ACTIONS:
+        raise RequestError(f"The difference is shown before {', '.join(ACTIVATE_ACTIONS)}, not before {action}.")
     if revision:
         try:
             validate_revision(revision)

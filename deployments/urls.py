@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, inventory, pages, reconcile, rollouts
+from .views import api, change, inventory, pages, reconcile, rollouts
 
 app_name = "deployments"
 
@@ -13,10 +13,12 @@ urlpatterns = [
     path("nodes/<str:name>/edit/", pages.node_edit, name="node-edit"),
     path("nodes/<str:name>/deploy/", pages.node_deploy, name="node-deploy"),
     path("nodes/<str:name>/hostkey/", pages.node_hostkey, name="node-hostkey"),
+    path("nodes/<str:name>/build-location/", change.node_build_location, name="node-build-location"),
     path("deployments/", pages.deployment_list, name="deployment-list"),
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),
     path("deployments/<int:pk>/reconcile/", reconcile.deployment_reconcile, name="deployment-reconcile"),
+    path("deployments/<int:pk>/confirm/", change.deployment_confirm, name="deployment-confirm"),
     path("deployments/<int:pk>/log.txt", pages.deployment_log, name="deployment-log"),
     path("rollouts/", rollouts.rollout_list, name="rollout-list"),
     path("rollouts/new/", rollouts.rollout_new, name="rollout-add"),
@@ -49,6 +51,7 @@ urlpatterns = [
     path("api/deployments/<int:pk>/", api.api_deployment, name="api-deployment"),
     path("api/deployments/<int:pk>/log/", api.api_deployment_log, name="api-deployment-log"),
     path("api/deployments/<int:pk>/cancel/", api.api_cancel, name="api-cancel"),
+    path("api/deployments/<int:pk>/confirm/", change.api_confirm, name="api-confirm"),
     path("api/rollouts/", rollouts.api_rollouts, name="api-rollouts"),
     path("api/rollouts/<int:pk>/", rollouts.api_rollout, name="api-rollout"),
     path("api/rollouts/<int:pk>/cancel/", rollouts.api_rollout_cancel, name="api-rollout-cancel"),

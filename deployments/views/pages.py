@@ -21,6 +21,7 @@ from ..errors import RequestError
 from ..forms import DeployForm, NodeForm, PinHostKeyForm
 from ..models import RUNNING_SYSTEM_ACTIONS, Credential, Deployment, Node, Repository
 from ..validators import validate_node_name, validate_search_text, validate_tag
+from . import change as change_views
 
 
 def _fleet(nodes):
@@ -135,6 +136,7 @@ def _node_page(request, node: Node, form: DeployForm, *, status: int = 200):
             "can_deploy": gate.can(request.user, DEPLOY, node),
             "can_admin": gate.can(request.user, ADMIN, node),
             "active": node.deployments.filter(status__in=Deployment.ACTIVE).first(),
+            **change_views.node_context(request.user, node),
         },
         status=status,
     )
@@ -151,7 +153,11 @@ def node_deploy(request, name):
         return _node_page(request, node, form, status=400)
     try:
         deployment = lifecycle.request_deployment(
-            node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"], user=request.user
+            node,
+            action=form.cleaned_data["action"],
+            revision=form.cleaned_data["revision"],
+            user=request.user,
+            kind=Deployment.Kind.DIFF if form.cleaned_data["diff"] else Deployment.Kind.REBUILD,
         )
     except RequestError as exc:
         messages.error(request, str(exc))
@@ -269,6 +275,7 @@ def deployment_detail(request, pk):
             "can_deploy": gate.can(request.user, DEPLOY, deployment.node),
             "status_json": deployment.status_payload(),
             "terminal_statuses": [str(s) for s in Deployment.TERMINAL],
+            **change_views.deployment_context(request.user, deployment),
         },
     )
 
