@@ -71,6 +71,7 @@ def test_the_pages_run_under_the_content_security_policy(panel, page):
     """The log page's script, its WebSocket and its fetches work under the policy; other pages load clean."""
     response = page.goto(panel.url + "/nodes/devm/")
     assert "script-src 'self'" in response.headers["content-security-policy"]
+    page.uncheck("#id_diff")  # a plain deploy: no difference shown first
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
@@ -85,6 +86,7 @@ def test_the_pages_run_under_the_content_security_policy(panel, page):
 def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
     page.goto(panel.url + "/nodes/chatty/")
     page.select_option("select[name=action]", "switch")
+    page.uncheck("#id_diff")  # a plain deploy: no difference shown first
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     # Lines arrive while the deployment runs, before it is complete.
@@ -100,6 +102,7 @@ def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
 
 def test_a_failing_deploy_shows_failed_with_its_exit_code_and_stderr(panel, page):
     page.goto(panel.url + "/nodes/failing/")
+    page.uncheck("#id_diff")  # a plain deploy: no difference shown first
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)

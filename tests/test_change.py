@@ -1,0 +1,307 @@
+"""Safe change without SSH: where nodes build (who may choose what), the diff's parsing, the deploy form's
+"show the difference first", confirming a diff (pages, API, command) from the side of each persona.
+
+Over SSH, on the testbed: tests/integration/test_change_over_ssh.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.exceptions import PermissionDenied
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import Client
+from django.utils import timezone
+
+from deployments import change, lifecycle
+from deployments.audit.models import AuditEvent
+from deployments.errors import RequestError
+from deployments.models import BuildLocation, Deployment, Tag
+from deployments.remote.closure import parse_diff
+from tests.support import personas
+from tests.support.world import IN_SCOPE, OUT_OF_SCOPE
+
+pytestmark = pytest.mark.django_db
+
+OLD = "/nix/store/" + "a" * 32 + "-nixos-system-web-24.05"
+NEW = "/nix/store/" + "b" * 32 + "-nixos-system-web-24.11"
+# What _diff_script prints, with `nix store diff-closures` as Nix 2.8 prints it (colours included).
+DIFF_OUTPUT = f"""state system-41-link
+state {OLD}
+state {OLD}
+old-kernel /nix/store/{"c" * 32}-linux-6.6.30/bzImage
+new-kernel /nix/store/{"d" * 32}-linux-6.6.31/bzImage
+old-initrd /nix/store/{"e" * 32}-initrd/initrd
+new-initrd /nix/store/{"e" * 32}-initrd/initrd
+old-systemd /nix/store/{"f" * 32}-systemd-255.4
+new-systemd /nix/store/{"f" * 32}-systemd-255.4
+old-size 1000000
+new-size 1250000
+__NIXOS_PANEL_DIFF__
+curl: ∅ → 8.5.0, \x1b[31;1m+512.0 KiB\x1b[0m
+hello: 2.12.1 → 2.13
+linux: 6.6.30 → 6.6.31, +1.5 KiB
+nginx: 1.24.0 → ∅, \x1b[32;1m-300.0 KiB\x1b[0m
+python3: 3.11.8, 3.12.2 → 3.12.2
+system-path: +64.4 KiB
+zlib: ε → 1.3
+"""
+
+
+def test_a_diff_is_parsed_into_added_removed_and_changed_packages_sizes_and_a_reboot_hint():
+    diff = parse_diff(DIFF_OUTPUT, NEW)
+    assert diff["from"] == OLD and diff["to"] == NEW and diff["generation"] == 41
+    p = diff["packages"]
+    assert p["added"] == [{"name": "curl", "versions": ["8.5.0"], "size_delta": 512 * 1024}]
+    assert p["removed"] == [{"name": "nginx", "versions": ["1.24.0"], "size_delta": -300 * 1024}]
+    changed = {e["name"]: e for e in p["changed"]}
+    assert changed["hello"] == {"name": "hello", "from": ["2.12.1"], "to": ["2.13"], "size_delta": None}
+    assert changed["python3"]["from"] == ["3.11.8", "3.12.2"] and changed["python3"]["to"] == ["3.12.2"]
+    assert changed["system-path"] == {"name": "system-path", "from": [], "to": [], "size_delta": round(64.4 * 1024)}
+    assert changed["zlib"]["from"] == [""] and changed["zlib"]["to"] == ["1.3"]
+    assert diff["size"] == {"before": 1000000, "after": 1250000, "delta": 250000}
+    assert diff["reboot"] == ["kernel"]  # the initrd and systemd are the same paths
+    lines = change.describe_diff(diff)
+    assert lines[0] == "1 added, 1 removed, 5 changed" and "reboot advised: kernel changed" in lines
+
+
+def test_an_answer_without_the_difference_is_an_error():
+    from deployments.remote import RemoteError
+
+    with pytest.raises(RemoteError, match="no closure difference"):
+        parse_diff("state \nstate \nstate \n", NEW)
+
+
+def person(world, name):
+    return world.persona(name)
+
+
+def client_for(user) -> Client:
+    c = Client()
+    c.force_login(user)
+    return c
+
+
+# -- where a node builds -------------------------------------------------------------------------
+
+
+def test_a_node_builds_where_it_says_else_where_its_first_tag_says_else_on_itself(world):
+    web, db = world.nodes[IN_SCOPE], world.nodes[OUT_OF_SCOPE]
+    assert change.effective_location(web).kind == BuildLocation.TARGET
+    tag = Tag.objects.get(name="web")
+    change.set_build_location(tag, BuildLocation.HOST, db)
+    where = change.effective_location(web)
+    assert (where.kind, where.host, where.source) == ("host", db, "tag web")
+    change.set_build_location(web, BuildLocation.PANEL)
+    assert change.effective_location(web).kind == "panel"  # the node beats its tag
+    change.set_build_location(web, "")
+    assert change.effective_location(web).source == "tag web"
+
+
+def test_a_node_admin_may_build_on_a_node_they_may_deploy_and_it_is_audited(world):
+    admin = personas.role_persona("admin-node", node=world.nodes[IN_SCOPE], tag="web")
+    db = world.nodes[OUT_OF_SCOPE]
+    personas.grant(admin, "deployer", node=db)
+    change.set_build_location(world.nodes[IN_SCOPE], BuildLocation.HOST, db, user=admin)
+    event = AuditEvent.objects.filter(action="build_location.changed").latest("seq")
+    assert event.outcome == "success" and event.actor_name == "admin-node"
+    assert event.details == {
+        "before": {"location": "", "build_host": None},
+        "after": {"location": "host", "build_host": OUT_OF_SCOPE},
+    }
+
+
+def test_a_node_admin_may_not_build_on_a_node_they_may_not_deploy(world):
+    """Building there would hand that machine the node's source and run the build as its login user."""
+    admin = personas.role_persona("admin-node", node=world.nodes[IN_SCOPE], tag="web")
+    web, db = world.nodes[IN_SCOPE], world.nodes[OUT_OF_SCOPE]
+    personas.grant(admin, "viewer", node=db)  # seeing it is not enough
+    with pytest.raises(PermissionDenied, match="deploy permission"):
+        change.set_build_location(web, BuildLocation.HOST, db, user=admin)
+    web.refresh_from_db()
+    assert web.build_location == "" and web.build_host is None
+    refused = AuditEvent.objects.get(action="build_location.changed", outcome="denied")
+    assert refused.actor_name == "admin-node" and refused.details["required"] == "deploy"
+
+
+def test_a_forged_build_host_in_the_node_page_is_refused_and_audited(world):
+    admin = personas.role_persona("admin-node", node=world.nodes[IN_SCOPE], tag="web")
+    db = world.nodes[OUT_OF_SCOPE]
+    response = client_for(admin).post(
+        f"/nodes/{IN_SCOPE}/build-location/", {"location": "host", "build_host": str(db.pk)}
+    )
+    assert response.status_code == 403
+    assert AuditEvent.objects.filter(action="build_location.changed", outcome="denied").count() == 1
+    # The page offers only nodes the admin may deploy: not db-1.
+    page = client_for(admin).get(f"/nodes/{IN_SCOPE}/").content.decode()
+    assert 'id="build-location-form"' in page and f'value="{db.pk}"' not in page
+
+
+def test_the_node_page_sets_a_build_location_for_its_admin(world, alice):
+    db = world.nodes[OUT_OF_SCOPE]
+    response = client_for(alice).post(
+        f"/nodes/{IN_SCOPE}/build-location/", {"location": "host", "build_host": str(db.pk)}, follow=True
+    )
+    assert f"builds on build host {OUT_OF_SCOPE}" in response.content.decode()
+    assert world.nodes[IN_SCOPE].__class__.objects.get(name=IN_SCOPE).build_host == db
+
+
+def test_a_deployer_sees_the_build_location_but_no_form(world):
+    deployer = personas.role_persona("deployer-node", node=world.nodes[IN_SCOPE], tag="web")
+    page = client_for(deployer).get(f"/nodes/{IN_SCOPE}/").content.decode()
+    assert 'id="build-location"' in page and "build-location-form" not in page
+    response = client_for(deployer).post(f"/nodes/{IN_SCOPE}/build-location/", {"location": "panel"})
+    assert response.status_code == 403
+
+
+def test_tag_defaults_need_the_inventory_capability(world):
+    admin_all = personas.role_persona("admin-all", node=world.nodes[IN_SCOPE], tag="web")
+    with pytest.raises(PermissionDenied):
+        change.set_build_location(Tag.objects.get(name="web"), BuildLocation.PANEL, user=admin_all)
+    assert Tag.objects.get(name="web").build_location == ""
+
+
+def test_bad_build_locations_are_refused_with_a_reason(world):
+    web, db = world.nodes[IN_SCOPE], world.nodes[OUT_OF_SCOPE]
+    with pytest.raises(RequestError, match="needs the build host"):
+        change.set_build_location(web, BuildLocation.HOST)
+    with pytest.raises(RequestError, match="its own build host"):
+        change.set_build_location(web, BuildLocation.HOST, web)
+    with pytest.raises(RequestError, match="only used with"):
+        change.set_build_location(web, BuildLocation.PANEL, db)
+    with pytest.raises(RequestError, match="Unknown build location"):
+        change.set_build_location(web, "elsewhere")
+    db.host_key = ""
+    db.save()
+    with pytest.raises(RequestError, match="no pinned host key"):
+        change.set_build_location(web, BuildLocation.HOST, db)
+
+
+def test_the_buildlocation_command_sets_and_says_where_a_node_builds(world, capsys):
+    call_command("buildlocation", "--node", IN_SCOPE, "host", "--build-host", OUT_OF_SCOPE)
+    call_command("buildlocation", "--node", IN_SCOPE)
+    assert f"builds on build host {OUT_OF_SCOPE} (node)" in capsys.readouterr().out
+    call_command("buildlocation", "--tag", "web", "panel")
+    assert Tag.objects.get(name="web").build_location == "panel"
+    with pytest.raises(CommandError) as refused:
+        call_command("buildlocation", "--node", IN_SCOPE, "host", "--build-host", OUT_OF_SCOPE, "--as", "bob")
+    assert refused.value.returncode == 2
+
+
+# -- the difference first, and its confirmation ----------------------------------------------------
+
+
+def test_the_deploy_form_shows_the_difference_first_by_default(world, alice):
+    page = client_for(alice).get(f"/nodes/{IN_SCOPE}/").content.decode()
+    assert (
+        'name="diff"' in page
+        and "checked" in page.split('name="diff"')[1].split(">")[0] + page.split('name="diff"')[0].rsplit("<", 1)[1]
+    )
+    client_for(alice).post(f"/nodes/{IN_SCOPE}/deploy/", {"action": "switch", "diff": "on"})
+    assert Deployment.objects.filter(node__name=IN_SCOPE, kind="diff", action="switch").count() == 1
+
+
+def test_a_difference_is_shown_only_before_an_activation(world, alice):
+    with pytest.raises(RequestError, match="not before build"):
+        lifecycle.request_deployment(world.nodes[IN_SCOPE], action="build", user=alice, kind="diff")
+
+
+def finished_diff(world, **fields) -> Deployment:
+    values = dict(
+        node=world.nodes[IN_SCOPE],
+        kind=Deployment.Kind.DIFF,
+        action="switch",
+        commit_sha=world.finished[IN_SCOPE].commit_sha,
+        flake_attr=IN_SCOPE,
+        status=Deployment.Status.SUCCEEDED,
+        toplevel=NEW,
+        diff=parse_diff(DIFF_OUTPUT, NEW),
+        finished_at=timezone.now(),
+    )
+    values.update(fields)
+    return Deployment.objects.create(**values)
+
+
+@pytest.fixture
+def resolvable(monkeypatch):
+    """The world's commit is not in its repository: resolving a revision gives it back as it is."""
+    from deployments import repos
+
+    monkeypatch.setattr(repos, "resolve", lambda repository, revision: revision or "0" * 40)
+
+
+def test_the_diff_page_shows_the_difference_and_a_deployer_confirms_it(world, resolvable):
+    diff = finished_diff(world)
+    deployer = personas.role_persona("deployer-node", node=world.nodes[IN_SCOPE], tag="web")
+    page = client_for(deployer).get(f"/deployments/{diff.pk}/").content.decode()
+    assert "~ hello 2.12.1 → 2.13" in page and "Reboot advised: kernel changed" in page
+    assert 'id="confirm-button"' in page
+    response = client_for(deployer).post(f"/deployments/{diff.pk}/confirm/")
+    activation = Deployment.objects.get(diff_of=diff)
+    assert response.status_code == 302 and response["Location"] == f"/deployments/{activation.pk}/"
+    assert activation.kind == "activate" and activation.action == "switch" and activation.commit_sha == diff.commit_sha
+    requested = AuditEvent.objects.filter(action="deployment.requested").latest("seq")
+    assert requested.details["kind"] == "activate" and requested.details["diff_of"] == diff.pk
+    # Twice: refused, and the page says so.
+    again = client_for(deployer).post(f"/deployments/{diff.pk}/confirm/", follow=True)
+    assert "confirmed already" in again.content.decode()
+    assert Deployment.objects.filter(diff_of=diff).count() == 1
+
+
+def test_a_viewer_may_not_confirm_a_diff(world):
+    diff = finished_diff(world)
+    viewer = personas.role_persona("viewer-node", node=world.nodes[IN_SCOPE], tag="web")
+    assert 'id="confirm-button"' not in client_for(viewer).get(f"/deployments/{diff.pk}/").content.decode()
+    assert client_for(viewer).post(f"/deployments/{diff.pk}/confirm/").status_code == 403
+    assert client_for(viewer).post(f"/api/deployments/{diff.pk}/confirm/").status_code == 403
+    assert not Deployment.objects.filter(diff_of=diff).exists()
+    assert AuditEvent.objects.filter(action="deployment.requested", outcome="denied").count() == 2
+
+
+def test_a_failed_or_expired_diff_cannot_be_confirmed(world, alice, resolvable):
+    failed = finished_diff(world, status=Deployment.Status.FAILED, toplevel="")
+    with pytest.raises(RequestError, match="did not build a system"):
+        change.confirm_diff(failed, user=alice)
+    old = finished_diff(world, finished_at=timezone.now() - change.DIFF_KEEP * 2)
+    with pytest.raises(RequestError, match="older than 24 hours"):
+        change.confirm_diff(old, user=alice)
+    with pytest.raises(RequestError, match="not a difference"):
+        change.confirm_diff(world.finished[IN_SCOPE], user=alice)
+
+
+def test_the_api_asks_for_a_diff_and_confirms_it_once(world, alice, resolvable):
+    c = client_for(alice)
+    response = c.post(
+        f"/api/nodes/{IN_SCOPE}/deploy/",
+        json.dumps({"action": "switch", "diff": True}),
+        content_type="application/json",
+    )
+    assert response.status_code == 201 and response.json()["deployment"]["kind"] == "diff"
+    assert (
+        c.post(
+            f"/api/nodes/{IN_SCOPE}/deploy/", json.dumps({"diff": "yes"}), content_type="application/json"
+        ).status_code
+        == 400
+    )
+    Deployment.objects.filter(kind="diff").update(status=Deployment.Status.CANCELLED)
+    diff = finished_diff(world)
+    first = c.post(f"/api/deployments/{diff.pk}/confirm/", "{}", content_type="application/json")
+    assert first.status_code == 201 and first.json()["deployment"]["kind"] == "activate"
+    second = c.post(f"/api/deployments/{diff.pk}/confirm/", "{}", content_type="application/json")
+    assert second.status_code == 409 and "confirmed already" in second.json()["error"]
+
+
+def test_the_deploy_command_asks_for_a_diff_and_confirms_it(world, resolvable, capsys):
+    call_command("deploy", IN_SCOPE, "--diff")  # queued, not followed: exit 0
+    assert Deployment.objects.filter(kind="diff", trigger="cli").count() == 1
+    Deployment.objects.filter(kind="diff").update(status=Deployment.Status.CANCELLED)
+    diff = finished_diff(world)
+    call_command("deploy", "--confirm", str(diff.pk))
+    assert Deployment.objects.get(diff_of=diff).trigger == "cli"
+    with pytest.raises(SystemExit) as again:
+        call_command("deploy", "--confirm", str(diff.pk))
+    assert again.value.code == 2 and "confirmed already" in capsys.readouterr().err
+    with pytest.raises(CommandError, match="for one NODE"):
+        call_command("deploy", "--tag", "web", "--diff")
