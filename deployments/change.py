@@ -30,13 +30,13 @@ from .audit.writer import record
 from .errors import RequestError
 from .models import BuildLocation, BuiltSystem, Deployment, Node, Tag
 from .remote import Cancelled, RebuildResult, RemoteError, SystemState, Target
-from .remote.build import build_local, root_path, run_activate, run_build
+from .remote.build import STALE_ROOT_MINUTES, build_local, root_path, run_activate, run_build
 from .remote.closure import LocalStore, RemoteStore, copy_closure, diff_closure, still_there
 from .remote.connection import Connection
 
 Kind = Deployment.Kind
 # How long a diff's built system waits on the node for its confirmation (its GC root goes after that).
-DIFF_KEEP = timedelta(hours=24)
+DIFF_KEEP = timedelta(minutes=STALE_ROOT_MINUTES)
 # How often a node waiting for another deployment's build looks at it.
 BUILD_WAIT_POLL = 0.2
 # At most this many entries of each list of a diff go into its audit event (the deployment keeps all).
@@ -309,7 +309,7 @@ class ChangeRun:
     def _diff(self, conn: Connection, toplevel: str, on_output) -> RebuildResult:
         d = self.deployment
         _note(on_output, f"comparing {toplevel} with what {conn.target.address} runs")
-        diff = diff_closure(conn, toplevel, expire_minutes=int(DIFF_KEEP.total_seconds() // 60))
+        diff = diff_closure(conn, toplevel)
         for line in describe_diff(diff):
             _note(on_output, line)
         record_diff(d.pk, diff)

@@ -25,6 +25,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 from .connection import Cancelled, Target
@@ -55,6 +56,18 @@ _ROOT_NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,150}\Z")
 ACTIVATE_ACTIONS = ("switch", "boot", "test", "dry-activate")
 # The activation command's exit code when the system is not (any more) in the node's store.
 MISSING_EXIT = 66
+# A GC root of the panel older than this is stale: a build nobody copied, an activation that failed, a diff
+# nobody confirmed. Builds and activations remove the stale roots of their kind (so the store may be
+# collected); a diff is refused confirmation after this long (``change.DIFF_KEEP``).
+STALE_ROOT_MINUTES = 24 * 60
+
+
+def sweep_roots(pattern: str) -> str:
+    """Shell that removes the panel's GC roots named ``pattern`` older than ``STALE_ROOT_MINUTES``."""
+    return (
+        f"find {shlex.quote(GCROOTS)} -maxdepth 1 -name {shlex.quote(pattern)} -type l "
+        f"-mmin +{STALE_ROOT_MINUTES} -exec rm -f {{}} + 2>/dev/null"
+    )
 
 
 def check_store_path(path: str) -> str:
@@ -103,7 +116,7 @@ def run_build(
 
     def command(workdir: str, privileged: bool) -> str:
         build = (
-            f"mkdir -p {shlex.quote(GCROOTS)} && exec {NIX} build -L --out-link {shlex.quote(link)} "
+            f"mkdir -p {shlex.quote(GCROOTS)} || exit; {sweep_roots('built-*')}; exec {NIX} build -L --out-link {shlex.quote(link)} "
             f"{shlex.quote(installable(workdir + '/src', attr))}"
         )
         prefix = target.privileged_prefix() if privileged else ""
@@ -132,6 +145,7 @@ def activation_command(toplevel: str, action: str, root: str | None) -> str:
         raise ValueError(f"invalid activation action {action!r}: must be one of {', '.join(ACTIVATE_ACTIONS)}")
     t = shlex.quote(toplevel)
     steps = [
+        f"{{ {sweep_roots('deploy-*')}; }}",
         f"nix-store --check-validity {t} 2>/dev/null || "
         f"{{ echo 'error: {toplevel} is not in the store of this node' >&2; exit {MISSING_EXIT}; }}",
     ]
@@ -179,6 +193,18 @@ def run_activate(
     )
 
 
+def _sweep_local_roots(prefix: str) -> None:
+    """``sweep_roots`` on the panel host."""
+    limit = time.time() - STALE_ROOT_MINUTES * 60
+    for name in os.listdir(GCROOTS):
+        path = os.path.join(GCROOTS, name)
+        try:
+            if name.startswith(prefix) and os.path.islink(path) and os.lstat(path).st_mtime < limit:
+                os.unlink(path)
+        except OSError:
+            continue  # removed by another build meanwhile
+
+
 def build_local(
     archive: bytes,
     attr: str,
@@ -201,6 +227,7 @@ def build_local(
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
             tar.extractall(src, filter="data")
         os.makedirs(GCROOTS, exist_ok=True)
+        _sweep_local_roots("built-")
         argv = [*shlex.split(NIX), "build", "-L", "--out-link", link, installable(src, attr)]
         on_output("sys", f"running on the panel host: {shlex.join(argv)}".encode())
         proc = subprocess.Popen(

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .build import GCROOTS, NIX, check_store_path, root_path
+from .build import GCROOTS, NIX, check_store_path, root_path, sweep_roots
 from .connection import Cancelled, Connection, RemoteError
 from .stream import run_command, stderr_tail
 from .system import CURRENT_SYSTEM, parse_state, state_script
@@ -272,15 +272,14 @@ def still_there(conn: Connection, toplevel: str) -> bool:
     return code == 0
 
 
-def _diff_script(toplevel: str, expire_minutes: int) -> str:
+def _diff_script(toplevel: str) -> str:
     t = shlex.quote(check_store_path(toplevel))
     c = shlex.quote(CURRENT_SYSTEM)
     links = " ".join(REBOOT_LINKS)
     return "\n".join(
         [
             # Diffs nobody confirmed in time: their systems may go with the next garbage collection.
-            f"find {shlex.quote(GCROOTS)} -maxdepth 1 -name 'diff-*' -type l -mmin +{int(expire_minutes)} "
-            "-exec rm -f {} + 2>/dev/null",
+            sweep_roots("diff-*"),
             state_script("state "),
             f"o=$(readlink -f {c} 2>/dev/null)",
             f'for x in {links}; do printf "old-%s %s\\n" $x "$(readlink -f "$o/$x" 2>/dev/null)"; '
@@ -293,13 +292,11 @@ def _diff_script(toplevel: str, expire_minutes: int) -> str:
     )
 
 
-def diff_closure(conn: Connection, toplevel: str, *, expire_minutes: int = 24 * 60) -> dict:
+def diff_closure(conn: Connection, toplevel: str) -> dict:
     """Compare ``toplevel`` (in the node's store) with the node's ``/run/current-system``: ``parse_diff``."""
     out: list[bytes] = []
     err: list[bytes] = []
-    code = run_command(
-        conn, _diff_script(toplevel, expire_minutes), lambda s, line: (out if s == "out" else err).append(line)
-    )
+    code = run_command(conn, _diff_script(toplevel), lambda s, line: (out if s == "out" else err).append(line))
     if code != 0:
         raise RemoteError(
             "diff", f"comparing the systems on {conn.target.address} failed (exit {code}){stderr_tail(err)}"

@@ -155,6 +155,11 @@ def test_a_diff_on_the_node_shows_the_change_and_its_confirmation_switches_to_ex
     node, tb = add_node()
     before = tb.current_system()
     sha = new_version(flake_repo)
+    # A diff nobody confirmed two days ago, and one of an hour ago: the first's root goes, the second's stays.
+    tb.run(
+        f"mkdir -p {GCROOTS} && ln -s {before} {GCROOTS}/diff-old && touch -h -d '2 days ago' {GCROOTS}/diff-old"
+        f" && ln -s {before} {GCROOTS}/diff-recent && touch -h -d '1 hour ago' {GCROOTS}/diff-recent"
+    )
 
     diff = deploy(node, revision=sha, kind=Deployment.Kind.DIFF)
 
@@ -173,7 +178,7 @@ def test_a_diff_on_the_node_shows_the_change_and_its_confirmation_switches_to_ex
     assert event.details["reboot"] == diff.diff["reboot"] and event.details["counts"]["changed"] == len(
         packages["changed"]
     )
-    assert roots(tb) == [f"diff-{diff.pk}"]  # the built system waits under a GC root
+    assert roots(tb) == sorted([f"diff-{diff.pk}", "diff-recent"])  # the built system waits under a GC root
 
     activation = run(change.confirm_diff(diff, user=alice))
 
@@ -181,7 +186,7 @@ def test_a_diff_on_the_node_shows_the_change_and_its_confirmation_switches_to_ex
     assert activation.kind == Deployment.Kind.ACTIVATE and activation.diff_of_id == diff.pk
     assert tb.current_system() == diff.toplevel == activation.toplevel
     assert "no new evaluation" in log_text(activation) and "nix build" not in log_text(activation)
-    assert roots(tb) == []
+    assert roots(tb) == ["diff-recent"]
     with pytest.raises(RequestError, match="confirmed already"):
         change.confirm_diff(diff, user=alice)
 

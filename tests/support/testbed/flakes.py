@@ -84,12 +84,14 @@ FLAKE_NIX = r"""{
           linesPerSecond = toString spec.lines_per_second;
           sleepTicks = toString spec.sleep_ticks;
           buildExit = toString spec.build_exit;
+          buildWork = toString spec.build_work;
           args = [ "-c" ''
             set -e
             if [ "$buildExit" != 0 ]; then
               echo "error: builder for the testbed system failed on purpose (build_exit $buildExit)" >&2
               exit "$buildExit"
             fi
+            i=0; while [ "$i" -lt "$buildWork" ]; do i=$((i + 1)); done
             mkdir -p $out/bin
             echo "24.05.testbed-$versionTag (Uakari)" > $out/nixos-version
             ln -s $sw $out/sw
@@ -133,6 +135,8 @@ class NodeConfigSpec:
     kernel_version, systemd_version: the ``kernel``/``initrd`` and ``systemd`` links' store paths.
     payload_kib: KiB of random data in ``sw`` (a big closure, e.g. for a full disk).
     build_exit: the toplevel's builder exits with this (non-zero: the build fails, saying so on stderr).
+    build_work: iterations of a busy shell loop in the toplevel's builder (CPU time, as a compile costs;
+        about a million a second here).
     """
 
     activation_exit: int = 0
@@ -145,6 +149,7 @@ class NodeConfigSpec:
     systemd_version: str = "255.4"
     payload_kib: int = 0
     build_exit: int = 0
+    build_work: int = 0
 
     def to_json(self) -> dict:
         for tag in (self.version_tag, self.kernel_version, self.systemd_version, *self.packages.values()):
@@ -165,6 +170,7 @@ class NodeConfigSpec:
             "systemd_version": self.systemd_version,
             "payload_kib": int(self.payload_kib),
             "build_exit": int(self.build_exit),
+            "build_work": int(self.build_work),
         }
 
     @classmethod
