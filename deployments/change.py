@@ -397,14 +397,21 @@ def _on_build_host(host: Node, call):
 
 
 def _built_row(location: str, commit: str, attr: str, deployment_id: int) -> BuiltSystem:
-    """The (location, commit, attribute) row: inserted as ``building`` by this deployment if there is none."""
+    """The (location, commit, attribute) row: inserted as ``building`` by this deployment if there is none.
+
+    Read first: the nodes waiting for a build look at the row several times a second, and an INSERT
+    that fails on the unique index would still take SQLite's write lock each time."""
+    found = BuiltSystem.objects.select_related("built_by").filter(location=location, commit_sha=commit, flake_attr=attr)
+    row = found.first()
+    if row is not None:
+        return row
     try:
         with transaction.atomic():
             return BuiltSystem.objects.create(
                 location=location, commit_sha=commit, flake_attr=attr, built_by_id=deployment_id
             )
     except IntegrityError:
-        return BuiltSystem.objects.select_related("built_by").get(location=location, commit_sha=commit, flake_attr=attr)
+        return found.get()
 
 
 def _take_over(row: BuiltSystem, deployment_id: int, *, status: str) -> bool:
