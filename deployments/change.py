@@ -18,6 +18,7 @@ confirmation.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,6 +34,8 @@ from .remote import Cancelled, RebuildResult, RemoteError, SystemState, Target
 from .remote.build import STALE_ROOT_MINUTES, build_local, root_path, run_activate, run_build
 from .remote.closure import LocalStore, RemoteStore, copy_closure, diff_closure, still_there
 from .remote.connection import Connection
+from .remote.stream import read_output
+from .remote.system import parse_state, state_script
 
 Kind = Deployment.Kind
 # How long a diff's built system waits on the node for its confirmation (its GC root goes after that).
@@ -265,10 +268,8 @@ class ChangeRun:
 
     def _still_built(self, where: Location, row: BuiltSystem) -> bool:
         if where.kind == BuildLocation.PANEL:
-            import subprocess
-
             return subprocess.run(["nix-store", "--check-validity", row.toplevel], capture_output=True).returncode == 0
-        with _on_build_host_conn(where.host) as conn:
+        with _BuildHostConnection(where.host) as conn:
             return still_there(conn, row.toplevel)
 
     def _build(self, row: BuiltSystem, where: Location, archive: bytes, attr: str, on_output, should_cancel) -> int:
@@ -344,9 +345,6 @@ class ChangeRun:
 
 
 def _state(conn: Connection) -> SystemState:
-    from .remote.stream import read_output
-    from .remote.system import parse_state, state_script
-
     return parse_state(read_output(conn, state_script()).split("\n")[:3])
 
 
@@ -362,7 +360,7 @@ def _open(node: Node) -> Connection:
     return conn
 
 
-class _on_build_host_conn:
+class _BuildHostConnection:
     """``with``: a connection to the build host, its errors said as the build host's."""
 
     def __init__(self, host: Node) -> None:
