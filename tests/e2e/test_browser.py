@@ -134,3 +134,26 @@ def test_a_rollout_page_follows_every_node_live_and_shows_a_failed_nodes_last_li
     assert 0 < len(lines) <= 20 and any("the following units failed" in t for t in lines)
     full_log = tail.locator("a").get_attribute("href")
     assert page.goto(panel.url + full_log).status == 200
+
+
+def test_the_difference_is_shown_first_and_confirming_switches_to_exactly_that_system(panel, page):
+    page.goto(panel.url + "/nodes/devm/")
+    assert page.is_checked("#id_diff"), "the difference first is the default"
+    page.click("#deploy-button")
+    page.wait_for_url("**/deployments/*/")
+    diff_url = page.url
+    wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
+    assert "Succeeded" in page.inner_text("#status")
+    page.reload()
+    diff_text = page.inner_text("#diff")
+    assert " added, " in diff_text and " changed" in diff_text
+    built = page.inner_text("[data-field=toplevel]").strip()
+    assert built.startswith("/nix/store/")
+    page.click("#confirm-button")
+    page.wait_for_url(lambda url: url != diff_url and "/deployments/" in url)
+    wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
+    assert "Succeeded" in page.inner_text("#status")
+    assert "activation of a confirmed difference" in page.inner_text("#change").lower()
+    assert page.inner_text("[data-field=system_after]").strip() == built
+    page.goto(diff_url)
+    assert page.query_selector("#confirm-button") is None, "confirmed once"
