@@ -143,13 +143,44 @@ def copy_closure(
     note(f"the closure of {toplevel} has {len(paths)} paths; {t.address} lacks {len(missing)}")
     sent = 0
     if missing:
-        import_cmd = f"{t.privileged_prefix()}sh -c {shlex.quote('nix-store --import >/dev/null && ' + _root_command(toplevel, root))}"
+        import_cmd = privileged_with_stdin(t, "nix-store --import >/dev/null && " + _root_command(toplevel, root))
         sent = _pipe(source, missing, target, import_cmd, should_cancel)
     else:
         _privileged(target, _root_command(toplevel, root), "holding the system with a GC root")
     stats = CopyStats(paths=len(paths), copied=len(missing), bytes=sent)
     note(stats.describe(source.name, t.address))
     return stats
+
+
+def privileged_with_stdin(t, script: str) -> str:
+    """``script`` as root, reading data on its stdin (the import stream).
+
+    With a sudo password, stdin starts with its line (``privileged_stdin``). sudo may not read that line
+    (a NOPASSWD rule, a cached credential), and then it would be the start of the data. So the shell
+    takes the line, sudo gets it alone on a pipe, and the data reaches the script through a FIFO in a
+    private folder (``cat`` from the session's stdin): the script sees exactly the data, whether sudo
+    read its line or not. A refused sudo ends the command with its status (the writer is stopped).
+    """
+    inner = f"sh -c {shlex.quote(script)}"
+    if not t.sudo:
+        return inner
+    if t.privileged_stdin() is None:
+        return f"sudo -n {inner}"
+    fed = shlex.quote(f'exec <"$1" && {inner}')
+    return "; ".join(
+        [
+            "IFS= read -r pw || exit 1",
+            'd=$(mktemp -d) && mkfifo -m 600 "$d/in" || exit 1',
+            "exec 4<&0",
+            f"printf '%s\\n' \"$pw\" | sudo -S -p '' sh -c {fed} sh \"$d/in\" & s=$!",
+            "unset pw",
+            'cat <&4 >"$d/in" & c=$!',
+            "wait $s; r=$?",
+            "kill $c 2>/dev/null",
+            'rm -rf "$d"',
+            "exit $r",
+        ]
+    )
 
 
 def _privileged(conn: Connection, script: str, what: str) -> None:
