@@ -142,9 +142,9 @@ def test_the_difference_is_shown_first_and_confirming_switches_to_exactly_that_s
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     diff_url = page.url
-    wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
+    # The page shows the difference by itself once it has been computed (it reloads when the run ends).
+    page.wait_for_selector("#diff", timeout=120_000)
     assert "Succeeded" in page.inner_text("#status")
-    page.reload()
     diff_text = page.inner_text("#diff")
     assert " added, " in diff_text and " changed" in diff_text
     built = page.inner_text("[data-field=toplevel]").strip()
