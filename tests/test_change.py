@@ -139,6 +139,12 @@ def test_a_forged_build_host_in_the_node_page_is_refused_and_audited(world):
     assert 'id="build-location-form"' in page and f'value="{db.pk}"' not in page
 
 
+def test_the_node_form_offers_the_build_location_to_its_admin(world, alice):
+    page = client_for(alice).get(f"/nodes/{IN_SCOPE}/edit/").content.decode()
+    assert 'id="build-location-form"' in page and f'action="/nodes/{IN_SCOPE}/build-location/"' in page
+    assert "Where it builds" not in client_for(alice).get("/nodes/new/").content.decode()
+
+
 def test_the_node_page_sets_a_build_location_for_its_admin(world, alice):
     db = world.nodes[OUT_OF_SCOPE]
     response = client_for(alice).post(

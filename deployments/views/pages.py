@@ -184,7 +184,8 @@ def node_edit(request, name=None):
         return redirect(node)
     # A refused form is a 400 (with the form and its errors), so a client never takes it for a saved one.
     status = 400 if request.method == "POST" else 200
-    return render(request, "deployments/node_form.html", {"form": form, "node": node, **saved}, status=status)
+    build = change_views.node_context(request.user, node) if node.pk else {}
+    return render(request, "deployments/node_form.html", {"form": form, "node": node, **saved, **build}, status=status)
 
 
 _ID_RE = re.compile(r"\A[0-9]{1,18}\Z")
