@@ -178,14 +178,16 @@ class ChangeRun:
                 on_workdir=on_workdir,
             )
             if result.exit_code != 0:
-                _note(on_output, f"the build on the node failed (exit {result.exit_code})")
+                result.failure = f"nix build exited with code {result.exit_code} on the node (nothing was switched)"
+                _note(on_output, f"the build failed: {result.failure}")
                 return result
             with Connection(target) as conn:
                 return self._diff(conn, result.toplevel, on_output)
         self._built_on("panel" if where.kind == BuildLocation.PANEL else f"host:{where.host.name}")
         code, toplevel, source = self._obtain(where, archive, attr, on_output, should_cancel)
         if code != 0:
-            return RebuildResult(code, SystemState(None, "", ""), SystemState(None, "", ""), None)
+            nothing = SystemState(None, "", "")
+            return RebuildResult(code, nothing, nothing, None, failure=self._failure)
         root = f"diff-{d.pk}" if d.kind == Kind.DIFF else f"deploy-{d.pk}"
         try:
             _note(on_output, f"copying the closure of {toplevel} to {target.address}")
@@ -214,6 +216,7 @@ class ChangeRun:
     # -- building once per (location, commit, attribute) ----------------------------------------
 
     _source_conn: Connection | None = None
+    _failure = ""  # why the build failed, for the deployment's error message
 
     def _close_source(self) -> None:
         conn, self._source_conn = self._source_conn, None
@@ -251,7 +254,8 @@ class ChangeRun:
             if row.status == BuiltSystem.Status.FAILED:
                 if row.finished_at and row.finished_at >= d.created_at:
                     # The build this deployment waited for (or one after its request) failed: so does it.
-                    _note(on_output, f"the build by deployment #{row.built_by_id} failed: {row.error_message}")
+                    self._failure = f"the build by deployment #{row.built_by_id} failed: {row.error_message}"
+                    _note(on_output, self._failure)
                     return 1, "", source
                 _take_over(row, d.pk, status=BuiltSystem.Status.FAILED)
                 continue
@@ -297,6 +301,7 @@ class ChangeRun:
             raise
         if code != 0:
             message = f"nix build exited with code {code} {where.describe()}"
+            self._failure = f"{message} (nothing reached the node)"
             _note(on_output, f"the build failed: {message}")
             _finish_build(row, "", message)
             return code

@@ -212,7 +212,9 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             status = Status.SUCCEEDED
         else:
             status = Status.FAILED
-            fields["error_message"] = f"nixos-rebuild {deployment.action} exited with code {result.exit_code}"
+            fields["error_message"] = getattr(result, "failure", "") or (
+                f"nixos-rebuild {deployment.action} exited with code {result.exit_code}"
+            )
     except Cancelled:
         if stop.reason == "timeout":
             status = Status.FAILED

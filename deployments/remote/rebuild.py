@@ -96,6 +96,7 @@ class RebuildResult:
     before: SystemState
     after: SystemState
     toplevel: str | None
+    failure: str = ""  # what failed, when it was not nixos-rebuild (an off-target build: ``remote.build``)
 
 
 def _new_workdir(deployment_id: int, user: str) -> str:
@@ -341,8 +342,6 @@ def run_rebuild(
     """
     workdir = _new_workdir(deployment_id, target.user)
     if command is None:
-        _check_action(action)
-        _check_attr(attr)
 
         def command(folder: str, privileged: bool) -> str:
             return _invocation(target, action, folder, attr, privileged=privileged)

@@ -259,6 +259,7 @@ def test_a_build_that_fails_on_the_build_host_fails_the_deployment(add_node, bui
     d = deploy(node)
 
     assert d.status == Deployment.Status.FAILED and d.exit_code == 1
+    assert d.error_message == f"nix build exited with code 1 on build host {host.name} (nothing reached the node)"
     text = log_text(d)
     assert "builder for the testbed system failed on purpose" in text
     assert "the build failed: nix build exited with code 1 on build host" in text
