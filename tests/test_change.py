@@ -311,3 +311,97 @@ def test_the_deploy_command_asks_for_a_diff_and_confirms_it(world, resolvable, c
     assert again.value.code == 2 and "confirmed already" in capsys.readouterr().err
     with pytest.raises(CommandError, match="for one NODE"):
         call_command("deploy", "--tag", "web", "--diff")
+
+
+# -- one build per (location, commit, attribute) ----------------------------------------------------
+
+BUILT = "/nix/store/" + "9" * 32 + "-nixos-system-web-1-24.11"
+
+
+@pytest.fixture
+def builds(world, monkeypatch):
+    """A ChangeRun's build claim with the build itself stood in (it records who built, and succeeds
+    unless told otherwise): ``builds.run(deployment)`` → (code, toplevel, log lines)."""
+    from deployments.change import ChangeRun, Location, _finish_build
+
+    class Builds:
+        def __init__(self):
+            self.built_by: list[int] = []
+            self.still_there = True
+
+        def run(self, deployment):
+            lines = []
+            where = Location(BuildLocation.PANEL, None, "node")
+            code, toplevel, _ = ChangeRun(deployment)._obtain(
+                where, b"", IN_SCOPE, lambda s, line: lines.append(line.decode()), None
+            )
+            return code, toplevel, lines
+
+    b = Builds()
+
+    def build(self, row, where, archive, attr, on_output, should_cancel):
+        b.built_by.append(self.deployment.pk)
+        _finish_build(row, BUILT, "")
+        row.toplevel = BUILT
+        return 0
+
+    monkeypatch.setattr(ChangeRun, "_build", build)
+    monkeypatch.setattr(ChangeRun, "_still_built", lambda self, where, row: b.still_there)
+    return b
+
+
+def node_run(world, status=Deployment.Status.RUNNING, **fields) -> Deployment:
+    return Deployment.objects.create(
+        node=world.nodes[IN_SCOPE], action="switch", commit_sha="1" * 40, flake_attr=IN_SCOPE, status=status, **fields
+    )
+
+
+def test_the_first_deployment_builds_and_the_next_uses_its_build(world, builds):
+    first = node_run(world, Deployment.Status.SUCCEEDED)
+    assert builds.run(first)[:2] == (0, BUILT)
+    second = node_run(world)
+    code, toplevel, lines = builds.run(second)
+    assert (code, toplevel) == (0, BUILT) and builds.built_by == [first.pk]
+    assert f"built on the panel host by deployment #{first.pk}" in lines[0]
+
+
+def test_a_build_whose_system_is_gone_is_built_again(world, builds):
+    first = node_run(world, Deployment.Status.SUCCEEDED)
+    builds.run(first)
+    builds.still_there = False
+    second = node_run(world)
+    assert builds.run(second)[:2] == (0, BUILT) and builds.built_by == [first.pk, second.pk]
+
+
+def test_the_build_of_a_deployment_that_died_is_taken_over(world, builds):
+    from deployments.models import BuiltSystem
+
+    dead = node_run(world, Deployment.Status.INTERRUPTED)
+    BuiltSystem.objects.create(location="panel", commit_sha="1" * 40, flake_attr=IN_SCOPE, built_by=dead)
+    waiter = node_run(world)
+    assert builds.run(waiter)[:2] == (0, BUILT) and builds.built_by == [waiter.pk]
+
+
+def test_a_build_that_failed_after_the_request_fails_its_waiters_and_an_older_failure_is_built_again(world, builds):
+    from deployments.models import BuiltSystem
+
+    waiter = node_run(world)
+    builder = node_run(world, Deployment.Status.FAILED)
+    row = BuiltSystem.objects.create(
+        location="panel",
+        commit_sha="1" * 40,
+        flake_attr=IN_SCOPE,
+        built_by=builder,
+        status=BuiltSystem.Status.FAILED,
+        error_message="nix build exited with code 1 on the panel host",
+        finished_at=timezone.now(),
+    )
+    code, _, lines = builds.run(waiter)
+    assert code == 1 and builds.built_by == []
+    assert lines == [f"the build by deployment #{builder.pk} failed: nix build exited with code 1 on the panel host"]
+    waiter.status = Deployment.Status.FAILED
+    waiter.save()
+    later = node_run(world)  # requested after that failure: tries again
+    assert builds.run(later)[:2] == (0, BUILT) and builds.built_by == [later.pk]
+    row.refresh_from_db()
+    assert row.status == BuiltSystem.Status.BUILT and row.built_by_id == later.pk
