@@ -129,10 +129,13 @@ def set_build_location(
 
 
 def runner_for(deployment: Deployment, default):
-    """What runs ``deployment``: ``default`` (``run_rebuild``) for a rebuild on its node, else a ChangeRun."""
-    if deployment.kind == Kind.REBUILD and effective_location(deployment.node).kind == BuildLocation.TARGET:
-        return default
-    return ChangeRun(deployment).run
+    """What runs ``deployment``: a ChangeRun for a diff, an activation, or a rebuild built off its node;
+    ``default`` (``run_rebuild``) for anything else (a rebuild on its node, kinds of other modules)."""
+    if deployment.kind in (Kind.DIFF, Kind.ACTIVATE):
+        return ChangeRun(deployment).run
+    if deployment.kind == Kind.REBUILD and effective_location(deployment.node).kind != BuildLocation.TARGET:
+        return ChangeRun(deployment).run
+    return default
 
 
 def _note(on_output, message: str) -> None:

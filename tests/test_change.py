@@ -313,6 +313,17 @@ def test_the_deploy_command_asks_for_a_diff_and_confirms_it(world, resolvable, c
         call_command("deploy", "--tag", "web", "--diff")
 
 
+def test_only_diffs_activations_and_off_node_rebuilds_leave_run_rebuild(world):
+    web = world.nodes[IN_SCOPE]
+    rebuild = world.finished[IN_SCOPE]
+    assert change.runner_for(rebuild, "default") == "default"
+    assert change.runner_for(finished_diff(world), "default") != "default"
+    other = Deployment(node=web, kind="rollback", action="switch")  # a kind of another module
+    change.set_build_location(web, BuildLocation.PANEL)
+    assert change.runner_for(other, "default") == "default"
+    assert change.runner_for(rebuild, "default") != "default"
+
+
 # -- one build per (location, commit, attribute) ----------------------------------------------------
 
 BUILT = "/nix/store/" + "9" * 32 + "-nixos-system-web-1-24.11"
