@@ -8,7 +8,7 @@ from django.db.models import Q
 from .access import gate
 from .access.models import Team
 from .healthchecks import HealthCheck
-from .models import Credential, Deployment, Node, Repository
+from .models import BuildLocation, Credential, Deployment, Node, Repository
 from .remote.generations import ROLLBACK_ACTIONS
 from .validators import validate_generation, validate_node_name, validate_revision, validate_search_text, validate_tag
 
@@ -22,6 +22,28 @@ class DeployForm(forms.Form):
         help_text="Branch, tag or commit; empty means the tracked branch's head.",
         widget=forms.TextInput(attrs={"placeholder": "tracked branch"}),
     )
+    diff = forms.BooleanField(
+        required=False,
+        initial=True,
+        label="Show the difference first",
+        help_text="Build the system and show what would change (packages, sizes, a reboot hint); switch only "
+        "once you confirm, to exactly that built system.",
+    )
+
+
+class BuildLocationForm(forms.Form):
+    """Where a node builds (``change.set_build_location``); the build host among the nodes its editor may
+    deploy (``build_hosts``)."""
+
+    location = forms.ChoiceField(
+        choices=[("", "its tags' default (else on the node)"), *BuildLocation.choices], required=False
+    )
+    build_host = forms.ModelChoiceField(queryset=Node.objects.none(), required=False)
+
+    def __init__(self, *args, build_hosts=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if build_hosts is not None:
+            self.fields["build_host"].queryset = build_hosts
 
 
 class RollbackForm(forms.Form):

@@ -37,6 +37,7 @@ from .health import rolled_back_message
 from .models import Deployment, Node, Rollout
 from .remote import RemoteError, RunReport, resolve_path
 from .remote import reconcile_run as remote_reconcile_run
+from .remote.build import ACTIVATE_ACTIONS
 from .remote.confirm import parse_magic
 from .validators import validate_revision
 
@@ -97,8 +98,13 @@ def request_deployment(
     trigger: str = Deployment.Trigger.WEB,
     timeout_seconds: int | None = None,
     approval=None,
+    kind: str = Deployment.Kind.REBUILD,
+    diff_of: Deployment | None = None,
 ) -> Deployment:
     """Resolve ``revision`` to a commit and queue ``nixos-rebuild <action>`` on ``node``.
+
+    ``kind`` "diff" builds and compares without switching; "activate" switches to the system ``diff_of``
+    built (``change.confirm_diff``).
 
     ``timeout_seconds``: how long the run may take on the node (None: the panel's default).
     A node carrying a protected tag is not deployed: the request is held as an approval request
@@ -114,6 +120,10 @@ def request_deployment(
     gate.require(user, gate.DEPLOY, node, event="deployment.requested", actor_kind=actor_kind)
     if action not in Deployment.Action.values:
         raise RequestError(f"Unknown action {action!r}: use one of {', '.join(Deployment.Action.values)}.")
+    if kind not in Deployment.Kind.values or (kind == Deployment.Kind.ACTIVATE) != (diff_of is not None):
+        raise RequestError(f"Unknown kind of deployment {kind!r}.")
+    if kind == Deployment.Kind.DIFF and action not in ACTIVATE_ACTIONS:
+        raise RequestError(f"The difference is shown before {', '.join(ACTIVATE_ACTIONS)}, not before {action}.")
     if revision:
         try:
             validate_revision(revision)
@@ -149,10 +159,14 @@ def request_deployment(
                 requested_by_name=acting.get_username() if acting else trigger,
                 trigger=trigger,
                 timeout_seconds=timeout_seconds,
+                kind=kind,
+                diff_of=diff_of,
             )
             _record_requested(deployment, user=user, actor_kind=actor_kind)
             transaction.on_commit(lambda: enqueue(deployment.pk))
     except IntegrityError:
+        if diff_of is not None and Deployment.objects.filter(diff_of=diff_of).exists():
+            raise RequestError(f"Deployment #{diff_of.pk} was confirmed already.") from None
         # The database's one-active-deployment constraint caught a race the check above missed.
         raise NodeBusy(f"Node {node.name} already has a deployment in progress.") from None
     return deployment
@@ -169,6 +183,10 @@ def _record_requested(deployment: Deployment, *, user, actor_kind: str | None) -
     }
     if deployment.rollout_id:
         details["rollout"] = deployment.rollout_id
+    if deployment.kind != Deployment.Kind.REBUILD:
+        details["kind"] = deployment.kind
+    if deployment.diff_of_id:
+        details["diff_of"] = deployment.diff_of_id
     if deployment.rollout_id or deployment.timeout_seconds:
         details["timeout_seconds"] = deployment.timeout_seconds
     record(

@@ -102,10 +102,24 @@ class Repository(models.Model):
         return validators.redact_url_secrets(self.url)
 
 
+class BuildLocation(models.TextChoices):
+    """Where a node's system is built (``deployments/change.py``); "" on a node: its tags' default."""
+
+    TARGET = "target", "on the node itself"  # nixos-rebuild on the node, as always
+    PANEL = "panel", "on the panel host"  # the panel host's Nix builds, the closure is copied to the node
+    HOST = "host", "on a build host"  # another registered node builds, the closure is copied to the node
+
+
 class Tag(models.Model):
-    """A free label on nodes, used for roles and rollouts."""
+    """A free label on nodes, used for roles and rollouts; may give its nodes a default build location."""
 
     name = models.CharField(max_length=50, unique=True, validators=[validators.validate_tag])
+    build_location = models.CharField(
+        max_length=8, choices=BuildLocation.choices, blank=True, default="", editable=False
+    )
+    build_host = models.ForeignKey(
+        "Node", null=True, blank=True, on_delete=models.PROTECT, related_name="+", editable=False
+    )
 
     class Meta:
         ordering = ["name"]
@@ -144,6 +158,13 @@ class Node(models.Model):
         default=30,
         help_text="Magic rollback: seconds the node waits after switch/test for the panel to confirm over a "
         "new SSH connection before it goes back by itself. 0 turns it off.",
+    )
+    # Where its system is built ("": its tags' default, else on the node); set by ``change.set_build_location``.
+    build_location = models.CharField(
+        max_length=8, choices=BuildLocation.choices, blank=True, default="", editable=False
+    )
+    build_host = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="+", editable=False
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -233,7 +254,14 @@ class Rollout(models.Model):
 
 
 class Deployment(models.Model):
-    """One run of ``nixos-rebuild <action>`` on one node, pinned to one commit."""
+    """One run on one node, pinned to one commit: ``nixos-rebuild <action>`` (kind "rebuild"), a build and
+    closure diff without activation ("diff"), or the switch to a diff's built system ("activate")."""
+
+    class Kind(models.TextChoices):
+        REBUILD = "rebuild", "Rebuild"  # build the commit (where the node builds) and run the action
+        DIFF = "diff", "Difference"  # build, bring the system to the node, compare with what it runs; no switch
+        ACTIVATE = "activate", "Activate"  # switch to a confirmed diff's built system (no second evaluation)
+        ROLLBACK = "rollback", "Rollback"  # back to an earlier generation (deployments/rollbacks.py)
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"  # written by the request, waiting for a worker
@@ -259,10 +287,6 @@ class Deployment(models.Model):
 
     # The nixos-rebuild actions, from their one definition (remote.REBUILD_ACTIONS): SWITCH, BOOT, TEST, …
     Action = models.TextChoices("Action", [(a.upper().replace("-", "_"), (a, a)) for a in REBUILD_ACTIONS])
-
-    class Kind(models.TextChoices):
-        REBUILD = "rebuild", "Rebuild"  # nixos-rebuild <action> of a commit
-        ROLLBACK = "rollback", "Rollback"  # back to an earlier generation (deployments/rollbacks.py)
 
     class Trigger(models.TextChoices):
         WEB = "web", "Web"
@@ -313,6 +337,14 @@ class Deployment(models.Model):
     reconciled_at = models.DateTimeField(null=True, blank=True, editable=False)
     # A rollback's generation: as asked (None: the previous one), then the one the node went to.
     target_generation = models.PositiveIntegerField(null=True, blank=True)
+    # Where the system was built: "target", "panel" or "host:<node>" ("" before the run says).
+    built_on = models.CharField(max_length=80, blank=True, editable=False)
+    # A diff's outcome (``remote.closure.parse_diff``): packages added, removed, changed; sizes; reboot hint.
+    diff = models.JSONField(null=True, blank=True, editable=False)
+    # An activation's diff: the one deployment whose built system it switches to (confirmed once).
+    diff_of = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="activation", editable=False
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -380,6 +412,8 @@ class Deployment(models.Model):
             "cancel_requested": self.cancel_requested,
             "kind": self.kind,
             "target_generation": self.target_generation,
+            "built_on": self.built_on,
+            "diff": self.diff,
         }
 
 
@@ -397,6 +431,39 @@ class NodeGenerations(models.Model):
 
     def __str__(self) -> str:
         return f"generations of {self.node.name}"
+
+
+class BuiltSystem(models.Model):
+    """A system built off its target, once per (build location, commit, attribute): a rollout's nodes that
+    need the same system wait for the one build and copy its result (``deployments/change.py``).
+
+    ``location`` is "panel" or "host:<node id>"; the first deployment to insert the row builds
+    (``building``), the others wait for ``built`` or ``failed``; a row whose builder ended without
+    saying is taken over by a conditional UPDATE.
+    """
+
+    class Status(models.TextChoices):
+        BUILDING = "building", "Building"  # a deployment is building it
+        BUILT = "built", "Built"  # toplevel holds it on the build location, under a GC root
+        FAILED = "failed", "Failed"  # the build failed: the waiting nodes fail too (no retry storm)
+
+    location = models.CharField(max_length=40)
+    commit_sha = models.CharField(max_length=40)
+    flake_attr = models.CharField(max_length=100)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.BUILDING)
+    toplevel = models.CharField(max_length=300, blank=True)
+    error_message = models.TextField(blank=True)
+    built_by = models.ForeignKey(Deployment, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["location", "commit_sha", "flake_attr"], name="built_system_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.flake_attr}@{self.commit_sha[:10]} on {self.location}: {self.status}"
 
 
 class LogChunk(models.Model):

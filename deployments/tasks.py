@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from . import health, logstream, repos, rollbacks
+from . import change, health, logstream, repos, rollbacks
 from .audit.writer import record
 from .errors import RequestError
 from .lifecycle import claim, finish, reconcile_deployment
@@ -176,7 +176,16 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
     status, fields = Status.ERROR, {}
     try:
         rollback = deployment.kind == Deployment.Kind.ROLLBACK
-        what = rollbacks.describe(deployment) if rollback else f"nixos-rebuild {deployment.action}"
+        if rollback:
+            what = rollbacks.describe(deployment)
+        elif deployment.kind == Deployment.Kind.DIFF:
+            what = "build and compare (diff)"
+        elif deployment.kind == Deployment.Kind.ACTIVATE:
+            what = (
+                f"switch-to-configuration {deployment.action} of the system deployment #{deployment.diff_of_id} built"
+            )
+        else:
+            what = f"nixos-rebuild {deployment.action}"
         writer.write(
             "sys",
             f"deployment #{deployment_id}: {what} {node.name} ({deployment.flake_attr})"
@@ -197,6 +206,8 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
         else:
             archive = repos.archive(node.repository, deployment.commit_sha)
             fields["archive_sha256"] = archive.sha256
+            if runner is run_rebuild:
+                runner = change.runner_for(deployment, run_rebuild)  # off-target builds, diffs, activations
             if guard.arming is not None and _accepts(runner, "arm"):
                 extra["arm"] = guard.arming
             result = runner(
@@ -221,7 +232,7 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             status = guard.outcome(result, Status.SUCCEEDED, fields)
         else:
             status = Status.FAILED
-            fields["error_message"] = f"{what} exited with code {result.exit_code}"
+            fields["error_message"] = getattr(result, "failure", "") or f"{what} exited with code {result.exit_code}"
     except Cancelled:
         if stop.reason == "timeout":
             status = Status.FAILED

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from .views import api, generations, health, inventory, pages, reconcile, rollouts
+from .views import api, change, generations, health, inventory, pages, reconcile, rollouts
 
 app_name = "deployments"
 
@@ -23,10 +23,12 @@ urlpatterns = [
     path("tags/<str:tag>/health/new/", health.check_edit, name="tag-check-add"),
     path("tags/<str:tag>/health/<int:pk>/", health.check_edit, name="tag-check-edit"),
     path("tags/<str:tag>/health/<int:pk>/delete/", health.check_delete, name="tag-check-delete"),
+    path("nodes/<str:name>/build-location/", change.node_build_location, name="node-build-location"),
     path("deployments/", pages.deployment_list, name="deployment-list"),
     path("deployments/<int:pk>/", pages.deployment_detail, name="deployment-detail"),
     path("deployments/<int:pk>/cancel/", pages.deployment_cancel, name="deployment-cancel"),
     path("deployments/<int:pk>/reconcile/", reconcile.deployment_reconcile, name="deployment-reconcile"),
+    path("deployments/<int:pk>/confirm/", change.deployment_confirm, name="deployment-confirm"),
     path("deployments/<int:pk>/log.txt", pages.deployment_log, name="deployment-log"),
     path("rollouts/", rollouts.rollout_list, name="rollout-list"),
     path("rollouts/new/", rollouts.rollout_new, name="rollout-add"),
@@ -61,6 +63,7 @@ urlpatterns = [
     path("api/deployments/<int:pk>/", api.api_deployment, name="api-deployment"),
     path("api/deployments/<int:pk>/log/", api.api_deployment_log, name="api-deployment-log"),
     path("api/deployments/<int:pk>/cancel/", api.api_cancel, name="api-cancel"),
+    path("api/deployments/<int:pk>/confirm/", change.api_confirm, name="api-confirm"),
     path("api/rollouts/", rollouts.api_rollouts, name="api-rollouts"),
     path("api/rollouts/<int:pk>/", rollouts.api_rollout, name="api-rollout"),
     path("api/rollouts/<int:pk>/cancel/", rollouts.api_rollout_cancel, name="api-rollout-cancel"),

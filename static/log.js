@@ -363,6 +363,8 @@
     const cancelForm = $('cancel-form');
     const cancelNote = $('cancel-note');
     if (terminal) {
+      // A difference being built when the page was rendered: show it (and its confirm button) now.
+      if ($('diff-pending')) location.reload();
       if (cancelForm) cancelForm.hidden = true;
       if (cancelNote) cancelNote.hidden = true;
     } else if (s.cancel_requested) {

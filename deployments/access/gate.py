@@ -266,6 +266,27 @@ def require(user, permission: str, node: Node, *, event: str, actor_kind: str | 
     )
 
 
+def require_build_host(user, host: Node, *, event: str, obj=None, actor_kind: str | None = None) -> None:
+    """Refuse with 403 (recorded as ``event``) unless ``user`` may build on ``host``.
+
+    A build host receives the source of every system built on it and runs the build as its login
+    user: choosing it is deploying to it, so it takes DEPLOY there. The refusal does not say whether
+    a node the user cannot see exists.
+    """
+    if user is None or can(user, DEPLOY, host):
+        return
+    _refuse(
+        user,
+        event,
+        "You may not build on that node: choosing a build host needs the deploy permission on it.",
+        actor_kind=actor_kind,
+        obj=obj,
+        object_type="",
+        required=DEPLOY,
+        details={"build_host": host.pk},
+    )
+
+
 def require_global(
     user, capability: str, *, event: str, obj=None, object_type: str = "", actor_kind: str | None = None
 ) -> None:

@@ -38,6 +38,8 @@ EVENTS: dict[str, str] = {
     "health_check.deleted": "a health check was deleted",
     "health_check.change": "a change to health checks was refused",
     "health_check.viewed": "a tag's health check page was refused",
+    "deployment.diffed": "a diff deployment compared its built system with what the node runs (the difference)",
+    "build_location.changed": "where a node (or a tag's nodes) builds its system was changed, or refused",
     # Rollouts (deployments/rollouts.py): one revision to many nodes
     "rollout.requested": "a rollout was requested (or refused whole: outcome denied)",
     "rollout.canary_passed": "every canary node of a rollout succeeded: the rest may start",

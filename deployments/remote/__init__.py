@@ -10,6 +10,8 @@ drives it, and it can be tested against a plain sshd without a database.
 * ``detached``: a run that outlives the SSH session, followed by byte offset across drops.
 * ``rebuild``: one nixos-rebuild run from a shipped flake source.
 * ``confirm``: magic rollback: an armed run waits for a confirmation over a new connection, or goes back.
+* ``build``: ``nix build`` of a system on a build host or the panel host; activating a copied system.
+* ``closure``: copying a closure to a node (only the missing paths); comparing it with what the node runs.
 """
 
 from .connection import REMOTE_ERROR_KINDS, Cancelled, RemoteError, Target, scan_host_key

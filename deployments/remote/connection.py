@@ -33,6 +33,10 @@ REMOTE_ERROR_KINDS = (
     "sudo",
     "killed",  # a detached run ended without an exit status, and nobody here asked for it
     "no-generation",  # a rollback's generation is not on the node: nothing was changed
+    "build-host",  # the build host could not build: unreachable, refused, changed key (remote.build)
+    "copy",  # the closure could not be copied to the node (remote.closure)
+    "diff",  # the node could not compare the systems (remote.closure)
+    "gone",  # a built system waiting to be activated is no longer in the node's store
 )
 
 # Host key algorithms in the order scanning asks for them: the pinnable types in

@@ -98,6 +98,7 @@ class RebuildResult:
     after: SystemState
     toplevel: str | None
     magic: MagicState | None = None  # an armed run's decision (``confirm``); None when not armed
+    failure: str = ""  # what failed, when it was not nixos-rebuild (an off-target build: ``remote.build``)
 
 
 def _new_workdir(deployment_id: int, user: str) -> str:
@@ -309,8 +310,14 @@ def run_rebuild(
     should_cancel: Callable[[], bool] | None = None,
     on_workdir: Callable[[str], None] | None = None,
     arm: Arming | None = None,
+    command: Callable[[str, bool], str] | None = None,
+    resolve: Callable[[str], str | None] | None = None,
 ) -> RebuildResult:
     """Deploy a flake source archive (``git archive`` tar bytes) to one node with nixos-rebuild.
+
+    ``command(workdir, privileged)``, if given, is the shell command run detached instead of
+    nixos-rebuild (with or without the sudo prefix), and ``resolve(workdir)`` names what it makes
+    (``remote.build``: a ``nix build`` on a build host, an activation of a copied system).
 
     Contract:
     * ValueError for an invalid attr/action/id (before any connection).
@@ -340,8 +347,12 @@ def run_rebuild(
     cancel) one more, to remove the folder once that is known.
     """
     workdir = _new_workdir(deployment_id, target.user)
-    invocation = _invocation(target, action, workdir, attr)
-    plain_invocation = _invocation(target, action, workdir, attr, privileged=False)
+    if command is None:
+
+        def command(folder: str, privileged: bool) -> str:
+            return _invocation(target, action, folder, attr, privileged=privileged)
+
+    invocation, plain_invocation = command(workdir, True), command(workdir, False)
     shown = invocation + (" (armed: magic rollback)" if arm is not None else "")
     watch = None
     if arm is not None:
@@ -378,7 +389,7 @@ def run_rebuild(
             note(states[-1].describe("before"))
 
         prelude = _Prelude(on_output, on_state, lambda: note(f"running: {shown}"), note)
-        resolve = resolve_path(action, workdir)
+        resolve = resolve_path(action, workdir) if resolve is None else resolve(workdir)
 
         def launched() -> RunHandle | None:
             if prelude.launched is None:

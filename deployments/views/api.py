@@ -160,11 +160,14 @@ def api_nodes(request):
 @_api_login_required
 @require_POST
 def api_deploy(request, name):
-    """POST {"action": "switch", "revision": ""} → 201 with the deployment, 409 if the node is busy."""
+    """POST {"action": "switch", "revision": "", "diff": false} → 201 with the deployment, 409 if the node is
+    busy. ``"diff": true`` builds and shows the difference first (confirm it: ``/api/deployments/<id>/confirm/``)."""
     node = gate.node_for(request.user, name, VIEW)
     gate.require(request.user, DEPLOY, node, event="deployment.requested")
-    body = json_object(request, {"action": str, "revision": str})
-    form = DeployForm({"action": body.get("action", "switch"), "revision": body.get("revision", "")})
+    body = json_object(request, {"action": str, "revision": str, "diff": bool})
+    form = DeployForm(
+        {"action": body.get("action", "switch"), "revision": body.get("revision", ""), "diff": body.get("diff", False)}
+    )
     if not form.is_valid():
         return JsonResponse({"error": "invalid input", "fields": form.errors.get_json_data()}, status=400)
     try:
@@ -174,6 +177,7 @@ def api_deploy(request, name):
             revision=form.cleaned_data["revision"],
             user=request.user,
             trigger=Deployment.Trigger.API,
+            kind=Deployment.Kind.DIFF if form.cleaned_data["diff"] else Deployment.Kind.REBUILD,
         )
     except AwaitingApproval as exc:
         return JsonResponse({"error": str(exc), "approval": exc.approval.payload()}, status=202)

@@ -23,6 +23,7 @@ from ..forms import DeployForm, NodeForm, PinHostKeyForm, RollbackForm
 from ..models import RUNNING_SYSTEM_ACTIONS, Credential, Deployment, Node, Repository
 from ..sync.models import NodeSync
 from ..validators import validate_node_name, validate_search_text, validate_tag
+from . import change as change_views
 
 
 def _fleet(nodes):
@@ -153,6 +154,7 @@ def _node_page(request, node: Node, form: DeployForm, *, status: int = 200):
             "rollback_form": RollbackForm(auto_id="rollback_%s"),
             "sync": NodeSync.objects.filter(node=node).first(),
             "sync_refresh_url": reverse("sync:node-refresh", args=[node.name]),
+            **change_views.node_context(request.user, node),
         },
         status=status,
     )
@@ -169,7 +171,11 @@ def node_deploy(request, name):
         return _node_page(request, node, form, status=400)
     try:
         deployment = lifecycle.request_deployment(
-            node, action=form.cleaned_data["action"], revision=form.cleaned_data["revision"], user=request.user
+            node,
+            action=form.cleaned_data["action"],
+            revision=form.cleaned_data["revision"],
+            user=request.user,
+            kind=Deployment.Kind.DIFF if form.cleaned_data["diff"] else Deployment.Kind.REBUILD,
         )
     except AwaitingApproval as exc:
         messages.info(request, str(exc))
@@ -199,7 +205,8 @@ def node_edit(request, name=None):
         return redirect(node)
     # A refused form is a 400 (with the form and its errors), so a client never takes it for a saved one.
     status = 400 if request.method == "POST" else 200
-    return render(request, "deployments/node_form.html", {"form": form, "node": node, **saved}, status=status)
+    build = change_views.node_context(request.user, node) if node.pk else {}
+    return render(request, "deployments/node_form.html", {"form": form, "node": node, **saved, **build}, status=status)
 
 
 _ID_RE = re.compile(r"\A[0-9]{1,18}\Z")
@@ -290,6 +297,7 @@ def deployment_detail(request, pk):
             "can_deploy": gate.can(request.user, DEPLOY, deployment.node),
             "status_json": deployment.status_payload(),
             "terminal_statuses": [str(s) for s in Deployment.TERMINAL],
+            **change_views.deployment_context(request.user, deployment),
         },
     )
 

@@ -259,6 +259,9 @@ RULES: dict[str, Rule] = {
     "deployments:tag-check-add": Rule("GET", superuser_only(200), lambda w, t: {"tag": "web"}, denial_audited=True),
     "deployments:tag-check-edit": Rule("GET", superuser_only(200), _tag_check, denial_audited=True),
     "deployments:tag-check-delete": Rule("POST", superuser_only(302), _tag_check, denial_audited=True),
+    "deployments:node-build-location": Rule(
+        "POST", on_node(3, 302), _node, {"location": "target"}, node_route=True, denial_audited=True
+    ),
     "deployments:deployment-list": Rule("GET", signed_in(200)),
     "deployments:deployment-detail": Rule("GET", on_node(1, 200), _deployment, node_route=True),
     "deployments:deployment-cancel": Rule("POST", on_node(2, 302), _active, node_route=True, denial_audited=True),
@@ -267,6 +270,11 @@ RULES: dict[str, Rule] = {
         "POST", on_node(2, 302), _deployment, node_route=True, denial_audited=True
     ),
     "deployments:deployment-log": Rule("GET", on_node(1, 200), _deployment, node_route=True),
+    # A finished rebuild: past the gate the page is told it is not a difference to confirm.
+    "deployments:deployment-confirm": Rule("POST", on_node(2, 302), _deployment, node_route=True, denial_audited=True),
+    "deployments:api-confirm": Rule(
+        "POST", on_node(2, 409, api=True), _deployment, node_route=True, api=True, denial_audited=True
+    ),
     "deployments:api-nodes": Rule("GET", signed_in(200, api=True), api=True),
     "deployments:api-deploy": Rule(
         "POST", on_node(2, 201, api=True), _node, {"action": "switch"}, node_route=True, api=True, denial_audited=True

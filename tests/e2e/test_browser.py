@@ -71,6 +71,7 @@ def test_the_pages_run_under_the_content_security_policy(panel, page):
     """The log page's script, its WebSocket and its fetches work under the policy; other pages load clean."""
     response = page.goto(panel.url + "/nodes/devm/")
     assert "script-src 'self'" in response.headers["content-security-policy"]
+    page.uncheck("#id_diff")  # a plain deploy: no difference shown first
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
@@ -85,6 +86,7 @@ def test_the_pages_run_under_the_content_security_policy(panel, page):
 def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
     page.goto(panel.url + "/nodes/chatty/")
     page.select_option("select[name=action]", "switch")
+    page.uncheck("#id_diff")  # a plain deploy: no difference shown first
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     # Lines arrive while the deployment runs, before it is complete.
@@ -100,6 +102,7 @@ def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
 
 def test_a_failing_deploy_shows_failed_with_its_exit_code_and_stderr(panel, page):
     page.goto(panel.url + "/nodes/failing/")
+    page.uncheck("#id_diff")  # a plain deploy: no difference shown first
     page.click("#deploy-button")
     page.wait_for_url("**/deployments/*/")
     wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
@@ -146,3 +149,26 @@ def test_the_api_tokens_page_and_the_api_documentation_run_under_the_content_sec
     page.goto(panel.url + "/api/v1/docs/")
     page.wait_for_selector(".opblock", timeout=60_000)
     assert "/api/v1/deployments/{id}/log/stream/" in page.content()
+
+
+def test_the_difference_is_shown_first_and_confirming_switches_to_exactly_that_system(panel, page):
+    page.goto(panel.url + "/nodes/devm/")
+    assert page.is_checked("#id_diff"), "the difference first is the default"
+    page.click("#deploy-button")
+    page.wait_for_url("**/deployments/*/")
+    diff_url = page.url
+    # The page shows the difference by itself once it has been computed (it reloads when the run ends).
+    page.wait_for_selector("#diff", timeout=120_000)
+    assert "Succeeded" in page.inner_text("#status")
+    diff_text = page.inner_text("#diff")
+    assert " added, " in diff_text and " changed" in diff_text
+    built = page.inner_text("[data-field=toplevel]").strip()
+    assert built.startswith("/nix/store/")
+    page.click("#confirm-button")
+    page.wait_for_url(lambda url: url != diff_url and "/deployments/" in url)
+    wait_js(page, "document.body.dataset.logState === 'complete'", timeout=120)
+    assert "Succeeded" in page.inner_text("#status")
+    assert "activation of a confirmed difference" in page.inner_text("#change").lower()
+    assert page.inner_text("[data-field=system_after]").strip() == built
+    page.goto(diff_url)
+    assert page.query_selector("#confirm-button") is None, "confirmed once"

@@ -46,8 +46,10 @@ exit 0
 """
 
 FAKE_SUDO = r"""#!/bin/sh
-# Stand-in for sudo (not installed here): -n always needs a password; -S -p '' reads one line.
+# Stand-in for sudo (not installed here): -n always needs a password; -S -p '' reads one line. With a
+# file "nopasswd" beside it (a NOPASSWD rule), -S -p '' reads nothing, as sudo does then.
 if [ "$1" = "-n" ]; then echo "sudo: a password is required" >&2; exit 1; fi
+if [ "$1" = "-S" ] && [ "$2" = "-p" ] && [ -e "$(dirname "$0")/nopasswd" ]; then shift 3; exec "$@"; fi
 if [ "$1" = "-S" ] && [ "$2" = "-p" ]; then
   shift 3
   IFS= read -r pw || pw=
@@ -80,6 +82,7 @@ class Server:
     passphrase: str = ""
     unauthorized_key: str = ""
     sudo_password: str = ""
+    bindir: Path | None = None  # the session PATH's stand-ins (nixos-rebuild, sudo)
     session_marker: str = field(default_factory=lambda: "PANEL_TEST_NODE=" + secrets.token_hex(8))
 
     def pids(self, text: str) -> list[int]:
@@ -128,6 +131,7 @@ def running_server(d: Path):
     bindir.mkdir(mode=0o755)
     _executable(bindir / "nixos-rebuild", FAKE_NIXOS_REBUILD)
     _executable(bindir / "sudo", FAKE_SUDO)
+    n.bindir = bindir
     n.sudo_password = "sudo-" + secrets.token_hex(8)
     (bindir / "sudo-password").write_text(n.sudo_password + "\n")
 

@@ -1,5 +1,6 @@
 """Request a deployment from the command line, optionally following its log: one node (``deploy NODE``)
-or a rollout to many (``deploy --tag web [--node a …] [--all --yes-all] --parallel 10 --canary 1``).
+or a rollout to many (``deploy --tag web [--node a …] [--all --yes-all] --parallel 10 --canary 1``);
+``deploy NODE --diff`` builds and shows the difference only, ``deploy --confirm N`` switches to what diff N built.
 
 Exit status: 0 when the deployment (every node of the rollout) succeeded, or it
 was queued without --follow; 1 when it (any node) did not succeed; 2 when the
@@ -15,11 +16,20 @@ from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand
 from django.db.models import Q
 
-from deployments import lifecycle, logstream, rollouts
+from deployments import change, lifecycle, logstream, rollouts
 from deployments.errors import AwaitingApproval, RequestError
 from deployments.models import Deployment, LogChunk, Rollout
 
-from ._base import AWAITING, NOT_SUCCEEDED, REFUSED, acting_user, lookup_node, no_qcluster_warning, refused
+from ._base import (
+    AWAITING,
+    NOT_SUCCEEDED,
+    REFUSED,
+    acting_user,
+    lookup_deployment,
+    lookup_node,
+    no_qcluster_warning,
+    refused,
+)
 
 # The shell's status for a command stopped by SIGINT (128 + 2).
 INTERRUPTED = 130
@@ -35,6 +45,14 @@ class Command(BaseCommand):
         parser.add_argument("--follow", action="store_true", help="stream the log and wait for the outcome")
         parser.add_argument("--as", dest="as_user", help="request as this panel user (their permissions apply)")
         parser.add_argument("--timeout", type=int, help="seconds the run may take on each node (default: the panel's)")
+        parser.add_argument(
+            "--diff",
+            action="store_true",
+            help="build and show what would change (one node); switch nothing until --confirm",
+        )
+        parser.add_argument(
+            "--confirm", type=int, metavar="N", help="switch to exactly the system difference #N built (no NODE)"
+        )
         rollout = parser.add_argument_group("rollouts (many nodes, a few at a time)")
         rollout.add_argument("--tag", dest="tags", action="append", default=[], help="every node with this tag")
         rollout.add_argument("--node", dest="nodes", action="append", default=[], help="this node (repeatable)")
@@ -48,8 +66,14 @@ class Command(BaseCommand):
             "--node-timeout", action="append", default=[], metavar="NODE=SECONDS", help="a timeout for one node"
         )
 
-    def handle(self, node, action, rev, follow, as_user, timeout, **opts):
+    def handle(self, node, action, rev, follow, as_user, timeout, diff=False, confirm=None, **opts):
         user = acting_user(as_user)
+        if confirm is not None:
+            if node or diff or opts["tags"] or opts["nodes"] or opts["all_nodes"]:
+                raise refused("--confirm N takes no NODE and no other choice of nodes")
+            return self.confirm(user, confirm, follow)
+        if diff and (opts["tags"] or opts["nodes"] or opts["all_nodes"]):
+            raise refused("--diff: for one NODE (rollouts switch without a confirmation)")
         if opts["tags"] or opts["nodes"] or opts["all_nodes"]:
             if node:
                 raise refused("give one NODE, or choose nodes with --tag, --node or --all, not both")
@@ -65,7 +89,13 @@ class Command(BaseCommand):
         target = lookup_node(user, node)
         try:
             deployment = lifecycle.request_deployment(
-                target, action=action, revision=rev, user=user, trigger=Deployment.Trigger.CLI, timeout_seconds=timeout
+                target,
+                action=action,
+                revision=rev,
+                user=user,
+                trigger=Deployment.Trigger.CLI,
+                timeout_seconds=timeout,
+                kind=Deployment.Kind.DIFF if diff else Deployment.Kind.REBUILD,
             )
         except AwaitingApproval as exc:
             self.stderr.write(f"{exc} ({exc.approval.get_absolute_url()})")
@@ -73,6 +103,19 @@ class Command(BaseCommand):
         except (RequestError, PermissionDenied) as exc:
             self.stderr.write(f"refused: {exc}")
             sys.exit(REFUSED)
+        self.watch(deployment, target, action, follow)
+
+    def confirm(self, user, pk: int, follow: bool) -> None:
+        """``--confirm N``: the activation of diff #N (``change.confirm_diff``), followed like a deploy."""
+        diff = lookup_deployment(user, pk)
+        try:
+            deployment = change.confirm_diff(diff, user=user, trigger=Deployment.Trigger.CLI)
+        except (RequestError, PermissionDenied) as exc:
+            self.stderr.write(f"refused: {exc}")
+            sys.exit(REFUSED)
+        self.watch(deployment, diff.node, diff.action, follow)
+
+    def watch(self, deployment: Deployment, target, action: str, follow: bool) -> None:
         pk = deployment.pk
         # From here on the deployment exists: Ctrl-C, whenever it comes, leaves it be and says so.
         try:
@@ -94,6 +137,11 @@ class Command(BaseCommand):
                     f"(Ctrl-C does not stop it): cancel it with manage.py cancel {pk}"
                 )
                 sys.exit(INTERRUPTED)
+        if status == Deployment.Status.SUCCEEDED and deployment.kind == Deployment.Kind.DIFF:
+            d = Deployment.objects.get(pk=pk)
+            for line in change.describe_diff(d.diff):
+                self.stdout.write(line)
+            self.stderr.write(f"switch to exactly this system with: manage.py deploy --confirm {pk}")
         sys.exit(0 if status == Deployment.Status.SUCCEEDED else NOT_SUCCEEDED)
 
     def follow(self, pk: int) -> str:

@@ -3,9 +3,12 @@
 The flake has no inputs (no nixpkgs): each ``nixosConfigurations.<attr>``
 holds only ``config.system.build.toplevel``, a plain ``derivation`` built with
 the host's ``/bin/sh``. Its output looks like a NixOS system where the panel
-can tell: ``nixos-version``, ``sw`` (a second store path, so closures have
-more than one path) and an executable ``bin/switch-to-configuration`` with
-NixOS's usage, messages and exit codes (see ``switch-to-configuration.sh``).
+can tell: ``nixos-version``, ``sw`` (the system path, linking versioned
+packages ``<name>-<version>``), ``kernel``, ``initrd`` and ``systemd`` links
+into store paths of their own (so ``nix store diff-closures`` prints what it
+prints for NixOS: version changes, added and removed packages, size changes)
+and an executable ``bin/switch-to-configuration`` with NixOS's usage,
+messages and exit codes (see ``switch-to-configuration.sh``).
 
 The per-configuration knobs live in ``testbed.json`` beside ``flake.nix``, so
 ``commit_change`` only edits JSON.
@@ -40,17 +43,38 @@ FLAKE_NIX = r"""{
     let
       system = "x86_64-linux";
       specs = builtins.fromJSON (builtins.readFile ./testbed.json);
-      sw = derivation {
+      # A NixOS-like part of the closure: "<name>-<version>", so `nix store diff-closures` tells versions.
+      part = name: script: derivation {
+        inherit name system;
+        builder = "/bin/sh";
+        PATH = "/usr/bin:/bin";
+        args = [ "-c" "set -e; mkdir -p $out; cd $out; ${script}" ];
+      };
+      mkPackage = name: version: part "${name}-${version}"
+        "mkdir bin; printf '#!/bin/sh\\necho ${name} ${version}\\n' > bin/${name}; chmod 0555 bin/${name}";
+      mkSw = spec: derivation {
         name = "system-path";
         inherit system;
         builder = "/bin/sh";
         PATH = "/usr/bin:/bin";
-        args = [ "-c" "mkdir -p $out/share/testbed && echo testbed system path > $out/share/testbed/README" ];
+        packages = builtins.attrValues (builtins.mapAttrs mkPackage spec.packages);
+        payloadKib = toString spec.payload_kib;
+        args = [ "-c" ''
+          set -e
+          mkdir -p $out/share/testbed $out/bin
+          echo testbed system path > $out/share/testbed/README
+          for p in $packages; do ln -s $p/bin/* $out/bin/; done
+          if [ "$payloadKib" -gt 0 ]; then head -c "$payloadKib"K /dev/urandom > $out/share/testbed/payload; fi
+        '' ];
       };
       mkSystem = attr: spec: {
         config.system.build.toplevel = derivation {
           name = "nixos-system-${attr}-24.05.testbed-${spec.version_tag}";
-          inherit system sw attr;
+          inherit system attr;
+          sw = mkSw spec;
+          kernel = part "linux-${spec.kernel_version}" "echo kernel ${spec.kernel_version} > bzImage";
+          initrd = part "initrd-linux-${spec.kernel_version}" "echo initrd ${spec.kernel_version} > initrd";
+          systemd = part "systemd-${spec.systemd_version}" "mkdir bin; echo systemd > bin/systemctl";
           builder = "/bin/sh";
           PATH = "/usr/bin:/bin";
           stcBody = ./switch-to-configuration.sh;
@@ -61,12 +85,22 @@ FLAKE_NIX = r"""{
           sleepTicks = toString spec.sleep_ticks;
           network = spec.network or "up";
           health = if (spec.healthy or true) then "ok" else "failing";
+          buildExit = toString spec.build_exit;
+          buildWork = toString spec.build_work;
           args = [ "-c" ''
             set -e
+            if [ "$buildExit" != 0 ]; then
+              echo "error: builder for the testbed system failed on purpose (build_exit $buildExit)" >&2
+              exit "$buildExit"
+            fi
+            i=0; while [ "$i" -lt "$buildWork" ]; do i=$((i + 1)); done
             mkdir -p $out/bin
             echo "24.05.testbed-$versionTag (Uakari)" > $out/nixos-version
             echo "$health" > $out/health
             ln -s $sw $out/sw
+            ln -s $kernel/bzImage $out/kernel
+            ln -s $initrd/initrd $out/initrd
+            ln -s $systemd $out/systemd
             {
               echo '#!/bin/sh'
               echo "toplevel=$out"
@@ -106,6 +140,12 @@ class NodeConfigSpec:
         off; packets are dropped, nothing is reset). Only on nodes with their own network namespace.
     healthy: the system's ``health`` file says ``ok`` (else ``failing``): what a health check reads
         (``grep -qx ok /run/current-system/health``), as a service's status would say.
+    packages: name -> version of the packages in ``sw`` (each ``<name>-<version>`` in the closure).
+    kernel_version, systemd_version: the ``kernel``/``initrd`` and ``systemd`` links' store paths.
+    payload_kib: KiB of random data in ``sw`` (a big closure, e.g. for a full disk).
+    build_exit: the toplevel's builder exits with this (non-zero: the build fails, saying so on stderr).
+    build_work: iterations of a busy shell loop in the toplevel's builder (CPU time, as a compile costs;
+        about a million a second here).
     """
 
     activation_exit: int = 0
@@ -115,12 +155,22 @@ class NodeConfigSpec:
     version_tag: str = "1"
     network: str = "up"
     healthy: bool = True
+    packages: dict[str, str] = dataclasses.field(default_factory=lambda: {"hello": "2.12.1", "nginx": "1.24.0"})
+    kernel_version: str = "6.6.30"
+    systemd_version: str = "255.4"
+    payload_kib: int = 0
+    build_exit: int = 0
+    build_work: int = 0
 
     def to_json(self) -> dict:
-        if not _TAG_RE.match(self.version_tag):
-            raise ValueError(f"version_tag {self.version_tag!r} is not a valid store path name part")
         if self.network not in ("up", "down"):
             raise ValueError(f"network must be 'up' or 'down', not {self.network!r}")
+        for tag in (self.version_tag, self.kernel_version, self.systemd_version, *self.packages.values()):
+            if not _TAG_RE.match(tag):
+                raise ValueError(f"version {tag!r} is not a valid store path name part")
+        for name in self.packages:
+            if not _ATTR_RE.match(name):
+                raise ValueError(f"invalid package name {name!r}")
         return {
             "activation_exit": int(self.activation_exit),
             "extra_lines": int(self.extra_lines),
@@ -130,6 +180,12 @@ class NodeConfigSpec:
             "version_tag": self.version_tag,
             "network": self.network,
             "healthy": bool(self.healthy),
+            "packages": dict(self.packages),
+            "kernel_version": self.kernel_version,
+            "systemd_version": self.systemd_version,
+            "payload_kib": int(self.payload_kib),
+            "build_exit": int(self.build_exit),
+            "build_work": int(self.build_work),
         }
 
     @classmethod
