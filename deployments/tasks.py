@@ -244,13 +244,20 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             status, fields["error_message"] = Status.ERROR, exc.message
         if exc.kind == "host-key-mismatch":
             # Security-relevant on its own, not only as a failed deployment: someone may be in the middle.
+            # A bastion's mismatch is recorded on the bastion, whose key it is.
+            at = next((hop for hop in node.jump_path() if hop.name == exc.hop), node) if exc.hop else node
             with transaction.atomic():
                 record(
                     "hostkey.mismatch",
                     actor_kind="system",
-                    obj=node,
+                    obj=at,
                     outcome="failure",
-                    details={"pinned": node.host_key_fingerprint, "error": exc.message, "deployment": deployment_id},
+                    details={
+                        "pinned": at.host_key_fingerprint,
+                        "error": exc.message,
+                        "deployment": deployment_id,
+                        **({"behind": node.name} if at is not node else {}),
+                    },
                 )
     except repos.RepositoryError as exc:
         status, fields["error_message"] = Status.ERROR, f"flake source: {exc}"

@@ -86,15 +86,17 @@ class RemoteError(Exception):
     """A problem reaching or talking to a node (not a non-zero exit of the command).
 
     ``kind`` is one of :data:`REMOTE_ERROR_KINDS`; ``message`` is for humans and
-    never contains secrets.
+    never contains secrets. ``hop`` names the bastion (``Target.label``) at fault
+    when the error is a bastion's on the way, not the node's own.
     """
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, hop: str = "") -> None:
         if kind not in REMOTE_ERROR_KINDS:
             raise ValueError(f"unknown RemoteError kind {kind!r}")
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.hop = hop
 
     def __str__(self) -> str:
         return self.message

@@ -98,7 +98,9 @@ class Hop:
             try:
                 conn.open()
             except RemoteError as e:
-                self.error = RemoteError(e.kind, f"bastion {self.target.label}: {e.message}")
+                self.error = RemoteError(
+                    e.kind, f"bastion {self.target.label}: {e.message}", e.hop or self.target.label
+                )
                 raise self.error from None
             self.conn = conn
             self.pool.opened += 1
