@@ -83,8 +83,6 @@ _advancing: contextvars.ContextVar[int | None] = contextvars.ContextVar("advanci
 _in_slot: contextvars.ContextVar[int | None] = contextvars.ContextVar("rollout_slot", default=None)
 # Time left in a run_node task before it takes another node: the most that node may run, and this margin.
 CHAIN_MARGIN = 300
-# A handed-out node still queued after this long (its task lost, its worker gone) is handed out again.
-REHAND_AFTER = 120
 
 
 @dataclass
@@ -553,11 +551,11 @@ def _finish(rollout: Rollout, tally: Tally) -> None:
 def advance_active_rollouts() -> int:
     """Advance every unfinished rollout (a schedule, every minute): a rollout whose trigger was lost —
     its process died between a node's end and the advance — still goes on.  A node handed out but still
-    queued while nothing of its rollout has started for ``REHAND_AFTER`` seconds and the broker holds no
+    queued while nothing of its rollout has started for ``ROLLOUT_REHAND_AFTER`` seconds and the broker holds no
     waiting task (its task or worker was lost) is handed out again: the worker's claim makes a second
     delivery harmless.  Returns how many rollouts it advanced."""
     ids = list(Rollout.objects.filter(status__in=Rollout.ACTIVE).values_list("pk", flat=True))
-    quiet = timezone.now() - timedelta(seconds=REHAND_AFTER)
+    quiet = timezone.now() - timedelta(seconds=settings.ROLLOUT_REHAND_AFTER)
     for pk in ids:
         advance_rollout(pk)
         rollout = Rollout.objects.get(pk=pk)
