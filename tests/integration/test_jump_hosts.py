@@ -120,6 +120,7 @@ def test_a_cut_bastion_link_mid_run_is_resumed_through_the_bastion_with_every_li
     for module in (rebuild, detached):  # keep the run's folder, to compare it with the stored log
         monkeypatch.setattr(module, "remove_script", lambda workdir: "true")
     (gw, gw_tb), (node, tb) = behind("paced")
+    connections = gw_tb.ssh_connections()
     d = lifecycle.request_deployment(node, action="switch")
     worker = threading.Thread(target=run, args=(d.pk,))
     worker.start()
@@ -146,6 +147,7 @@ def test_a_cut_bastion_link_mid_run_is_resumed_through_the_bastion_with_every_li
     paced = [int(t.split()[3]) for t in texts(d, "o") if " paced line " in t]
     assert paced == list(range(1, PACED_LINES + 1))
     assert len(tb.rebuild_runs()) == 1  # resumed, never run again
+    assert gw_tb.ssh_connections() >= connections + 2  # the reconnect went through the bastion again
     tb.run(f"rm -rf {shlex.quote(d.remote_dir)}*")
 
 
