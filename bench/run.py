@@ -15,6 +15,7 @@ BENCHES = [
     ["roles_bench.py"],
     ["rollout_bench.py"],
     ["fleet_bench.py"],
+    ["jump_bench.py"],
     ["audit_bench.py"],
     ["audit_bench.py", "--database-url", "postgres://postgres@127.0.0.1:5432/panel_audit_bench"],
 ]

@@ -52,12 +52,47 @@ def _key(target: Target) -> tuple:
 class _ChannelSocket:
     """A ``direct-tcpip`` channel as the next hop's socket, keeping the first bytes the node sent
     (``first``, ``hung_up``) as ``connection._RecordingSocket`` does, so a port that does not speak SSH
-    behind a bastion is said as such."""
+    behind a bastion is said as such.
+
+    Sending and closing are serialised. paramiko's ``Channel.send`` builds a data message under the
+    channel's lock but hands it to the transport after releasing it, so a close from another thread (the
+    next hop's transport shutting down while its thread still answers the node) could put the channel's
+    CLOSE on the wire before that data. OpenSSH then finds data for a channel it has freed and drops the
+    whole session ("data packet referred to nonexistent channel"): with a shared bastion session, every
+    node behind it at once (seen here under load, one rollout in three).
+    """
+
+    # How long a close waits for a send in progress (a send blocked on a dead link's window must not
+    # keep the close waiting: the session is lost then anyway).
+    CLOSE_WAIT_SECONDS = 5.0
 
     def __init__(self, channel: paramiko.Channel) -> None:
         self._channel = channel
+        self._lock = threading.RLock()
+        self._closed = False
         self.first = b""
         self.hung_up = False
+
+    def send(self, data: bytes) -> int:
+        with self._lock:
+            if self._closed:
+                raise OSError("the channel through the bastion is closed")
+            return self._channel.send(data)
+
+    def sendall(self, data: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                raise OSError("the channel through the bastion is closed")
+            self._channel.sendall(data)
+
+    def close(self) -> None:
+        locked = self._lock.acquire(timeout=self.CLOSE_WAIT_SECONDS)
+        try:
+            self._closed = True
+            self._channel.close()
+        finally:
+            if locked:
+                self._lock.release()
 
     def recv(self, bufsize: int) -> bytes:
         data = self._channel.recv(bufsize)

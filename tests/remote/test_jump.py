@@ -191,3 +191,37 @@ def test_the_bastion_is_shown_in_the_target_repr_without_secrets(node):
     target = node.target(name="app-1", via=bastion_of(node, password="s3cret-pw"))
     text = repr(target)
     assert "via=Target(" in text and "s3cret-pw" not in text and "PRIVATE" not in text
+
+
+def test_a_close_waits_for_a_send_in_progress_so_no_data_follows_the_channels_close():
+    """paramiko hands a data message to the transport after releasing the channel's lock; a CLOSE sent in
+    between makes OpenSSH drop the whole bastion session. The channel socket orders them."""
+    from deployments.remote.jump import _ChannelSocket
+
+    order: list[str] = []
+    sending, release = threading.Event(), threading.Event()
+
+    class Channel:  # records what reaches the wire, and holds a send midway
+        def send(self, data):
+            sending.set()
+            release.wait(5)
+            order.append("data")
+            return len(data)
+
+        def close(self):
+            order.append("close")
+
+    sock = _ChannelSocket(Channel())
+    sender = threading.Thread(target=sock.send, args=(b"x",))
+    sender.start()
+    sending.wait(5)
+    closer = threading.Thread(target=sock.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "the close did not wait for the send"
+    release.set()
+    sender.join(5)
+    closer.join(5)
+    assert order == ["data", "close"]
+    with pytest.raises(OSError):
+        sock.send(b"late")
