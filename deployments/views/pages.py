@@ -125,11 +125,16 @@ def node_detail(request, name):
 
 def _node_page(request, node: Node, form: DeployForm, *, status: int = 200):
     deployments = Paginator(node.deployments.all(), 25).get_page(request.GET.get("page"))
+    # The bastions on the way, by name where the viewer sees them (what they may not see does not exist).
+    path = node.jump_path() if node.jump_host_id else []
+    seen = set(gate.visible_nodes(request.user).filter(pk__in=[h.pk for h in path]).values_list("pk", flat=True))
+    jump_path = [hop if hop.pk in seen else None for hop in path]
     return render(
         request,
         "deployments/node_detail.html",
         {
             "node": node,
+            "jump_path": jump_path,
             "deployments": deployments,
             "form": form,
             "can_deploy": gate.can(request.user, DEPLOY, node),

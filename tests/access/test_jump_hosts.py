@@ -275,3 +275,22 @@ def test_the_gate_answers_for_a_stand_in_of_an_id_that_does_not_exist(world, ali
     assert not gate.can_jump_through(alice, Node(pk=987654, name=""))
     with pytest.raises(PermissionDenied):
         gate.require_jump_through(alice, [Node(pk=987654, name="")], node=world.nodes["web-1"])
+
+
+# --- the node page -----------------------------------------------------------------
+
+
+def test_the_node_page_names_the_bastions_the_viewer_sees_and_hides_the_others(client, world, alice, wendy, gw_web):
+    outer = world.nodes["db-1"]  # wendy does not see it
+    gw_web.jump_host = outer
+    inventory.save_object(gw_web, user=alice)
+    node = world.nodes["web-1"]
+    node.jump_host = gw_web
+    inventory.save_object(node, user=alice)
+    client.force_login(wendy)
+    page = client.get("/nodes/web-1/").content.decode()
+    assert "a node you do not see" in page and 'href="/nodes/gw-web/"' in page
+    assert "db-1" not in page
+    client.force_login(alice)
+    page = client.get("/nodes/web-1/").content.decode()
+    assert 'href="/nodes/db-1/"' in page and "a node you do not see" not in page
