@@ -190,6 +190,13 @@ def request_rollout(options: Options, *, user=None, trigger: str = Deployment.Tr
             f"No pinned host key on {', '.join(unpinned[:10])}{', …' if len(unpinned) > 10 else ''}: "
             "pin them first or leave them out."
         )
+    # A bastion on the way without a pinned key would fail every node behind it: said now, by name.
+    bastions = sorted({hop.name for n in nodes if n.jump_host_id for hop in n.jump_path() if not hop.host_key})
+    if bastions:
+        raise RequestError(
+            f"No pinned host key on jump host {', '.join(bastions[:10])}{', …' if len(bastions) > 10 else ''}: "
+            "pin it first, or leave out the nodes behind it."
+        )
     if options.canary_tag:
         canaries = [n for n in nodes if any(t.name == options.canary_tag for t in n.tags.all())]
         if not canaries:

@@ -294,3 +294,14 @@ def test_the_node_page_names_the_bastions_the_viewer_sees_and_hides_the_others(c
     client.force_login(alice)
     page = client.get("/nodes/web-1/").content.decode()
     assert 'href="/nodes/db-1/"' in page and "a node you do not see" not in page
+
+
+def test_a_rollout_through_a_bastion_without_a_pinned_key_is_refused_naming_it(world, alice, gw_web):
+    from deployments import rollouts
+
+    Node.objects.filter(pk=gw_web.pk).update(host_key="", host_key_fingerprint="")
+    node = world.nodes["web-1"]
+    node.jump_host = gw_web
+    inventory.save_object(node, user=alice)
+    with pytest.raises(RequestError, match="No pinned host key on jump host gw-web: pin it first"):
+        rollouts.request_rollout(rollouts.Options(nodes=["web-1"]), user=alice)
