@@ -55,6 +55,7 @@ class NodeAdmin(AuditedAdmin):
     form = NodeForm
     list_display = ["name", "host", "port", "ssh_user", "jump_host", "flake_attr", "repository", "host_key_fingerprint"]
     list_filter = ["tags", "repository"]
+    list_select_related = ["jump_host", "repository"]
     search_fields = ["name", "host"]
     readonly_fields = ["host_key_fingerprint", "host_key_pinned_at", "host_key_pinned_by"]
 

@@ -83,7 +83,10 @@ class NodeForm(forms.ModelForm):
             # Bastions: nodes the user may deploy on whose credential they may use (gate.jump_hosts_for).
             current = Q(pk=self.instance.jump_host_id) if self.instance.jump_host_id else Q(pk__in=[])
             field = self.fields["jump_host"]
-            field.queryset = Node.objects.filter(Q(pk__in=gate.jump_hosts_for(user).values("pk")) | current)
+            # Names only: a fleet of thousands renders one option each, without loading the nodes' other fields.
+            field.queryset = Node.objects.filter(Q(pk__in=gate.jump_hosts_for(user).values("pk")) | current).only(
+                "pk", "name"
+            )
             if self.instance.pk:
                 field.queryset = field.queryset.exclude(pk=self.instance.pk)
             field.help_text += " Offered: nodes you may deploy on whose credential your teams may use."

@@ -305,3 +305,17 @@ def test_a_rollout_through_a_bastion_without_a_pinned_key_is_refused_naming_it(w
     inventory.save_object(node, user=alice)
     with pytest.raises(RequestError, match="No pinned host key on jump host gw-web: pin it first"):
         rollouts.request_rollout(rollouts.Options(nodes=["web-1"]), user=alice)
+
+
+def test_the_django_admin_sets_the_jump_host_through_the_audited_change(client, world, alice, gw_web):
+    client.force_login(alice)
+    node = world.nodes["web-1"]
+    url = f"/admin/deployments/node/{node.pk}/change/"
+    assert "gw-web" in client.get(url).content.decode()
+    data = {**node_form_data(node, jump_host=gw_web.pk), "_save": "Save"}
+    response = client.post(url, data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert jump_of(node) == gw_web.pk
+    event = AuditEvent.objects.filter(action="node.changed", object_id=str(node.pk)).latest("seq")
+    assert event.details["changes"]["jump_path"] == {"before": [], "after": ["gw-web"]}
+    assert client.get("/admin/deployments/node/").status_code == 200
