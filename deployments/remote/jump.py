@@ -23,6 +23,7 @@ when the bastion cannot reach the node.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 
@@ -59,7 +60,9 @@ class _ChannelSocket:
     next hop's transport shutting down while its thread still answers the node) could put the channel's
     CLOSE on the wire before that data. OpenSSH then finds data for a channel it has freed and drops the
     whole session ("data packet referred to nonexistent channel"): with a shared bastion session, every
-    node behind it at once (seen here under load, one rollout in three).
+    node behind it at once (seen here under load, one rollout in three). The same holds for the CLOSE
+    paramiko sends back when the bastion closes the channel (the node's sshd went away):
+    ``_ordered_close`` waits for a send in progress too.
     """
 
     # How long a close waits for a send in progress (a send blocked on a dead link's window must not
@@ -86,10 +89,16 @@ class _ChannelSocket:
             self._channel.sendall(data)
 
     def close(self) -> None:
-        locked = self._lock.acquire(timeout=self.CLOSE_WAIT_SECONDS)
-        try:
+        with self.quiet():
             self._closed = True
             self._channel.close()
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """No send in progress while in here (given up after ``CLOSE_WAIT_SECONDS``)."""
+        locked = self._lock.acquire(timeout=self.CLOSE_WAIT_SECONDS)
+        try:
+            yield
         finally:
             if locked:
                 self._lock.release()
@@ -104,6 +113,24 @@ class _ChannelSocket:
 
     def __getattr__(self, name: str):
         return getattr(self._channel, name)
+
+
+def _ordered_close(channel: paramiko.Channel, message) -> None:
+    """The bastion transport's handler of the server's CLOSE for a channel: paramiko answers with our CLOSE
+    at once, so it waits for a send in progress on that channel to reach the wire first (see
+    ``_ChannelSocket``: the node's sshd going away must not drop the bastion session of every other node)."""
+    sock = getattr(channel, "_panel_socket", None)
+    if sock is None:
+        paramiko.Channel._handle_close(channel, message)
+        return
+    with sock.quiet():
+        paramiko.Channel._handle_close(channel, message)
+
+
+def _order_closes(transport: paramiko.Transport) -> None:
+    table = dict(type(transport)._channel_handler_table)
+    table[paramiko.common.MSG_CHANNEL_CLOSE] = _ordered_close
+    transport._channel_handler_table = table  # this transport's own: looked up on the instance
 
 
 class Hop:
@@ -137,6 +164,7 @@ class Hop:
                     e.kind, f"bastion {self.target.label}: {e.message}", e.hop or self.target.label
                 )
                 raise self.error from None
+            _order_closes(conn.transport)
             self.conn = conn
             self.pool.opened += 1
 
@@ -171,7 +199,9 @@ class Hop:
                 "unreachable",
                 f"{target.address} unreachable through bastion {label}: the bastion did not answer ({e or 'closed'})",
             ) from None
-        return _ChannelSocket(channel)
+        sock = _ChannelSocket(channel)
+        channel._panel_socket = sock  # for _ordered_close
+        return sock
 
     def release(self) -> None:
         self.pool.release(self)

@@ -223,3 +223,22 @@ def test_a_rollout_through_one_bastion_connects_to_it_once(behind, monkeypatch, 
     assert all(len(tb.rebuild_runs()) == 1 for tb in made)
     assert Deployment.objects.filter(rollout=rollout, status="succeeded").count() == 12
     assert gw_tb.ssh_connections() - connections == 1 == pool.opened
+
+
+def test_a_node_going_away_behind_the_bastion_leaves_the_others_on_its_session(behind, pool):
+    """The bastion closes the gone node's channel; the session it shares with the other node stays."""
+    from deployments.remote.stream import read_output
+
+    (gw, gw_tb), (a, a_tb) = behind()
+    _, (b, b_tb) = behind(bastion=(gw, gw_tb))
+    connections = gw_tb.ssh_connections()
+    with Connection(tasks.target_for(a)) as on_a, Connection(tasks.target_for(b)) as on_b:
+        assert read_output(on_a, "hostname") == a_tb.name and read_output(on_b, "hostname") == b_tb.name
+        a_tb.stop()  # every process of node a, its sshd and our session's included, is killed
+        with pytest.raises(RemoteError):
+            for _ in range(50):  # until the closed channel is noticed
+                read_output(on_a, "true")
+                time.sleep(0.1)
+        for _ in range(20):
+            assert read_output(on_b, "echo still") == "still"
+    assert gw_tb.ssh_connections() == connections + 1 and pool.opened == 1

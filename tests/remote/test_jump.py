@@ -225,3 +225,36 @@ def test_a_close_waits_for_a_send_in_progress_so_no_data_follows_the_channels_cl
     assert order == ["data", "close"]
     with pytest.raises(OSError):
         sock.send(b"late")
+
+
+def test_the_answer_to_the_bastions_close_waits_for_a_send_in_progress(monkeypatch):
+    """When the node's sshd goes away the bastion closes the channel, and paramiko's transport thread
+    answers with a CLOSE at once: not before a data message already on its way."""
+    import paramiko
+
+    from deployments.remote.jump import _ChannelSocket, _ordered_close
+
+    order: list[str] = []
+    sending, release = threading.Event(), threading.Event()
+
+    class Channel:
+        def send(self, data):
+            sending.set()
+            release.wait(5)
+            order.append("data")
+            return len(data)
+
+    monkeypatch.setattr(paramiko.Channel, "_handle_close", lambda chan, m: order.append("close"))
+    channel = Channel()
+    channel._panel_socket = sock = _ChannelSocket(channel)
+    sender = threading.Thread(target=sock.send, args=(b"x",))
+    sender.start()
+    sending.wait(5)
+    handler = threading.Thread(target=_ordered_close, args=(channel, None))
+    handler.start()
+    handler.join(0.2)
+    assert handler.is_alive(), "the CLOSE did not wait for the send"
+    release.set()
+    sender.join(5)
+    handler.join(5)
+    assert order == ["data", "close"]
