@@ -16,6 +16,7 @@ BENCHES = [
     ["rollout_bench.py"],
     ["fleet_bench.py"],
     ["sync_bench.py"],
+    ["jump_bench.py"],
     ["audit_bench.py"],
     ["audit_bench.py", "--database-url", "postgres://postgres@127.0.0.1:5432/panel_audit_bench"],
 ]

@@ -261,6 +261,9 @@ if DEPLOY_TIMEOUT < 1 or LINK_TIMEOUT < 3 or UNREACHABLE_LIMIT < 0:
 # A running deployment whose worker has not beaten for this long is interrupted.
 HEARTBEAT_INTERVAL = envfloat("PANEL_HEARTBEAT_INTERVAL", 5.0)
 HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
+# A rollout's node handed to the queue but still queued while nothing of the rollout started for this long,
+# the broker empty, is handed out again (its task was lost with a killed worker; rollouts.advance_active_rollouts).
+ROLLOUT_REHAND_AFTER = envfloat("PANEL_ROLLOUT_REHAND_AFTER", 120.0)
 # How often the WebSocket follower looks at the database when nothing is pushed.
 LOG_POLL_INTERVAL = envfloat("PANEL_LOG_POLL_INTERVAL", 0.05)
 LOG_FLUSH_INTERVAL = envfloat("PANEL_LOG_FLUSH_INTERVAL", 0.025)
@@ -287,6 +290,10 @@ Q_CLUSTER = {
     "ack_failures": True,
     "catch_up": False,
     "poll": envfloat("PANEL_QUEUE_POLL", 0.05),
+    # Tasks a qcluster takes off the broker ahead of a free worker (django-q2's default: workers squared). A
+    # task taken ahead waits behind a worker busy with a rollout's chain, and is lost if that qcluster is
+    # killed; several qclusters on one broker share a rollout's tasks more evenly with a small limit.
+    "queue_limit": envint("PANEL_QUEUE_LIMIT", envint("PANEL_WORKERS", 4) ** 2),
     "save_limit": 1000,
     "label": "Task queue",
 }

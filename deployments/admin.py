@@ -53,13 +53,14 @@ class TagAdmin(AuditedAdmin):
 @admin.register(Node)
 class NodeAdmin(AuditedAdmin):
     form = NodeForm
-    list_display = ["name", "host", "port", "ssh_user", "flake_attr", "repository", "host_key_fingerprint"]
+    list_display = ["name", "host", "port", "ssh_user", "jump_host", "flake_attr", "repository", "host_key_fingerprint"]
     list_filter = ["tags", "repository"]
+    list_select_related = ["jump_host", "repository"]
     search_fields = ["name", "host"]
     readonly_fields = ["host_key_fingerprint", "host_key_pinned_at", "host_key_pinned_by"]
 
     def get_form(self, request, obj=None, **kwargs):
-        """The node form for this user: only credentials and repositories they may use (all, for superusers,
+        """The node form for this user: only credentials, repositories and jump hosts they may use (all, for superusers,
         the only users of the admin today; ``save_object`` refuses any other whatever the form offers)."""
         form = super().get_form(request, obj, **kwargs)
 

@@ -108,7 +108,9 @@ class NodeForm(forms.ModelForm):
 
     class Meta:
         model = Node
-        fields = ["name", "host", "port", "ssh_user", "use_sudo", "flake_attr", "repository", "credential"]
+        fields = [
+            "name", "host", "port", "ssh_user", "use_sudo", "flake_attr", "repository", "credential", "jump_host",
+        ]  # fmt: skip
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -123,6 +125,16 @@ class NodeForm(forms.ModelForm):
                 field = self.fields[name]
                 field.queryset = field.queryset.model.objects.filter(Q(pk__in=usable(user).values("pk")) | current)
                 field.help_text = f"Only the {plural} your teams may use are offered."
+            # Bastions: nodes the user may deploy on whose credential they may use (gate.jump_hosts_for).
+            current = Q(pk=self.instance.jump_host_id) if self.instance.jump_host_id else Q(pk__in=[])
+            field = self.fields["jump_host"]
+            # Names only: a fleet of thousands renders one option each, without loading the nodes' other fields.
+            field.queryset = Node.objects.filter(Q(pk__in=gate.jump_hosts_for(user).values("pk")) | current).only(
+                "pk", "name"
+            )
+            if self.instance.pk:
+                field.queryset = field.queryset.exclude(pk=self.instance.pk)
+            field.help_text += " Offered: nodes you may deploy on whose credential your teams may use."
 
 
 class WriteOnlyTextarea(forms.Textarea):

@@ -8,6 +8,7 @@ and call one of these.  Deployment state changes live in ``lifecycle``.
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -18,13 +19,15 @@ from .errors import RequestError
 from .models import Credential, Node, Repository, Tag
 from .remote import HostKey, RemoteError
 from .remote import scan_host_key as _scan
+from .tasks import target_for
 
 
 def scan_host_key(node: Node, *, user=None) -> HostKey:
-    """Fetch the key ``node`` presents now (nothing is pinned)."""
+    """Fetch the key ``node`` presents now (nothing is pinned); through its jump hosts, if it has any."""
     gate.require(user, gate.ADMIN, node, event="hostkey.scanned")
     try:
-        key = _scan(node.host, node.port)
+        via = target_for(node).via if node.jump_host_id else None
+        key = _scan(node.host, node.port, via=via)
     except RemoteError as exc:
         with transaction.atomic():
             record("hostkey.scanned", user=user, obj=node, outcome="failure", details={"error": exc.message})
@@ -88,6 +91,9 @@ def snapshot(obj) -> dict:
         data[field.attname] = value.isoformat() if hasattr(value, "isoformat") else value
     if obj.pk and obj._meta.model_name == "node":
         data["tags"] = sorted(obj.tags.values_list("name", flat=True))
+    if obj._meta.model_name == "node":
+        # The way the panel reaches it, by name: part of every node.changed (before/after).
+        data["jump_path"] = [hop.name for hop in obj.jump_path()] if obj.jump_host_id else []
     if isinstance(obj, Repository):
         # A token in a URL stored before URLs were validated must not reach the trail again.
         data["url"] = obj.display_url
@@ -180,6 +186,17 @@ def require_node_uses(node: Node, old: Node | None, *, user, actor_kind: str | N
         gate.require_use(user, node.credential, node=node, actor_kind=actor_kind)
     if moved or old.repository_id != node.repository_id:
         gate.require_use(user, node.repository, node=node, actor_kind=actor_kind)
+    if node.jump_host_id is not None and (old is None or old.jump_host_id != node.jump_host_id):
+        # The panel logs in to every bastion on the way with its credential: the whole new way is asked.
+        gate.require_jump_through(user, _jump_path(node), node=node, actor_kind=actor_kind)
+
+
+def _jump_path(node: Node) -> list[Node]:
+    """``node.jump_path()``, a refused chain (itself, a cycle, too long) as a RequestError."""
+    try:
+        return node.jump_path()
+    except ValidationError as exc:
+        raise RequestError(" ".join(exc.messages)) from None
 
 
 def save_object(obj, *, user=None, actor_kind: str | None = None, tags: list[str] | None = None):
@@ -196,6 +213,8 @@ def save_object(obj, *, user=None, actor_kind: str | None = None, tags: list[str
         # Before the transaction: a refusal's audit event must outlive the rollback of the change.
         require_node_uses(obj, old, user=user, actor_kind=actor_kind)
     with transaction.atomic():
+        if isinstance(obj, Node) and obj.jump_host_id is not None:
+            _jump_path(obj)  # again inside the transaction: no cycle slips in beside a concurrent edit
         if old is not None and _target(old) != _target(obj):
             obj.host_key = obj.host_key_fingerprint = ""
             obj.host_key_pinned_at = None

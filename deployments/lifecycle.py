@@ -131,6 +131,9 @@ def request_deployment(
             raise RequestError(exc.messages[0]) from None
     if not node.host_key:
         raise RequestError(f"Node {node.name} has no pinned host key: scan and pin it first.")
+    for hop in node.jump_path() if node.jump_host_id else ():
+        if not hop.host_key:
+            raise RequestError(f"Jump host {hop.name} of {node.name} has no pinned host key: scan and pin it first.")
     if Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).exists():
         raise NodeBusy(f"Node {node.name} already has a deployment in progress.")
     try:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
 from . import crypto, validators
-from .remote import REBUILD_ACTIONS
+from .remote import MAX_JUMP_HOPS, REBUILD_ACTIONS
 
 
 class Credential(models.Model):
@@ -166,6 +167,15 @@ class Node(models.Model):
     build_host = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="+", editable=False
     )
+    jump_host = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="nodes_behind",
+        verbose_name="jump host",
+        help_text="Reach this node through another registered node (a bastion, as OpenSSH's ProxyJump).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -177,6 +187,33 @@ class Node(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def jump_path(self) -> list[Node]:
+        """The bastions on the way to this node, the one the panel connects to first first.
+
+        Raises ValidationError (on ``jump_host``) for a node that is its own bastion, a cycle, or more
+        than ``MAX_JUMP_HOPS`` bastions. One query per hop; chains are short.
+        """
+        chain: list[Node] = []
+        seen = {self.pk} if self.pk else set()
+        hop_id = self.jump_host_id
+        if hop_id is not None and hop_id == self.pk:
+            raise ValidationError({"jump_host": "A node cannot be its own jump host."})
+        while hop_id is not None:
+            if hop_id in seen:
+                raise ValidationError({"jump_host": "The jump hosts go round in a circle back to this node."})
+            if len(chain) >= MAX_JUMP_HOPS:
+                raise ValidationError({"jump_host": f"At most {MAX_JUMP_HOPS} jump hosts, one behind the other."})
+            seen.add(hop_id)
+            hop = Node.objects.select_related("credential").get(pk=hop_id)
+            chain.append(hop)
+            hop_id = hop.jump_host_id
+        return chain[::-1]
+
+    def clean(self) -> None:
+        super().clean()
+        if self.jump_host_id is not None:
+            self.jump_path()
 
     def get_absolute_url(self) -> str:
         return reverse("deployments:node-detail", args=[self.name])

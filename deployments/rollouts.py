@@ -85,8 +85,6 @@ _advancing: contextvars.ContextVar[int | None] = contextvars.ContextVar("advanci
 _in_slot: contextvars.ContextVar[int | None] = contextvars.ContextVar("rollout_slot", default=None)
 # Time left in a run_node task before it takes another node: the most that node may run, and this margin.
 CHAIN_MARGIN = 300
-# A handed-out node still queued after this long (its task lost, its worker gone) is handed out again.
-REHAND_AFTER = 120
 
 
 @dataclass
@@ -195,6 +193,13 @@ def request_rollout(options: Options, *, user=None, trigger: str = Deployment.Tr
         raise RequestError(
             f"No pinned host key on {', '.join(unpinned[:10])}{', …' if len(unpinned) > 10 else ''}: "
             "pin them first or leave them out."
+        )
+    # A bastion on the way without a pinned key would fail every node behind it: said now, by name.
+    bastions = sorted({hop.name for n in nodes if n.jump_host_id for hop in n.jump_path() if not hop.host_key})
+    if bastions:
+        raise RequestError(
+            f"No pinned host key on jump host {', '.join(bastions[:10])}{', …' if len(bastions) > 10 else ''}: "
+            "pin it first, or leave out the nodes behind it."
         )
     if options.canary_tag:
         canaries = [n for n in nodes if any(t.name == options.canary_tag for t in n.tags.all())]
@@ -565,11 +570,11 @@ def _finish(rollout: Rollout, tally: Tally) -> None:
 def advance_active_rollouts() -> int:
     """Advance every unfinished rollout (a schedule, every minute): a rollout whose trigger was lost —
     its process died between a node's end and the advance — still goes on.  A node handed out but still
-    queued while nothing of its rollout has started for ``REHAND_AFTER`` seconds and the broker holds no
+    queued while nothing of its rollout has started for ``ROLLOUT_REHAND_AFTER`` seconds and the broker holds no
     waiting task (its task or worker was lost) is handed out again: the worker's claim makes a second
     delivery harmless.  Returns how many rollouts it advanced."""
     ids = list(Rollout.objects.filter(status__in=Rollout.ACTIVE).values_list("pk", flat=True))
-    quiet = timezone.now() - timedelta(seconds=REHAND_AFTER)
+    quiet = timezone.now() - timedelta(seconds=settings.ROLLOUT_REHAND_AFTER)
     for pk in ids:
         advance_rollout(pk)
         rollout = Rollout.objects.get(pk=pk)

@@ -41,14 +41,24 @@ Status = Deployment.Status
 
 
 def target_for(node) -> Target:
-    """SSH target of ``node`` with its credential decrypted (kept only in memory)."""
+    """SSH target of ``node`` with its credential decrypted (kept only in memory), and its jump hosts',
+    each with its own credential and pinned key (``Target.via``)."""
+    via = None
+    for hop in node.jump_path():
+        via = _one_target(hop, via)
+    return _one_target(node, via)
+
+
+def _one_target(node, via: Target | None) -> Target:
     cred = node.credential
     is_key = cred.kind == cred.Kind.SSH_KEY
     return Target(
+        name=node.name,
+        via=via,
         host=node.host,
         port=node.port,
         user=node.ssh_user,
-        host_key=HostKey.parse(node.host_key),
+        host_key=HostKey.parse(node.host_key) if node.host_key else None,
         private_key=cred.secret() if is_key else None,
         passphrase=(cred.passphrase() or None) if is_key else None,
         password=None if is_key else cred.secret(),
@@ -256,13 +266,20 @@ def run_deployment(deployment_id: int, runner: Runner = run_rebuild) -> str:
             status, fields["error_message"] = Status.ERROR, exc.message
         if exc.kind == "host-key-mismatch":
             # Security-relevant on its own, not only as a failed deployment: someone may be in the middle.
+            # A bastion's mismatch is recorded on the bastion, whose key it is.
+            at = next((hop for hop in node.jump_path() if hop.name == exc.hop), node) if exc.hop else node
             with transaction.atomic():
                 record(
                     "hostkey.mismatch",
                     actor_kind="system",
-                    obj=node,
+                    obj=at,
                     outcome="failure",
-                    details={"pinned": node.host_key_fingerprint, "error": exc.message, "deployment": deployment_id},
+                    details={
+                        "pinned": at.host_key_fingerprint,
+                        "error": exc.message,
+                        "deployment": deployment_id,
+                        **({"behind": node.name} if at is not node else {}),
+                    },
                 )
     except repos.RepositoryError as exc:
         status, fields["error_message"] = Status.ERROR, f"flake source: {exc}"

@@ -391,13 +391,13 @@ def test_a_task_without_time_for_another_nodes_timeout_hands_it_out(fleet, worke
     assert r.status == "running"
 
 
-def test_a_node_whose_task_was_lost_is_handed_out_again(fleet, worker, alice, monkeypatch):
+def test_a_node_whose_task_was_lost_is_handed_out_again(fleet, worker, alice, monkeypatch, settings):
     r = rollout_of(alice, tags=["db"], parallelism=2)
     lost = list(worker.handed)
     worker.handed.clear()  # the broker lost both tasks
     monkeypatch.setattr(rollouts, "_queue_empty", lambda: True)
-    assert rollouts.advance_active_rollouts() == 1 and worker.handed == [], "not before REHAND_AFTER"
-    monkeypatch.setattr(rollouts, "REHAND_AFTER", 0)
+    assert rollouts.advance_active_rollouts() == 1 and worker.handed == [], "not before ROLLOUT_REHAND_AFTER"
+    settings.ROLLOUT_REHAND_AFTER = 0
     monkeypatch.setattr(rollouts, "_queue_empty", lambda: False)
     rollouts.advance_active_rollouts()
     assert worker.handed == [], "tasks still waiting in the broker: nothing handed out twice"

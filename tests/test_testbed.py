@@ -20,8 +20,10 @@ import pytest
 
 from tests.support.net import closing_server, refusing_address
 from tests.support.testbed import (
+    NamespacesUnavailable,
     NixUnavailable,
     NodeConfigSpec,
+    Testbed,
     TestbedError,
     commit_change,
     git_archive,
@@ -447,3 +449,37 @@ def test_nodes_start_quickly(testbed):
     per_node = (time.monotonic() - started) / 5
     print(f"\nnode start: {per_node * 1000:.0f} ms each")
     assert per_node < 1.0
+
+
+def test_a_node_behind_a_bastion_is_reachable_only_through_it(tmp_path):
+    """Its own testbed, to see its private bridge and route go away on close."""
+    import json
+    import socket
+
+    try:
+        tb = Testbed(tmp_path / "tb")
+    except NamespacesUnavailable as e:
+        pytest.skip(str(e))
+    with tb:
+        needs_namespaces(tb)
+        gw = tb.add_node("gw")
+        app = tb.add_node("app", behind=gw)
+        other = tb.add_node("other")
+        assert app.host.rsplit(".", 1)[0] != gw.host.rsplit(".", 1)[0]  # another subnet
+        with pytest.raises(OSError):  # the host has no way there
+            socket.create_connection((app.host, 22), timeout=3)
+        probe = shlex.quote(f"exec 3<>/dev/tcp/{app.host}/22")
+        probe = f"timeout 3 bash -c {probe} >/dev/null 2>&1; echo $?"
+        assert gw.run(probe).stdout.strip() == "0"  # the bastion reaches it
+        assert other.run(probe).stdout.strip() != "0"  # another node does not
+        assert app.run("hostname").stdout.strip() == "app"
+        before = gw.ssh_connections()
+        client = gw.ssh_client()
+        client.close()
+        wait_for(lambda: gw.ssh_connections() == before + 1, timeout=5, what="the bastion's sshd to log it")
+        bridge = tb._private["gw"][0]
+        net = str(tb._private["gw"][1])
+    links = json.loads(subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True).stdout)
+    assert bridge not in {link["ifname"] for link in links}
+    routes = subprocess.run(["ip", "-4", "route", "show", "type", "unreachable"], capture_output=True, text=True)
+    assert net not in routes.stdout

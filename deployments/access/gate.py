@@ -370,6 +370,51 @@ def require_use(user, obj: Credential | Repository, *, node: Node | None = None,
     )
 
 
+# --- jump hosts (bastions) -----------------------------------------------------------
+
+JUMP = "jump through"  # route a node through a bastion: DEPLOY on it and the use of its credential
+
+
+def can_jump_through(user, bastion: Node) -> bool:
+    """True if ``user`` may route nodes through ``bastion``: they may deploy on it and use its credential
+    (the panel logs in to it with that credential for every connection to the nodes behind it)."""
+    if bastion.pk is None or bastion.credential_id is None:
+        return False  # a stand-in for an id that does not exist (a forged form value)
+    return can(user, DEPLOY, bastion) and can_use(user, bastion.credential)
+
+
+def jump_hosts_for(user) -> QuerySet[Node]:
+    """The nodes ``user`` may choose as a jump host: DEPLOY on them and their credential usable."""
+    return nodes_for(user, DEPLOY).filter(credential__in=usable_credentials(user))
+
+
+def require_jump_through(user, bastions: list[Node], *, node: Node, actor_kind: str | None = None) -> None:
+    """Refuse with 403 unless ``user`` may route ``node`` through every one of ``bastions`` (the whole way);
+    one ``jump_host.use`` event (outcome denied) naming the first bastion refused.
+
+    A node admin who routes their node through a bastion they may not reach would otherwise get the
+    panel to log in there with its credential on their behalf.  ``user=None`` is the system.
+    """
+    if user is None:
+        return
+    for bastion in bastions:
+        if can_jump_through(user, bastion):
+            continue
+        seen = can(user, VIEW, bastion)
+        _refuse(
+            user,
+            "jump_host.use",
+            f"You may not route nodes through {bastion.name if seen else 'this node'}: "
+            "it needs deploy on it and the use of its credential.",
+            actor_kind=actor_kind,
+            obj=bastion if seen else None,
+            object_type="node",
+            required=JUMP,
+            node=node if node.pk else None,
+            details={"id": bastion.pk, "node": node.name},
+        )
+
+
 def visible_nodes(user) -> QuerySet[Node]:
     """Nodes ``user`` may see."""
     return nodes_for(user, VIEW)

@@ -70,6 +70,8 @@ EVENTS: dict[str, str] = {
     "credential.rotated": "a credential's secret was replaced (fingerprints before/after; never the secret)",
     "credential.viewed": "the credential pages were refused",
     "credential.use": "a node was refused a credential its editor's teams may not use",
+    "jump_host.use": "a node was refused a jump host its editor may not deploy on, or whose credential their "
+    "teams may not use",
     "credential.use_granted": "a team was allowed to use a credential",
     "credential.use_revoked": "a team lost the use of a credential",
     "repository.created": "a repository was added",

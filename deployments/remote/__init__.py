@@ -5,6 +5,7 @@ drives it, and it can be tested against a plain sshd without a database.
 
 * ``keys``: host keys to pin, private keys to log in with, SHA256 fingerprints.
 * ``connection``: TCP and the SSH handshake against the pinned key; Target, errors.
+* ``jump``: bastions (ProxyJump), one pooled session per bastion per process.
 * ``stream``: running a command with stdout/stderr streamed apart, cancellable.
 * ``system``: what a node runs (generation, /run/current-system).
 * ``detached``: a run that outlives the SSH session, followed by byte offset across drops.
@@ -14,7 +15,7 @@ drives it, and it can be tested against a plain sshd without a database.
 * ``closure``: copying a closure to a node (only the missing paths); comparing it with what the node runs.
 """
 
-from .connection import REMOTE_ERROR_KINDS, Cancelled, RemoteError, Target, scan_host_key
+from .connection import MAX_JUMP_HOPS, REMOTE_ERROR_KINDS, Cancelled, RemoteError, Target, scan_host_key
 from .detached import RunReport, inspect_run, reconcile_run
 from .keys import HostKey, key_fingerprint, load_private_key, openssh_fingerprint
 from .rebuild import COMMIT_SHA_RE, FLAKE_ATTR_RE, REBUILD_ACTIONS, RebuildResult, resolve_path, run_rebuild
@@ -23,6 +24,7 @@ from .system import SystemState
 __all__ = [
     "COMMIT_SHA_RE",
     "FLAKE_ATTR_RE",
+    "MAX_JUMP_HOPS",
     "REBUILD_ACTIONS",
     "REMOTE_ERROR_KINDS",
     "Cancelled",

@@ -20,6 +20,9 @@ from .keys import HOST_KEY_TYPES, HostKey, load_private_key, openssh_fingerprint
 
 __all__ = ["REMOTE_ERROR_KINDS", "Cancelled", "Connection", "RemoteError", "Target", "scan_host_key"]
 
+# The most bastions a node may be reached through, one after the other (the panel refuses longer chains).
+MAX_JUMP_HOPS = 3
+
 REMOTE_ERROR_KINDS = (
     "unknown-host",
     "unreachable",
@@ -88,15 +91,17 @@ class RemoteError(Exception):
     """A problem reaching or talking to a node (not a non-zero exit of the command).
 
     ``kind`` is one of :data:`REMOTE_ERROR_KINDS`; ``message`` is for humans and
-    never contains secrets.
+    never contains secrets. ``hop`` names the bastion (``Target.label``) at fault
+    when the error is a bastion's on the way, not the node's own.
     """
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, hop: str = "") -> None:
         if kind not in REMOTE_ERROR_KINDS:
             raise ValueError(f"unknown RemoteError kind {kind!r}")
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.hop = hop
 
     def __str__(self) -> str:
         return self.message
@@ -132,6 +137,10 @@ class Target:
     link_timeout: float = LINK_TIMEOUT_SECONDS
     # How long a detached run's follower keeps reconnecting before it gives up on the node.
     reconnect_for: float = RECONNECT_FOR_SECONDS
+    # The bastion this node is reached through (OpenSSH's ProxyJump): its own login and pinned key.
+    via: Target | None = None
+    # What messages call the node (its name in the panel); its address when empty.
+    name: str = ""
 
     def __repr__(self) -> str:
         auth = []
@@ -140,9 +149,10 @@ class Target:
         if self.password:
             auth.append("password")
         hk = self.host_key.fingerprint if self.host_key else None
+        via = f", via={self.via!r}" if self.via is not None else ""
         return (
             f"Target({self.user}@{self.host}:{self.port}, host_key={hk}, "
-            f"auth={'+'.join(auth) or 'none'}, sudo={self.sudo})"
+            f"auth={'+'.join(auth) or 'none'}, sudo={self.sudo}{via})"
         )
 
     __str__ = __repr__
@@ -150,6 +160,28 @@ class Target:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def label(self) -> str:
+        """The node as messages name it: its name, else its address."""
+        return self.name or self.address
+
+    @property
+    def where(self) -> str:
+        """The address for messages, with the bastion it is reached through."""
+        if self.via is None:
+            return self.address
+        return f"{self.address} (through bastion {self.via.label})"
+
+    def hops(self) -> list[Target]:
+        """The bastions on the way to this node, the first one the panel connects to first."""
+        chain, hop = [], self.via
+        while hop is not None:
+            if len(chain) >= MAX_JUMP_HOPS:
+                raise ValueError(f"more than {MAX_JUMP_HOPS} bastions on the way to {self.label}")
+            chain.append(hop)
+            hop = hop.via
+        return chain[::-1]
 
     def sudo_secret(self) -> str | None:
         """The password sudo will read on stdin, if any."""
@@ -257,14 +289,28 @@ def _open_socket(host: str, port: int, timeout: float, link_timeout: float = LIN
     return _RecordingSocket.wrap(sock)
 
 
-def scan_host_key(host: str, port: int = 22, timeout: float = 10) -> HostKey:
+def scan_host_key(host: str, port: int = 22, timeout: float = 10, via: Target | None = None) -> HostKey:
     """Fetch a node's host key like ``ssh-keyscan`` (no authentication, nothing trusted).
 
     Prefers Ed25519, then ECDSA, then RSA. Raises RemoteError (unknown-host,
     unreachable, not-ssh, protocol). The caller must show the fingerprint to an
-    admin before pinning it.
+    admin before pinning it. ``via``: the bastion the node is reached through
+    (logged in to with its own credential, against its own pinned key).
     """
-    sock = _open_socket(host, port, timeout)
+    hop = None
+    if via is None:
+        sock = _open_socket(host, port, timeout)
+    else:
+        hop, sock = _through_bastion(Target(host=host, port=port, user="", host_key=None, via=via,
+                                             connect_timeout=timeout))  # fmt: skip
+    try:
+        return _scan(sock, host, port, timeout)
+    finally:
+        if hop is not None:
+            hop.release()
+
+
+def _scan(sock, host: str, port: int, timeout: float) -> HostKey:
     transport = paramiko.Transport(sock)
     try:
         transport.set_log_channel(_HANDSHAKE_LOG)
@@ -293,6 +339,18 @@ def scan_host_key(host: str, port: int = 22, timeout: float = 10) -> HostKey:
         transport.close()
 
 
+def _through_bastion(target: Target):
+    """(the pooled bastion session, a ``direct-tcpip`` channel through it to ``target``, as a socket)."""
+    from .jump import POOL  # jump opens its bastions with Connection: imported when first needed
+
+    hop = POOL.acquire(target.via)
+    try:
+        return hop, hop.open_socket(target)
+    except BaseException:
+        hop.release()
+        raise
+
+
 def _offered(key: paramiko.PKey) -> str:
     """``"<type> SHA256:..."`` of a key a server presented, for error messages."""
     return f"{key.get_name()} {openssh_fingerprint(f'{key.get_name()} {key.get_base64()}')}"
@@ -307,6 +365,7 @@ class Connection:
     def __init__(self, target: Target) -> None:
         self.target = target
         self._client: paramiko.SSHClient | None = None
+        self._hop = None  # the pooled bastion session this connection goes through (``jump``)
 
     def __enter__(self) -> Connection:
         self.open()
@@ -335,7 +394,7 @@ class Connection:
         if self._client is not None:
             return  # already open
         t = self.target
-        where = t.address
+        where = t.where
         if t.host_key is None:
             raise RemoteError(
                 "host-key-missing", f"no pinned host key for {where}: scan the node and pin its key first"
@@ -349,7 +408,20 @@ class Connection:
         if pkey is None and not t.password:
             raise RemoteError("auth", f"no private key or password configured for {t.user}@{where}")
 
-        sock = _open_socket(t.host, t.port, t.connect_timeout, t.link_timeout)
+        hop = None
+        if t.via is None:
+            sock = _open_socket(t.host, t.port, t.connect_timeout, t.link_timeout)
+        else:
+            hop, sock = _through_bastion(t)
+        try:
+            self._open(t, where, sock, pkey)
+        except BaseException:
+            if hop is not None:
+                hop.release()
+            raise
+        self._hop = hop
+
+    def _open(self, t: Target, where: str, sock, pkey) -> None:
         client = paramiko.SSHClient()
         client.set_log_channel(_HANDSHAKE_LOG)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -425,10 +497,15 @@ class Connection:
         self._client = client
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection (idempotent); a pooled bastion it went through is released."""
         client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        hop, self._hop = self._hop, None
+        try:
+            if client is not None:
+                client.close()
+        finally:
+            if hop is not None:
+                hop.release()
 
     def open_channel(self) -> paramiko.Channel:
         """A new session channel. Raises RemoteError disconnected (link lost) or protocol."""

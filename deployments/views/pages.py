@@ -140,11 +140,16 @@ def node_detail(request, name):
 
 def _node_page(request, node: Node, form: DeployForm, *, status: int = 200):
     deployments = Paginator(node.deployments.all(), 25).get_page(request.GET.get("page"))
+    # The bastions on the way, by name where the viewer sees them (what they may not see does not exist).
+    path = node.jump_path() if node.jump_host_id else []
+    seen = set(gate.visible_nodes(request.user).filter(pk__in=[h.pk for h in path]).values_list("pk", flat=True))
+    jump_path = [hop if hop.pk in seen else None for hop in path]
     return render(
         request,
         "deployments/node_detail.html",
         {
             "node": node,
+            "jump_path": jump_path,
             "deployments": deployments,
             "form": form,
             "can_deploy": gate.can(request.user, DEPLOY, node),
@@ -213,13 +218,22 @@ _ID_RE = re.compile(r"\A[0-9]{1,18}\Z")
 
 
 def _refuse_unusable_choices(request, node: Node) -> None:
-    """A credential or repository the user's teams may not use, chosen in a POST (the form never offers
-    one): 403 and one audit event, before the form is validated.  The node's current ones pass here;
+    """A credential or repository the user's teams may not use, or a jump host they may not route
+    through, chosen in a POST (the form never offers one): 403 and one audit event, before the form is
+    validated.  The node's current ones pass here;
     ``inventory.save_object`` decides whether they may go with the node to another machine."""
     for field, model in (("credential", Credential), ("repository", Repository)):
         raw = request.POST.get(field, "")
         if _ID_RE.match(raw) and int(raw) != getattr(node, f"{field}_id"):
             gate.require_use(request.user, model(pk=int(raw)), node=node)
+    raw = request.POST.get("jump_host", "")
+    if _ID_RE.match(raw) and int(raw) != node.jump_host_id:
+        bastion = Node.objects.select_related("credential").filter(pk=int(raw)).first()
+        if bastion is None:
+            # No such node: refused like one the user may not see, so the answer does not tell which ids exist.
+            gate.require_jump_through(request.user, [Node(pk=int(raw), name="")], node=node)
+        else:
+            gate.require_jump_through(request.user, [bastion], node=node)
 
 
 @login_required

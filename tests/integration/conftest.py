@@ -16,12 +16,18 @@ _names = itertools.count(1)
 def add_node(testbed, repository):
     """Start a testbed node and register it in the panel with its host key pinned.
 
-    ``add_node(attr="devm", password=False)`` → (panel Node, testbed Node).
+    ``add_node(attr="devm", password=False)`` → (panel Node, testbed Node). ``behind=(panel Node, testbed
+    Node)`` of a bastion: the new node is reachable only through it (the testbed's private network behind
+    the bastion), and its panel node has that bastion as jump host.
     """
 
-    def make(attr: str = "devm", *, password: bool = False, pin: bool = True):
+    def make(attr: str = "devm", *, password: bool = False, pin: bool = True, behind=None):
         name = f"n{next(_names)}-{testbed.token}"
-        tb_node = testbed.add_node(name, password="correct-horse-battery" if password else None)
+        tb_node = testbed.add_node(
+            name,
+            password="correct-horse-battery" if password else None,
+            behind=behind[1] if behind is not None else None,
+        )
         if password:
             cred = Credential(name=f"{name}-pw", kind=Credential.Kind.PASSWORD)
             inventory.save_credential(cred, secret=tb_node.password, actor_kind="cli")
@@ -36,6 +42,7 @@ def add_node(testbed, repository):
             flake_attr=attr,
             repository=repository,
             credential=cred,
+            jump_host=behind[0] if behind is not None else None,
         )
         if pin:
             inventory.pin_host_key(node, tb_node.host_key_public)

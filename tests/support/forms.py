@@ -14,5 +14,6 @@ def node_form_data(node, **changes) -> dict:
         "repository": node.repository_id,
         "credential": node.credential_id,
         "tag_names": ", ".join(node.tags.values_list("name", flat=True)),
+        "jump_host": node.jump_host_id or "",
     }
     return {**data, **changes}

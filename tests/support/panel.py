@@ -90,12 +90,13 @@ class Panel:
             raise AssertionError(f"manage.py {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def register_nodes(self, nodes: list[tuple[str, str, object]], *, repo_path: Path) -> None:
+    def register_nodes(self, nodes: list[tuple[str, str, object]], *, repo_path: Path, tags: tuple = ()) -> None:
         """Register testbed nodes as an operator would, with the management commands (one process).
 
-        ``nodes`` holds (name, flake attribute, testbed node).  Each host key is pinned
-        only if the node presents the fingerprint known out of band (the testbed's key).
+        ``nodes`` holds (name, flake attribute, testbed node), each tagged ``tags``.  Each host key is
+        pinned only if the node presents the fingerprint known out of band (the testbed's key).
         """
+        tag_args = "".join(f", '--tag', {t!r}" for t in tags)
         from deployments.remote import openssh_fingerprint
 
         calls = [f"call_command('addrepo', 'fleet', {str(repo_path)!r}, '--branch', 'main')"]
@@ -107,7 +108,7 @@ class Panel:
             calls += [
                 f"call_command('addcredential', '{name}-key', '--key-file', {str(keyfile)!r})",
                 f"call_command('addnode', {name!r}, {tb_node.host!r}, '--port', '{tb_node.port}', '--attr', {attr!r},"
-                f" '--repo', 'fleet', '--credential', '{name}-key')",
+                f" '--repo', 'fleet', '--credential', '{name}-key'{tag_args})",
                 f"call_command('hostkey', {name!r}, '--pin', {fingerprint!r})",
             ]
         self.manage("shell", "-c", "from django.core.management import call_command\n" + "\n".join(calls))
@@ -125,6 +126,14 @@ class Panel:
             wait_for(self._http_up, timeout=30, what="daphne to listen")
         if worker and "worker" not in self.procs:
             self.procs["worker"] = self._spawn("worker", [sys.executable, str(ROOT / "manage.py"), "qcluster"])
+
+    def start_qcluster(self, name: str) -> subprocess.Popen:
+        """One more ``manage.py qcluster`` (its own process group, log ``<name>.log``) on the same broker and
+        database; ``kill(name)`` kills its whole group."""
+        if name in self.procs:
+            raise ValueError(f"{name} is already running")
+        proc = self.procs[name] = self._spawn(name, [sys.executable, str(ROOT / "manage.py"), "qcluster"])
+        return proc
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")

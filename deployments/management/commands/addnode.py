@@ -4,6 +4,7 @@ from django.core.exceptions import PermissionDenied
 from django.core.management.base import BaseCommand, CommandError
 
 from deployments import inventory
+from deployments.access import gate
 from deployments.models import Credential, Node, Repository
 from deployments.validators import validate_tag
 
@@ -23,9 +24,12 @@ class Command(BaseCommand):
         parser.add_argument("--repo", required=True)
         parser.add_argument("--credential", required=True)
         parser.add_argument("--tag", action="append", default=[], help="repeatable")
+        parser.add_argument(
+            "--jump-host", default=None, help="reach it through this registered node (a bastion); '' for none"
+        )
         parser.add_argument("--as", dest="as_user")
 
-    def handle(self, name, host, port, user, sudo, attr, repo, credential, tag, as_user, **opts):
+    def handle(self, name, host, port, user, sudo, attr, repo, credential, tag, as_user, jump_host, **opts):
         acting = acting_user(as_user)
         if Node.objects.filter(name=name).exists():
             node = lookup_node(acting, name, "admin")
@@ -39,6 +43,13 @@ class Command(BaseCommand):
             raise refused(f"no repository {repo!r}") from None
         except Credential.DoesNotExist:
             raise refused(f"no credential {credential!r}") from None
+        if jump_host == "":
+            node.jump_host = None
+        elif jump_host is not None:
+            bastion = Node.objects.filter(name=jump_host).first()
+            if bastion is None or (acting is not None and not gate.can(acting, gate.VIEW, bastion)):
+                raise refused(f"no node {jump_host!r} to use as jump host")
+            node.jump_host = bastion
         node.host, node.port, node.ssh_user, node.use_sudo, node.flake_attr = host, port, user, sudo, attr
         clean(node)
         for t in tag:
@@ -50,9 +61,10 @@ class Command(BaseCommand):
             inventory.save_object(
                 node, user=acting, actor_kind=None if acting else "cli", tags=sorted(set(tag)) or None
             )
-        except PermissionDenied as exc:  # a credential or repository the user's teams may not use (audited)
+        except PermissionDenied as exc:  # a credential, repository or jump host the user may not use (audited)
             raise CommandError(f"refused: {exc}", returncode=2) from None
         self.stdout.write(
             f"node {node.name}: {node.address} {node.flake_attr}"
+            + (f" via {' -> '.join(h.name for h in node.jump_path())}" if node.jump_host_id else "")
             + ("" if node.host_key else " (host key not pinned: run `manage.py hostkey " + node.name + "`)")
         )

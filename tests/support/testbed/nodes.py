@@ -371,6 +371,15 @@ class Node:
         below = self._proc.pid if self._proc is not None else None
         return processes_of(below=below, environ=marker)
 
+    def ssh_connections(self) -> int:
+        """How many TCP connections the node's sshd accepted so far, from its own log (``LogLevel VERBOSE``
+        writes one ``Connection from …`` line for each)."""
+        try:
+            text = self.sshd_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return sum(1 for line in text.splitlines() if line.startswith("Connection from "))
+
     def link_down(self) -> None:
         """Cut the node's network link, as a pulled cable would: the host side of its veth goes down, so
         packets to and from the node are dropped silently (nothing is reset). Root only."""
@@ -450,6 +459,12 @@ def cleanup_stale() -> None:
         if m and not _pid_alive(int(m[2])):
             _kill_netns(m[1])
             subprocess.run(["ip", "netns", "del", m[1]], capture_output=True)
+    routes = subprocess.run(["ip", "-4", "-j", "route", "show", "type", "unreachable"], capture_output=True, text=True)
+    for route in json.loads(routes.stdout or "[]"):
+        # A private network's route (Testbed._private_network): its metric is the testbed's pid.
+        metric, dst = route.get("metric"), route.get("dst", "")
+        if dst.startswith("10.") and metric and metric > 1 and not _pid_alive(metric):
+            subprocess.run(["ip", "route", "del", "unreachable", dst, "metric", str(metric)], capture_output=True)
     links = subprocess.run(["ip", "-j", "link", "show", "type", "bridge"], capture_output=True, text=True)
     for link in json.loads(links.stdout or "[]"):
         m = re.fullmatch(r"testbed-pid-(\d+)", link.get("ifalias", ""))
@@ -504,6 +519,8 @@ class Testbed:
         self.bridge: str | None = None
         self.network: ipaddress.IPv4Network | None = None
         self.gateway: str | None = None
+        self._private: dict[str, tuple[str, ipaddress.IPv4Network]] = {}  # bastion name -> its private bridge
+        self._private_links: list[str] = []
         atexit.register(self.close)
         if self.isolated:
             self._check_workdir()
@@ -530,15 +547,17 @@ class Testbed:
                     nets.append(ipaddress.ip_network(dst, strict=False))
         return nets
 
-    def _make_bridge(self) -> None:
+    def _free_network(self) -> ipaddress.IPv4Network:
         used = self._used_networks()
         rng = random.Random(secrets.randbits(64))
         for _ in range(200):
             net = ipaddress.ip_network(f"10.{rng.randint(77, 199)}.{rng.randint(0, 255)}.0/24")
             if not any(net.overlaps(u) for u in used):
-                break
-        else:
-            raise TestbedError("no free 10.77-199.x.0/24 subnet for the testbed bridge")
+                return net
+        raise TestbedError("no free 10.77-199.x.0/24 subnet for the testbed bridge")
+
+    def _make_bridge(self) -> None:
+        net = self._free_network()
         self.network = net
         self.gateway = str(net.network_address + 1)
         self.bridge = f"tbbr{self.token}"
@@ -601,8 +620,15 @@ class Testbed:
         return self._initial or None
 
     # -- nodes ------------------------------------------------------------------
-    def add_node(self, name: str, *, password: str | None = None, initial_system: bool = True) -> Node:
-        """Start a node and return it once its sshd accepts connections."""
+    def add_node(
+        self, name: str, *, password: str | None = None, initial_system: bool = True, behind: Node | None = None
+    ) -> Node:
+        """Start a node and return it once its sshd accepts connections.
+
+        ``behind``: a node of this testbed (the bastion) that alone can reach the new one: the new node sits
+        on a private bridge of the bastion's (its ``eth1``), which the host has no address on and no route
+        to (root only).
+        """
         if self._closed:
             raise TestbedError("testbed is closed")
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,30}", name):
@@ -615,7 +641,9 @@ class Testbed:
             self.nodes[name] = None  # type: ignore[assignment]  # reserve the name
         try:
             if self.isolated:
-                node = self._start_isolated(name, index, password, initial_system)
+                node = self._start_isolated(name, index, password, initial_system, behind)
+            elif behind is not None:
+                raise NamespacesUnavailable(namespaces_missing_reason())
             else:
                 node = self._start_local(name, index, password, initial_system)
         except BaseException:
@@ -643,7 +671,42 @@ class Testbed:
         os.chmod(bin_dir / "nixos-rebuild", 0o755)
         return host_public, client_key_path, client_private
 
-    def _start_isolated(self, name: str, index: int, password: str | None, initial_system: bool) -> Node:
+    def _private_network(self, bastion: Node) -> tuple[str, ipaddress.IPv4Network]:
+        """The private bridge behind ``bastion`` and its subnet, made on first use.
+
+        The bridge has no address on the host, and the host gets an ``unreachable`` route for the subnet
+        (its metric is our pid, so ``cleanup_stale`` can tell a dead testbed's), so connecting there from
+        the host fails at once (EHOSTUNREACH); the bastion has ``<subnet>.1`` on its ``eth1`` and does not
+        forward (a new network namespace has ip_forward 0), so only a session on the bastion gets through.
+        """
+        with self._lock:
+            if bastion.name in self._private:
+                return self._private[bastion.name]
+            if bastion.netns is None or self.nodes.get(bastion.name) is not bastion:
+                raise TestbedError(f"{bastion.name} is not a node of this testbed")
+            k = len(self._private)
+            net = self._free_network()
+            bridge, veth = f"tbpv{self.token}{k}", f"tb{self.token}p{k}"
+            _run(["ip", "-batch", "-"], input=(
+                f"link add {bridge} type bridge\n"
+                f"link set {bridge} alias testbed-pid-{os.getpid()}\n"
+                f"link set {bridge} up\n"
+                f"link add {veth} type veth peer name eth1 netns {bastion.netns}\n"
+                f"link set {veth} master {bridge}\n"
+                f"link set {veth} up\n"
+                f"route add unreachable {net} metric {os.getpid()}\n"
+            ))  # fmt: skip
+            _run(["ip", "-n", bastion.netns, "-batch", "-"], input=(
+                f"addr add {net.network_address + 1}/24 dev eth1\n"
+                "link set eth1 up\n"
+            ))  # fmt: skip
+            self._private[bastion.name] = (bridge, net)
+            self._private_links += [veth, bridge]
+            return bridge, net
+
+    def _start_isolated(
+        self, name: str, index: int, password: str | None, initial_system: bool, behind: Node | None = None
+    ) -> Node:
         if index > 250:
             raise TestbedError("a testbed holds at most 251 nodes")
         node_dir = self.workdir / "nodes" / name
@@ -683,7 +746,8 @@ class Testbed:
         else:
             (node_dir / "nix").mkdir()
 
-        ip = str(self.network.network_address + 2 + index)
+        bridge, network = self._private_network(behind) if behind is not None else (self.bridge, self.network)
+        ip = str(network.network_address + 2 + index)
         netns = f"tb-{self.token}-{os.getpid()}-{name}"
         veth = f"tb{self.token}n{index}"
         # Paths as the node sees them: its own /run is bind-mounted over the host's.
@@ -701,7 +765,7 @@ class Testbed:
         _run(["ip", "-batch", "-"], input=(
             f"netns add {netns}\n"
             f"link add {veth} type veth peer name eth0 netns {netns}\n"
-            f"link set {veth} master {self.bridge}\n"
+            f"link set {veth} master {bridge}\n"
             f"link set {veth} up\n"
         ))  # fmt: skip
         node = Node(
@@ -821,6 +885,12 @@ class Testbed:
         if nodes:
             with ThreadPoolExecutor(min(16, len(nodes))) as pool:
                 list(pool.map(stop, nodes))
+        for link in self._private_links:
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
+        for _, net in self._private.values():
+            subprocess.run(
+                ["ip", "route", "del", "unreachable", str(net), "metric", str(os.getpid())], capture_output=True
+            )
         if self.bridge:
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
