@@ -143,11 +143,19 @@ def request_deployment(
     # Imported here: the GitOps app builds on this module, not the other way round.
     from .gitops import approvals
 
-    if approval is None:
+    if approval is None and kind != Deployment.Kind.DIFF:  # a diff changes nothing on the node: never held
         approvals.hold_deployment(
-            node, action=action, revision=revision, commit=sha, user=user, trigger=trigger, timeout=timeout_seconds
+            node,
+            action=action,
+            revision=revision,
+            commit=sha,
+            user=user,
+            trigger=trigger,
+            timeout=timeout_seconds,
+            kind=kind,
+            diff_of=diff_of,
         )
-    else:
+    elif approval is not None:
         sha = approvals.pinned_commit(approval, node.repository)
     acting = user if user is not None and user.is_authenticated else None
     try:

@@ -86,17 +86,27 @@ def _hold(*, kind: str, nodes: list[Node], action: str, revision: str, commits: 
     return approval
 
 
-def hold_deployment(node: Node, *, action: str, revision: str, commit: str, user, trigger: str, timeout) -> None:
-    """Raise ``AwaitingApproval`` (after writing the request) if ``node`` carries a protected tag."""
+def hold_deployment(
+    node: Node, *, action: str, revision: str, commit: str, user, trigger: str, timeout, kind: str = "", diff_of=None
+) -> None:
+    """Raise ``AwaitingApproval`` (after writing the request) if ``node`` carries a protected tag.
+
+    The deployment's kind is kept (an activation of a confirmed diff stays one: the approver approves
+    exactly the system that diff built, not a new evaluation)."""
     if not protected_nodes([node]).exists():
         return
+    params = {"timeout_seconds": timeout}
+    if kind and kind != "rebuild":
+        params["kind"] = kind
+    if diff_of is not None:
+        params["diff_of"] = diff_of.pk
     approval = _hold(
         kind=ApprovalRequest.Kind.DEPLOYMENT,
         nodes=[node],
         action=action,
         revision=revision,
         commits={node.repository.name: commit},
-        params={"timeout_seconds": timeout},
+        params=params,
         user=user,
         trigger=trigger,
     )
@@ -203,6 +213,9 @@ def _request(approval: ApprovalRequest, requester):
     from deployments import lifecycle, rollouts
 
     if approval.kind == ApprovalRequest.Kind.DEPLOYMENT:
+        from deployments.models import Deployment
+
+        diff_of = approval.params.get("diff_of")
         deployment = lifecycle.request_deployment(
             approval.nodes.get(),
             action=approval.action,
@@ -211,6 +224,8 @@ def _request(approval: ApprovalRequest, requester):
             trigger=approval.trigger,
             timeout_seconds=approval.params.get("timeout_seconds"),
             approval=approval,
+            kind=approval.params.get("kind", Deployment.Kind.REBUILD),
+            diff_of=Deployment.objects.get(pk=diff_of) if diff_of else None,
         )
         ApprovalRequest.objects.filter(pk=approval.pk).update(deployment=deployment)
         return deployment

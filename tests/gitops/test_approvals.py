@@ -305,3 +305,34 @@ def test_a_held_auto_deploy_may_be_approved_by_any_deployer_of_its_nodes(protect
     assert approval.requested_by is None and approval.trigger == "gitops"
     rollout = approvals.approve(approval, user=dora, comment="window agreed")
     assert rollout.trigger == "gitops" and rollout.requested_by is None
+
+
+def test_a_diff_to_a_protected_node_is_not_held_it_changes_nothing(protected):
+    world, dora, dave, vic = protected
+    deployment = lifecycle.request_deployment(world.nodes["web-1"], action="switch", user=dora, kind="diff")
+    assert deployment.kind == "diff" and deployment.status == "queued"
+    assert not ApprovalRequest.objects.exists()
+
+
+def test_an_activation_of_a_diff_is_held_and_approved_as_that_activation(protected):
+    """The approver approves the system the diff built: approval must not turn it into a new evaluation."""
+    world, dora, dave, vic = protected
+    node = world.nodes["web-1"]
+    diff = Deployment.objects.create(
+        node=node,
+        action="switch",
+        kind="diff",
+        commit_sha=world_head(world),
+        flake_attr=node.flake_attr,
+        status="succeeded",
+        toplevel="/nix/store/" + "a" * 32 + "-nixos-system-web-1",
+        diff={"added": [], "removed": [], "changed": []},
+        requested_by=dora,
+    )
+    with pytest.raises(AwaitingApproval) as caught:
+        lifecycle.request_deployment(node, action="switch", user=dora, kind="activate", diff_of=diff)
+    approval = caught.value.approval
+    assert approval.params["kind"] == "activate" and approval.params["diff_of"] == diff.pk
+    assert not Deployment.objects.filter(kind="activate").exists()
+    activation = approvals.approve(approval, user=dave, comment="the diff is fine")
+    assert activation.kind == "activate" and activation.diff_of == diff and activation.requested_by == dora
