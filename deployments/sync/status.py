@@ -5,7 +5,8 @@ nodes it looks at:
 
 1. resolve each repository's branch head once (``repos.resolve``: a fetch of the mirror);
 2. the expected system of each distinct (repository, head, attribute), cached (``evaluate``);
-3. what the panel last deployed to each node (its latest succeeded ``switch``/``test``), one query;
+3. what the panel last deployed to each node (its latest ``switch``/``test`` that the node kept: succeeded,
+   or unhealthy with policy keep), one query;
 4. each node's ``/run/current-system`` over SSH (pinned key only), ``SYNC_PARALLELISM`` at a time, each
    within ``SYNC_READ_TIMEOUT``; nodes with a deployment queued or running are left alone;
 5. ``classify`` each node, and ``record_states``: a changed status is written with its ``node.sync_changed``
@@ -136,8 +137,12 @@ Reader = Callable[[list[Node]], dict[int, Reading]]
 
 def _with_deployed(nodes):
     """``nodes`` annotated with what the panel last deployed to each (one query, on an index)."""
+    # ``unhealthy``: a health check failed but the node kept the system (policy keep), so it is what the
+    # panel deployed; counting only ``succeeded`` would call that node drifted.
     running = Deployment.objects.filter(
-        node=OuterRef("pk"), status=Deployment.Status.SUCCEEDED, action__in=RUNNING_SYSTEM_ACTIONS
+        node=OuterRef("pk"),
+        status__in=(Deployment.Status.SUCCEEDED, Deployment.Status.UNHEALTHY),
+        action__in=RUNNING_SYSTEM_ACTIONS,
     ).order_by("-finished_at")
     return nodes.annotate(
         deployed_after=Subquery(running.values("system_after")[:1]),

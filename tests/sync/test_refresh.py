@@ -92,3 +92,24 @@ def test_migrate_schedules_the_refresh_and_the_retries(db, settings):
     settings.SYNC_MINUTES = 0  # only the buttons
     ensure_schedules(sender=None)
     assert not Schedule.objects.filter(name="sync-refresh").exists()
+
+
+@pytest.mark.parametrize(("kept", "drifted"), [("unhealthy", False), ("failed", True)])
+def test_a_system_the_node_kept_though_unhealthy_is_what_the_panel_deployed(inventory, kept, drifted):
+    """A health check failed with policy keep: the node runs that deployment's system, which is not drift;
+    a failed deployment's system is not the panel's to claim."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    node = inventory["node"]
+    Deployment.objects.create(
+        node=node, action="switch", commit_sha="b" * 40, flake_attr=node.flake_attr, status="succeeded",
+        system_after="/nix/store/old", finished_at=timezone.now() - timedelta(hours=1),
+    )  # fmt: skip
+    Deployment.objects.create(
+        node=node, action="switch", commit_sha="c" * 40, flake_attr=node.flake_attr, status=kept,
+        system_after="/nix/store/new", finished_at=timezone.now(),
+    )  # fmt: skip
+    status.refresh([node], reader=lambda nodes: {node.pk: status.Reading(current_system="/nix/store/new")})
+    assert (NodeSync.objects.get(node=node).status == "drifted") is drifted
