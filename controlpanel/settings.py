@@ -445,6 +445,7 @@ SPECTACULAR_SETTINGS = {
         "RollbackActionEnum": "deployments.remote.generations.ROLLBACK_ACTIONS",
         "HealthCheckKindEnum": "deployments.healthchecks.HealthCheck.Kind",
         "ApprovalKindEnum": "deployments.gitops.models.ApprovalRequest.Kind",
+        "SubscriptionKindEnum": "deployments.sync.models.Subscription.Kind",
     },
 }
 

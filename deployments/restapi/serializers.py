@@ -5,6 +5,7 @@ refuses exactly what the pages refuse; the state changes judge it again."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -14,8 +15,15 @@ from deployments.gitops.models import ApprovalRequest
 from deployments.healthchecks import HealthCheck
 from deployments.models import Deployment, Node
 from deployments.remote.generations import ROLLBACK_ACTIONS
-from deployments.sync.models import NodeSync
-from deployments.validators import validate_comment, validate_node_name, validate_revision, validate_tag
+from deployments.sync import notify
+from deployments.sync.models import NodeSync, Subscription
+from deployments.validators import (
+    validate_comment,
+    validate_node_name,
+    validate_revision,
+    validate_search_text,
+    validate_tag,
+)
 
 from . import tokens
 from .models import ApiToken
@@ -163,6 +171,31 @@ class HealthCheckRequest(HealthCheckFields):
 
     class Meta(HealthCheckFields.Meta):
         fields = ["node", "tag", *HealthCheckFields.Meta.fields]
+
+
+class SubscriptionRequest(serializers.Serializer):
+    """A team's subscription: where to (``target``: stored encrypted, never shown again) and which events."""
+
+    team = StrictCharField(max_length=150, help_text="A team whose notifications you manage")
+    name = StrictCharField(max_length=100)
+    kind = serializers.ChoiceField(choices=Subscription.Kind.choices)
+    target = StrictCharField(max_length=2000, write_only=True, help_text="Webhook URL or e-mail address")
+    events = serializers.ListField(
+        child=serializers.ChoiceField(choices=list(notify.KINDS.items())), min_length=1, max_length=len(notify.KINDS)
+    )
+    enabled = serializers.BooleanField(required=False, default=True)
+
+    def validate_name(self, value):
+        value = value.strip()
+        validate_search_text(value)
+        return value
+
+    def validate(self, data):
+        try:
+            data["target"] = notify.validate_target(data["kind"], data["target"])
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError({"target": exc.messages}) from None
+        return data
 
 
 class Empty(serializers.Serializer):
@@ -365,6 +398,17 @@ class DecisionOut(serializers.Serializer):
     approval = ApprovalOut()
     deployment = DeploymentOut(allow_null=True, help_text="What the approval requested (a deployment)")
     rollout = serializers.IntegerField(allow_null=True, help_text="What the approval requested (a rollout)")
+
+
+class SubscriptionOut(serializers.ModelSerializer):
+    """A subscription as pages show it: the target masked (``target_display``), never the target itself."""
+
+    team = serializers.CharField(source="team.name")
+
+    class Meta:
+        model = Subscription
+        fields = ["id", "team", "name", "kind", "target_display", "events", "enabled", "created_at"]
+        read_only_fields = fields
 
 
 class LogLine(serializers.Serializer):

@@ -28,8 +28,9 @@ from deployments.errors import AwaitingApproval, RequestError
 from deployments.gitops import approvals
 from deployments.healthchecks import HealthCheck
 from deployments.models import Deployment, Node, Tag
+from deployments.sync import notify
 from deployments.sync import status as sync_status
-from deployments.sync.models import NodeSync
+from deployments.sync.models import NodeSync, Subscription
 from deployments.validators import redact_url_secrets, validate_node_name, validate_search_text, validate_tag
 from deployments.views.pages import _fleet as fleet_columns  # what each node runs: one definition, the fleet view's
 from deployments.views.pages import _validate_sync  # the dashboard's sync filter: one rule
@@ -63,6 +64,8 @@ from .serializers import (
     RolloutOut,
     RolloutRequest,
     RolloutSummary,
+    SubscriptionOut,
+    SubscriptionRequest,
     SyncOut,
     TokenOut,
     TokenRequest,
@@ -730,6 +733,65 @@ def _valid(check: HealthCheck) -> HealthCheck:
     except ValidationError as exc:
         raise exceptions.ValidationError(exc.message_dict) from None
     return check
+
+
+# --- notification subscriptions (deployments/sync/notify.py) ------------------------------------------
+
+
+@extend_schema(tags=["notifications"])
+class SubscriptionViewSet(viewsets.GenericViewSet):
+    """Your teams' notification subscriptions (team admins; every team's for whoever manages teams).  The
+    target is written once and shown masked (``target_display``), never returned."""
+
+    serializer_class = SubscriptionOut
+    pagination_class = KeysetPagination
+    queryset = Subscription.objects.none()
+
+    @extend_schema(responses={200: SubscriptionOut(many=True), **ERRORS})
+    def list(self, request):
+        teams = gate.subscription_teams(request.user)
+        page = self.paginate_queryset(Subscription.objects.filter(team__in=teams).select_related("team"))
+        return self.get_paginated_response(SubscriptionOut(page, many=True).data)
+
+    @extend_schema(responses={200: SubscriptionOut, **ERRORS})
+    def retrieve(self, request, pk=None):
+        return Response(SubscriptionOut(self._managed(request, pk)).data)
+
+    @extend_schema(request=SubscriptionRequest, responses={201: SubscriptionOut, **ERRORS})
+    def create(self, request):
+        """Subscribe a team you manage.  Whoever manages none is refused (403, audited) before the body is read."""
+        teams = gate.subscription_teams(request.user)
+        if not teams.exists():
+            gate.require_global(request.user, gate.MANAGE_TEAMS, event="subscription.changed")
+        data = _read(SubscriptionRequest, request).validated_data
+        # Only the caller's teams are looked at: another team's name is the same answer as an unknown one.
+        team = teams.filter(name=data["team"]).first()
+        if team is None:
+            raise exceptions.ValidationError({"team": ["no team whose notifications you manage has this name"]})
+        gate.require_subscriptions(request.user, team, event="subscription.changed")
+        if Subscription.objects.filter(team=team, name=data["name"]).exists():
+            raise exceptions.ValidationError({"name": ["the team has a subscription of this name"]})
+        sub = Subscription(
+            team=team, name=data["name"], kind=data["kind"], events=list(data["events"]), enabled=data["enabled"]
+        )
+        try:
+            notify.save_subscription(sub, target=data["target"], user=request.user)
+        except ValidationError as exc:
+            raise exceptions.ValidationError({"events": exc.messages}) from None
+        return Response(SubscriptionOut(sub).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses={204: None, **ERRORS})
+    def destroy(self, request, pk=None):
+        notify.delete_subscription(self._managed(request, pk), user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _managed(self, request, pk) -> Subscription:
+        """As the subscription pages: 404 if there is none, 403 (audited) unless you manage its team."""
+        subscription = Subscription.objects.select_related("team").filter(pk=_pk(pk)).first()
+        if subscription is None:
+            raise Http404("No such subscription")
+        gate.require_subscriptions(request.user, subscription.team, event="subscription.changed")
+        return subscription
 
 
 # --- the audit trail ---------------------------------------------------------------------------------

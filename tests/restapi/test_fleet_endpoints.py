@@ -372,3 +372,72 @@ def test_reject_keeps_the_comment_and_starts_nothing(protected):
 def test_a_bad_approval_filter_is_400(world, admin_api, params):
     response = admin_api.get(url("approval-list"), **params)
     assert response.status_code == 400 and set(params) <= set(response.json()["fields"])
+
+
+# --- notification subscriptions ---------------------------------------------------------------------------
+
+SECRET_HOOK = "https://hooks.example.com/services/T000/B000/secret-token-123"
+
+
+def test_a_team_admin_subscribes_their_team_and_the_target_is_never_returned(world):
+    from deployments.sync.models import Subscription
+
+    wendy = world.persona("admin-tag")
+    team = Grant.objects.filter(team__members=wendy).values_list("team__name", flat=True).get()
+    api = ApiClient(token_for(wendy))
+    data = {"team": team, "name": "chat", "kind": "slack", "target": SECRET_HOOK, "events": ["node.drifted"]}
+    response = api.post(url("subscription-list"), data)
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert "target" not in body and "secret-token" not in response.content.decode()
+    assert body["target_display"] and body["team"] == team and body["events"] == ["node.drifted"]
+    sub = Subscription.objects.get(pk=body["id"])
+    assert sub.target() == SECRET_HOOK and SECRET_HOOK not in sub.target_encrypted
+    listed = api.get(url("subscription-list"))
+    assert [s["id"] for s in listed.json()["results"]] == [sub.pk] and "secret-token" not in listed.content.decode()
+    event = AuditEvent.objects.get(action="subscription.changed")
+    assert "secret-token" not in str(event.details)
+    # The same name again: 400; then deleted, audited.
+    assert api.post(url("subscription-list"), data).status_code == 400
+    assert api.send("DELETE", url("subscription-detail", pk=sub.pk)).status_code == 204
+    assert not Subscription.objects.exists()
+    assert AuditEvent.objects.filter(action="subscription.changed").count() == 2
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"kind": "slack", "target": "javascript:alert(1)"}, "target"),
+        ({"kind": "slack", "target": "https://x/a b"}, "target"),
+        ({"kind": "email", "target": "ops@example.com; rm -rf /"}, "target"),
+        ({"kind": "pager", "target": "ops@example.com"}, "kind"),
+        ({"kind": "email", "target": "ops@example.com", "events": ["deployment.started"]}, "events.0"),
+        ({"kind": "email", "target": "ops@example.com", "events": []}, "events"),
+        ({"kind": "email", "target": "ops@example.com", "events": "node.drifted"}, "events"),
+        ({"kind": "email", "target": ["ops@example.com"]}, "target"),
+        ({"kind": "email", "target": "ops@example.com", "name": "a\x00b"}, "name"),
+        ({"kind": "email", "target": "ops@example.com", "team": "nope"}, "team"),
+        ({"kind": "email", "target": "ops@example.com", "secret": 1}, "secret"),
+    ],
+)
+def test_a_bad_subscription_is_400_by_field(world, admin_api, data, field):
+    from deployments.sync.models import Subscription
+
+    body = {"team": "ops", "name": "chat", "events": ["node.drifted"], **data}
+    response = admin_api.post(url("subscription-list"), body)
+    assert response.status_code == 400 and field in response.json()["fields"], response.json()
+    assert not Subscription.objects.exists()
+
+
+def test_a_team_admin_cannot_subscribe_or_read_another_team(world):
+    from deployments.sync.models import Subscription
+
+    ops = Subscription.objects.create(team=world.ops, name="ops", kind="email", events=["node.drifted"])
+    api = ApiClient(token_for(world.persona("admin-node")))
+    data = {"team": "ops", "name": "mine", "kind": "email", "target": "me@example.com", "events": ["node.drifted"]}
+    response = api.post(url("subscription-list"), data)
+    assert response.status_code == 400 and "team" in response.json()["fields"]
+    assert api.get(url("subscription-detail", pk=ops.pk)).status_code == 403
+    assert api.send("DELETE", url("subscription-detail", pk=ops.pk)).status_code == 403
+    assert api.get(url("subscription-list")).json()["results"] == []
+    assert Subscription.objects.filter(pk=ops.pk).exists() and Subscription.objects.count() == 1

@@ -141,6 +141,30 @@ def _check(world, target, user):
     return {"pk": check.pk}
 
 
+def _subscription(world, target, user):
+    """The team ops' subscription: ops holds no admin grant, so only superusers manage it."""
+    from deployments.sync.models import Subscription
+
+    sub, _ = Subscription.objects.get_or_create(
+        team=world.ops, name="ops-chat", defaults={"kind": "email", "target_encrypted": "", "events": ["node.drifted"]}
+    )
+    return {"pk": sub.pk}
+
+
+def superuser_only(ok: int):
+    return lambda persona, lvl: 401 if persona == "anonymous" else ok if persona == "superuser" else 403
+
+
+def subscribers(persona, lvl):
+    """Subscribing team ops: superusers may; admins of their own team only (ops is not theirs: 400, as the
+    page's form refuses a team that is not offered); whoever manages no team is refused (403)."""
+    if persona == "anonymous":
+        return 401
+    if persona == "superuser":
+        return 201
+    return 400 if persona.startswith("admin-") else 403
+
+
 def _event(world, target, user):
     return {"seq": AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[0]}
 
@@ -204,6 +228,15 @@ RULES: dict[str, Rule] = {
     ),
     "health-check-detail DELETE": Rule(on_node(3, 204), _check, node_route=True, denial_audited=True),
     # Approvals: seen with a node; decided by a deployer of every node of it (the requester here is the CLI).
+    # Notification subscriptions: their team's admins (superusers: every team's).
+    "subscription-list GET": Rule(signed_in(200)),
+    "subscription-list POST": Rule(
+        subscribers,
+        data={"team": "ops", "name": "chat", "kind": "email", "target": "ops@example.com", "events": ["node.drifted"]},
+        denial_audited=True,
+    ),
+    "subscription-detail GET": Rule(superuser_only(200), _subscription, denial_audited=True),
+    "subscription-detail DELETE": Rule(superuser_only(204), _subscription, denial_audited=True),
     "approval-list GET": Rule(signed_in(200)),
     "approval-detail GET": Rule(on_node(1, 200), _approval, node_route=True),
     "approval-approve POST": Rule(on_node(2, 200), _approval, node_route=True, denial_audited=True),
