@@ -166,6 +166,26 @@ def test_a_bad_rollback_is_400_by_field_and_nothing_is_queued(world, admin_api, 
     assert not Deployment.objects.filter(kind="rollback").exists()
 
 
+def test_a_deployer_of_one_node_cannot_roll_back_another_it_sees(world):
+    user = world.persona("deployer-node")
+    personas.grant(user, "viewer")
+    api = ApiClient(token_for(user))
+    assert api.post(url("node-rollback", name=OUT_OF_SCOPE), {"generation": 1}).status_code == 403
+    denied = AuditEvent.objects.get(action="deployment.requested", outcome="denied")
+    assert denied.actor_name == user.username and denied.node_name == OUT_OF_SCOPE
+    assert api.post(url("node-rollback", name=IN_SCOPE), {"generation": 1}).status_code == 201
+    assert list(Deployment.objects.filter(kind="rollback").values_list("node__name", flat=True)) == [IN_SCOPE]
+
+
+@pytest.mark.parametrize("name", ["web-1;reboot", "$(id)", "web-1%0a", "..", "no-such-node"])
+def test_a_node_name_that_is_not_a_node_is_404_on_every_node_route(admin_api, name):
+    for route in ("node-sync-refresh", "node-sync-redeploy", "node-generations-read", "node-rollback"):
+        assert admin_api.post(url(route, name=name), {}).status_code == 404
+    for route in ("node-generations", "node-health"):
+        assert admin_api.get(url(route, name=name)).status_code == 404
+    assert not Deployment.objects.filter(status__in=Deployment.ACTIVE).exists()
+
+
 def test_a_token_stops_rolling_back_when_its_users_grant_is_removed(world):
     user = person("rita", "deployer", node=world.nodes[IN_SCOPE])
     api = ApiClient(token_for(user))
