@@ -445,6 +445,15 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # Several models have a "kind" and an "action" of their own: each choice set gets its own name.
+    "ENUM_NAME_OVERRIDES": {
+        "DeploymentKindEnum": "deployments.models.Deployment.Kind",
+        "DeploymentActionEnum": "deployments.models.Deployment.Action",
+        "RollbackActionEnum": "deployments.remote.generations.ROLLBACK_ACTIONS",
+        "HealthCheckKindEnum": "deployments.healthchecks.HealthCheck.Kind",
+        "ApprovalKindEnum": "deployments.gitops.models.ApprovalRequest.Kind",
+        "SubscriptionKindEnum": "deployments.sync.models.Subscription.Kind",
+    },
 }
 
 LOGGING = {

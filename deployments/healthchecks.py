@@ -85,7 +85,10 @@ class HealthCheck(models.Model):
         from django.core.exceptions import ValidationError
 
         if self.kind == self.Kind.COMMAND:
-            validators.validate_check_command(self.command)
+            try:
+                validators.validate_check_command(self.command)
+            except ValidationError as exc:
+                raise ValidationError({"command": exc.messages}) from None
             self.host, self.port, self.url = "", None, ""
         elif self.kind == self.Kind.TCP:
             if self.port is None:

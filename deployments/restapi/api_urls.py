@@ -18,6 +18,9 @@ router.register("deployments", views.DeploymentViewSet, basename="deployment")
 router.register("rollouts", views.RolloutViewSet, basename="rollout")
 router.register("audit/events", views.AuditEventViewSet, basename="audit-event")
 router.register("tokens", views.TokenViewSet, basename="token")
+router.register("approvals", views.ApprovalViewSet, basename="approval")
+router.register("health-checks", views.HealthCheckViewSet, basename="health-check")
+router.register("subscriptions", views.SubscriptionViewSet, basename="subscription")
 
 urlpatterns = [
     # The schema and its documentation page describe the API to anyone (they hold no data).

@@ -5,13 +5,25 @@ refuses exactly what the pages refuse; the state changes judge it again."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from deployments import logstream, rollouts
 from deployments.audit.models import AuditEvent
+from deployments.gitops.models import ApprovalRequest
+from deployments.healthchecks import HealthCheck
 from deployments.models import Deployment, Node
-from deployments.validators import validate_node_name, validate_revision, validate_tag
+from deployments.remote.generations import ROLLBACK_ACTIONS
+from deployments.sync import notify
+from deployments.sync.models import NodeSync, Subscription
+from deployments.validators import (
+    validate_comment,
+    validate_node_name,
+    validate_revision,
+    validate_search_text,
+    validate_tag,
+)
 
 from . import tokens
 from .models import ApiToken
@@ -98,6 +110,94 @@ class TokenRequest(serializers.Serializer):
     )
 
 
+class RollbackRequest(serializers.Serializer):
+    """Back to ``generation`` (null: the previous one), then ``switch`` to it now or ``boot`` it next time."""
+
+    generation = serializers.IntegerField(
+        min_value=1, max_value=999999999, required=False, allow_null=True, default=None
+    )
+    action = serializers.ChoiceField(choices=[(a, a) for a in ROLLBACK_ACTIONS], default="switch")
+
+    def to_internal_value(self, data):
+        # "3" would pass an IntegerField; a generation is a JSON number or null, nothing else.
+        generation = data.get("generation") if isinstance(data, dict) else None
+        if generation is not None and (isinstance(generation, bool) or not isinstance(generation, int)):
+            raise serializers.ValidationError({"generation": ["a number (1 or more), or null for the previous one"]})
+        return super().to_internal_value(data)
+
+
+class StrictCharField(serializers.CharField):
+    """Text only: a number or a list is refused, not turned into its string."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class DecisionRequest(serializers.Serializer):
+    """Approve or reject, with an optional comment (plain text: no shell characters)."""
+
+    comment = StrictCharField(
+        max_length=1000, required=False, allow_blank=True, default="", trim_whitespace=False,
+        validators=[validate_comment],
+    )  # fmt: skip
+
+
+class ConfirmTimeoutRequest(serializers.Serializer):
+    confirm_timeout = serializers.IntegerField(
+        min_value=0, max_value=3600, help_text="Seconds the node waits for the panel's confirmation; 0: off."
+    )
+
+
+class HealthCheckFields(serializers.ModelSerializer):
+    """A check's own fields, judged by the model's validators (anchored patterns, no shell characters)."""
+
+    class Meta:
+        model = HealthCheck
+        fields = [
+            "name", "kind", "command", "host", "port", "url", "expected_status", "timeout_seconds", "retries",
+            "interval_seconds", "on_failure",
+        ]  # fmt: skip
+        # Uniqueness per owner is the model's own check (full_clean), which knows the owner.
+        validators = []
+
+
+class HealthCheckRequest(HealthCheckFields):
+    """A new check of one node (``node``) or one tag (``tag``): exactly one of them."""
+
+    node = serializers.CharField(max_length=63, required=False, validators=[validate_node_name])
+    tag = serializers.CharField(max_length=50, required=False, validators=[validate_tag])
+
+    class Meta(HealthCheckFields.Meta):
+        fields = ["node", "tag", *HealthCheckFields.Meta.fields]
+
+
+class SubscriptionRequest(serializers.Serializer):
+    """A team's subscription: where to (``target``: stored encrypted, never shown again) and which events."""
+
+    team = StrictCharField(max_length=150, help_text="A team whose notifications you manage")
+    name = StrictCharField(max_length=100)
+    kind = serializers.ChoiceField(choices=Subscription.Kind.choices)
+    target = StrictCharField(max_length=2000, write_only=True, help_text="Webhook URL or e-mail address")
+    events = serializers.ListField(
+        child=serializers.ChoiceField(choices=list(notify.KINDS.items())), min_length=1, max_length=len(notify.KINDS)
+    )
+    enabled = serializers.BooleanField(required=False, default=True)
+
+    def validate_name(self, value):
+        value = value.strip()
+        validate_search_text(value)
+        return value
+
+    def validate(self, data):
+        try:
+            data["target"] = notify.validate_target(data["kind"], data["target"])
+        except DjangoValidationError as exc:
+            raise serializers.ValidationError({"target": exc.messages}) from None
+        return data
+
+
 class Empty(serializers.Serializer):
     """No fields: an empty body or ``{}``."""
 
@@ -117,7 +217,7 @@ class DeploymentOut(serializers.ModelSerializer):
             "exit_code", "error_message", "requested_by_name", "trigger", "created_at", "started_at", "finished_at",
             "cancel_requested", "generation_before", "generation_after", "system_before", "system_after",
             "toplevel", "line_count", "byte_count", "log_sha256", "log_gaps", "rollout", "rollout_position",
-            "timeout_seconds", "reconciled_at", "url",
+            "timeout_seconds", "reconciled_at", "kind", "target_generation", "url",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -142,6 +242,37 @@ class LastOut(serializers.Serializer):
     at = serializers.DateTimeField()
 
 
+class SyncOut(serializers.Serializer):
+    """Where the node stands against its tracked branch, as the last refresh saw it (``unknown``: never checked)."""
+
+    status = serializers.ChoiceField(choices=NodeSync.Status.choices)
+    since = serializers.DateTimeField(allow_null=True)
+    reason = serializers.CharField()
+    commit_sha = serializers.CharField()
+    expected_system = serializers.CharField()
+    current_system = serializers.CharField()
+    deployed_system = serializers.CharField()
+    checked_at = serializers.DateTimeField(allow_null=True)
+
+
+NEVER_CHECKED = {
+    "status": NodeSync.Status.UNKNOWN,
+    "since": None,
+    "reason": "never checked",
+    "commit_sha": "",
+    "expected_system": "",
+    "current_system": "",
+    "deployed_system": "",
+    "checked_at": None,
+}
+
+
+def sync_payload(sync: NodeSync | None) -> dict:
+    if sync is None:
+        return dict(NEVER_CHECKED)
+    return SyncOut(sync).data
+
+
 class NodeOut(serializers.ModelSerializer):
     tags = serializers.SerializerMethodField()
     repository = serializers.CharField(source="repository.name")
@@ -155,9 +286,18 @@ class NodeOut(serializers.ModelSerializer):
         model = Node
         fields = [
             "name", "host", "port", "ssh_user", "flake_attr", "repository", "tags", "host_key_fingerprint",
-            "running", "last", "can_deploy", "can_admin", "url",
+            "running", "last", "sync", "confirm_timeout", "can_deploy", "can_admin", "url",
         ]  # fmt: skip
         read_only_fields = fields
+
+    sync = serializers.SerializerMethodField()
+
+    @extend_schema_field(SyncOut)
+    def get_sync(self, node) -> dict:
+        try:
+            return sync_payload(node.sync)
+        except NodeSync.DoesNotExist:
+            return sync_payload(None)
 
     def get_tags(self, node) -> list[str]:
         return sorted(t.name for t in node.tags.all())
@@ -185,6 +325,90 @@ class NodeOut(serializers.ModelSerializer):
             "exit_code": node.last_exit_code,
             "at": node.last_at,
         }
+
+
+class GenerationOut(serializers.Serializer):
+    number = serializers.IntegerField()
+    created_at = serializers.CharField(allow_null=True)
+    path = serializers.CharField()
+    default = serializers.BooleanField(help_text="The system profile points at it")
+    current = serializers.BooleanField(help_text="It is /run/current-system")
+    booted = serializers.BooleanField(help_text="It is /run/booted-system")
+    deployment = serializers.IntegerField(allow_null=True, help_text="The deployment that made it (or its system)")
+    commit = serializers.CharField()
+    made_by_deployment = serializers.BooleanField()
+
+
+class GenerationsOut(serializers.Serializer):
+    """``generations.shown``: the node's last kept read (never a connection while answering a GET)."""
+
+    node = serializers.CharField()
+    read_at = serializers.CharField(allow_null=True)
+    tried_at = serializers.CharField(allow_null=True)
+    read_by = serializers.CharField()
+    error = serializers.CharField(help_text="Why the last try failed ('' if it worked)")
+    profile_generation = serializers.IntegerField(allow_null=True)
+    current_system = serializers.CharField()
+    booted_system = serializers.CharField()
+    generations = GenerationOut(many=True)
+
+
+class HealthCheckOut(serializers.ModelSerializer):
+    node = serializers.CharField(source="node.name", allow_null=True, default=None)
+    tag = serializers.CharField(source="tag.name", allow_null=True, default=None)
+    description = serializers.CharField(source="describe")
+
+    class Meta:
+        model = HealthCheck
+        fields = ["id", "node", "tag", *HealthCheckFields.Meta.fields, "description", "created_at"]
+        read_only_fields = fields
+
+
+class NodeHealthOut(serializers.Serializer):
+    node = serializers.CharField()
+    confirm_timeout = serializers.IntegerField(help_text="The magic-rollback deadline in seconds; 0: off")
+    can_change = serializers.BooleanField(help_text="You may change the node's own checks and its deadline")
+    checks = HealthCheckOut(many=True, help_text="The node's own checks and its tags'")
+
+
+class ApprovalOut(serializers.ModelSerializer):
+    nodes = serializers.SerializerMethodField()
+    url = serializers.CharField(source="get_absolute_url")
+
+    class Meta:
+        model = ApprovalRequest
+        fields = [
+            "id", "kind", "status", "action", "revision", "commits", "nodes", "requested_by_name", "trigger",
+            "created_at", "decided_by_name", "decided_at", "comment", "deployment", "rollout", "url",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_nodes(self, approval) -> list[str]:
+        return sorted(n.name for n in approval.nodes.all())
+
+
+class HeldOut(serializers.Serializer):
+    """202: a protected node is touched, so the request waits for a second person (nothing started)."""
+
+    error = serializers.CharField()
+    approval = ApprovalOut()
+
+
+class DecisionOut(serializers.Serializer):
+    approval = ApprovalOut()
+    deployment = DeploymentOut(allow_null=True, help_text="What the approval requested (a deployment)")
+    rollout = serializers.IntegerField(allow_null=True, help_text="What the approval requested (a rollout)")
+
+
+class SubscriptionOut(serializers.ModelSerializer):
+    """A subscription as pages show it: the target masked (``target_display``), never the target itself."""
+
+    team = serializers.CharField(source="team.name")
+
+    class Meta:
+        model = Subscription
+        fields = ["id", "team", "name", "kind", "target_display", "events", "enabled", "created_at"]
+        read_only_fields = fields
 
 
 class LogLine(serializers.Serializer):

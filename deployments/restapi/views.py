@@ -16,7 +16,7 @@ from rest_framework import exceptions, renderers, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from deployments import lifecycle, logstream, rollouts
+from deployments import generations, inventory, lifecycle, logstream, rollbacks, rollouts
 from deployments.access import gate
 from deployments.access.gate import DEPLOY, VIEW
 from deployments.audit import checkpoint
@@ -24,29 +24,49 @@ from deployments.audit.models import AuditEvent
 from deployments.audit.query import AuditFilter
 from deployments.audit.verify import verify_since
 from deployments.audit.views import LIST_FIELDS
-from deployments.errors import RequestError
-from deployments.models import Deployment, Node
+from deployments.errors import AwaitingApproval, RequestError
+from deployments.gitops import approvals
+from deployments.healthchecks import HealthCheck
+from deployments.models import Deployment, Node, Tag
+from deployments.sync import notify
+from deployments.sync import status as sync_status
+from deployments.sync.models import NodeSync, Subscription
 from deployments.validators import redact_url_secrets, validate_node_name, validate_search_text, validate_tag
 from deployments.views.pages import _fleet as fleet_columns  # what each node runs: one definition, the fleet view's
+from deployments.views.pages import _validate_sync  # the dashboard's sync filter: one rule
 
 from . import logsse, tokens
 from .framework import ByNamePagination, KeysetPagination, conflict
 from .models import ApiToken
 from .serializers import (
+    ApprovalOut,
     AuditEventDetailOut,
     AuditEventOut,
     AuditPage,
     AuditVerifyOut,
+    ConfirmTimeoutRequest,
+    DecisionOut,
+    DecisionRequest,
     DeploymentOut,
     DeployRequest,
     Empty,
     Error,
+    GenerationsOut,
+    HealthCheckFields,
+    HealthCheckOut,
+    HealthCheckRequest,
+    HeldOut,
     LogPage,
     NewTokenOut,
+    NodeHealthOut,
     NodeOut,
+    RollbackRequest,
     RolloutOut,
     RolloutRequest,
     RolloutSummary,
+    SubscriptionOut,
+    SubscriptionRequest,
+    SyncOut,
     TokenOut,
     TokenRequest,
 )
@@ -58,6 +78,7 @@ ERRORS = {
     404: OpenApiResponse(Error, description="No such object, or not visible to you"),
 }
 CONFLICT = {409: OpenApiResponse(Error, description="Busy, or already finished")}
+HELD = {202: OpenApiResponse(HeldOut, description="A protected node is touched: held for a second person's approval")}
 # How many log lines one call may ask for.
 MAX_LOG_LIMIT = 5000
 
@@ -111,7 +132,7 @@ def _empty_body(request) -> None:
 def _with_fleet(user, nodes) -> list[Node]:
     """``nodes`` (a page) with what each runs, its last deployment and the caller's buttons: one query."""
     shown = gate.annotate_permissions(Node.objects.filter(pk__in=[n.pk for n in nodes]), user)
-    return list(fleet_columns(shown.prefetch_related("tags").select_related("repository")).order_by("name"))
+    return list(fleet_columns(shown.prefetch_related("tags").select_related("repository", "sync")).order_by("name"))
 
 
 @extend_schema(tags=["nodes"])
@@ -128,6 +149,12 @@ class NodeViewSet(viewsets.GenericViewSet):
         parameters=[
             OpenApiParameter("tag", str, description="Only nodes carrying this tag"),
             OpenApiParameter("q", str, description="Only nodes whose name contains this"),
+            OpenApiParameter(
+                "sync",
+                str,
+                enum=NodeSync.Status.values,
+                description="Only nodes with this sync status (never checked: unknown)",
+            ),
         ],
         responses={200: NodeOut(many=True), **ERRORS},
     )
@@ -139,6 +166,9 @@ class NodeViewSet(viewsets.GenericViewSet):
         q = _query(request, "q")
         if q:
             nodes = nodes.filter(name__icontains=q)
+        sync = _query(request, "sync", _validate_sync)
+        if sync:
+            nodes = nodes.filter(sync_status_filter(sync))
         page = self.paginate_queryset(nodes.only("pk", "name"))
         return self.get_paginated_response(NodeOut(_with_fleet(request.user, page), many=True).data)
 
@@ -146,6 +176,126 @@ class NodeViewSet(viewsets.GenericViewSet):
     def retrieve(self, request, name=None):
         node = gate.node_for(request.user, name, VIEW)
         return Response(NodeOut(_with_fleet(request.user, [node])[0]).data)
+
+    # --- sync status (deployments/sync) ---
+
+    @extend_schema(request=Empty, responses={200: SyncOut, **ERRORS, **CONFLICT})
+    @action(detail=True, methods=["post"], url_path="sync/refresh", url_name="sync-refresh")
+    def sync_refresh(self, request, name=None):
+        """Read the node and recompute its sync status now (its deployers); 409 while it is being deployed."""
+        node = gate.node_for(request.user, name, VIEW)
+        gate.require(request.user, DEPLOY, node, event="node.sync_changed")
+        _empty_body(request)
+        sync = sync_status.refresh_node(node, user=request.user)
+        if sync is None:
+            return conflict(f"{node.name} is being deployed: its sync status is read after the deployment.")
+        return Response(SyncOut(sync).data)
+
+    @extend_schema(request=Empty, responses={201: DeploymentOut, **HELD, **ERRORS, **CONFLICT})
+    @action(detail=True, methods=["post"], url_path="sync/redeploy", url_name="sync-redeploy")
+    def sync_redeploy(self, request, name=None):
+        """Deploy (switch) the branch head the sync status was computed against, to a drifted or behind node
+        (409 when it is neither, or busy)."""
+        node = gate.node_for(request.user, name, VIEW)
+        gate.require(request.user, DEPLOY, node, event="deployment.requested")
+        _empty_body(request)
+        sync = NodeSync.objects.filter(node=node).first()
+        if sync is None or not sync.redeployable:
+            return conflict(f"{node.name} is not drifted or behind: nothing to redeploy.")
+        return _requested(
+            lambda: lifecycle.request_deployment(
+                node, action="switch", revision=sync.commit_sha, user=request.user, trigger=Deployment.Trigger.API
+            )
+        )
+
+    # --- generations and rollback (deployments/generations.py, rollbacks.py) ---
+
+    @extend_schema(responses={200: GenerationsOut, **ERRORS})
+    @action(detail=True, methods=["get"])
+    def generations(self, request, name=None):
+        """The node's generations as last read (no connection to the node), each with the deployment that made it."""
+        node = gate.node_for(request.user, name, VIEW)
+        return Response({"node": node.name, **generations.shown(node).as_json()})
+
+    @extend_schema(
+        request=Empty,
+        responses={
+            200: GenerationsOut,
+            502: OpenApiResponse(GenerationsOut, description="The node could not be read: `error` says why"),
+            **ERRORS,
+        },
+    )
+    @action(detail=True, methods=["post"], url_path="generations/read", url_name="generations-read")
+    def generations_read(self, request, name=None):
+        """Read the node's generations now over SSH (seeing the node is enough: nothing changes there)."""
+        node = gate.node_for(request.user, name, VIEW)
+        _empty_body(request)
+        read = generations.read_node_generations(node, user=request.user)
+        body = {"node": node.name, **generations.shown(node).as_json()}
+        return Response(body, status=status.HTTP_502_BAD_GATEWAY if read.error else status.HTTP_200_OK)
+
+    @extend_schema(request=RollbackRequest, responses={201: DeploymentOut, **ERRORS, **CONFLICT})
+    @action(detail=True, methods=["post"])
+    def rollback(self, request, name=None):
+        """Go back to a generation (null: the previous one): a deployment of kind ``rollback``."""
+        node = gate.node_for(request.user, name, VIEW)
+        gate.require(request.user, DEPLOY, node, event="deployment.requested")
+        data = _read(RollbackRequest, request).validated_data
+        deployment = rollbacks.request_rollback(
+            node,
+            generation=data["generation"],
+            action=data["action"],
+            user=request.user,
+            trigger=Deployment.Trigger.API,
+        )
+        return Response(DeploymentOut(deployment).data, status=status.HTTP_201_CREATED)
+
+    # --- health checks and the magic-rollback deadline (deployments/health.py) ---
+
+    @extend_schema(responses={200: NodeHealthOut, **ERRORS})
+    @action(detail=True, methods=["get"])
+    def health(self, request, name=None):
+        """The node's checks (its own and its tags') and its confirmation deadline."""
+        node = gate.node_for(request.user, name, VIEW)
+        return Response(
+            {
+                "node": node.name,
+                "confirm_timeout": node.confirm_timeout,
+                "can_change": gate.can_change_checks(request.user, node),
+                "checks": HealthCheckOut(HealthCheck.for_node(node), many=True).data,
+            }
+        )
+
+    @extend_schema(request=ConfirmTimeoutRequest, responses={200: NodeHealthOut, **ERRORS})
+    @action(detail=True, methods=["post"], url_path="health/deadline", url_name="health-deadline")
+    def health_deadline(self, request, name=None):
+        """Set the magic-rollback deadline (node admins)."""
+        node = gate.node_for(request.user, name, VIEW)
+        gate.require(request.user, gate.ADMIN, node, event="node.changed")
+        data = _read(ConfirmTimeoutRequest, request).validated_data
+        inventory.set_confirm_timeout(node, data["confirm_timeout"], user=request.user)
+        return self.health(request, name=name)
+
+
+def sync_status_filter(wanted: str):
+    """The dashboard's rule: a node never checked counts as unknown."""
+    from django.db.models import Q
+
+    unchecked = Q(sync__isnull=True) if wanted == NodeSync.Status.UNKNOWN else Q(pk__in=[])
+    return Q(sync__status=wanted) | unchecked
+
+
+def _requested(request_it):
+    """Run a deploy/rollout request: 201 with the deployment, or 202 with the approval it is held for."""
+    try:
+        deployment = request_it()
+    except AwaitingApproval as exc:
+        return _held(exc)
+    return Response(DeploymentOut(deployment).data, status=status.HTTP_201_CREATED)
+
+
+def _held(exc: AwaitingApproval) -> Response:
+    return Response({"error": str(exc), "approval": ApprovalOut(exc.approval).data}, status=status.HTTP_202_ACCEPTED)
 
 
 # --- deployments -----------------------------------------------------------------------------------
@@ -200,7 +350,7 @@ class DeploymentViewSet(viewsets.GenericViewSet):
     def retrieve(self, request, pk=None):
         return Response(DeploymentOut(gate.deployment_for(request.user, _pk(pk), VIEW)).data)
 
-    @extend_schema(request=DeployRequest, responses={201: DeploymentOut, **ERRORS, **CONFLICT})
+    @extend_schema(request=DeployRequest, responses={201: DeploymentOut, **HELD, **ERRORS, **CONFLICT})
     def create(self, request):
         """Deploy one node.  The node is judged first (404 unseen, 403 not a deployer: audited), then the rest."""
         name = request.data.get("node")
@@ -213,15 +363,16 @@ class DeploymentViewSet(viewsets.GenericViewSet):
         node = gate.node_for(request.user, name, VIEW)
         gate.require(request.user, DEPLOY, node, event="deployment.requested")
         data = _read(DeployRequest, request).validated_data
-        deployment = lifecycle.request_deployment(
-            node,
-            action=data["action"],
-            revision=data["revision"],
-            user=request.user,
-            trigger=Deployment.Trigger.API,
-            timeout_seconds=data["timeout"],
+        return _requested(
+            lambda: lifecycle.request_deployment(
+                node,
+                action=data["action"],
+                revision=data["revision"],
+                user=request.user,
+                trigger=Deployment.Trigger.API,
+                timeout_seconds=data["timeout"],
+            )
         )
-        return Response(DeploymentOut(deployment).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=Empty, responses={200: DeploymentOut, **ERRORS, **CONFLICT})
     @action(detail=True, methods=["post"])
@@ -360,13 +511,16 @@ class RolloutViewSet(viewsets.GenericViewSet):
         page = self.paginate_queryset(gate.visible_rollouts(request.user))
         return self.get_paginated_response(RolloutSummary(page, many=True).data)
 
-    @extend_schema(request=RolloutRequest, responses={201: RolloutOut, **ERRORS, **CONFLICT})
+    @extend_schema(request=RolloutRequest, responses={201: RolloutOut, **HELD, **ERRORS, **CONFLICT})
     def create(self, request):
         """Start a rollout.  Whoever may deploy nowhere is refused (403, audited) before the body is judged;
         every selected node must be deployable, or the whole rollout is refused."""
         gate.require_somewhere(request.user, DEPLOY, event="rollout.requested")
         options = _read(RolloutRequest, request).options()
-        rollout = rollouts.request_rollout(options, user=request.user, trigger=Deployment.Trigger.API)
+        try:
+            rollout = rollouts.request_rollout(options, user=request.user, trigger=Deployment.Trigger.API)
+        except AwaitingApproval as exc:
+            return _held(exc)
         data = rollouts.payload(rollout, gate.rollout_deployments(request.user, rollout), tails=False)
         return Response(data, status=status.HTTP_201_CREATED)
 
@@ -387,6 +541,257 @@ class RolloutViewSet(viewsets.GenericViewSet):
         except RequestError as exc:
             return conflict(str(exc))
         return Response(rollouts.payload(rollout, gate.rollout_deployments(request.user, rollout), tails=False))
+
+
+# --- approvals (deployments/gitops/approvals.py) -------------------------------------------------------
+
+
+def _validate_bool(value: str) -> None:
+    if value not in ("true", "false"):
+        raise ValidationError("use true or false")
+
+
+@extend_schema(tags=["approvals"])
+class ApprovalViewSet(viewsets.GenericViewSet):
+    """Requests held for a protected node: those with a node you see; decide them where you may deploy every
+    node of one (never your own)."""
+
+    serializer_class = ApprovalOut
+    pagination_class = KeysetPagination
+    queryset = Deployment.objects.none()
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "decidable", str, enum=["true", "false"], description="true: only the pending ones you may decide"
+            ),
+            OpenApiParameter("status", str, enum=approvals.Status.values, description="Only with this status"),
+        ],
+        responses={200: ApprovalOut(many=True), **ERRORS},
+    )
+    def list(self, request):
+        decidable = _query(request, "decidable", _validate_bool) == "true"
+        found = approvals.decidable(request.user) if decidable else approvals.visible(request.user)
+        wanted = _query(request, "status", _validate_approval_status)
+        if wanted:
+            found = found.filter(status=wanted)
+        page = self.paginate_queryset(found.prefetch_related("nodes"))
+        return self.get_paginated_response(ApprovalOut(page, many=True).data)
+
+    @extend_schema(responses={200: ApprovalOut, **ERRORS})
+    def retrieve(self, request, pk=None):
+        return Response(ApprovalOut(approvals.approval_for(request.user, _pk(pk))).data)
+
+    @extend_schema(request=DecisionRequest, responses={200: DecisionOut, **ERRORS, **CONFLICT})
+    @action(detail=True, methods=["post"])
+    def approve(self, request, pk=None):
+        """Approve: the deployment or rollout is requested as the requester, pinned to its commits.  409 when it is
+        no longer pending, expired (the branch moved), or cannot start (busy)."""
+        return self._decide(request, pk, "approved")
+
+    @extend_schema(request=DecisionRequest, responses={200: DecisionOut, **ERRORS, **CONFLICT})
+    @action(detail=True, methods=["post"])
+    def reject(self, request, pk=None):
+        """Reject: nothing starts."""
+        return self._decide(request, pk, "rejected")
+
+    def _decide(self, request, pk, decision: str):
+        approval = approvals.approval_for(request.user, _pk(pk))
+        approvals.require_decider(approval, request.user, f"approval.{decision}")
+        comment = _read(DecisionRequest, request).validated_data["comment"]
+        result = None
+        try:
+            if decision == "approved":
+                result = approvals.approve(approval, user=request.user, comment=comment)
+            else:
+                approvals.reject(approval, user=request.user, comment=comment)
+        except RequestError as exc:
+            return conflict(str(exc))
+        approval.refresh_from_db()
+        return Response(
+            {
+                "approval": ApprovalOut(approval).data,
+                "deployment": DeploymentOut(result).data if isinstance(result, Deployment) else None,
+                "rollout": result.pk if result is not None and not isinstance(result, Deployment) else None,
+            }
+        )
+
+
+def _validate_approval_status(value: str) -> None:
+    if value not in approvals.Status.values:
+        raise ValidationError(f"use one of {', '.join(approvals.Status.values)}")
+
+
+# --- health checks (deployments/healthchecks.py; changed through inventory) -----------------------------
+
+
+def _visible_checks(user):
+    """Checks ``user`` may read: those of nodes they see and of those nodes' tags (the node page shows them);
+    every tag's for whoever may view the inventory (the tag pages)."""
+    from django.db.models import Q
+
+    nodes = gate.visible_nodes(user)
+    seen = Q(node__in=nodes) | Q(tag__nodes__in=nodes)
+    if gate.may(user, gate.VIEW_INVENTORY):
+        seen |= Q(tag__isnull=False)
+    return HealthCheck.objects.filter(seen).distinct().select_related("node", "tag")
+
+
+@extend_schema(tags=["health checks"])
+class HealthCheckViewSet(viewsets.GenericViewSet):
+    """Health checks of nodes and tags.  A node's are changed by its admins; a tag's by inventory managers
+    (a command check also needs admin of every node carrying the tag).  The gate first, then the input."""
+
+    serializer_class = HealthCheckOut
+    pagination_class = KeysetPagination
+    queryset = HealthCheck.objects.none()
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("node", str, description="Only this node's own checks"),
+            OpenApiParameter("tag", str, description="Only this tag's checks"),
+        ],
+        responses={200: HealthCheckOut(many=True), **ERRORS},
+    )
+    def list(self, request):
+        checks = _visible_checks(request.user)
+        node = _query(request, "node", validate_node_name)
+        if node:
+            checks = checks.filter(node__name=node)
+        tag = _query(request, "tag", validate_tag)
+        if tag:
+            checks = checks.filter(tag__name=tag)
+        page = self.paginate_queryset(checks)
+        return self.get_paginated_response(HealthCheckOut(page, many=True).data)
+
+    @extend_schema(responses={200: HealthCheckOut, **ERRORS})
+    def retrieve(self, request, pk=None):
+        return Response(HealthCheckOut(self._check(request, pk)).data)
+
+    @extend_schema(request=HealthCheckRequest, responses={201: HealthCheckOut, **ERRORS})
+    def create(self, request):
+        """Add a check to ``node`` or ``tag``: the owner is judged first (404 unseen, 403 not allowed: audited)."""
+        node, tag = self._owner(request)
+        gate.require_check_change(request.user, node=node, tag=tag, event="health_check.change")
+        data = dict(_read(HealthCheckRequest, request).validated_data)
+        data.pop("node", None), data.pop("tag", None)
+        check = _valid(HealthCheck(node=node, tag=tag, **data))
+        inventory.save_health_check(check, user=request.user)
+        return Response(HealthCheckOut(check).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=HealthCheckFields(partial=True), responses={200: HealthCheckOut, **ERRORS})
+    def partial_update(self, request, pk=None):
+        """Change some fields of a check (its owner stays)."""
+        check = self._check(request, pk)
+        gate.require_check_change(request.user, node=check.node, tag=check.tag, event="health_check.change")
+        serializer = HealthCheckFields(data=request.data, partial=True)
+        unknown = sorted(set(request.data) - set(serializer.fields))
+        if unknown:
+            raise exceptions.ValidationError({name[:50]: ["unknown field"] for name in unknown[:5]})
+        serializer.is_valid(raise_exception=True)
+        for field_name, value in serializer.validated_data.items():
+            setattr(check, field_name, value)
+        inventory.save_health_check(_valid(check), user=request.user)
+        return Response(HealthCheckOut(check).data)
+
+    @extend_schema(responses={204: None, **ERRORS})
+    def destroy(self, request, pk=None):
+        check = self._check(request, pk)
+        inventory.delete_health_check(check, user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _check(self, request, pk) -> HealthCheck:
+        check = _visible_checks(request.user).filter(pk=_pk(pk)).first()
+        if check is None:
+            raise Http404("No such health check")
+        return check
+
+    def _owner(self, request):
+        """(node, tag) named by the body: exactly one; an unseen node or an unknown tag is 404."""
+        name, tag = request.data.get("node"), request.data.get("tag")
+        if (name is None) == (tag is None):
+            raise exceptions.ValidationError({"node": ["give the node or the tag whose check this is (one of them)"]})
+        field, value, check = ("node", name, validate_node_name) if name is not None else ("tag", tag, validate_tag)
+        if not isinstance(value, str) or not value:
+            raise exceptions.ValidationError({field: ["a name"]})
+        try:
+            check(value)
+        except ValidationError as exc:
+            raise exceptions.ValidationError({field: exc.messages}) from None
+        if field == "node":
+            return gate.node_for(request.user, value, VIEW), None
+        found = Tag.objects.filter(name=value).first()
+        if found is None:
+            raise Http404("No such tag")
+        return None, found
+
+
+def _valid(check: HealthCheck) -> HealthCheck:
+    """The model's own validation (each field's validators, the fields its kind needs, unique per owner): 400 by field."""
+    try:
+        check.full_clean(exclude=["created_by"])
+    except ValidationError as exc:
+        raise exceptions.ValidationError(exc.message_dict) from None
+    return check
+
+
+# --- notification subscriptions (deployments/sync/notify.py) ------------------------------------------
+
+
+@extend_schema(tags=["notifications"])
+class SubscriptionViewSet(viewsets.GenericViewSet):
+    """Your teams' notification subscriptions (team admins; every team's for whoever manages teams).  The
+    target is written once and shown masked (``target_display``), never returned."""
+
+    serializer_class = SubscriptionOut
+    pagination_class = KeysetPagination
+    queryset = Subscription.objects.none()
+
+    @extend_schema(responses={200: SubscriptionOut(many=True), **ERRORS})
+    def list(self, request):
+        teams = gate.subscription_teams(request.user)
+        page = self.paginate_queryset(Subscription.objects.filter(team__in=teams).select_related("team"))
+        return self.get_paginated_response(SubscriptionOut(page, many=True).data)
+
+    @extend_schema(responses={200: SubscriptionOut, **ERRORS})
+    def retrieve(self, request, pk=None):
+        return Response(SubscriptionOut(self._managed(request, pk)).data)
+
+    @extend_schema(request=SubscriptionRequest, responses={201: SubscriptionOut, **ERRORS})
+    def create(self, request):
+        """Subscribe a team you manage.  Whoever manages none is refused (403, audited) before the body is read."""
+        teams = gate.subscription_teams(request.user)
+        if not teams.exists():
+            gate.require_global(request.user, gate.MANAGE_TEAMS, event="subscription.changed")
+        data = _read(SubscriptionRequest, request).validated_data
+        # Only the caller's teams are looked at: another team's name is the same answer as an unknown one.
+        team = teams.filter(name=data["team"]).first()
+        if team is None:
+            raise exceptions.ValidationError({"team": ["no team whose notifications you manage has this name"]})
+        gate.require_subscriptions(request.user, team, event="subscription.changed")
+        if Subscription.objects.filter(team=team, name=data["name"]).exists():
+            raise exceptions.ValidationError({"name": ["the team has a subscription of this name"]})
+        sub = Subscription(
+            team=team, name=data["name"], kind=data["kind"], events=list(data["events"]), enabled=data["enabled"]
+        )
+        try:
+            notify.save_subscription(sub, target=data["target"], user=request.user)
+        except ValidationError as exc:
+            raise exceptions.ValidationError({"events": exc.messages}) from None
+        return Response(SubscriptionOut(sub).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(responses={204: None, **ERRORS})
+    def destroy(self, request, pk=None):
+        notify.delete_subscription(self._managed(request, pk), user=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _managed(self, request, pk) -> Subscription:
+        """As the subscription pages: 404 if there is none, 403 (audited) unless you manage its team."""
+        subscription = Subscription.objects.select_related("team").filter(pk=_pk(pk)).first()
+        if subscription is None:
+            raise Http404("No such subscription")
+        gate.require_subscriptions(request.user, subscription.team, event="subscription.changed")
+        return subscription
 
 
 # --- the audit trail ---------------------------------------------------------------------------------

@@ -24,6 +24,11 @@ class ApiClient:
         body = raw if raw is not None else json.dumps(data if data is not None else {})
         return self.client.generic("POST", url, body, content_type=content_type, **self.headers)
 
+    def send(self, method: str, url: str, data=None):
+        """Any method with a JSON body (PATCH, DELETE)."""
+        body = json.dumps(data) if data is not None else ""
+        return self.client.generic(method, url, body, content_type="application/json", **self.headers)
+
 
 def token_for(user, name: str = "script", **kwargs) -> str:
     """A new API token of ``user`` (the whole text)."""

@@ -104,6 +104,67 @@ def _rollout(world, target, user):
     return {"pk": rollouts.request_rollout(rollouts.Options(nodes=[target]), user=None, trigger="cli").pk}
 
 
+def _approval(world, target, user):
+    """A pending approval of a deploy of ``target`` asked from the command line (so any deployer of the node
+    may decide it), pinned to the branch head: approving it really queues the deployment."""
+    from deployments import repos
+    from deployments.gitops.models import ApprovalRequest
+
+    approval = ApprovalRequest.objects.create(
+        kind="deployment",
+        action="switch",
+        revision="",
+        commits={"flakes": repos.resolve(world.repository)},
+        trigger="cli",
+    )
+    approval.nodes.set([world.nodes[target]])
+    return {"pk": approval.pk}
+
+
+def _drifted(world, target, user):
+    """``target`` drifted from its branch head, so a redeploy has something to deploy."""
+    from deployments import repos
+    from deployments.sync.models import NodeSync
+
+    NodeSync.objects.update_or_create(
+        node=world.nodes[target], defaults={"status": "drifted", "commit_sha": repos.resolve(world.repository)}
+    )
+    return {"name": target}
+
+
+def _check(world, target, user):
+    from deployments.healthchecks import HealthCheck
+
+    check, _ = HealthCheck.objects.get_or_create(
+        node=world.nodes[target], name="port", defaults={"kind": "tcp", "port": 443}
+    )
+    return {"pk": check.pk}
+
+
+def _subscription(world, target, user):
+    """The team ops' subscription: ops holds no admin grant, so only superusers manage it."""
+    from deployments.sync.models import Subscription
+
+    sub, _ = Subscription.objects.get_or_create(
+        team=world.ops, name="ops-chat", defaults={"kind": "email", "target_encrypted": "", "events": ["node.drifted"]}
+    )
+    return {"pk": sub.pk}
+
+
+def superuser_only(ok: int):
+    return lambda persona, lvl: 401 if persona == "anonymous" else ok if persona == "superuser" else 403
+
+
+def subscribers(persona, lvl):
+    """Subscribing team ops: superusers may; admins of their own team only (ops is not theirs: 400, as the
+    page's form refuses a team that is not offered); whoever manages no team is refused (403)."""
+    if persona == "anonymous":
+        return 401
+    if persona == "superuser":
+        return 201
+    return 400 if persona.startswith("admin-") else 403
+
+
 def _event(world, target, user):
     return {"seq": AuditEvent.objects.order_by("-seq").values_list("seq", flat=True)[0]}
 
@@ -141,6 +202,47 @@ RULES: dict[str, Rule] = {
     # Tokens are made from a signed-in session, never by a token.
     "token-list POST": Rule(signed_in(201), data=lambda target: {"name": "ci"}, token_status=403),
     "token-revoke POST": Rule(signed_in(200), _own_token),
+    # Sync status: refreshing and redeploying are deploys (the world's hosts do not resolve: the refresh
+    # answers "unknown" quickly); the status itself is on node-detail.
+    "node-sync-refresh POST": Rule(on_node(2, 200), _node, node_route=True, denial_audited=True),
+    "node-sync-redeploy POST": Rule(on_node(2, 201), _drifted, node_route=True, denial_audited=True),
+    # Generations: reading needs only to see the node (the read fails fast: 502 with the reason).
+    "node-generations GET": Rule(on_node(1, 200), _node, node_route=True),
+    "node-generations-read POST": Rule(on_node(1, 502), _node, node_route=True),
+    "node-rollback POST": Rule(on_node(2, 201), _node, data={"action": "switch"}, node_route=True, denial_audited=True),
+    # Health checks: read by whoever sees the node; changed by its admins.
+    "node-health GET": Rule(on_node(1, 200), _node, node_route=True),
+    "node-health-deadline POST": Rule(
+        on_node(3, 200), _node, data={"confirm_timeout": 60}, node_route=True, denial_audited=True
+    ),
+    "health-check-list GET": Rule(signed_in(200)),
+    "health-check-list POST": Rule(
+        on_node(3, 201),
+        data=lambda target: {"node": target, "name": "ssh", "kind": "tcp", "port": 22},
+        node_route=True,
+        denial_audited=True,
+    ),
+    "health-check-detail GET": Rule(on_node(1, 200), _check, node_route=True),
+    "health-check-detail PATCH": Rule(
+        on_node(3, 200), _check, data={"port": 8443}, node_route=True, denial_audited=True
+    ),
+    "health-check-detail DELETE": Rule(on_node(3, 204), _check, node_route=True, denial_audited=True),
+    # Approvals: seen with a node; decided by a deployer of every node of it (the requester here is the CLI).
+    # Notification subscriptions: their team's admins (superusers: every team's).
+    "subscription-list GET": Rule(signed_in(200)),
+    "subscription-list POST": Rule(
+        subscribers,
+        data={"team": "ops", "name": "chat", "kind": "email", "target": "ops@example.com", "events": ["node.drifted"]},
+        denial_audited=True,
+    ),
+    "subscription-detail GET": Rule(superuser_only(200), _subscription, denial_audited=True),
+    "subscription-detail DELETE": Rule(superuser_only(204), _subscription, denial_audited=True),
+    "approval-list GET": Rule(signed_in(200)),
+    "approval-detail GET": Rule(on_node(1, 200), _approval, node_route=True),
+    "approval-approve POST": Rule(on_node(2, 200), _approval, node_route=True, denial_audited=True),
+    "approval-reject POST": Rule(
+        on_node(2, 200), _approval, data={"comment": "not now"}, node_route=True, denial_audited=True
+    ),
 }
 
 
@@ -180,13 +282,16 @@ def test_api_route_answers_each_persona_as_its_rule_says(world, route, persona, 
             expected = rule.token_status
         denials_before = AuditEvent.objects.filter(outcome="denied").count()
         deployments_before = Deployment.objects.count()
+        data = rule.data(target) if callable(rule.data) else rule.data
         if method == "GET":
             response = client.get(url)
+        elif method == "POST":
+            response = client.post(url, data)
         else:
-            response = client.post(url, rule.data(target) if callable(rule.data) else rule.data)
+            response = client.send(method, url, data or None)
         where = f"{persona} ({auth}) {method} {url}"
         assert response.status_code == expected, f"{where}: {response.status_code}, expected {expected}"
-        if response.status_code >= 400:
+        if 400 <= response.status_code or response.status_code == 202:
             assert response.json()["error"], f"{where}: no error message"
         if response.status_code == 403 and rule.denial_audited:
             assert AuditEvent.objects.filter(outcome="denied").count() == denials_before + 1, (
@@ -195,5 +300,14 @@ def test_api_route_answers_each_persona_as_its_rule_says(world, route, persona, 
         if route == "deployment-list POST" and response.status_code == 201:
             assert Deployment.objects.count() == deployments_before + 1, f"{where}: nothing queued"
             assert Deployment.objects.get(pk=response.json()["id"]).node.name == target
+        if route in ("node-rollback POST", "node-sync-redeploy POST") and response.status_code == 201:
+            assert Deployment.objects.count() == deployments_before + 1, f"{where}: nothing queued"
+        if route == "approval-approve POST" and response.status_code == 200:
+            assert response.json()["approval"]["status"] == "approved"
+            assert Deployment.objects.get(pk=response.json()["deployment"]["id"]).node.name == target
+        if route == "health-check-detail DELETE" and response.status_code == 204:
+            from deployments.healthchecks import HealthCheck
+
+            assert not HealthCheck.objects.filter(node__name=target, name="port").exists(), f"{where}: not deleted"
         if route == "token-revoke POST" and response.status_code == 200:
             assert ApiToken.objects.get(pk=response.json()["id"]).revoked_at is not None
