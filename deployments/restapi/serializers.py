@@ -9,11 +9,12 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from deployments import logstream, rollouts
+from deployments import change, logstream, rollouts
+from deployments.access import gate
 from deployments.audit.models import AuditEvent
 from deployments.gitops.models import ApprovalRequest
 from deployments.healthchecks import HealthCheck
-from deployments.models import Deployment, Node
+from deployments.models import BuildLocation, Deployment, Node
 from deployments.remote.generations import ROLLBACK_ACTIONS
 from deployments.sync import notify
 from deployments.sync.models import NodeSync, Subscription
@@ -31,6 +32,15 @@ from .models import ApiToken
 # --- input ---------------------------------------------------------------------------------------
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON ``true`` or ``false`` only: DRF's own takes "yes", "on", 1; the JSON API refuses them."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=str(data)[:50])
+        return data
+
+
 class DeployRequest(serializers.Serializer):
     """A deployment of one node: ``nixos-rebuild <action>`` of ``revision`` (empty: the tracked branch)."""
 
@@ -41,6 +51,12 @@ class DeployRequest(serializers.Serializer):
     )
     timeout = serializers.IntegerField(
         min_value=1, max_value=settings.DEPLOY_TIMEOUT, required=False, allow_null=True, default=None
+    )
+    diff = StrictBooleanField(
+        required=False,
+        default=False,
+        help_text="Build and show the difference first (kind diff, nothing switched); confirm it with "
+        "POST /api/v1/deployments/{id}/confirm/. Not with action build.",
     )
 
 
@@ -198,6 +214,22 @@ class SubscriptionRequest(serializers.Serializer):
         return data
 
 
+class BuildLocationRequest(serializers.Serializer):
+    """Where a node's system is built (``change.set_build_location``): on the node itself (``target``), on
+    the panel host (``panel``), on a build host (``host``: another node, which you must be allowed to
+    deploy), or ``""``: its tags' default."""
+
+    location = serializers.ChoiceField(choices=[("", "the tags' default"), *BuildLocation.choices])
+    build_host = StrictCharField(
+        max_length=63,
+        required=False,
+        allow_null=True,
+        default=None,
+        validators=[validate_node_name],
+        help_text="The build host's node name, with location host only",
+    )
+
+
 class Empty(serializers.Serializer):
     """No fields: an empty body or ``{}``."""
 
@@ -209,6 +241,17 @@ class DeploymentOut(serializers.ModelSerializer):
     node = serializers.CharField(source="node.name")
     status_label = serializers.CharField(source="get_status_display")
     url = serializers.CharField(source="get_absolute_url")
+    diff = serializers.JSONField(
+        read_only=True,
+        allow_null=True,
+        help_text="A diff's outcome (kind diff): packages added, removed, changed; closure sizes; reboot hint",
+    )
+    diff_of = serializers.IntegerField(
+        source="diff_of_id", read_only=True, allow_null=True, help_text="An activation's diff (kind activate)"
+    )
+    built_on = serializers.CharField(
+        read_only=True, help_text="Where its system was built: target, panel or host:<name> ('' before the build)"
+    )
 
     class Meta:
         model = Deployment
@@ -217,7 +260,7 @@ class DeploymentOut(serializers.ModelSerializer):
             "exit_code", "error_message", "requested_by_name", "trigger", "created_at", "started_at", "finished_at",
             "cancel_requested", "generation_before", "generation_after", "system_before", "system_after",
             "toplevel", "line_count", "byte_count", "log_sha256", "log_gaps", "rollout", "rollout_position",
-            "timeout_seconds", "reconciled_at", "kind", "target_generation", "url",
+            "timeout_seconds", "reconciled_at", "kind", "target_generation", "built_on", "diff", "diff_of", "url",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -325,6 +368,55 @@ class NodeOut(serializers.ModelSerializer):
             "exit_code": node.last_exit_code,
             "at": node.last_at,
         }
+
+
+class BuildLocationOut(serializers.Serializer):
+    """Where the node's system is built (``change.effective_location``) and why."""
+
+    location = serializers.ChoiceField(choices=BuildLocation.choices)
+    source = serializers.CharField(help_text="node, tag <name> or default: whose setting decides")
+    build_host = serializers.CharField(
+        allow_null=True, help_text="With location host: the build host (null if you may not see it)"
+    )
+    node_setting = serializers.CharField(
+        allow_blank=True, help_text="The node's own setting ('': its tags' default, else target)"
+    )
+
+
+class NodeDetailOut(NodeOut):
+    """One node: what the list shows, with where it builds and the jump host it is reached through."""
+
+    build_location = serializers.SerializerMethodField()
+    build_host = serializers.SerializerMethodField(help_text="The build host of the node's own setting")
+    jump_host = serializers.SerializerMethodField(
+        help_text="The bastion it is reached through (null: none, or one you may not see)"
+    )
+
+    class Meta(NodeOut.Meta):
+        fields = [*NodeOut.Meta.fields[:-1], "build_location", "build_host", "jump_host", "url"]
+        read_only_fields = fields
+
+    def _shown(self, node: Node | None) -> str | None:
+        """A related node's name, only for a viewer the gate lets see it (``context["user"]``)."""
+        if node is None or not gate.can(self.context["user"], gate.VIEW, node):
+            return None
+        return node.name
+
+    @extend_schema_field(BuildLocationOut)
+    def get_build_location(self, node) -> dict:
+        where = change.effective_location(node)
+        return {
+            "location": where.kind,
+            "source": where.source,
+            "build_host": self._shown(where.host),
+            "node_setting": node.build_location,
+        }
+
+    def get_build_host(self, node) -> str | None:
+        return self._shown(node.build_host)
+
+    def get_jump_host(self, node) -> str | None:
+        return self._shown(node.jump_host)
 
 
 class GenerationOut(serializers.Serializer):

@@ -16,7 +16,7 @@ from rest_framework import exceptions, renderers, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from deployments import generations, inventory, lifecycle, logstream, rollbacks, rollouts
+from deployments import change, generations, inventory, lifecycle, logstream, rollbacks, rollouts
 from deployments.access import gate
 from deployments.access.gate import DEPLOY, VIEW
 from deployments.audit import checkpoint
@@ -44,6 +44,7 @@ from .serializers import (
     AuditEventOut,
     AuditPage,
     AuditVerifyOut,
+    BuildLocationRequest,
     ConfirmTimeoutRequest,
     DecisionOut,
     DecisionRequest,
@@ -58,6 +59,7 @@ from .serializers import (
     HeldOut,
     LogPage,
     NewTokenOut,
+    NodeDetailOut,
     NodeHealthOut,
     NodeOut,
     RollbackRequest,
@@ -172,10 +174,34 @@ class NodeViewSet(viewsets.GenericViewSet):
         page = self.paginate_queryset(nodes.only("pk", "name"))
         return self.get_paginated_response(NodeOut(_with_fleet(request.user, page), many=True).data)
 
-    @extend_schema(responses={200: NodeOut, **ERRORS})
+    @extend_schema(responses={200: NodeDetailOut, **ERRORS})
     def retrieve(self, request, name=None):
+        """One node, with where it builds and its jump host (each named only if you may see it)."""
         node = gate.node_for(request.user, name, VIEW)
-        return Response(NodeOut(_with_fleet(request.user, [node])[0]).data)
+        return Response(_detail(request.user, node))
+
+    # --- where the node builds (deployments/change.py) ---
+
+    @extend_schema(request=BuildLocationRequest, responses={200: NodeDetailOut, **ERRORS})
+    @action(detail=True, methods=["post"], url_path="build-location", url_name="build-location")
+    def build_location(self, request, name=None):
+        """Set where the node builds (node admins).  A build host you may not deploy (or cannot see) is
+        refused (403, audited): it would receive the source of everything built there."""
+        node = gate.node_for(request.user, name, VIEW)
+        gate.require(request.user, gate.ADMIN, node, event="build_location.changed")
+        data = _read(BuildLocationRequest, request).validated_data
+        host = None
+        if data["build_host"] is not None:
+            host = Node.objects.filter(name=data["build_host"]).first()
+            if host is None or not gate.can(request.user, VIEW, host):
+                # Unseen or unknown: refused as any node they may not deploy (the answer does not say which).
+                gate.require_build_host(request.user, Node(pk=0, name="?"), event="build_location.changed", obj=node)
+                raise exceptions.ValidationError({"build_host": ["no node has this name"]})
+        try:
+            change.set_build_location(node, data["location"], host, user=request.user)
+        except RequestError as exc:
+            raise exceptions.ValidationError({"build_host": [str(exc)]}) from None
+        return Response(_detail(request.user, node))
 
     # --- sync status (deployments/sync) ---
 
@@ -277,6 +303,11 @@ class NodeViewSet(viewsets.GenericViewSet):
         return self.health(request, name=name)
 
 
+def _detail(user, node: Node) -> dict:
+    shown = _with_fleet(user, [node])[0]
+    return NodeDetailOut(shown, context={"user": user}).data
+
+
 def sync_status_filter(wanted: str):
     """The dashboard's rule: a node never checked counts as unknown."""
     from django.db.models import Q
@@ -371,8 +402,32 @@ class DeploymentViewSet(viewsets.GenericViewSet):
                 user=request.user,
                 trigger=Deployment.Trigger.API,
                 timeout_seconds=data["timeout"],
+                kind=Deployment.Kind.DIFF if data["diff"] else Deployment.Kind.REBUILD,
             )
         )
+
+    @extend_schema(
+        request=Empty,
+        responses={
+            201: OpenApiResponse(DeploymentOut, description="The activation (kind activate, diff_of: this diff)"),
+            **HELD,
+            **ERRORS,
+            409: OpenApiResponse(Error, description="Not a succeeded diff, confirmed already, or expired"),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def confirm(self, request, pk=None):
+        """Switch the node to exactly the system a diff built (its deployers; once, while it is kept)."""
+        diff = gate.deployment_for(request.user, _pk(pk), VIEW)
+        gate.require(request.user, DEPLOY, diff.node, event="deployment.requested")
+        _empty_body(request)
+        try:
+            activation = change.confirm_diff(diff, user=request.user, trigger=Deployment.Trigger.API)
+        except AwaitingApproval as exc:
+            return _held(exc)
+        except RequestError as exc:
+            return conflict(str(exc))
+        return Response(DeploymentOut(activation).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=Empty, responses={200: DeploymentOut, **ERRORS, **CONFLICT})
     @action(detail=True, methods=["post"])

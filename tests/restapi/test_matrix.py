@@ -190,6 +190,8 @@ RULES: dict[str, Rule] = {
     # A finished (not interrupted) deployment: past the gate, "nothing to reconcile" (409).
     "deployment-reconcile POST": Rule(on_node(2, 409), _deployment, node_route=True, denial_audited=True),
     "deployment-log GET": Rule(on_node(1, 200), _deployment, node_route=True),
+    # Confirming a diff is a deploy; a finished rebuild is past the gate "not a difference to confirm" (409).
+    "deployment-confirm POST": Rule(on_node(2, 409), _deployment, node_route=True, denial_audited=True),
     "deployment-log-stream GET": Rule(on_node(1, 200), _deployment, node_route=True),
     "rollout-list GET": Rule(signed_in(200)),
     "rollout-list POST": Rule(deployers(201), data=lambda target: {"nodes": [IN_SCOPE]}, denial_audited=True),
@@ -210,6 +212,10 @@ RULES: dict[str, Rule] = {
     "node-generations GET": Rule(on_node(1, 200), _node, node_route=True),
     "node-generations-read POST": Rule(on_node(1, 502), _node, node_route=True),
     "node-rollback POST": Rule(on_node(2, 201), _node, data={"action": "switch"}, node_route=True, denial_audited=True),
+    # Where the node builds: its admins (the panel host needs no build host, so no second permission).
+    "node-build-location POST": Rule(
+        on_node(3, 200), _node, data={"location": "panel"}, node_route=True, denial_audited=True
+    ),
     # Health checks: read by whoever sees the node; changed by its admins.
     "node-health GET": Rule(on_node(1, 200), _node, node_route=True),
     "node-health-deadline POST": Rule(
@@ -309,5 +315,14 @@ def test_api_route_answers_each_persona_as_its_rule_says(world, route, persona, 
             from deployments.healthchecks import HealthCheck
 
             assert not HealthCheck.objects.filter(node__name=target, name="port").exists(), f"{where}: not deleted"
+        if route == "node-build-location POST" and response.status_code == 200:
+            assert response.json()["build_location"] == {
+                "location": "panel",
+                "source": "node",
+                "build_host": None,
+                "node_setting": "panel",
+            }, where
+            world.nodes[target].refresh_from_db()
+            assert world.nodes[target].build_location == "panel", f"{where}: not set"
         if route == "token-revoke POST" and response.status_code == 200:
             assert ApiToken.objects.get(pk=response.json()["id"]).revoked_at is not None
