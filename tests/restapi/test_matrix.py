@@ -98,6 +98,25 @@ def _active(world, target, user):
     return {"pk": world.queue(target).pk}
 
 
+def _diff(world, target, user):
+    """A succeeded diff of ``target`` pinned to the branch head, kept: confirming it really queues the activation."""
+    from django.utils import timezone
+
+    from deployments import repos
+
+    diff = Deployment.objects.create(
+        node=world.nodes[target],
+        kind=Deployment.Kind.DIFF,
+        action="switch",
+        commit_sha=repos.resolve(world.repository),
+        flake_attr=target,
+        status=Deployment.Status.SUCCEEDED,
+        toplevel="/nix/store/" + "b" * 32 + "-nixos-system",
+        finished_at=timezone.now(),
+    )
+    return {"pk": diff.pk}
+
+
 def _rollout(world, target, user):
     from deployments import rollouts
 
@@ -190,8 +209,8 @@ RULES: dict[str, Rule] = {
     # A finished (not interrupted) deployment: past the gate, "nothing to reconcile" (409).
     "deployment-reconcile POST": Rule(on_node(2, 409), _deployment, node_route=True, denial_audited=True),
     "deployment-log GET": Rule(on_node(1, 200), _deployment, node_route=True),
-    # Confirming a diff is a deploy; a finished rebuild is past the gate "not a difference to confirm" (409).
-    "deployment-confirm POST": Rule(on_node(2, 409), _deployment, node_route=True, denial_audited=True),
+    # Confirming a diff is a deploy: the activation is queued (201).
+    "deployment-confirm POST": Rule(on_node(2, 201), _diff, node_route=True, denial_audited=True),
     "deployment-log-stream GET": Rule(on_node(1, 200), _deployment, node_route=True),
     "rollout-list GET": Rule(signed_in(200)),
     "rollout-list POST": Rule(deployers(201), data=lambda target: {"nodes": [IN_SCOPE]}, denial_audited=True),
@@ -315,6 +334,11 @@ def test_api_route_answers_each_persona_as_its_rule_says(world, route, persona, 
             from deployments.healthchecks import HealthCheck
 
             assert not HealthCheck.objects.filter(node__name=target, name="port").exists(), f"{where}: not deleted"
+        if route == "deployment-confirm POST":
+            confirmed = Deployment.objects.filter(diff_of_id=url.rstrip("/").split("/")[-2])
+            assert confirmed.exists() == (response.status_code == 201), f"{where}: {confirmed.count()} activations"
+            if response.status_code == 201:
+                assert confirmed.get().pk == response.json()["id"] and confirmed.get().kind == "activate"
         if route == "node-build-location POST" and response.status_code == 200:
             assert response.json()["build_location"] == {
                 "location": "panel",
