@@ -5,7 +5,9 @@ unseen deployment).  Then replay from the database after the client's last
 sequence number (``?after=N``; or only the last lines, ``?tail=N``), then follow
 the deployment's shared feed (``logfeed``: one reader per deployment per
 process, fed by pushes or a database poll, its messages encoded once for every
-socket).  The database is the source: every line is sent once, in order,
+socket).  ``lines`` messages go as binary frames of UTF-8 JSON (encoded once,
+shared by every socket); ``status``, ``end``, ``skipped`` and ``pong`` as text
+frames of JSON.  The database is the source: every line is sent once, in order,
 across reconnects.  Permission is checked again while following (once per
 session and period for all its sockets), so a revoked user's socket is closed;
 so is the socket of a session that has since logged out (or whose user was
@@ -96,8 +98,8 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
                 changed = feed.changed
                 if feed.next_seq is not None:
                     while (message := await feed.next_message(self.after)) is not None:
-                        text, self.after = message
-                        await self.send(text_data=text)
+                        data, self.after = message
+                        await self.send(bytes_data=data)
                     if feed.status_version != status_sent:
                         status_sent = feed.status_version
                         await self.send(text_data=feed.status_text)

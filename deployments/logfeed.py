@@ -3,7 +3,9 @@
 A ``Feed`` reads a deployment's new lines and status from the database once
 for all the sockets that follow it in this process (one query per flush, not
 one per viewer), keeps the latest messages pre-encoded in a bounded cache and
-wakes its followers, who send the same text to their clients.  It learns of
+wakes its followers, who send the same bytes to their clients: a ``lines``
+message is UTF-8 JSON encoded once, sent as a binary WebSocket frame, so a
+socket's only cost per message is its framing.  It learns of
 new lines from a push (with a cross-process channel layer: the feed, not each
 socket, is the one member of the group ``deployment-<id>``) or by polling the
 database every ``LOG_POLL_INTERVAL`` (the embedded default); with pushes the
@@ -47,20 +49,25 @@ def encode(message: dict) -> str:
     return json.dumps(message, separators=(",", ":"))
 
 
+def encode_bytes(message: dict) -> bytes:
+    """The message as the UTF-8 JSON of a binary frame (``ensure_ascii``: the encoding is a plain copy)."""
+    return encode(message).encode()
+
+
 @dataclass(frozen=True)
 class Message:
-    """Lines ``first`` .. ``last`` as one pre-encoded ``lines`` message."""
+    """Lines ``first`` .. ``last`` as one ``lines`` message, pre-encoded as the bytes of a binary frame."""
 
     first: int
     last: int
-    text: str
+    data: bytes
 
-    def after(self, seq: int) -> str:
+    def after(self, seq: int) -> bytes:
         """The message without its lines up to ``seq`` (a follower that stopped inside it)."""
         if seq < self.first:
-            return self.text
-        lines = json.loads(self.text)["lines"]
-        return encode({"type": "lines", "lines": lines[seq + 1 - self.first :]})
+            return self.data
+        lines = json.loads(self.data)["lines"]
+        return encode_bytes({"type": "lines", "lines": lines[seq + 1 - self.first :]})
 
 
 def _messages(seq_start: int, data: str) -> list[Message]:
@@ -71,7 +78,7 @@ def _messages(seq_start: int, data: str) -> list[Message]:
         part = entries[i : i + BATCH_LINES]
         first = seq_start + i
         lines = [[first + k, entry[:1], entry[1:]] for k, entry in enumerate(part)]
-        out.append(Message(first, first + len(part) - 1, encode({"type": "lines", "lines": lines})))
+        out.append(Message(first, first + len(part) - 1, encode_bytes({"type": "lines", "lines": lines})))
     return out
 
 
@@ -109,8 +116,8 @@ class Feed:
         """Set at the next change; take it before looking at the feed, then wait on it."""
         return self._changed
 
-    async def next_message(self, after: int) -> tuple[str, int] | None:
-        """(text, last seq) of the stored lines right after ``after``, or None if there are none yet."""
+    async def next_message(self, after: int) -> tuple[bytes, int] | None:
+        """(frame bytes, last seq) of the stored lines right after ``after``, or None if there are none yet."""
         if self.next_seq is None or after + 1 >= self.next_seq:
             return None
         message = self._find(after + 1)

@@ -13,6 +13,7 @@
   // Rendered into the page from Deployment.TERMINAL: one definition of which statuses are final.
   const TERMINAL = new Set(JSON.parse(document.getElementById('terminal-statuses').textContent));
   const DENIED_CODES = new Set([4403, 4404]);
+  const utf8 = new TextDecoder();
   const STATE_LABELS = {
     connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…', complete: 'complete', denied: 'no access',
   };
@@ -396,6 +397,8 @@
     let sock;
     try {
       sock = new WebSocket(wsUrl());
+      // `lines` messages come as binary frames of UTF-8 JSON (encoded once on the server for every viewer).
+      sock.binaryType = 'arraybuffer';
     } catch (err) {
       scheduleReconnect();
       return;
@@ -413,7 +416,7 @@
     sock.onmessage = (ev) => {
       let msg;
       try {
-        msg = JSON.parse(ev.data);
+        msg = JSON.parse(typeof ev.data === 'string' ? ev.data : utf8.decode(ev.data));
       } catch (err) {
         return;
       }

@@ -1,5 +1,7 @@
 """The log WebSocket: permission on connect, replay after a sequence number, the tail, the end."""
 
+import json
+
 import pytest
 from asgiref.sync import async_to_sync
 from channels.routing import URLRouter
@@ -10,6 +12,15 @@ from deployments.models import Deployment
 from deployments.routing import websocket_urlpatterns
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def receive_message(comm, timeout):
+    """The next message, checking its frame: ``lines`` in a binary frame (UTF-8 JSON), the rest as text."""
+    frame = await comm.receive_from(timeout=timeout)
+    msg = json.loads(frame)
+    binary = isinstance(frame, bytes)
+    assert binary == (msg["type"] == "lines"), f"a {msg['type']} message in a {'binary' if binary else 'text'} frame"
+    return msg
 
 
 @pytest.fixture
@@ -32,7 +43,7 @@ async def _session(user, path):
     messages = []
     if connected:
         while True:
-            msg = await comm.receive_json_from(timeout=10)
+            msg = await receive_message(comm, timeout=10)
             messages.append(msg)
             if msg["type"] == "end":
                 break

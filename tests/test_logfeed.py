@@ -1,6 +1,7 @@
 """Followers of one deployment share one reader per process; a follower on Redis never closes for lack of traffic."""
 
 import asyncio
+import json
 import threading
 import time
 
@@ -15,6 +16,15 @@ from deployments.routing import websocket_urlpatterns
 from tests.support.services import PrivateRedis
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def receive_message(comm, timeout):
+    """The next message, checking its frame: ``lines`` in a binary frame (UTF-8 JSON), the rest as text."""
+    frame = await comm.receive_from(timeout=timeout)
+    msg = json.loads(frame)
+    binary = isinstance(frame, bytes)
+    assert binary == (msg["type"] == "lines"), f"a {msg['type']} message in a {'binary' if binary else 'text'} frame"
+    return msg
 
 
 @pytest.fixture
@@ -36,7 +46,7 @@ async def read_until_end(comm, timeout=30):
     lines, statuses = [], []
     deadline = time.monotonic() + timeout
     while True:
-        msg = await comm.receive_json_from(timeout=max(0.1, deadline - time.monotonic()))
+        msg = await receive_message(comm, timeout=max(0.1, deadline - time.monotonic()))
         if msg["type"] == "lines":
             lines.extend(msg["lines"])
         elif msg["type"] == "status":
@@ -165,12 +175,12 @@ def test_a_follower_on_redis_idle_for_over_10_seconds_still_gets_the_next_line(
 
     async def scenario():
         comm = await open_socket(alice, running.pk)
-        first = await comm.receive_json_from(timeout=5)
+        first = await receive_message(comm, timeout=5)
         assert first["type"] == "status"
         assert await comm.receive_nothing(timeout=11, interval=0.5), "nothing to say while idle, and still open"
         sent = time.monotonic()
         await asyncio.to_thread(write_one, running.pk)
-        msg = await comm.receive_json_from(timeout=5)
+        msg = await receive_message(comm, timeout=5)
         took = time.monotonic() - sent
         await comm.disconnect()
         return msg, took
