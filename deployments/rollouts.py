@@ -410,6 +410,7 @@ def advance_rollout(rollout_id: int, *, keep: int = 0) -> str | list[int]:
 
 def _advance(rollout_id: int, keep: int) -> tuple[str, list[int]]:
     kept: list[int] = []
+    opened = False  # slots opened by this call (canaries passed), not only freed by nodes that ended
     while True:
         rollout = Rollout.objects.filter(pk=rollout_id).first()
         if rollout is None:
@@ -429,6 +430,7 @@ def _advance(rollout_id: int, keep: int) -> tuple[str, list[int]]:
                         fields={"canary_passed_at": timezone.now()},
                         where={"canary_passed_at__isnull": True},
                     )
+                    opened = True
                 else:
                     bad = rollout.canary_count - tally.canary_ok
                     _transition(
@@ -454,6 +456,10 @@ def _advance(rollout_id: int, keep: int) -> tuple[str, list[int]]:
                 continue
             limit = rollout.canary_count if in_canary else tally.positions
             start = min(rollout.parallelism - tally.inflight, limit - rollout.dispatched)
+            if keep and not opened:
+                # A slot freed by a node that ended is taken by that node's own thread when it advances: a
+                # running task takes no more than it can run, or the rest would wait in the broker behind it.
+                start = min(start, keep - len(kept))
             if start > 0:
                 first, last = rollout.dispatched, rollout.dispatched + start
                 if Rollout.objects.filter(pk=rollout.pk, status=Status.RUNNING, dispatched=first).update(

@@ -525,3 +525,33 @@ def test_a_bad_rollout_threads_setting_is_refused_at_start(value, message, tmp_p
     assert run.returncode != 0
     assert f"PANEL_ROLLOUT_THREADS={value!r}" in run.stderr or f"PANEL_ROLLOUT_THREADS={value}" in run.stderr
     assert message in run.stderr
+
+
+def test_a_thread_takes_only_what_it_runs_when_two_nodes_end_together(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], parallelism=2)
+    first = list(worker.handed)
+    token = rollouts._in_slot.set(r.pk)  # as in a task's thread: its own end does not advance the rollout
+    try:
+        for pk in first:
+            assert lifecycle.claim(pk)
+            lifecycle.finish(pk, "succeeded", exit_code=0)
+    finally:
+        rollouts._in_slot.reset(token)
+    one = rollouts.advance_rollout(r.pk, keep=1)  # the first thread: two slots free, it runs one
+    assert len(one) == 1 and worker.handed == first, "the other free slot was not sent to wait in the broker"
+    other = rollouts.advance_rollout(r.pk, keep=1)  # the second thread takes the other
+    assert len(other) == 1 and other != one and worker.handed == first
+    r.refresh_from_db()
+    assert r.dispatched == 4
+
+
+def test_slots_opened_by_passed_canaries_beyond_the_threads_go_to_the_queue(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], parallelism=3, canary=1)
+    token = rollouts._in_slot.set(r.pk)
+    try:
+        assert lifecycle.claim(worker.handed[0])
+        lifecycle.finish(worker.handed[0], "succeeded", exit_code=0)
+    finally:
+        rollouts._in_slot.reset(token)
+    kept = rollouts.advance_rollout(r.pk, keep=1)
+    assert len(kept) == 1 and len(worker.handed) == 3, "the canary passed: one kept, two handed out"
