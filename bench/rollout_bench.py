@@ -7,7 +7,8 @@
 
 Everything is real: N testbed nodes (each its own network namespace, sshd, Nix store, the
 ``nixos-rebuild`` stand-in) and a panel from ``tests.support.panel`` (migrate, daphne, a qcluster with
-``PANEL_WORKERS`` = the parallelism).  Each round first commits a new version of the flake attribute
+``PANEL_WORKERS`` = the parallelism divided by ``PANEL_ROLLOUT_THREADS``, rounded up: each worker
+process runs that many nodes at once in threads; ``--workers`` overrides).  Each round first commits a new version of the flake attribute
 ``bench`` (a new system to build on every node), then:
 
 * bare: the flake is unpacked on every node beforehand (not timed); a pool of P threads runs
@@ -233,7 +234,12 @@ def main() -> int:
     ap.add_argument("--big-parallel", type=int, default=50)
     ap.add_argument("--no-big", action="store_true", help="skip the big rollout")
     ap.add_argument("--postgres", action="store_true", help="the panel on PostgreSQL + Redis")
+    ap.add_argument("--workers", type=int, default=0, help="qcluster workers (default: parallelism / threads)")
     args = ap.parse_args()
+    threads = int(os.environ.get("PANEL_ROLLOUT_THREADS") or 10)
+
+    def workers_for(parallel: int) -> int:
+        return args.workers or max(1, -(-parallel // threads))
 
     started = time.monotonic()
     results: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "args": vars(args)}
@@ -248,7 +254,7 @@ def main() -> int:
         count = max(args.nodes, 0 if args.no_big else args.big_nodes)
         nodes = make_nodes(tb, count)
         with environment(**db):
-            panel, browser = start_panel(tmp / "panel", nodes, repo, args.parallel)
+            panel, browser = start_panel(tmp / "panel", nodes, repo, workers_for(args.parallel))
             try:
                 log(f"{args.nodes} nodes at parallelism {args.parallel}, {args.rounds} rounds")
                 results["compare"] = compare(nodes[: args.nodes], repo, panel, browser, args.parallel, args.rounds)
@@ -259,7 +265,7 @@ def main() -> int:
                 if c["ratio_median"] > TARGET_RATIO:
                     failures.append(f"rollout/bare wall time {c['ratio_median']:.2f} > {TARGET_RATIO}")
                 if not args.no_big:
-                    set_workers(panel, args.big_parallel)
+                    set_workers(panel, workers_for(args.big_parallel))
                     commit_change(repo, ATTR)
                     log(f"{len(nodes)} nodes at parallelism {args.big_parallel}, the page loaded every second")
                     big = panel_round(panel, browser, None, args.big_parallel, page_every=1.0)

@@ -264,6 +264,11 @@ HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
 # A rollout's node handed to the queue but still queued while nothing of the rollout started for this long,
 # the broker empty, is handed out again (its task was lost with a killed worker; rollouts.advance_active_rollouts).
 ROLLOUT_REHAND_AFTER = envfloat("PANEL_ROLLOUT_REHAND_AFTER", 120.0)
+# Nodes of a rollout one worker process runs at once, each in its own thread (its own SSH connection and
+# database connection): a worker process per running node would cost ~85 MB each.
+ROLLOUT_THREADS = envint("PANEL_ROLLOUT_THREADS", 10)
+if not 1 <= ROLLOUT_THREADS <= 200:
+    raise ImproperlyConfigured(f"PANEL_ROLLOUT_THREADS={ROLLOUT_THREADS}: use a number from 1 to 200")
 # How often the WebSocket follower looks at the database when nothing is pushed.
 LOG_POLL_INTERVAL = envfloat("PANEL_LOG_POLL_INTERVAL", 0.05)
 LOG_FLUSH_INTERVAL = envfloat("PANEL_LOG_FLUSH_INTERVAL", 0.025)
@@ -278,6 +283,7 @@ if BROKER not in ("orm", "redis"):
     raise ImproperlyConfigured(f"PANEL_BROKER={BROKER!r}: use orm or redis")
 Q_CLUSTER = {
     "name": env("PANEL_QUEUE_NAME", "panel"),
+    # Processes; a rollout's task runs up to ROLLOUT_THREADS nodes in threads of one, so 4 run 40 at once.
     "workers": envint("PANEL_WORKERS", 4),
     # The worker enforces DEPLOY_TIMEOUT itself (stopping the run on the node); django-q2 kills the task only
     # if that did not end it: after a node unreachable for UNREACHABLE_LIMIT and the stop's grace and finish.

@@ -17,9 +17,11 @@ whenever one of the rollout's deployments ends (``lifecycle`` calls
 ``node_ended`` after commit), and every minute as a safety net; any number of
 copies may run at once.  What it hands out is the task ``run_node``: it runs its
 node's deployment and then, while the rollout has a free slot, takes the next
-position itself and runs it in the same worker (``advance_rollout(keep=True)``),
+position itself and runs it in the same worker (``advance_rollout(keep=n)``),
 instead of a trip through the broker and a new task per node: a slot freed by
-one node is taken by the next within milliseconds.  Positions are handed out by a compare-and-swap on
+one node is taken by the next within milliseconds.  One task carries up to
+``ROLLOUT_THREADS`` positions and runs each in its own thread (``_Slots``), so
+one worker process, not one per node, runs that many nodes at once.  Positions are handed out by a compare-and-swap on
 ``Rollout.dispatched`` (``UPDATE … SET dispatched=d+k WHERE dispatched=d AND
 status='running'``): ``k`` is the free slots counted *before* the swap, and a
 slot can only free up in between (starting takes a swap), so parallelism is
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -390,23 +393,24 @@ def _transition(
     return True
 
 
-def advance_rollout(rollout_id: int, *, keep: bool = False) -> str | int | None:
+def advance_rollout(rollout_id: int, *, keep: int = 0) -> str | list[int]:
     """Start the rollout's next nodes up to its parallelism, pass or fail its canaries, apply its failure
     policy, and finish it when its last node has ended.  Idempotent; safe to run in many places at once.
 
-    Returns the rollout's status (the django-q2 task's result); with ``keep``, the deployment id of one
-    started node that the caller runs itself instead of handing it out (or None).
+    Returns the rollout's status (the django-q2 task's result); with ``keep`` (a number), the deployment ids
+    of at most that many started nodes that the caller runs itself instead of handing them out.
     """
     token = _advancing.set(rollout_id)
     try:
-        status, kept = _advance(rollout_id, keep)
+        status, kept = _advance(rollout_id, int(keep))
         return kept if keep else status
     finally:
         _advancing.reset(token)
 
 
-def _advance(rollout_id: int, keep: bool) -> tuple[str, int | None]:
-    kept = None
+def _advance(rollout_id: int, keep: int) -> tuple[str, list[int]]:
+    kept: list[int] = []
+    opened = False  # slots opened by this call (canaries passed), not only freed by nodes that ended
     while True:
         rollout = Rollout.objects.filter(pk=rollout_id).first()
         if rollout is None:
@@ -426,6 +430,7 @@ def _advance(rollout_id: int, keep: bool) -> tuple[str, int | None]:
                         fields={"canary_passed_at": timezone.now()},
                         where={"canary_passed_at__isnull": True},
                     )
+                    opened = True
                 else:
                     bad = rollout.canary_count - tally.canary_ok
                     _transition(
@@ -451,6 +456,10 @@ def _advance(rollout_id: int, keep: bool) -> tuple[str, int | None]:
                 continue
             limit = rollout.canary_count if in_canary else tally.positions
             start = min(rollout.parallelism - tally.inflight, limit - rollout.dispatched)
+            if keep and not opened:
+                # A slot freed by a node that ended is taken by that node's own thread when it advances: a
+                # running task takes no more than it can run, or the rest would wait in the broker behind it.
+                start = min(start, keep - len(kept))
             if start > 0:
                 first, last = rollout.dispatched, rollout.dispatched + start
                 if Rollout.objects.filter(pk=rollout.pk, status=Status.RUNNING, dispatched=first).update(
@@ -464,11 +473,9 @@ def _advance(rollout_id: int, keep: bool) -> tuple[str, int | None]:
                             status=DStatus.QUEUED,
                         ).values_list("pk", flat=True)
                     )
-                    for pk in started:
-                        if keep and kept is None:
-                            kept = pk
-                        else:
-                            hand_out(pk)
+                    take = max(0, keep - len(kept))
+                    kept += started[:take]
+                    hand_out_all(started[take:])
                     if len(started) == start:
                         return rollout.status, kept  # every slot taken: nothing more to do now
                 # Count again: another copy moved first, or some of these had ended (cancelled) already.
@@ -484,18 +491,25 @@ def _advance(rollout_id: int, keep: bool) -> tuple[str, int | None]:
         return rollout.status, kept
 
 
-def hand_out(deployment_id: int) -> None:
-    """Give a started node to django-q2 as a ``run_node`` task (only the id), allowed to run on to further
-    nodes of its rollout (``CHAIN_TIMEOUT``)."""
+def hand_out(*deployment_ids: int) -> None:
+    """Give started nodes to django-q2 as one ``run_node`` task (only the ids; each runs in its own thread of
+    the worker), allowed to run on to further nodes of its rollout (``chain_timeout``)."""
     from django_q.tasks import async_task
 
     async_task(
         "deployments.rollouts.run_node",
-        deployment_id,
-        task_name=f"deployment-{deployment_id}",
+        *deployment_ids,
+        task_name=f"deployment-{deployment_ids[0]}",
         ack_failure=True,
         timeout=chain_timeout(),
     )
+
+
+def hand_out_all(deployment_ids: list[int]) -> None:
+    """Hand started nodes out, ``ROLLOUT_THREADS`` to a task: one worker process runs that many at once."""
+    size = settings.ROLLOUT_THREADS
+    for i in range(0, len(deployment_ids), size):
+        hand_out(*deployment_ids[i : i + size])
 
 
 def chain_timeout() -> int:
@@ -503,34 +517,97 @@ def chain_timeout() -> int:
     return 2 * settings.DEPLOY_TIMEOUT
 
 
-def run_node(deployment_id: int) -> str:
-    """The task a rollout hands out: run this node's deployment (``tasks.run_deployment``), then, while the
-    rollout has a free slot and this task has time left for another node's timeout, the next one, here.
+class _Slots:
+    """The threads of one ``run_node`` task: at most ``ROLLOUT_THREADS`` running, each a chain of nodes."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.lock = threading.Lock()
+        self.live = 0  # threads running or reserved
+        self.threads: list[threading.Thread] = []
+        self.results: dict[int, str] = {}
+        self.errors: list[BaseException] = []
+
+    def start(self, deployment_id: int, rollout_id: int | None, *, reserved: bool = False) -> None:
+        if not reserved:
+            with self.lock:
+                self.live += 1
+        t = threading.Thread(
+            target=self.chain, args=(deployment_id, rollout_id), name=f"rollout-node-{deployment_id}", daemon=True
+        )
+        self.threads.append(t)
+        t.start()
+
+    def join(self) -> None:
+        # A thread appends the threads it starts before it ends: once the list is empty, all have ended.
+        while self.threads:
+            self.threads.pop().join()
+
+    def chain(self, deployment_id: int, rollout_id: int | None, *, own_thread: bool = True) -> None:
+        """Run this node, then, while the rollout has a free slot and the task has time left for another
+        node's timeout, the next one; when more slots are free than this thread can take, start threads for
+        them up to ``ROLLOUT_THREADS``, and hand out the rest."""
+        from django.db import connection
+
+        from . import tasks
+
+        token = _in_slot.set(rollout_id)
+        next_id: int | None = deployment_id
+        try:
+            while next_id is not None:
+                self.results[next_id] = tasks.run_deployment(next_id)
+                next_id = None
+                if rollout_id is None:
+                    break
+                with self.lock:  # reserve the spare threads before taking positions for them
+                    spare = max(0, settings.ROLLOUT_THREADS - self.live)
+                    self.live += spare
+                try:
+                    kept = advance_rollout(rollout_id, keep=1 + spare)
+                    elapsed = time.monotonic() - self.started
+                    runnable = [pk for pk in kept if _time_for(pk, elapsed)]
+                    hand_out_all([pk for pk in kept if pk not in runnable])
+                    if runnable:
+                        next_id = runnable[0]
+                    for pk in runnable[1:]:
+                        self.start(pk, rollout_id, reserved=True)
+                        spare -= 1
+                finally:
+                    with self.lock:
+                        self.live -= spare  # reserved and not used
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the task once every thread has ended
+            self.errors.append(exc)
+        finally:
+            _in_slot.reset(token)
+            with self.lock:
+                self.live -= 1
+            if rollout_id is not None and next_id is not None:
+                node_ended(rollout_id)  # an error between nodes: the kept one is handed out again later
+            if own_thread:
+                connection.close()  # this thread's own database connection
+
+
+def run_node(*deployment_ids: int) -> str:
+    """The task a rollout hands out: each node's deployment (``tasks.run_deployment``) in its own thread of
+    this worker process, each thread then running on to the rollout's next free position while the task has
+    time left for another node's timeout (``_Slots.chain``).  Returns the first node's status.
 
     If anything goes wrong between nodes, the rollout is advanced the ordinary way (its next nodes are
     handed out), so a broken task never stalls it.
     """
-    from . import tasks
-
-    rollout_id = Deployment.objects.filter(pk=deployment_id).values_list("rollout_id", flat=True).first()
-    started = time.monotonic()
-    token = _in_slot.set(rollout_id)
-    status, next_id = "skipped", deployment_id
-    try:
-        while next_id is not None:
-            status = tasks.run_deployment(next_id)
-            next_id = None
-            if rollout_id is None:
-                break
-            next_id = advance_rollout(rollout_id, keep=True)
-            if next_id is not None and not _time_for(next_id, time.monotonic() - started):
-                hand_out(next_id)
-                next_id = None
-    finally:
-        _in_slot.reset(token)
-        if rollout_id is not None and next_id is not None:
-            node_ended(rollout_id)  # an error between nodes: the kept one is handed out again later
-    return status
+    slots = _Slots(time.monotonic())
+    rollouts_of = dict(Deployment.objects.filter(pk__in=deployment_ids).values_list("pk", "rollout_id"))
+    if not deployment_ids:
+        return "skipped"
+    for pk in deployment_ids[1:]:
+        slots.start(pk, rollouts_of.get(pk))
+    with slots.lock:
+        slots.live += 1
+    slots.chain(deployment_ids[0], rollouts_of.get(deployment_ids[0]), own_thread=False)  # in the task's thread
+    slots.join()
+    if slots.errors:
+        raise slots.errors[0]
+    return slots.results.get(deployment_ids[0], "skipped")
 
 
 def _time_for(deployment_id: int, elapsed: float) -> bool:
@@ -584,8 +661,7 @@ def advance_active_rollouts() -> int:
         latest = Deployment.objects.filter(rollout_id=pk, started_at__isnull=False).order_by("-started_at")
         last_start = latest.values_list("started_at", flat=True).first() or rollout.created_at
         if rollout.status == Status.RUNNING and last_start < quiet and waiting.exists() and _queue_empty():
-            for d in waiting.values_list("pk", flat=True):
-                hand_out(d)
+            hand_out_all(list(waiting.values_list("pk", flat=True)))
     return len(ids)
 
 

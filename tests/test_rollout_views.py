@@ -24,7 +24,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture(autouse=True)
 def no_queue(monkeypatch):
     handed = []
-    monkeypatch.setattr(rollouts, "hand_out", handed.append)
+    monkeypatch.setattr(rollouts, "hand_out", lambda *pks: handed.extend(pks))
     return handed
 
 

@@ -7,6 +7,7 @@ as the real one would; the same rollouts run over real SSH in tests/integration/
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from django.core.exceptions import PermissionDenied
@@ -371,7 +372,17 @@ def test_one_handed_out_task_runs_the_next_nodes_itself_while_a_slot_is_free(fle
     assert r.status == "succeeded"
 
 
-def test_a_task_keeps_one_node_and_hands_out_the_others_when_more_slots_open(fleet, worker, alice, ran):
+def test_a_task_runs_the_slots_that_open_in_its_own_threads(fleet, worker, alice, ran):
+    r = rollout_of(alice, tags=["db"], parallelism=3, canary=1)
+    rollouts.run_node(worker.handed[0])  # the canary passes: three slots, all taken by this task's threads
+    assert sorted(ran) == sorted(r.deployments.values_list("pk", flat=True))
+    assert len(worker.handed) == 1, "nothing went back to the queue"
+    r.refresh_from_db()
+    assert r.status == "succeeded"
+
+
+def test_a_task_with_one_thread_keeps_one_node_and_hands_out_the_others(fleet, worker, alice, ran, settings):
+    settings.ROLLOUT_THREADS = 1
     r = rollout_of(alice, tags=["db"], parallelism=3, canary=1)
     rollouts.run_node(worker.handed[0])  # the canary passes: three slots, one kept, two handed out
     assert len(worker.handed) == 3
@@ -407,3 +418,140 @@ def test_a_node_whose_task_was_lost_is_handed_out_again(fleet, worker, alice, mo
     worker.run_all()
     r.refresh_from_db()
     assert r.status == "succeeded"
+
+
+# --- threads: one task runs several nodes at once ------------------------------------------------------------
+
+
+def test_positions_are_handed_out_rollout_threads_to_a_task(fleet, worker, alice, settings):
+    settings.ROLLOUT_THREADS = 3
+    r = rollout_of(alice, tags=["web", "db"], parallelism=7)
+    assert [len(t) for t in worker.tasks] == [3, 3, 1], "seven started: two tasks of three, one of one"
+    assert sorted(worker.handed) == sorted(r.deployments.order_by("rollout_position").values_list("pk", flat=True)[:7])
+
+
+def test_threads_of_several_tasks_never_exceed_the_parallelism_nor_run_a_node_twice(
+    fleet, worker, alice, monkeypatch, settings
+):
+    from django.db import connection
+
+    from deployments import tasks
+
+    settings.ROLLOUT_THREADS = 3
+    lock = threading.Lock()
+    running, most, done = [0], [0], []
+
+    def run_deployment(pk):
+        if not lifecycle.claim(pk):
+            return "skipped"
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            done.append(pk)
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        lifecycle.finish(pk, "succeeded", exit_code=0)
+        return "succeeded"
+
+    monkeypatch.setattr(tasks, "run_deployment", run_deployment)
+    r = rollout_of(alice, tags=["web", "db"], parallelism=5)
+    ran_tasks = 0
+    while ran_tasks < len(worker.tasks):  # tasks handed out while others run are run too, as a worker would
+        batch = worker.tasks[ran_tasks:]
+        ran_tasks = len(worker.tasks)
+
+        def task(pks):
+            try:
+                rollouts.run_node(*pks)
+            finally:
+                connection.close()
+
+        pool = [threading.Thread(target=task, args=(pks,)) for pks in batch]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(60)
+    everyone = sorted(r.deployments.values_list("pk", flat=True))
+    assert sorted(done) == everyone, "every node ran exactly once"
+    assert len(done) == len(set(done)) == 12
+    assert 1 < most[0] <= 5, f"at most the parallelism at once, and more than one (threads): {most[0]}"
+    r.refresh_from_db()
+    assert r.dispatched == 12 and r.status == "succeeded"
+    assert len(worker.tasks) < 12, "fewer tasks than nodes: the tasks' threads ran the rest"
+
+
+def test_a_task_thread_that_raises_leaves_the_others_running_and_the_task_fails(
+    fleet, worker, alice, monkeypatch, settings
+):
+    from deployments import tasks
+
+    settings.ROLLOUT_THREADS = 4
+    done = []
+    r = rollout_of(alice, tags=["db"], parallelism=4)
+    broken = worker.tasks[0][1]
+
+    def run_deployment(pk):
+        if pk == broken:
+            raise RuntimeError("the runner broke")
+        if not lifecycle.claim(pk):
+            return "skipped"
+        done.append(pk)
+        lifecycle.finish(pk, "succeeded", exit_code=0)
+        return "succeeded"
+
+    monkeypatch.setattr(tasks, "run_deployment", run_deployment)
+    with pytest.raises(RuntimeError, match="the runner broke"):
+        rollouts.run_node(*worker.tasks[0])
+    assert sorted(done) == sorted(pk for pk in worker.tasks[0] if pk != broken), "the other threads ran to the end"
+    assert Deployment.objects.get(pk=broken).status == "queued"
+    r.refresh_from_db()
+    assert r.status == "running", "its broken node is still to run (the minute schedule hands it out again)"
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [("0", "use a number from 1 to 200"), ("201", "use a number from 1 to 200"), ("ten", "is not an integer")],
+)
+def test_a_bad_rollout_threads_setting_is_refused_at_start(value, message, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PANEL_ROLLOUT_THREADS": value, "PANEL_DATA_DIR": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", "import controlpanel.settings"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode != 0
+    assert f"PANEL_ROLLOUT_THREADS={value!r}" in run.stderr or f"PANEL_ROLLOUT_THREADS={value}" in run.stderr
+    assert message in run.stderr
+
+
+def test_a_thread_takes_only_what_it_runs_when_two_nodes_end_together(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], parallelism=2)
+    first = list(worker.handed)
+    token = rollouts._in_slot.set(r.pk)  # as in a task's thread: its own end does not advance the rollout
+    try:
+        for pk in first:
+            assert lifecycle.claim(pk)
+            lifecycle.finish(pk, "succeeded", exit_code=0)
+    finally:
+        rollouts._in_slot.reset(token)
+    one = rollouts.advance_rollout(r.pk, keep=1)  # the first thread: two slots free, it runs one
+    assert len(one) == 1 and worker.handed == first, "the other free slot was not sent to wait in the broker"
+    other = rollouts.advance_rollout(r.pk, keep=1)  # the second thread takes the other
+    assert len(other) == 1 and other != one and worker.handed == first
+    r.refresh_from_db()
+    assert r.dispatched == 4
+
+
+def test_slots_opened_by_passed_canaries_beyond_the_threads_go_to_the_queue(fleet, worker, alice):
+    r = rollout_of(alice, tags=["db"], parallelism=3, canary=1)
+    token = rollouts._in_slot.set(r.pk)
+    try:
+        assert lifecycle.claim(worker.handed[0])
+        lifecycle.finish(worker.handed[0], "succeeded", exit_code=0)
+    finally:
+        rollouts._in_slot.reset(token)
+    kept = rollouts.advance_rollout(r.pk, keep=1)
+    assert len(kept) == 1 and len(worker.handed) == 3, "the canary passed: one kept, two handed out"

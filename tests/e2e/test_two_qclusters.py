@@ -60,6 +60,9 @@ def two_qclusters(tmp_path_factory):
         panel.env.update(
             PANEL_WORKERS=str(WORKERS),
             PANEL_QUEUE_LIMIT="1",
+            # Two nodes a task: the rollout's 8 slots are 4 tasks, spread over both (with the default 10
+            # threads a task, all 8 would run in one worker of one qcluster).
+            PANEL_ROLLOUT_THREADS="2",
             PANEL_HEARTBEAT_STALE_AFTER="5",
             PANEL_ROLLOUT_REHAND_AFTER="5",
         )

@@ -301,13 +301,13 @@ def test_a_rollout_builds_each_system_once_on_its_build_host(add_node, build_hos
     sha = new_version(flake_repo)
     pool = ThreadPoolExecutor(max_workers=8)
 
-    def run_node(pk):
+    def run_node(*pks):
         try:
-            rollouts.run_node(pk)
+            rollouts.run_node(*pks)
         finally:
             connection.close()
 
-    monkeypatch.setattr(rollouts, "hand_out", lambda pk: pool.submit(run_node, pk))
+    monkeypatch.setattr(rollouts, "hand_out", lambda *pks: pool.submit(run_node, *pks))
     rollout = rollouts.request_rollout(
         Options(action="switch", revision=sha, tags=[tag.name], parallelism=4), trigger=Deployment.Trigger.CLI
     )

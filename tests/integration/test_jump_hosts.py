@@ -211,13 +211,13 @@ def test_a_rollout_through_one_bastion_connects_to_it_once(behind, monkeypatch, 
     connections = gw_tb.ssh_connections()
     threads = ThreadPoolExecutor(max_workers=8)
 
-    def run_node(pk):
+    def run_node(*pks):
         try:
-            rollouts.run_node(pk)
+            rollouts.run_node(*pks)
         finally:
             connection.close()
 
-    monkeypatch.setattr(rollouts, "hand_out", lambda pk: threads.submit(run_node, pk))
+    monkeypatch.setattr(rollouts, "hand_out", lambda *pks: threads.submit(run_node, *pks))
     rollout = rollouts.request_rollout(Options(tags=["behind-gw"], parallelism=6))
     wait_for(lambda: Rollout.objects.get(pk=rollout.pk).status in Rollout.TERMINAL, timeout=180, what="the rollout")
     threads.shutdown(wait=True)

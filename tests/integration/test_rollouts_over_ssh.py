@@ -52,13 +52,13 @@ def worker(monkeypatch):
     free) in a thread, over SSH, as a qcluster worker would."""
     pool = ThreadPoolExecutor(max_workers=16)
 
-    def run(pk):
+    def run(*pks):
         try:
-            rollouts.run_node(pk)
+            rollouts.run_node(*pks)
         finally:
             connection.close()
 
-    monkeypatch.setattr(rollouts, "hand_out", lambda pk: pool.submit(run, pk))
+    monkeypatch.setattr(rollouts, "hand_out", lambda *pks: pool.submit(run, *pks))
     yield pool
     pool.shutdown(wait=True, cancel_futures=False)
 

@@ -46,11 +46,14 @@ class StandInWorker:
 
     def __init__(self):
         self.handed: list[int] = []  # deployment ids, in the order the rollout handed them out
+        self.tasks: list[tuple[int, ...]] = []  # the ids of each task handed out
         self.lock = threading.Lock()
 
-    def enqueue(self, pk: int) -> None:
+    def enqueue(self, *pks: int) -> None:
+        """One task: the ids it carries (``ROLLOUT_THREADS`` at most), each a node's deployment."""
         with self.lock:
-            self.handed.append(pk)
+            self.tasks.append(pks)
+            self.handed.extend(pks)
 
     def claim_all(self) -> list[Deployment]:
         """Claim every handed-out deployment still queued (as workers would); the newly claimed, in order."""
@@ -85,10 +88,11 @@ class ThreadWorker:
         self.seconds = seconds
         self.threads: list[threading.Thread] = []
 
-    def enqueue(self, pk: int) -> None:
-        thread = threading.Thread(target=self._run, args=(pk,), daemon=True)
-        self.threads.append(thread)
-        thread.start()
+    def enqueue(self, *pks: int) -> None:
+        for pk in pks:
+            thread = threading.Thread(target=self._run, args=(pk,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
 
     def _run(self, pk: int) -> None:
         from django.db import connection
