@@ -236,7 +236,7 @@ def main() -> int:
     ap.add_argument("--postgres", action="store_true", help="the panel on PostgreSQL + Redis")
     ap.add_argument("--workers", type=int, default=0, help="qcluster workers (default: parallelism / threads)")
     args = ap.parse_args()
-    threads = int(os.environ.get("PANEL_ROLLOUT_THREADS") or 10)
+    threads = int(os.environ.get("PANEL_ROLLOUT_THREADS") or 1)
 
     def workers_for(parallel: int) -> int:
         return args.workers or max(1, -(-parallel // threads))

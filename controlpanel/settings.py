@@ -266,7 +266,7 @@ HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
 ROLLOUT_REHAND_AFTER = envfloat("PANEL_ROLLOUT_REHAND_AFTER", 120.0)
 # Nodes of a rollout one worker process runs at once, each in its own thread (its own SSH connection and
 # database connection): a worker process per running node would cost ~85 MB each.
-ROLLOUT_THREADS = envint("PANEL_ROLLOUT_THREADS", 10)
+ROLLOUT_THREADS = envint("PANEL_ROLLOUT_THREADS", 1)
 if not 1 <= ROLLOUT_THREADS <= 200:
     raise ImproperlyConfigured(f"PANEL_ROLLOUT_THREADS={ROLLOUT_THREADS}: use a number from 1 to 200")
 # How often the WebSocket follower looks at the database when nothing is pushed.
@@ -283,7 +283,8 @@ if BROKER not in ("orm", "redis"):
     raise ImproperlyConfigured(f"PANEL_BROKER={BROKER!r}: use orm or redis")
 Q_CLUSTER = {
     "name": env("PANEL_QUEUE_NAME", "panel"),
-    # Processes; a rollout's task runs up to ROLLOUT_THREADS nodes in threads of one, so 4 run 40 at once.
+    # Processes; a rollout's task runs up to ROLLOUT_THREADS nodes in threads of one (1 by default: a
+    # process per running node; 10 cost 19 MB a running node instead of 85, see bench/README.md).
     "workers": envint("PANEL_WORKERS", 4),
     # The worker enforces DEPLOY_TIMEOUT itself (stopping the run on the node); django-q2 kills the task only
     # if that did not end it: after a node unreachable for UNREACHABLE_LIMIT and the stop's grace and finish.

@@ -372,7 +372,8 @@ def test_one_handed_out_task_runs_the_next_nodes_itself_while_a_slot_is_free(fle
     assert r.status == "succeeded"
 
 
-def test_a_task_runs_the_slots_that_open_in_its_own_threads(fleet, worker, alice, ran):
+def test_a_task_runs_the_slots_that_open_in_its_own_threads(fleet, worker, alice, ran, settings):
+    settings.ROLLOUT_THREADS = 10
     r = rollout_of(alice, tags=["db"], parallelism=3, canary=1)
     rollouts.run_node(worker.handed[0])  # the canary passes: three slots, all taken by this task's threads
     assert sorted(ran) == sorted(r.deployments.values_list("pk", flat=True))
