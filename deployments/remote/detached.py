@@ -561,6 +561,7 @@ def follow_run(
     start: tuple[str, bytes] | None = None,
     on_prelude: stream.OutputCallback | None = None,
     launched: Callable[[], RunHandle | None] | None = None,
+    before_finish: Callable[[], None] | None = None,
 ) -> RunReport:
     """Follow ``run`` until it ends; deliver its lines exactly once; return the node's report.
 
@@ -606,6 +607,10 @@ def follow_run(
                 if f.live and code != _NO_STATUS_EXIT:
                     status = code
             if status is not None:
+                if before_finish is not None:
+                    # Whoever still reads the run's folder (an armed run's confirmation) is done before it goes.
+                    before_finish()
+                    before_finish = None
                 # Ended with a status: read the rest and clear up in one command, if all output is in.
                 report = finish(link.conn, f.run.workdir, resolve, *f.received())
                 if report.exists and not report.removed:

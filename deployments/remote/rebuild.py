@@ -413,6 +413,8 @@ def run_rebuild(
                 start=(script, (target.privileged_stdin() or b"") + archive),
                 on_prelude=prelude,
                 launched=launched,
+                # The confirmation reads the node's decision from the folder the last command removes.
+                before_finish=(lambda: watch.join(30)) if watch is not None else None,
             )
         except NotStarted as e:
             err = [line for stream, line in prelude.held if stream == "err"]
