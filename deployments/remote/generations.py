@@ -352,6 +352,11 @@ class _RollbackPrelude(_Prelude):
         self.listing: list[str] = []
         self.target: tuple[int, str] | None = None
 
+    def handle(self, workdir: str) -> RunHandle | None:
+        if self.launched is not None and self.target is not None:
+            self.note(f"generation {self.target[0]} is {self.target[1]}")
+        return super().handle(workdir)
+
     def __call__(self, stream: str, line: bytes) -> None:
         if not self.shipped and stream == "out":
             text = line.decode("utf-8", "replace")
@@ -415,19 +420,6 @@ def run_rollback(
         what = "the previous generation" if generation is None else f"generation {generation}"
         note(f"going back to {what} ({action})")
 
-        def launched() -> RunHandle | None:
-            if prelude.launched is None:
-                return None
-            pgid, unit = prelude.launched
-            if prelude.target is not None:
-                note(f"generation {prelude.target[0]} is {prelude.target[1]}")
-            note(
-                f"started on the node, detached from this connection (process group {pgid}"
-                + (f", unit {unit}" if unit else "")
-                + f"); its output goes to {workdir}/out and /err"
-            )
-            return RunHandle(workdir, pgid, unit)
-
         try:
             report = follow_run(
                 link,
@@ -438,7 +430,7 @@ def run_rollback(
                 resolve=SYSTEM_PROFILE,
                 start=(script, target.privileged_stdin() or b""),
                 on_prelude=prelude,
-                launched=launched,
+                launched=lambda: prelude.handle(workdir),
             )
         except NotStarted as e:
             gens = parse_generations("\n".join(prelude.listing))

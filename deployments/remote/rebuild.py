@@ -257,6 +257,18 @@ class _Prelude:
         self.launched: tuple[int, str] | None = None
         self.held: collections.deque[tuple[str, bytes]] = collections.deque(maxlen=1000)
 
+    def handle(self, workdir: str) -> RunHandle | None:
+        """The detached run, once the launched mark was read (said in the log); None before."""
+        if self.launched is None:
+            return None
+        pgid, unit = self.launched
+        self.note(
+            f"started on the node, detached from this connection (process group {pgid}"
+            + (f", unit {unit}" if unit else "")
+            + f"); its output goes to {workdir}/out and /err"
+        )
+        return RunHandle(workdir, pgid, unit)
+
     def __call__(self, stream: str, line: bytes) -> None:
         if stream == "out" and line.startswith(_LAUNCHED_MARK):
             pgid, _, unit = line[len(_LAUNCHED_MARK) :].decode("utf-8", "replace").partition(" ")
@@ -391,17 +403,6 @@ def run_rebuild(
         prelude = _Prelude(on_output, on_state, lambda: note(f"running: {shown}"), note)
         resolve = resolve_path(action, workdir) if resolve is None else resolve(workdir)
 
-        def launched() -> RunHandle | None:
-            if prelude.launched is None:
-                return None
-            pgid, unit = prelude.launched
-            note(
-                f"started on the node, detached from this connection (process group {pgid}"
-                + (f", unit {unit}" if unit else "")
-                + f"); its output goes to {workdir}/out and /err"
-            )
-            return RunHandle(workdir, pgid, unit)
-
         try:
             report = follow_run(
                 link,
@@ -412,7 +413,7 @@ def run_rebuild(
                 resolve=resolve,
                 start=(script, (target.privileged_stdin() or b"") + archive),
                 on_prelude=prelude,
-                launched=launched,
+                launched=lambda: prelude.handle(workdir),
                 # The confirmation reads the node's decision from the folder the last command removes.
                 before_finish=(lambda: watch.join(30)) if watch is not None else None,
             )
