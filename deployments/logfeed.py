@@ -106,6 +106,7 @@ class Feed:
         self._changed = asyncio.Event()
         self._poke = asyncio.Event()
         self.push = logstream.has_push_layer()
+        self.closed = False
         self._tasks = [self.loop.create_task(self._read_loop(), name=f"logfeed-{deployment_id}")]
         if self.push:
             self._tasks.append(self.loop.create_task(self._listen(), name=f"logfeed-push-{deployment_id}"))
@@ -193,6 +194,7 @@ class Feed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a database blip: followers wait, nothing is lost
+                self._stop_if_closed()
                 log.warning("log feed of deployment %s: %s; retrying in %.1f s", self.deployment_id, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -262,6 +264,7 @@ class Feed:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - Redis away or slow: the poll carries on meanwhile
+                    self._stop_if_closed()
                     if type(exc).__name__ != "TimeoutError":
                         log.warning("log feed of deployment %s: channel layer: %s", self.deployment_id, exc)
                     self._poke.set()
@@ -273,7 +276,19 @@ class Feed:
             except Exception:  # noqa: BLE001 - the membership expires on its own
                 pass
 
+    def _stop_if_closed(self) -> None:
+        """End the task when the feed was closed, even if the cancel was turned into another error.
+
+        redis-py reads under a timeout of its own, and a cancel that lands as that timeout expires
+        comes out as ``TimeoutError`` (django/channels_redis#422, redis/redis-py#4091): swallowed, the
+        task would loop on, and a loop closing under ``async_to_sync`` would wait for it for ever.
+        """
+        task = asyncio.current_task()
+        if self.closed or (task is not None and task.cancelling()):
+            raise asyncio.CancelledError()
+
     def close(self) -> None:
+        self.closed = True
         for task in self._tasks:
             task.cancel()
 

@@ -218,3 +218,38 @@ def test_followers_far_apart_share_a_small_cache_and_still_get_every_line_once(r
         assert [line[0] for line in lines] == list(range(after + 1, 3000))
         assert all(line[2] == f"line {line[0]}" for line in lines)
     assert all(n <= 250 + 50 for n in feed_lines)
+
+
+def test_a_closed_feed_ends_even_when_redis_turns_the_cancel_into_a_timeout(running, redis_layer, monkeypatch):
+    """redis-py reads under its own timeout; a cancel landing as it expires comes out as TimeoutError.
+
+    The feed must end anyway: a task that swallowed its cancel would keep a closing event loop (the
+    one ``async_to_sync`` runs, in tests and management commands) waiting for ever.
+    """
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    real_receive = layer.receive
+    swallowed = []
+
+    async def receive_like_redis_py(channel):
+        try:
+            return await real_receive(channel)
+        except asyncio.CancelledError:
+            swallowed.append(channel)
+            raise TimeoutError("Timeout reading from socket") from None
+
+    monkeypatch.setattr(layer, "receive", receive_like_redis_py)
+
+    async def scenario():
+        feed = logfeed.join(running.pk)
+        assert feed.push, "the Redis layer pushes"
+        await asyncio.sleep(0.5)  # the listener is in receive()
+        logfeed.leave(feed)
+        done, pending = await asyncio.wait(feed._tasks, timeout=5)
+        return len(done), len(pending), [t.cancelled() for t in done]
+
+    done, pending, cancelled = async_to_sync(scenario)()
+    assert swallowed, "the cancel reached receive() and was turned into a timeout"
+    assert (done, pending) == (2, 0), f"{pending} feed task(s) still running 5 s after the feed was closed"
+    assert all(cancelled)
