@@ -533,8 +533,9 @@ class Testbed:
             if self.workdir == Path(mount) or Path(mount) in self.workdir.parents:
                 if mount != "/tmp":
                     raise TestbedError(f"testbed workdir {self.workdir} is hidden in nodes by {mount}")
-        # Debian's nix-bin alone ships no /etc/nix, and a bind mount needs its
-        # mount point: an empty directory changes nothing for the host's Nix.
+        # Debian's nix-bin alone ships no /etc/nix (and /nix only once something ran Nix), and a bind
+        # mount needs its mount point: an empty directory changes nothing for the host's Nix.
+        os.makedirs("/nix", mode=0o755, exist_ok=True)
         os.makedirs("/etc/nix", mode=0o755, exist_ok=True)
 
     def _used_networks(self) -> list[ipaddress.IPv4Network]:
