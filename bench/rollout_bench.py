@@ -81,6 +81,8 @@ def start_panel(workdir: Path, nodes: list, repo: Path, workers: int) -> tuple[P
     workdir.mkdir(parents=True)
     panel = Panel(workdir)
     panel.env["PANEL_WORKERS"] = str(workers)
+    # The panel's own heartbeat (tests beat every 0.5 s to reap dead workers sooner).
+    panel.env.pop("PANEL_HEARTBEAT_INTERVAL", None)
     try:
         panel.register_nodes([(tb.name, ATTR, tb) for tb in nodes], repo_path=repo)
         panel.start()
@@ -235,6 +237,12 @@ def main() -> int:
     ap.add_argument("--no-big", action="store_true", help="skip the big rollout")
     ap.add_argument("--postgres", action="store_true", help="the panel on PostgreSQL + Redis")
     ap.add_argument("--workers", type=int, default=0, help="qcluster workers (default: parallelism / threads)")
+    ap.add_argument(
+        "--confirm-timeout",
+        type=int,
+        default=None,
+        help="the nodes' magic-rollback deadline (0: off, as bare nixos-rebuild; default: the panel's, 30 s)",
+    )
     args = ap.parse_args()
     threads = int(os.environ.get("PANEL_ROLLOUT_THREADS") or 1)
 
@@ -256,6 +264,14 @@ def main() -> int:
         with environment(**db):
             panel, browser = start_panel(tmp / "panel", nodes, repo, workers_for(args.parallel))
             try:
+                if args.confirm_timeout is not None:
+                    panel.manage(
+                        "shell",
+                        "-c",
+                        "from deployments.models import Node\n"
+                        f"Node.objects.update(confirm_timeout={int(args.confirm_timeout)})",
+                    )
+                    log(f"magic rollback deadline {args.confirm_timeout} s on every node (0: off)")
                 log(f"{args.nodes} nodes at parallelism {args.parallel}, {args.rounds} rounds")
                 results["compare"] = compare(nodes[: args.nodes], repo, panel, browser, args.parallel, args.rounds)
                 for r in results["compare"]["rounds"]:

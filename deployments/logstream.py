@@ -33,6 +33,8 @@ from .models import Deployment, LogChunk
 log = logging.getLogger(__name__)
 
 STREAM_CODES = {"out": "o", "err": "e", "sys": "s"}
+# The longest pause between a writer's batches while the database is slow to take them (``LogWriter._paced``).
+MAX_FLUSH_PAUSE = 0.25
 
 
 def group_name(deployment_id: int) -> str:
@@ -112,6 +114,8 @@ class LogWriter:
     ) -> None:
         self.deployment_id = deployment_id
         self.flush_interval = settings.LOG_FLUSH_INTERVAL if flush_interval is None else flush_interval
+        # The pause before the next batch: ``flush_interval``, longer while storing is slow (see ``_paced``).
+        self.pause = self.flush_interval
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.give_up_after = settings.LOG_STORE_GIVE_UP_AFTER if give_up_after is None else give_up_after
@@ -164,13 +168,15 @@ class LogWriter:
             while True:
                 with self._cond:
                     if not self._pending and not self._closed:
-                        self._cond.wait(self.flush_interval)
+                        self._cond.wait(self.pause)
                     elif not self._closed and len(self._pending) < self.max_batch:
                         # Let a batch gather for a moment; lines arrive in bursts.
-                        self._cond.wait(self.flush_interval)
+                        self._cond.wait(self.pause)
                     batch = self._pending[: self.max_batch]
                 if batch:
+                    began = time.monotonic()
                     self._store(batch)
+                    self._paced(time.monotonic() - began)
                     with self._cond:
                         # Taken off only once stored (or given up): a full buffer holds the reader back.
                         del self._pending[: len(batch)]
@@ -189,6 +195,17 @@ class LogWriter:
             if self._loop is not None:
                 self._loop.close()
             connection.close()
+
+    def _paced(self, took: float) -> None:
+        """Group commit: the pause before the next batch follows how long this one took to store.
+
+        On a quiet database a batch commits in a millisecond or two and lines are stored every
+        ``flush_interval``. When writers queue for SQLite's one write lock (a rollout's ten
+        deployments, their heartbeats and hand-overs), a commit takes as long as the queue, and
+        committing every 25 ms only lengthens it: then each writer waits twice as long as its last
+        commit took (at most ``MAX_FLUSH_PAUSE``) and stores what gathered meanwhile in one row.
+        """
+        self.pause = min(MAX_FLUSH_PAUSE, max(self.flush_interval, 2 * took))
 
     def _store(self, batch: list[str]) -> None:
         """Store ``batch``, retrying across a database outage; drop it (as a recorded gap) once the outage has

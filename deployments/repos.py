@@ -6,12 +6,14 @@ where a user value follows, so no value can become an option or a command.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +112,33 @@ def resolve(repo, revision: str = "") -> str:
     return sha
 
 
+# A worker process runs a rollout's nodes one after another, all at one commit: it keeps the last few
+# archives (a commit's tree never changes) instead of running ``git archive`` for each node.
+ARCHIVE_CACHE_ENTRIES = 4
+ARCHIVE_CACHE_MAX_BYTES = 16 * 1024 * 1024  # larger archives are not kept
+_archives: collections.OrderedDict[tuple[str, str], Archive] = collections.OrderedDict()
+_archives_lock = threading.Lock()
+
+
 def archive(repo, sha: str) -> Archive:
     """A tar of the tree at commit ``sha`` (which must already be fetched)."""
     if not COMMIT_SHA_RE.match(sha):
         raise RepositoryError(f"not a full commit SHA: {sha!r}")
+    key = (str(_mirror_path(repo)), sha)
+    with _archives_lock:
+        if key in _archives:
+            _archives.move_to_end(key)
+            return _archives[key]
+    made = _archive(repo, sha)
+    if len(made.data) <= ARCHIVE_CACHE_MAX_BYTES:
+        with _archives_lock:
+            _archives[key] = made
+            while len(_archives) > ARCHIVE_CACHE_ENTRIES:
+                _archives.popitem(last=False)
+    return made
+
+
+def _archive(repo, sha: str) -> Archive:
     mirror = _mirror_path(repo)
     if not (mirror / "HEAD").exists():
         fetch(repo)

@@ -45,7 +45,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
@@ -332,19 +332,33 @@ class Tally:
 
 
 def _tally(rollout: Rollout) -> Tally:
-    canary = Q(rollout_position__lt=rollout.canary_count)
-    return Tally(
-        **Deployment.objects.filter(rollout_id=rollout.pk).aggregate(
-            active=Count("id", filter=Q(status__in=Deployment.ACTIVE)),
-            inflight=Count("id", filter=Q(status__in=Deployment.ACTIVE, rollout_position__lt=rollout.dispatched)),
-            failures=Count("id", filter=Q(status__in=FAILURES)),
-            succeeded=Count("id", filter=Q(status=DStatus.SUCCEEDED)),
-            positions=Count("id", filter=Q(rollout_position__isnull=False)),
-            canary_done=Count("id", filter=canary & Q(status__in=Deployment.TERMINAL)),
-            canary_ok=Count("id", filter=canary & Q(status=DStatus.SUCCEEDED)),
-            total=Count("id"),
-        )
-    )
+    """Count the rollout's deployments (at every node's end: one plain grouped query, built once).
+
+    The ORM's eight filtered ``Count`` aggregates cost more to compile than to run, and a rollout of
+    50 nodes tallies after every node, in the worker, beside the running nodes' SSH sessions.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_TALLY_SQL, [rollout.dispatched, rollout.canary_count, rollout.pk])
+        rows = cursor.fetchall()
+    tally = Tally()
+    for status, has_position, inflight_place, canary_place, n in rows:
+        active = status in Deployment.ACTIVE
+        tally.total += n
+        tally.active += n if active else 0
+        tally.inflight += n if active and inflight_place else 0
+        tally.failures += n if status in FAILURES else 0
+        tally.succeeded += n if status == DStatus.SUCCEEDED else 0
+        tally.positions += n if has_position else 0
+        tally.canary_done += n if canary_place and status in Deployment.TERMINAL else 0
+        tally.canary_ok += n if canary_place and status == DStatus.SUCCEEDED else 0
+    return tally
+
+
+_TALLY_SQL = (
+    "SELECT status, rollout_position IS NOT NULL, "
+    "CASE WHEN rollout_position < %s THEN 1 ELSE 0 END, CASE WHEN rollout_position < %s THEN 1 ELSE 0 END, COUNT(*) "
+    f"FROM {Deployment._meta.db_table} WHERE rollout_id = %s GROUP BY 1, 2, 3, 4"
+)
 
 
 def counts(deployments: QuerySet[Deployment]) -> dict[str, int]:

@@ -78,22 +78,26 @@ class Heartbeat:
     def __init__(self, deployment_id: int) -> None:
         self.deployment_id = deployment_id
         self.cancel = threading.Event()
-        self._last = 0.0
+        self._last_look = self._last_beat = 0.0
         self.remote_dir: str | None = None
 
     def __call__(self) -> None:
         now = time.monotonic()
         remote_dir, self.remote_dir = self.remote_dir, None
-        if remote_dir is None and now - self._last < min(1.0, settings.HEARTBEAT_INTERVAL):
+        if remote_dir is None and now - self._last_look < min(1.0, settings.HEARTBEAT_INTERVAL):
             return
-        self._last = now
-        extra = {"remote_dir": remote_dir} if remote_dir is not None else {}
-        try:
-            Deployment.objects.filter(pk=self.deployment_id).update(heartbeat_at=timezone.now(), **extra)
-        except BaseException:
-            if remote_dir is not None and self.remote_dir is None:
-                self.remote_dir = remote_dir  # stored at the next flush, then
-            raise
+        self._last_look = now
+        # A write (SQLite's one write lock, shared with every running deployment) only every
+        # HEARTBEAT_INTERVAL, or to store the run's folder; the cancel flag is read every second.
+        if remote_dir is not None or now - self._last_beat >= settings.HEARTBEAT_INTERVAL:
+            extra = {"remote_dir": remote_dir} if remote_dir is not None else {}
+            try:
+                Deployment.objects.filter(pk=self.deployment_id).update(heartbeat_at=timezone.now(), **extra)
+            except BaseException:
+                if remote_dir is not None and self.remote_dir is None:
+                    self.remote_dir = remote_dir  # stored at the next flush, then
+                raise
+            self._last_beat = now
         if Deployment.objects.filter(pk=self.deployment_id, cancel_requested=True).exists():
             self.cancel.set()
 

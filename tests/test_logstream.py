@@ -107,3 +107,61 @@ def test_a_second_writer_continues_the_sequence(deployment):
     w.write("out", b"b")
     w.close()
     assert [(s, t) for s, _, t in logstream.lines_after(deployment.pk)] == [(0, "a"), (1, "b")]
+
+
+def test_the_pause_between_batches_follows_how_long_storing_takes(deployment):
+    writer = logstream.LogWriter(deployment.pk, flush_interval=0.025)
+    try:
+        writer._paced(0.002)
+        assert writer.pause == 0.025, "a quiet database: every flush interval"
+        writer._paced(0.06)
+        assert writer.pause == pytest.approx(0.12), "a slow commit: wait twice as long, gather more lines"
+        writer._paced(5.0)
+        assert writer.pause == logstream.MAX_FLUSH_PAUSE
+        writer._paced(0.001)
+        assert writer.pause == 0.025, "back to the flush interval as soon as commits are quick again"
+    finally:
+        writer.close()
+
+
+def test_while_another_writer_holds_the_database_lines_gather_into_fewer_rows(deployment):
+    """Group commit under a held SQLite write lock: the lines that waited are stored together, none lost."""
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's one write lock; PostgreSQL writers do not queue for an INSERT")
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_write_lock():
+        from django.db import connection as own
+        from django.db import transaction
+
+        with transaction.atomic():  # BEGIN IMMEDIATE: the write lock until commit
+            Deployment.objects.filter(pk=deployment.pk).update(worker="holding the lock")
+            held.set()
+            release.wait(10)
+        own.close()
+
+    writer = logstream.LogWriter(deployment.pk, flush_interval=0.01)
+    writer.write("out", "before")
+    while LogChunk.objects.filter(deployment=deployment).count() < 1:
+        threading.Event().wait(0.01)
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    assert held.wait(10)
+    for i in range(40):  # 0.4 s of lines, a flush interval's worth each
+        writer.write("out", f"line {i}")
+        threading.Event().wait(0.01)
+    release.set()
+    holder.join()
+    for i in range(40, 60):
+        writer.write("out", f"line {i}")
+        threading.Event().wait(0.01)
+    summary = writer.close()
+    stored = logstream.lines_after(deployment.pk)
+    assert [text for _, _, text in stored] == ["before", *[f"line {i}" for i in range(60)]]
+    assert summary.line_count == 61
+    rows = LogChunk.objects.filter(deployment=deployment).count()
+    # Flushing every 10 ms, the 20 lines written after the release would take ~20 rows; after a commit
+    # that waited 0.4 s, the writer pauses MAX_FLUSH_PAUSE and they gather in one or two.
+    assert rows <= 8, f"{rows} rows for 61 lines"

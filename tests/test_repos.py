@@ -63,3 +63,38 @@ def test_concurrent_fetches_of_one_mirror_all_succeed(repo, flake_repo):
     for t in threads:
         t.join(60)
     assert errors == [] and len(set(results)) == 1
+
+
+def test_a_commit_is_archived_once_per_process_and_kept_only_within_bounds(repo, flake_repo, monkeypatch):
+    """A rollout's nodes share one commit: the worker archives it once, not once per node."""
+    sha = repos.resolve(repo)
+    runs = []
+    real_git = repos._git
+
+    def counting_git(args, **kwargs):
+        if args[0] == "archive":
+            runs.append(args[-1])
+        return real_git(args, **kwargs)
+
+    monkeypatch.setattr(repos, "_git", counting_git)
+    monkeypatch.setattr(repos, "_archives", type(repos._archives)())
+    first = repos.archive(repo, sha)
+    again = repos.archive(repo, sha)
+    assert runs == [sha] and again.data == first.data and again.sha256 == first.sha256
+
+    new = commit_change(flake_repo[0], "devm")
+    assert repos.resolve(repo) == new
+    assert repos.archive(repo, new).data != first.data
+    assert runs == [sha, new], "another commit is another archive"
+
+    # Archives over the size limit are made each time; the cache holds at most ARCHIVE_CACHE_ENTRIES.
+    monkeypatch.setattr(repos, "ARCHIVE_CACHE_MAX_BYTES", len(first.data) - 1)
+    monkeypatch.setattr(repos, "_archives", type(repos._archives)())
+    repos.archive(repo, sha)
+    repos.archive(repo, sha)
+    assert runs == [sha, new, sha, sha] and not repos._archives
+    monkeypatch.setattr(repos, "ARCHIVE_CACHE_MAX_BYTES", 1 << 30)
+    monkeypatch.setattr(repos, "ARCHIVE_CACHE_ENTRIES", 1)
+    repos.archive(repo, sha)
+    repos.archive(repo, new)
+    assert list(repos._archives) == [(str(repos._mirror_path(repo)), new)]

@@ -131,3 +131,40 @@ def test_a_deployment_cancelled_while_queued_never_reaches_the_runner(inventory,
     assert tasks.run_deployment(d.pk, runner=runner) == "skipped"
     assert runner.calls == []
     assert Deployment.objects.get(pk=d.pk).status == "cancelled"
+
+
+def test_the_heartbeat_writes_every_interval_and_reads_the_cancel_flag_every_second(
+    inventory, alice, settings, monkeypatch
+):
+    """The beat is a write (SQLite's one write lock, shared by every running deployment): once per
+    HEARTBEAT_INTERVAL. A cancel is a read, and is seen within a second."""
+    settings.HEARTBEAT_INTERVAL = 5.0
+    deployment = _queued(inventory, alice)
+    assert lifecycle.claim(deployment.pk)
+    clock = [1000.0]
+    monkeypatch.setattr(tasks.time, "monotonic", lambda: clock[0])
+    beat = tasks.Heartbeat(deployment.pk)
+
+    def beaten_at():
+        return Deployment.objects.get(pk=deployment.pk).heartbeat_at
+
+    beat()
+    first = beaten_at()
+    clock[0] += 1.5
+    Deployment.objects.filter(pk=deployment.pk).update(cancel_requested=True)
+    beat()
+    assert beat.cancel.is_set(), "the cancel flag is read every second"
+    assert beaten_at() == first, "no write before HEARTBEAT_INTERVAL"
+    clock[0] += 1.0
+    beat.remote_dir = "/tmp/nixos-panel-root/deploy-1-abcd"
+    beat()
+    stored = Deployment.objects.get(pk=deployment.pk)
+    assert stored.remote_dir == "/tmp/nixos-panel-root/deploy-1-abcd", "the folder is stored at once"
+    assert stored.heartbeat_at > first
+    second = stored.heartbeat_at
+    clock[0] += 0.5
+    beat()
+    assert beaten_at() == second
+    clock[0] += 5.0
+    beat()
+    assert beaten_at() > second
