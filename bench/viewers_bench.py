@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,8 @@ from tests.support.services import PrivatePostgres, PrivateRedis  # noqa: E402
 from tests.support.testbed import Testbed, commit_change  # noqa: E402
 
 ACT_PREFIX = "activation output line "
+# Viewers ask for compressed `lines` frames, as the log page does where the browser can inflate them.
+COMPRESS = True
 TARGETS = {"slowest_ratio": 1.5, "spread_p99_ms": 500, "failed_handshakes": 0}
 
 SITECUSTOMIZE = """
@@ -155,6 +158,8 @@ def check(result: dict, expected_act: int) -> dict:
     act = 0
     status = finished_at = None
     for at, raw in result["frames"]:
+        if raw[:1] != b"{":  # a compressed `lines` frame (?compress=deflate): a zlib stream
+            raw = zlib.decompress(raw)
         msg = json.loads(raw)
         if msg["type"] == "lines":
             for seq, _stream, text in msg["lines"]:
@@ -189,7 +194,7 @@ def follow(
         meter.start()
     t_req = time.time()
     pk = browser.deploy("bench")
-    url = f"ws://127.0.0.1:{panel.port}/ws/deployments/{pk}/log/?after=-1"
+    url = f"ws://127.0.0.1:{panel.port}/ws/deployments/{pk}/log/?after=-1" + ("&compress=deflate" if COMPRESS else "")
 
     async def all_viewers():
         return await asyncio.gather(*(viewer(url, browser.ws_headers(), timeout) for _ in range(viewers)))
@@ -344,7 +349,10 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=300, help="paced lines per second")
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--no-sqlite", action="store_true")
+    ap.add_argument("--no-compress", action="store_true", help="plain `lines` frames (no ?compress=deflate)")
     args = ap.parse_args()
+    global COMPRESS
+    COMPRESS = not args.no_compress
     results: dict = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "args": vars(args)}
     tmp = Path(tempfile.mkdtemp(prefix="viewers-bench-"))
     setup_django(tmp)

@@ -6,8 +6,10 @@ sequence number (``?after=N``; or only the last lines, ``?tail=N``), then follow
 the deployment's shared feed (``logfeed``: one reader per deployment per
 process, fed by pushes or a database poll, its messages encoded once for every
 socket).  ``lines`` messages go as binary frames of UTF-8 JSON (encoded once,
-shared by every socket); ``status``, ``end``, ``skipped`` and ``pong`` as text
-frames of JSON.  The database is the source: every line is sent once, in order,
+shared by every socket), compressed as a zlib stream when the socket asked for
+``?compress=deflate`` (compressed once, shared too: the page asks, 5-10 times
+fewer bytes); ``status``, ``end``, ``skipped`` and ``pong`` as text frames of
+JSON.  The database is the source: every line is sent once, in order,
 across reconnects.  Permission is checked again while following (once per
 session and period for all its sockets), so a revoked user's socket is closed;
 so is the socket of a session that has since logged out (or whose user was
@@ -53,6 +55,7 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
             tail = int(query["tail"]) if "tail" in query else None
         except ValueError:
             self.after, tail = -1, None
+        self.compressed = query.get("compress") == "deflate"
         if not await self._allowed():
             await self.close(code=CLOSE_UNSEEN)
             return
@@ -97,7 +100,7 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
             while True:
                 changed = feed.changed
                 if feed.next_seq is not None:
-                    while (message := await feed.next_message(self.after)) is not None:
+                    while (message := await feed.next_message(self.after, compressed=self.compressed)) is not None:
                         data, self.after = message
                         await self.send(bytes_data=data)
                     if feed.status_version != status_sent:

@@ -27,6 +27,7 @@ import bisect
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
@@ -54,20 +55,35 @@ def encode_bytes(message: dict) -> bytes:
     return encode(message).encode()
 
 
-@dataclass(frozen=True)
+def deflate(data: bytes) -> bytes:
+    """A ``lines`` frame for a socket that asked for ``compress=deflate``: the zlib stream (RFC 1950) of its
+    UTF-8 JSON, which browsers read with ``DecompressionStream('deflate')``. Level 1: log text shrinks
+    5-10 times at ~200 MB/s, once per message for every socket."""
+    return zlib.compress(data, 1)
+
+
+@dataclass
 class Message:
-    """Lines ``first`` .. ``last`` as one ``lines`` message, pre-encoded as the bytes of a binary frame."""
+    """Lines ``first`` .. ``last`` as one ``lines`` message, pre-encoded as the bytes of a binary frame
+    (and, once a socket asks for it, compressed: ``deflated``)."""
 
     first: int
     last: int
     data: bytes
+    _deflated: bytes | None = None
 
-    def after(self, seq: int) -> bytes:
+    def deflated(self) -> bytes:
+        if self._deflated is None:
+            self._deflated = deflate(self.data)
+        return self._deflated
+
+    def after(self, seq: int, *, compressed: bool = False) -> bytes:
         """The message without its lines up to ``seq`` (a follower that stopped inside it)."""
         if seq < self.first:
-            return self.data
+            return self.deflated() if compressed else self.data
         lines = json.loads(self.data)["lines"]
-        return encode_bytes({"type": "lines", "lines": lines[seq + 1 - self.first :]})
+        data = encode_bytes({"type": "lines", "lines": lines[seq + 1 - self.first :]})
+        return deflate(data) if compressed else data
 
 
 def _messages(seq_start: int, data: str) -> list[Message]:
@@ -117,8 +133,9 @@ class Feed:
         """Set at the next change; take it before looking at the feed, then wait on it."""
         return self._changed
 
-    async def next_message(self, after: int) -> tuple[bytes, int] | None:
-        """(frame bytes, last seq) of the stored lines right after ``after``, or None if there are none yet."""
+    async def next_message(self, after: int, *, compressed: bool = False) -> tuple[bytes, int] | None:
+        """(frame bytes, last seq) of the stored lines right after ``after``, or None if there are none yet;
+        ``compressed``: the frame deflated (``deflate``)."""
         if self.next_seq is None or after + 1 >= self.next_seq:
             return None
         message = self._find(after + 1)
@@ -131,7 +148,7 @@ class Feed:
             message = self._find(after + 1)
             if message is None:  # evicted at once by another load: the follower asks again at the next change
                 return None
-        return message.after(after), message.last
+        return message.after(after, compressed=compressed), message.last
 
     def _find(self, seq: int) -> Message | None:
         i = bisect.bisect_right(self._starts, seq) - 1

@@ -14,6 +14,10 @@
   const TERMINAL = new Set(JSON.parse(document.getElementById('terminal-statuses').textContent));
   const DENIED_CODES = new Set([4403, 4404]);
   const utf8 = new TextDecoder();
+  const INFLATE = typeof DecompressionStream === 'function';
+  // A zlib stream (the server's `compress=deflate` frames) to its bytes.
+  const inflate = (buf) =>
+    new Response(new Blob([buf]).stream().pipeThrough(new DecompressionStream('deflate'))).arrayBuffer();
   const STATE_LABELS = {
     connecting: 'connecting…', live: 'live', reconnecting: 'reconnecting…', complete: 'complete', denied: 'no access',
   };
@@ -382,7 +386,9 @@
     const scheme = location.protocol === 'https:' ? 'wss' : 'ws';
     // First connection: only the lines the page keeps; the full log is a download.
     const tail = state.lastSeq < 0 ? `&tail=${MAX_LINES}` : '';
-    return `${scheme}://${location.host}${logEl.dataset.ws}?after=${state.lastSeq}${tail}`;
+    // `lines` compressed (zlib, once on the server for every viewer) where the browser can inflate them.
+    const compress = INFLATE ? '&compress=deflate' : '';
+    return `${scheme}://${location.host}${logEl.dataset.ws}?after=${state.lastSeq}${tail}${compress}`;
   }
 
   function stopPing() {
@@ -413,13 +419,20 @@
         if (sock.readyState === WebSocket.OPEN) sock.send(JSON.stringify({ type: 'ping' }));
       }, PING_EVERY);
     };
+    // Inflating is asynchronous: every message goes through one chain, so they are handled in order.
+    let inbox = Promise.resolve();
     sock.onmessage = (ev) => {
-      let msg;
-      try {
-        msg = JSON.parse(typeof ev.data === 'string' ? ev.data : utf8.decode(ev.data));
-      } catch (err) {
-        return;
-      }
+      inbox = inbox.then(() => decode(ev.data)).then(
+        (msg) => handle(msg),
+        () => {},
+      );
+    };
+    const decode = async (data) => {
+      if (typeof data === 'string') return JSON.parse(data);
+      const bytes = INFLATE ? await inflate(data) : data;
+      return JSON.parse(utf8.decode(bytes));
+    };
+    const handle = (msg) => {
       if (!msg || typeof msg !== 'object') return;
       attempt = 0; // the server is talking: a later drop starts the backoff afresh
       if (msg.type === 'lines') {

@@ -4,6 +4,7 @@ import asyncio
 import json
 import threading
 import time
+import zlib
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -19,10 +20,15 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 async def receive_message(comm, timeout):
-    """The next message, checking its frame: ``lines`` in a binary frame (UTF-8 JSON), the rest as text."""
+    """The next message, checking its frame: ``lines`` in a binary frame (UTF-8 JSON, or its zlib stream for
+    a socket that asked for ``compress=deflate``), the rest as text."""
     frame = await comm.receive_from(timeout=timeout)
-    msg = json.loads(frame)
     binary = isinstance(frame, bytes)
+    compressed = "compress=deflate" in comm.scope["query_string"].decode()
+    if binary and compressed:
+        assert frame[:1] != b"{", "a compressed socket gets zlib frames"
+        frame = zlib.decompress(frame)
+    msg = json.loads(frame)
     assert binary == (msg["type"] == "lines"), f"a {msg['type']} message in a {'binary' if binary else 'text'} frame"
     return msg
 
@@ -34,8 +40,9 @@ def running(inventory):
     )
 
 
-async def open_socket(user, pk, after=-1):
-    comm = WebsocketCommunicator(URLRouter(websocket_urlpatterns), f"/ws/deployments/{pk}/log/?after={after}")
+async def open_socket(user, pk, after=-1, *, compress=False):
+    path = f"/ws/deployments/{pk}/log/?after={after}" + ("&compress=deflate" if compress else "")
+    comm = WebsocketCommunicator(URLRouter(websocket_urlpatterns), path)
     comm.scope["user"] = user
     connected, _ = await comm.connect(timeout=10)
     assert connected
@@ -253,3 +260,40 @@ def test_a_closed_feed_ends_even_when_redis_turns_the_cancel_into_a_timeout(runn
     assert swallowed, "the cancel reached receive() and was turned into a timeout"
     assert (done, pending) == (2, 0), f"{pending} feed task(s) still running 5 s after the feed was closed"
     assert all(cancelled)
+
+
+def test_compressed_and_plain_followers_get_the_same_lines_each_message_compressed_once(running, alice, monkeypatch):
+    """``?compress=deflate``: the page's sockets get each ``lines`` message as one zlib stream, made once for
+    all of them (and afresh only for a follower that starts inside a message); plain sockets are unchanged."""
+    writer = logstream.LogWriter(running.pk, flush_interval=0.001, max_batch=1000)
+    for i in range(3000):
+        writer.write("out", f"early {i} " + "x" * 60)
+    writer.close()
+    made = []
+    real_deflate = logfeed.deflate
+
+    def counting_deflate(data):
+        made.append(data)
+        return real_deflate(data)
+
+    monkeypatch.setattr(logfeed, "deflate", counting_deflate)
+
+    async def scenario():
+        plain = await open_socket(alice, running.pk)
+        packed = [await open_socket(alice, running.pk, compress=True) for _ in range(5)]
+        inside = await open_socket(alice, running.pk, after=1500, compress=True)  # starts inside a message
+        thread = await asyncio.to_thread(write_then_finish_from, running.pk, 3000, 2000)
+        results = await asyncio.gather(*(read_until_end(c) for c in [plain, *packed, inside]))
+        await asyncio.to_thread(thread.join)
+        for c in [plain, *packed, inside]:
+            await c.disconnect()
+        return results
+
+    results = async_to_sync(scenario)()
+    plain_lines = results[0][0]
+    assert [line[0] for line in plain_lines] == list(range(5000))
+    for lines, statuses in results[1:6]:
+        assert lines == plain_lines and statuses[-1] == "succeeded"
+    assert results[6][0] == plain_lines[1501:]
+    # Six compressed sockets, and each message was compressed once for all of them.
+    assert made and len(made) == len(set(made)), f"{len(made) - len(set(made))} messages compressed twice"

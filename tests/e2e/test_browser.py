@@ -84,6 +84,13 @@ def test_the_pages_run_under_the_content_security_policy(panel, page):
 
 
 def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
+    sockets, compressed_frames = [], []
+
+    def watch(ws):
+        sockets.append(ws.url)
+        ws.on("framereceived", lambda payload: compressed_frames.append(payload[:1] == b"x"))
+
+    page.on("websocket", watch)
     page.goto(panel.url + "/nodes/chatty/")
     page.select_option("select[name=action]", "switch")
     page.uncheck("#id_diff")  # a plain deploy: no difference shown first
@@ -98,6 +105,9 @@ def test_clicking_deploy_shows_the_log_live_and_the_final_status(panel, page):
     assert "paced line 00003000" in text
     seqs = page.eval_on_selector_all("#log [data-seq]", "els => els.map(e => Number(e.dataset.seq))")
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "no gaps or duplicates in the page"
+    # Chromium inflates: the page asked for compressed `lines`, and they came as zlib streams (0x78 …).
+    assert sockets and all("compress=deflate" in url for url in sockets), sockets
+    assert any(compressed_frames), "no compressed lines frame reached the page"
 
 
 def test_a_failing_deploy_shows_failed_with_its_exit_code_and_stderr(panel, page):
