@@ -244,7 +244,7 @@ def main() -> int:
         help="the nodes' magic-rollback deadline (0: off, as bare nixos-rebuild; default: the panel's, 30 s)",
     )
     args = ap.parse_args()
-    threads = int(os.environ.get("PANEL_ROLLOUT_THREADS") or 1)
+    threads = int(os.environ.get("PANEL_ROLLOUT_THREADS") or 10)  # the panel's default
 
     def workers_for(parallel: int) -> int:
         return args.workers or max(1, -(-parallel // threads))

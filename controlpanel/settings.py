@@ -266,7 +266,7 @@ HEARTBEAT_STALE_AFTER = envfloat("PANEL_HEARTBEAT_STALE_AFTER", 60.0)
 ROLLOUT_REHAND_AFTER = envfloat("PANEL_ROLLOUT_REHAND_AFTER", 120.0)
 # Nodes of a rollout one worker process runs at once, each in its own thread (its own SSH connection and
 # database connection): a worker process per running node would cost ~85 MB each.
-ROLLOUT_THREADS = envint("PANEL_ROLLOUT_THREADS", 1)
+ROLLOUT_THREADS = envint("PANEL_ROLLOUT_THREADS", 10)
 if not 1 <= ROLLOUT_THREADS <= 200:
     raise ImproperlyConfigured(f"PANEL_ROLLOUT_THREADS={ROLLOUT_THREADS}: use a number from 1 to 200")
 # How often the WebSocket follower looks at the database when nothing is pushed.
