@@ -32,11 +32,14 @@ def request_rollback(
     user=None,
     trigger: str = Deployment.Trigger.WEB,
     timeout_seconds: int | None = None,
+    approval=None,
 ) -> Deployment:
     """Queue going back to ``generation`` (None: the previous one) on ``node``, then ``action``
     (``switch``: run it now and boot it; ``boot``: boot it next time, the running system unchanged).
 
     The gate decides first (DEPLOY; a refusal is 403 and ``deployment.requested`` with outcome denied).
+    On a node with a protected tag the request is held for approval (``AwaitingApproval``, nothing
+    queued) unless ``approval`` is the approved request coming back.
     ``RequestError`` for a bad generation or action or an unpinned host key, ``NodeBusy`` when the node has
     an active deployment.  The row (``queued``, the model's default) and its event are one transaction;
     only the id goes to the queue, after commit.  Whether the generation exists is the node's to say, when
@@ -54,9 +57,23 @@ def request_rollback(
         raise RequestError(f"Invalid generation {generation!r}: give a generation number (1 or more).") from None
     if not node.host_key:
         raise RequestError(f"Node {node.name} has no pinned host key: scan and pin it first.")
+    commit = generations.commit_of(node, generation, _last_read_path(node, generation)) if generation else ""
+    if approval is None:
+        # Going back changes the node as a deploy does: a protected node holds it for a second person
+        # (AwaitingApproval, nothing queued); the approval comes back here with ``approval``.
+        from .gitops import approvals
+
+        approvals.hold_rollback(
+            node,
+            generation=generation,
+            action=action,
+            commit=commit,
+            user=user,
+            trigger=trigger,
+            timeout=timeout_seconds,
+        )
     if Deployment.objects.filter(node=node, status__in=Deployment.ACTIVE).exists():
         raise NodeBusy(f"Node {node.name} already has a deployment in progress.")
-    commit = generations.commit_of(node, generation, _last_read_path(node, generation)) if generation else ""
     acting = user if user is not None and user.is_authenticated else None
     try:
         with transaction.atomic():
@@ -85,6 +102,7 @@ def request_rollback(
                     "commit": commit,
                     "trigger": trigger,
                     **({"timeout_seconds": timeout_seconds} if timeout_seconds else {}),
+                    **({"approval": approval.pk} if approval is not None else {}),
                 },
             )
             transaction.on_commit(lambda: enqueue(deployment.pk))

@@ -113,6 +113,27 @@ def hold_deployment(
     raise AwaitingApproval(approval)
 
 
+def hold_rollback(node: Node, *, generation: int | None, action: str, commit: str, user, trigger: str, timeout) -> None:
+    """Raise ``AwaitingApproval`` (after writing the request) if ``node`` carries a protected tag.
+
+    Going back changes the node's system as a deploy does, so a protected node needs the same second
+    person. The request keeps the generation (None: the one before the current) and, when a panel
+    deployment made it, its commit: the approver sees where the node would go."""
+    if not protected_nodes([node]).exists():
+        return
+    approval = _hold(
+        kind=ApprovalRequest.Kind.DEPLOYMENT,
+        nodes=[node],
+        action=action,
+        revision="",
+        commits={node.repository.name: commit} if commit else {},
+        params={"kind": "rollback", "generation": generation, "timeout_seconds": timeout},
+        user=user,
+        trigger=trigger,
+    )
+    raise AwaitingApproval(approval)
+
+
 def hold_rollout(options, nodes: list[Node], *, commits: dict, user, trigger: str) -> None:
     """Raise ``AwaitingApproval`` (after writing the request) if one of ``nodes`` carries a protected tag.
 
@@ -212,6 +233,20 @@ def _request(approval: ApprovalRequest, requester):
     # Imported here: lifecycle and rollouts import this module at call time too.
     from deployments import lifecycle, rollouts
 
+    if approval.kind == ApprovalRequest.Kind.DEPLOYMENT and approval.is_rollback:
+        from deployments import rollbacks
+
+        deployment = rollbacks.request_rollback(
+            approval.nodes.get(),
+            generation=approval.params.get("generation"),
+            action=approval.action,
+            user=requester,
+            trigger=approval.trigger,
+            timeout_seconds=approval.params.get("timeout_seconds"),
+            approval=approval,
+        )
+        ApprovalRequest.objects.filter(pk=approval.pk).update(deployment=deployment)
+        return deployment
     if approval.kind == ApprovalRequest.Kind.DEPLOYMENT:
         from deployments.models import Deployment
 
@@ -302,6 +337,8 @@ def expire_moved(repository: Repository, head: str) -> int:
     """Expire the pending branch-head requests that pinned another commit of ``repository``; how many."""
     expired = 0
     for approval in ApprovalRequest.objects.filter(status=Status.PENDING, revision=""):
+        if approval.is_rollback:
+            continue  # its commit is where the node goes back to, not the branch head
         pinned = approval.commits.get(repository.name)
         if pinned and pinned != head:
             expired += expire(approval, _moved(repository, pinned, head))

@@ -184,7 +184,16 @@ class ApprovalRequest(models.Model):
 
     @property
     def pinned_to_branch(self) -> bool:
-        return not self.revision
+        return not self.revision and not self.is_rollback
+
+    @property
+    def is_rollback(self) -> bool:
+        """A held rollback (``rollbacks.request_rollback``): back to ``params["generation"]``."""
+        return self.kind == self.Kind.DEPLOYMENT and (self.params or {}).get("kind") == "rollback"
+
+    @property
+    def rollback_generation(self) -> int | None:
+        return (self.params or {}).get("generation") if self.is_rollback else None
 
     def payload(self) -> dict:
         """The request as JSON-able values (API, pages)."""
@@ -195,6 +204,7 @@ class ApprovalRequest(models.Model):
             "action": self.action,
             "revision": self.revision,
             "commits": self.commits,
+            **({"rollback_to_generation": self.rollback_generation} if self.is_rollback else {}),
             "nodes": sorted(n.name for n in self.nodes.all()),
             "requested_by": self.requested_by_name,
             "trigger": self.trigger,

@@ -260,21 +260,22 @@ class NodeViewSet(viewsets.GenericViewSet):
         body = {"node": node.name, **generations.shown(node).as_json()}
         return Response(body, status=status.HTTP_502_BAD_GATEWAY if read.error else status.HTTP_200_OK)
 
-    @extend_schema(request=RollbackRequest, responses={201: DeploymentOut, **ERRORS, **CONFLICT})
+    @extend_schema(request=RollbackRequest, responses={201: DeploymentOut, **HELD, **ERRORS, **CONFLICT})
     @action(detail=True, methods=["post"])
     def rollback(self, request, name=None):
         """Go back to a generation (null: the previous one): a deployment of kind ``rollback``."""
         node = gate.node_for(request.user, name, VIEW)
         gate.require(request.user, DEPLOY, node, event="deployment.requested")
         data = _read(RollbackRequest, request).validated_data
-        deployment = rollbacks.request_rollback(
-            node,
-            generation=data["generation"],
-            action=data["action"],
-            user=request.user,
-            trigger=Deployment.Trigger.API,
+        return _requested(
+            lambda: rollbacks.request_rollback(
+                node,
+                generation=data["generation"],
+                action=data["action"],
+                user=request.user,
+                trigger=Deployment.Trigger.API,
+            )
         )
-        return Response(DeploymentOut(deployment).data, status=status.HTTP_201_CREATED)
 
     # --- health checks and the magic-rollback deadline (deployments/health.py) ---
 

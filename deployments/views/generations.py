@@ -15,7 +15,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from .. import generations, rollbacks
 from ..access import gate
 from ..access.gate import DEPLOY, VIEW
-from ..errors import NodeBusy, RequestError
+from ..errors import AwaitingApproval, NodeBusy, RequestError
 from ..forms import DeployForm, RollbackForm
 from ..models import Deployment
 from .api import ApiError, _api_login_required, json_object
@@ -51,6 +51,9 @@ def node_rollback(request, name):
         deployment = rollbacks.request_rollback(
             node, generation=form.cleaned_data["generation"], action=form.cleaned_data["action"], user=request.user
         )
+    except AwaitingApproval as exc:
+        messages.info(request, str(exc))
+        return redirect(exc.approval)
     except RequestError as exc:
         messages.error(request, str(exc))
         return _to_generations(node)
@@ -94,6 +97,8 @@ def api_rollback(request, name):
             user=request.user,
             trigger=Deployment.Trigger.API,
         )
+    except AwaitingApproval as exc:
+        return JsonResponse({"error": str(exc), "approval": exc.approval.payload()}, status=202)
     except NodeBusy as exc:
         return JsonResponse({"error": str(exc)}, status=409)
     except RequestError as exc:

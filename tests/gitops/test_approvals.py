@@ -336,3 +336,72 @@ def test_an_activation_of_a_diff_is_held_and_approved_as_that_activation(protect
     assert not Deployment.objects.filter(kind="activate").exists()
     activation = approvals.approve(approval, user=dave, comment="the diff is fine")
     assert activation.kind == "activate" and activation.diff_of == diff and activation.requested_by == dora
+
+
+# --- going back: a rollback changes the node as a deploy does --------------------------------------
+
+
+def test_a_rollback_of_a_protected_node_is_held_then_approved_as_exactly_that_rollback(protected):
+    """A deployer of a protected node who may not deploy alone may not go back alone either (to any
+    generation the node keeps: that changes its system as surely as a deploy)."""
+    from deployments import rollbacks
+
+    world, dora, dave, vic = protected
+    node = world.nodes["web-1"]
+    before = Deployment.objects.count()
+    with pytest.raises(AwaitingApproval) as caught:
+        rollbacks.request_rollback(node, generation=3, action="boot", user=dora)
+    approval = caught.value.approval
+    assert approval.status == "pending" and approval.is_rollback and approval.rollback_generation == 3
+    assert approval.payload()["rollback_to_generation"] == 3
+    assert Deployment.objects.count() == before, "nothing queued before the approval"
+    assert AuditEvent.objects.get(action="approval.requested").details["action"] == "boot"
+    with pytest.raises(PermissionDenied, match="second person"):
+        approvals.approve(approval, user=dora)
+
+    deployment = approvals.approve(approval, user=dave, comment="back to 3, as discussed")
+    assert deployment.kind == Deployment.Kind.ROLLBACK and deployment.target_generation == 3
+    assert deployment.action == "boot" and deployment.requested_by == dora and deployment.status == "queued"
+    requested = AuditEvent.objects.get(action="deployment.requested", outcome="success")
+    assert requested.details["approval"] == approval.pk and requested.actor_name == "dora"
+    approval.refresh_from_db()
+    assert approval.deployment == deployment
+
+
+def test_a_held_rollback_is_not_expired_when_the_branch_moves(protected, flake_repo):
+    from deployments import rollbacks
+
+    world, dora, dave, vic = protected
+    with pytest.raises(AwaitingApproval) as caught:
+        rollbacks.request_rollback(world.nodes["web-1"], user=dora)
+    assert caught.value.approval.rollback_generation is None  # the one before the current
+    head = commit_change(flake_repo[0], "devm")
+    assert approvals.expire_moved(world.repository, head) == 0
+    caught.value.approval.refresh_from_db()
+    assert caught.value.approval.status == "pending"
+
+
+def test_every_way_to_roll_back_a_protected_node_is_held(protected, capsys):
+    world, dora, dave, vic = protected
+    before = Deployment.objects.count()
+    client = client_for(dora)
+    page = client.post("/nodes/web-1/rollback/", {"generation": "2", "action": "switch"}, follow=True)
+    first = ApprovalRequest.objects.latest("pk")
+    assert page.redirect_chain[-1][0] == first.get_absolute_url()
+    assert b"Awaiting approval" in page.content and b"back to generation 2" in page.content
+
+    api = client.post("/api/nodes/web-1/rollback/", {"generation": 2}, content_type="application/json")
+    assert api.status_code == 202 and api.json()["approval"]["rollback_to_generation"] == 2
+
+    v1 = client.post("/api/v1/nodes/web-1/rollback/", {"generation": None}, content_type="application/json")
+    assert v1.status_code == 202, v1.content
+    assert v1.json()["approval"]["status"] == "pending"
+
+    with pytest.raises(SystemExit) as exit_:
+        call_command("rollback", "web-1", "--as", "dora")
+    assert exit_.value.code == 3
+    assert "Awaiting approval" in capsys.readouterr().err
+
+    assert ApprovalRequest.objects.count() == 4
+    assert all(a.is_rollback for a in ApprovalRequest.objects.all())
+    assert Deployment.objects.count() == before, "nothing queued"

@@ -12,11 +12,11 @@ import sys
 from django.core.exceptions import PermissionDenied, ValidationError
 
 from deployments import rollbacks
-from deployments.errors import RequestError
+from deployments.errors import AwaitingApproval, RequestError
 from deployments.models import Deployment
 from deployments.validators import validate_generation
 
-from ._base import NOT_SUCCEEDED, REFUSED, acting_user, lookup_node, no_qcluster_warning, refused
+from ._base import AWAITING, NOT_SUCCEEDED, REFUSED, acting_user, lookup_node, no_qcluster_warning, refused
 from .deploy import INTERRUPTED
 from .deploy import Command as DeployCommand
 
@@ -53,6 +53,9 @@ class Command(DeployCommand):
                 trigger=Deployment.Trigger.CLI,
                 timeout_seconds=timeout,
             )
+        except AwaitingApproval as exc:
+            self.stderr.write(f"{exc} ({exc.approval.get_absolute_url()})")
+            sys.exit(AWAITING)
         except (RequestError, PermissionDenied) as exc:
             self.stderr.write(f"refused: {exc}")
             sys.exit(REFUSED)
