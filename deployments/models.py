@@ -321,6 +321,9 @@ class Deployment(models.Model):
         Status.UNHEALTHY,
         Status.ROLLED_BACK,
     )
+    # Ended with the node running what it built: succeeded, or unhealthy (a health check failed and its
+    # policy kept the system). What the fleet view and sync status call what a node runs.
+    DEPLOYED = (Status.SUCCEEDED, Status.UNHEALTHY)
 
     # The nixos-rebuild actions, from their one definition (remote.REBUILD_ACTIONS): SWITCH, BOOT, TEST, …
     Action = models.TextChoices("Action", [(a.upper().replace("-", "_"), (a, a)) for a in REBUILD_ACTIONS])

@@ -61,6 +61,18 @@ def test_each_node_shows_what_it_runs_and_its_last_outcome(alice_client, fleet):
     assert "never deployed" in page
 
 
+def test_a_system_kept_after_a_failing_health_check_is_what_the_node_runs(alice_client, fleet):
+    """``unhealthy`` (policy keep): the node runs what that deployment built, as sync status says; a
+    ``rolled_back`` one left the node on the system before it."""
+    web1 = fleet["web-01"]
+    deployment(web1, "succeeded", commit="1" * 40, generation=4, ago=30)
+    deployment(web1, "unhealthy", commit="2" * 40, generation=5, ago=20)
+    deployment(web1, "rolled_back", commit="3" * 40, generation=6, ago=10)
+    n = rows(alice_client)[0]["web-01"]
+    assert (n.run_commit, n.run_generation) == ("2" * 40, 5)
+    assert n.last_status == "rolled_back"
+
+
 def test_the_fleet_filters_by_tag_and_by_last_outcome(alice_client, fleet):
     deployment(fleet["web-01"], "failed")
     deployment(fleet["db-01"], "failed")

@@ -141,7 +141,7 @@ def _with_deployed(nodes):
     # panel deployed; counting only ``succeeded`` would call that node drifted.
     running = Deployment.objects.filter(
         node=OuterRef("pk"),
-        status__in=(Deployment.Status.SUCCEEDED, Deployment.Status.UNHEALTHY),
+        status__in=Deployment.DEPLOYED,
         action__in=RUNNING_SYSTEM_ACTIONS,
     ).order_by("-finished_at")
     return nodes.annotate(

@@ -31,11 +31,12 @@ def _fleet(nodes):
     indexes: ``deployment_node_finished``, ``deployment_node_recent``): the fleet view costs one query
     per page of nodes, whatever their number or history.
 
-    What a node runs: its latest succeeded ``switch`` or ``test`` (``run_*``: commit, generation, when,
-    by whom).  Its last outcome: its latest deployment, whatever it was (``last_*``).
+    What a node runs: its latest ``switch`` or ``test`` that left the node on what it built
+    (``Deployment.DEPLOYED``: succeeded, or unhealthy and kept; ``run_*``: commit, generation, when, by
+    whom), as sync status counts it.  Its last outcome: its latest deployment, whatever it was (``last_*``).
     """
     running = Deployment.objects.filter(
-        node=OuterRef("pk"), status=Deployment.Status.SUCCEEDED, action__in=RUNNING_SYSTEM_ACTIONS
+        node=OuterRef("pk"), status__in=Deployment.DEPLOYED, action__in=RUNNING_SYSTEM_ACTIONS
     ).order_by("-finished_at")
     last = Deployment.objects.filter(node=OuterRef("pk")).order_by("-created_at", "-id")
     return nodes.annotate(
