@@ -125,19 +125,20 @@ def test_the_pause_between_batches_follows_how_long_storing_takes(deployment):
 
 
 def test_while_another_writer_holds_the_database_lines_gather_into_fewer_rows(deployment):
-    """Group commit under a held SQLite write lock: the lines that waited are stored together, none lost."""
-    from django.db import connection
-
-    if connection.vendor != "sqlite":
-        pytest.skip("SQLite's one write lock; PostgreSQL writers do not queue for an INSERT")
+    """Group commit while the writer's INSERT waits for a lock: the lines that waited are stored together,
+    none lost. SQLite: another connection holds its one write lock; PostgreSQL: the log table's lock."""
     held, release = threading.Event(), threading.Event()
 
     def hold_the_write_lock():
         from django.db import connection as own
         from django.db import transaction
 
-        with transaction.atomic():  # BEGIN IMMEDIATE: the write lock until commit
-            Deployment.objects.filter(pk=deployment.pk).update(worker="holding the lock")
+        with transaction.atomic():  # SQLite: BEGIN IMMEDIATE, the write lock until commit
+            if own.vendor == "postgresql":
+                with own.cursor() as cursor:  # INSERTs wait for it; reads do not
+                    cursor.execute(f"LOCK TABLE {LogChunk._meta.db_table} IN EXCLUSIVE MODE")
+            else:
+                Deployment.objects.filter(pk=deployment.pk).update(worker="holding the lock")
             held.set()
             release.wait(10)
         own.close()
