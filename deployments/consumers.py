@@ -98,6 +98,7 @@ class DeploymentLogConsumer(AsyncJsonWebsocketConsumer):
         last_check = time.monotonic()
         try:
             while True:
+                logfeed.raise_if_cancelled()  # a cancel 3.11's wait_for swallowed below still ends the follower
                 changed = feed.changed
                 if feed.next_seq is not None:
                     while (message := await feed.next_message(self.after, compressed=self.compressed)) is not None:

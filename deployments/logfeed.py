@@ -44,6 +44,8 @@ CACHE_LINES = 100_000  # lines a feed keeps encoded (about 10 MB); older ones ar
 FETCH_ROWS = 10  # log chunks a feed reads per query (a chunk holds up to 5,000 lines)
 PUSH_SAFETY_POLL = 1.0  # seconds between polls when pushes arrive
 MAX_BACKOFF = 5.0  # seconds between retries of a failing database or channel layer
+RECANCEL_EVERY = 0.1  # seconds: a closed feed's task still running is cancelled again (see Feed.close)
+RECANCEL_TRIES = 100
 
 
 def encode(message: dict) -> str:
@@ -123,6 +125,7 @@ class Feed:
         self._poke = asyncio.Event()
         self.push = logstream.has_push_layer()
         self.closed = False
+        self._cleaning: set[asyncio.Task] = set()  # tasks in their last clean-up, not to be cancelled again
         self._tasks = [self.loop.create_task(self._read_loop(), name=f"logfeed-{deployment_id}")]
         if self.push:
             self._tasks.append(self.loop.create_task(self._listen(), name=f"logfeed-push-{deployment_id}"))
@@ -205,6 +208,7 @@ class Feed:
     async def _read_loop(self) -> None:
         backoff = 0.1
         while True:
+            self._stop_if_closed()
             try:
                 status, rows, start = await self._read()
                 backoff = 0.1
@@ -276,6 +280,7 @@ class Feed:
                     await layer.group_add(group, channel)
                     while True:
                         await layer.receive(channel)
+                        self._stop_if_closed()
                         self._poke.set()
                         backoff = 0.1
                 except asyncio.CancelledError:
@@ -288,26 +293,51 @@ class Feed:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
+            self._cleaning.add(asyncio.current_task())
             try:
                 await asyncio.wait_for(layer.group_discard(group, channel), timeout=2)
             except Exception:  # noqa: BLE001 - the membership expires on its own
                 pass
 
     def _stop_if_closed(self) -> None:
-        """End the task when the feed was closed, even if the cancel was turned into another error.
+        """End the task when the feed was closed, even if its cancel was swallowed on the way.
 
-        redis-py reads under a timeout of its own, and a cancel that lands as that timeout expires
-        comes out as ``TimeoutError`` (django/channels_redis#422, redis/redis-py#4091): swallowed, the
-        task would loop on, and a loop closing under ``async_to_sync`` would wait for it for ever.
+        Checked on every turn of the loops, not only on errors, because a cancel can get lost two ways:
+        redis-py reads under a timeout of its own, and a cancel that lands as that timeout expires comes
+        out as ``TimeoutError`` (django/channels_redis#422, redis/redis-py#4091); and Python 3.11's
+        ``asyncio.wait_for`` returns the result, dropping the cancel, when what it awaited finished in
+        the same loop step.  Either way the task would loop on, and a loop closing under
+        ``async_to_sync`` would wait for it for ever.
         """
-        task = asyncio.current_task()
-        if self.closed or (task is not None and task.cancelling()):
+        if self.closed:
             raise asyncio.CancelledError()
+        raise_if_cancelled()
 
     def close(self) -> None:
+        """Stop the feed's tasks: cancelled now, and again every ``RECANCEL_EVERY`` while one still runs.
+
+        One cancel is not always enough: redis-py 8 on Python 3.11 drops a cancel that lands as it
+        finishes sending a command (its ``asyncio.wait_for`` around the socket drain), then goes on to
+        channels-redis's BZPOPMIN, which loops until a message comes.  The feed's listener would wait
+        for ever, and so would the event loop closing over it (``async_to_sync`` in tests and commands).
+        """
         self.closed = True
-        for task in self._tasks:
+        self._cancel_tasks(RECANCEL_TRIES)
+
+    def _cancel_tasks(self, tries_left: int) -> None:
+        running = [task for task in self._tasks if not task.done() and task not in self._cleaning]
+        for task in running:
             task.cancel()
+        if running and tries_left > 0 and not self.loop.is_closed():
+            self.loop.call_later(RECANCEL_EVERY, self._cancel_tasks, tries_left - 1)
+
+
+def raise_if_cancelled() -> None:
+    """Raise ``CancelledError`` in a task that was asked to cancel, even if the cancel itself was swallowed
+    (``Feed._stop_if_closed``): a task's count of cancel requests stays up until it ends."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
 
 
 _feeds: dict[int, Feed] = {}

@@ -5,13 +5,35 @@ What they stand on lives in tests/support/ (one module each: personas, world, ke
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import shutil
+import sys
+import threading
 
 import pytest
 
 from tests.support import personas
 from tests.support.keys import HOST_KEY, ed25519_private_key
 from tests.support.testbed import make_flake_repo, testbed  # noqa: F401  (the session fixture)
+
+EXIT_GRACE = 60  # seconds the test process may take to exit after the last test
+
+
+def pytest_unconfigure(config):
+    """A thread stuck for ever (an event loop that cannot close) would keep the finished run from exiting,
+    and CI would see a timeout instead of the result.  Past ``EXIT_GRACE`` the stacks are printed and the
+    process exits with status 3: a failure, whatever the tests said."""
+
+    def stuck():
+        print(f"\nthe test process could not exit within {EXIT_GRACE} s: a thread is stuck", file=sys.stderr)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(3)
+
+    watchdog = threading.Timer(EXIT_GRACE, stuck)
+    watchdog.daemon = True
+    watchdog.start()
 
 
 def _person(name: str):

@@ -262,6 +262,89 @@ def test_a_closed_feed_ends_even_when_redis_turns_the_cancel_into_a_timeout(runn
     assert all(cancelled)
 
 
+def test_a_closed_feed_ends_even_when_redis_drops_the_cancel_and_reads_on(running, redis_layer, monkeypatch):
+    """redis-py 8 on Python 3.11 drops a cancel that lands as it finishes sending a command (its
+    ``wait_for`` around the socket drain) and goes on to BZPOPMIN, which channels-redis repeats until a
+    message comes: seen as a 600 s CI hang.  The receive below does just that; the feed still ends."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    real_receive = layer.receive
+    dropped = []
+
+    async def receive_dropping_the_first_cancel(channel):
+        try:
+            await asyncio.sleep(3600)  # "sending the command"
+        except asyncio.CancelledError:
+            dropped.append(channel)  # dropped, as redis-py's wait_for does
+        return await real_receive(channel)  # on to the blocking read, as if nothing happened
+
+    monkeypatch.setattr(layer, "receive", receive_dropping_the_first_cancel)
+
+    async def scenario():
+        feed = logfeed.join(running.pk)
+        assert feed.push, "the Redis layer pushes"
+        await asyncio.sleep(0.5)  # the listener is in receive()
+        logfeed.leave(feed)
+        done, pending = await asyncio.wait(feed._tasks, timeout=5)
+        return len(done), len(pending)
+
+    done, pending = async_to_sync(scenario)()
+    assert dropped, "the first cancel reached receive() and was dropped"
+    assert (done, pending) == (2, 0), f"{pending} feed task(s) still running 5 s after the feed was closed"
+
+
+def test_a_closed_feed_ends_even_when_its_wait_ended_in_the_same_step_as_the_cancel(running):
+    """Python 3.11's ``asyncio.wait_for`` returns the result, swallowing the cancel, when the awaited thing
+    finished in the same loop step as the cancel came.  The reader's wait for a poke must not keep it
+    polling for ever: the loop ``async_to_sync`` closes would wait for it (a 600 s CI hang)."""
+
+    async def scenario():
+        feed = logfeed.join(running.pk)
+        await asyncio.sleep(0.5)  # the reader has read once and waits for a poke or its next poll
+        reads = feed.reads
+        feed._poke.set()  # the wait ends in the same step as the cancel below
+        logfeed.leave(feed)
+        done, pending = await asyncio.wait(feed._tasks, timeout=5)
+        return reads, feed.reads, len(pending), [t.cancelled() for t in done]
+
+    reads_before, reads_after, pending, cancelled = async_to_sync(scenario)()
+    assert reads_before >= 1
+    assert pending == 0, f"{pending} feed task(s) still running 5 s after the feed was closed"
+    assert all(cancelled)
+    assert reads_after == reads_before, "a closed feed read the database again"
+
+
+async def _follower_task(comm):
+    """The consumer's follower task of the communicator's socket."""
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        if getattr(coro, "__qualname__", "") == "DeploymentLogConsumer._follow":
+            return task
+    raise AssertionError("no follower task")
+
+
+def test_a_follower_cancelled_as_its_wait_ends_stops(running, alice):
+    """The same race in the socket's follower: a cancel that lands as the feed wakes it still ends it."""
+
+    async def scenario():
+        comm = await open_socket(alice, running.pk)
+        await receive_message(comm, timeout=10)  # the status: the follower waits for the next change
+        follower = await _follower_task(comm)
+        feed = logfeed._feeds[running.pk]
+        feed._wake()  # the follower's wait ends in the same step as the cancel
+        follower.cancel()
+        done, pending = await asyncio.wait({follower}, timeout=5)
+        state = (len(pending), follower.cancelled() if done else None, running.pk in logfeed._feeds)
+        await comm.disconnect()
+        return state
+
+    pending, cancelled, feed_left = async_to_sync(scenario)()
+    assert pending == 0, "the follower kept following after its cancel"
+    assert cancelled
+    assert not feed_left, "the follower left the feed"
+
+
 def test_compressed_and_plain_followers_get_the_same_lines_each_message_compressed_once(running, alice, monkeypatch):
     """``?compress=deflate``: the page's sockets get each ``lines`` message as one zlib stream, made once for
     all of them (and afresh only for a follower that starts inside a message); plain sockets are unchanged."""
