@@ -344,6 +344,17 @@ NOTIFY_TIMEOUT = envfloat("PANEL_NOTIFY_TIMEOUT", 10.0)
 NOTIFY_MAX_ATTEMPTS = envint("PANEL_NOTIFY_MAX_ATTEMPTS", 5)
 if NOTIFY_TIMEOUT <= 0 or NOTIFY_MAX_ATTEMPTS < 1:
     raise ImproperlyConfigured("PANEL_NOTIFY_TIMEOUT and PANEL_NOTIFY_MAX_ATTEMPTS must be positive")
+# Webhooks never reach the panel's own network (loopback, private, link-local, multicast, reserved addresses:
+# a team admin must not make the panel probe or post to internal services) except these networks (CIDRs,
+# comma-separated), e.g. "10.20.0.0/16" for a chat server inside.
+NOTIFY_ALLOWED_NETWORKS = [n.strip() for n in (env("PANEL_NOTIFY_ALLOWED_NETWORKS", "") or "").split(",") if n.strip()]
+try:
+    import ipaddress as _ipaddress
+
+    for _network in NOTIFY_ALLOWED_NETWORKS:
+        _ipaddress.ip_network(_network, strict=False)
+except ValueError as _exc:
+    raise ImproperlyConfigured(f"PANEL_NOTIFY_ALLOWED_NETWORKS: {_exc}") from None
 # The panel's address as people reach it, for links in notifications (none when unset).
 BASE_URL = (env("PANEL_BASE_URL", "") or "").rstrip("/")
 if BASE_URL and not BASE_URL.startswith(("http://", "https://")):

@@ -11,9 +11,12 @@ Each attempt is claimed with a conditional UPDATE, so two workers never send the
 from __future__ import annotations
 
 import html
+import http.client
+import ipaddress
 import json
 import logging
 import re
+import socket
 import urllib.error
 import urllib.request
 from datetime import timedelta
@@ -96,7 +99,43 @@ def validate_target(kind: str, target: str) -> str:
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("a webhook URL starts with https:// (or http://) and names a host")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number or out of range
+    except ValueError:
+        raise ValidationError("a webhook URL's port is a number from 1 to 65535") from None
+    host = parts.hostname.rstrip(".").lower()
+    address = _literal_address(host)
+    if host == "localhost" or host.endswith(".localhost"):
+        address = ipaddress.ip_address("127.0.0.1")
+    if address is not None and not address_allowed(address):
+        raise ValidationError(_inside_message(host, address))
     return target
+
+
+def _literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def address_allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """May a webhook be posted to ``address``: a public address, or one in ``NOTIFY_ALLOWED_NETWORKS``."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for network in settings.NOTIFY_ALLOWED_NETWORKS:
+        if address in ipaddress.ip_network(network, strict=False):
+            return True
+    return address.is_global and not address.is_multicast
+
+
+def _inside_message(host: str, address) -> str:
+    shown = host if host == str(address) else f"{host} ({address})"
+    return (
+        f"{shown} is an address of the panel's own network (loopback, private, link-local or reserved): "
+        "webhooks go only to public addresses, unless the panel's operator allows that network "
+        "(PANEL_NOTIFY_ALLOWED_NETWORKS)"
+    )
 
 
 def mask_target(kind: str, target: str) -> str:
@@ -240,7 +279,70 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a redirect is an answer, not an instruction: the target is the one configured
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+class _Inside(OSError):
+    """The webhook's host is (or resolves to) an address of the panel's own network."""
+
+
+def _checked_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **kwargs):
+    """``socket.create_connection`` that connects only to allowed addresses (``address_allowed``).
+
+    Every address the name resolves to is checked, and the socket connects to one of those checked
+    addresses itself, so a name that resolves differently the second time (DNS rebinding) cannot slip an
+    internal address in between.  The operator's proxies (``http_proxy``...) are trusted as they are."""
+    host, port = address
+    if host in _proxy_hosts():
+        return socket.create_connection(address, timeout, source_address, **kwargs)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {host}: {exc.strerror}") from None
+    for *_, sockaddr in infos:
+        resolved = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        if not address_allowed(resolved):
+            raise _Inside(_inside_message(host, resolved))
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"cannot connect to {host}")
+
+
+def _proxy_hosts() -> set[str]:
+    return {urlsplit(url).hostname for url in urllib.request.getproxies().values() if "://" in url}
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _checked_connection
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _checked_connection
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_CheckedHTTPConnection, req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_CheckedHTTPSConnection, req, context=self._context)
+
+
+_opener = urllib.request.build_opener(_NoRedirect, _CheckedHTTPHandler, _CheckedHTTPSHandler)
 
 
 def post_json(url: str, payload: dict, *, timeout: float) -> int:

@@ -438,6 +438,9 @@ def test_a_team_admin_subscribes_their_team_and_the_target_is_never_returned(wor
         ({"kind": "email", "target": "ops@example.com", "name": "a\x00b"}, "name"),
         ({"kind": "email", "target": "ops@example.com", "team": "nope"}, "team"),
         ({"kind": "email", "target": "ops@example.com", "secret": 1}, "secret"),
+        ({"kind": "webhook", "target": "http://127.0.0.1:6379/"}, "target"),  # the panel's own network
+        ({"kind": "slack", "target": "http://169.254.169.254/latest/meta-data/"}, "target"),
+        ({"kind": "webhook", "target": "http://example.org:99999/"}, "target"),
     ],
 )
 def test_a_bad_subscription_is_400_by_field(world, admin_api, data, field):

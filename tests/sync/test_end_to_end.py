@@ -41,6 +41,7 @@ def test_a_real_worker_refreshes_the_fleet_and_notifies_a_failed_deployment(tmp_
     repo = tmp_path / "flake"
     make_flake_repo(repo, {"devm": NodeConfigSpec(), "failing": NodeConfigSpec(activation_exit=4)})
     panel = Panel(tmp_path / "panel")
+    panel.env["PANEL_NOTIFY_ALLOWED_NETWORKS"] = "127.0.0.0/8"  # the receiver runs on this machine
     try:
         ok_name, bad_name = f"sy-ok-{testbed.token}", f"sy-bad-{testbed.token}"
         panel.register_nodes(

@@ -53,6 +53,13 @@ class Receiver:
         self.server.server_close()
 
 
+@pytest.fixture(autouse=True)
+def loopback_allowed(settings):
+    """The receivers here run on this machine: the operator's allowance for them (the guard's own tests
+    below take it away again)."""
+    settings.NOTIFY_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+
+
 @pytest.fixture
 def receiver():
     r = Receiver()
@@ -262,3 +269,83 @@ def test_with_a_subscription_only_the_events_seq_is_queued_after_commit(inventor
     [task] = [SignedPackage.loads(q.payload) for q in OrmQ.objects.all()]
     seq = AuditEvent.objects.get(action="deployment.finished").seq
     assert (task["func"], task["args"]) == ("deployments.sync.notify.dispatch", (seq,))
+
+
+# --- webhooks never reach the panel's own network ------------------------------------------------------
+# A team admin may choose a webhook's URL; they must not make the panel probe or post to internal services
+# (its database, Redis, a cloud metadata service) or tell open from closed ports by the delivery errors.
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:6379/",
+        "http://localhost:5432/x",
+        "http://LOCALHOST./x",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.1.2.3/hook",
+        "http://[::1]:8000/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://0.0.0.0/",
+        "http://192.168.0.1/",
+        "https://100.64.0.1/",
+        "http://224.0.0.1/",
+    ],
+)
+def test_a_webhook_to_the_panels_own_network_is_refused_when_saved(target, settings):
+    from django.core.exceptions import ValidationError
+
+    settings.NOTIFY_ALLOWED_NETWORKS = []
+    with pytest.raises(ValidationError, match="PANEL_NOTIFY_ALLOWED_NETWORKS"):
+        notify.validate_target("webhook", target)
+
+
+def test_the_operator_may_allow_an_inside_network(settings):
+    settings.NOTIFY_ALLOWED_NETWORKS = ["10.20.0.0/16"]
+    assert notify.validate_target("slack", "http://10.20.3.4/hooks/x") == "http://10.20.3.4/hooks/x"
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError):
+        notify.validate_target("slack", "http://10.21.3.4/hooks/x")
+
+
+def test_a_name_that_resolves_inside_is_refused_at_delivery_and_nothing_is_sent(
+    inventory, teams, receiver, inline_queue, settings, monkeypatch
+):
+    """A name is checked when it is used, on every address it resolves to, and the socket connects to the
+    address checked: a name that points inside later (DNS rebinding) reaches nothing."""
+    import socket as socket_module
+
+    port = receiver.server.server_port
+    subscribe(teams[0], "webhook", f"http://hooks.example.test:{port}/hook/secret")
+    real_getaddrinfo = socket_module.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if host == "hooks.example.test":
+            return real_getaddrinfo("127.0.0.1", *args, **kwargs)  # the name now points at the panel's machine
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", resolve)
+    settings.NOTIFY_ALLOWED_NETWORKS = []
+    failed_deployment(inventory["node"])
+    delivery = Delivery.objects.get()
+    assert delivery.status == "pending"
+    assert "hooks.example.test (127.0.0.1) is an address of the panel's own network" in delivery.error
+    assert receiver.received == [], "nothing reached the inside address"
+    assert "secret" not in delivery.error
+    # The same name, allowed by the operator, is delivered: the guard, not the test's resolver, refused it.
+    settings.NOTIFY_ALLOWED_NETWORKS = ["127.0.0.0/8"]
+    Delivery.objects.update(next_attempt_at=timezone.now())
+    assert notify.attempt(delivery.pk) == "sent"
+    assert [path for path, _ in receiver.received] == ["/hook/secret"]
+
+
+def test_a_target_saved_before_the_guard_is_still_refused_when_delivered(
+    inventory, teams, receiver, inline_queue, settings
+):
+    subscribe(teams[0], "webhook", receiver.url + "/hook/secret")  # allowed then (the fixture's allowance)
+    settings.NOTIFY_ALLOWED_NETWORKS = []
+    failed_deployment(inventory["node"])
+    delivery = Delivery.objects.get()
+    assert "127.0.0.1 is an address of the panel's own network" in delivery.error
+    assert receiver.received == []

@@ -152,3 +152,19 @@ def test_a_subscription_form_refuses_a_bad_target(inventory, alice):
     )
     assert r.status_code == 400 and "https://" in r.content.decode()
     assert not Subscription.objects.exists()
+
+
+def test_a_subscription_form_refuses_a_target_inside_the_panels_network(inventory, alice):
+    team = Team.objects.create(name="t")
+    r = client_for(alice).post(
+        "/notifications/new/",
+        {
+            "team": team.pk,
+            "name": "x",
+            "kind": "webhook",
+            "target": "http://10.0.0.5:8080/",
+            "events": ["node.drifted"],
+        },
+    )
+    assert r.status_code == 400 and "PANEL_NOTIFY_ALLOWED_NETWORKS" in r.content.decode()
+    assert not Subscription.objects.exists()
