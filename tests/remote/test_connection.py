@@ -50,6 +50,17 @@ def test_pinned_key_login_with_each_key_type(node, key):
     assert connect_s < 5
 
 
+def test_the_socket_sends_each_packet_at_once_and_notices_a_dead_peer(node):
+    """TCP_NODELAY: without it a small SSH packet waited for the node's delayed ACK (40 ms) and every
+    command took ~45 ms longer (bench/node_bench.py); keepalives and TCP_USER_TIMEOUT notice a dead link."""
+    with Connection(node.target()) as conn:
+        sock = conn.transport.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) > 0
+        assert read_output(conn, "echo ok") == "ok"
+
+
 # The server has only an ed25519 key: another ed25519 key, or a key of a type
 # it does not offer at all, must not be accepted.
 @pytest.mark.parametrize("kind", ["ed25519", "rsa"])
