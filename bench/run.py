@@ -13,6 +13,7 @@ BENCHES = [
     ["pipeline_bench.py"],
     ["viewers_bench.py"],
     ["roles_bench.py"],
+    ["node_bench.py"],
     ["rollout_bench.py"],
     ["fleet_bench.py"],
     ["sync_bench.py"],
