@@ -7,6 +7,7 @@ same command deploys and exits 0.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
+_nodes = itertools.count(1)
 QCLUSTER_RUNNING = "from deployments.queue_status import qcluster_running; print(qcluster_running())"
 
 
@@ -25,7 +27,9 @@ QCLUSTER_RUNNING = "from deployments.queue_status import qcluster_running; print
 def panel(tmp_path, testbed, flake_repo):
     p = Panel(tmp_path / "panel")
     try:
-        p.register_node(testbed.add_node(f"cli-{testbed.token}"), name="cli", attr="devm", repo_path=flake_repo[0])
+        p.register_node(
+            testbed.add_node(f"cli{next(_nodes)}-{testbed.token}"), name="cli", attr="devm", repo_path=flake_repo[0]
+        )
         yield p
     finally:
         p.stop()
@@ -79,3 +83,27 @@ def test_deploy_without_a_worker_then_with_one(panel):
     summary = done.stderr.strip().splitlines()[-1]
     assert summary.startswith("deployment #2 succeeded (exit code 0); generation ")
     assert "None" not in done.stdout + done.stderr
+
+
+def test_ctrl_c_stops_following_even_when_the_command_started_with_sigint_ignored(panel):
+    """A shell's background job, or a CI runner, may start the command with SIGINT ignored (inherited across
+    exec, and Python then leaves it so): Ctrl-C (here: SIGINT) still stops the follow, the same way."""
+    follow = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "deploy", "cli", "--follow"],
+        cwd=ROOT,
+        env=panel.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+        said = [follow.stderr.readline() for _ in range(2)]
+        assert said[1].startswith("warning: no qcluster is running")
+        follow.send_signal(signal.SIGINT)
+        _, rest = follow.communicate(timeout=30)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 130
+    assert "stopped following; deployment #1 is still queued" in rest and "Traceback" not in rest

@@ -7,6 +7,11 @@ before anything was tried (no permission, an unknown node, user or deployment,
 invalid input: what argparse itself answers with 2 too).
 """
 
+from __future__ import annotations
+
+import signal
+import threading
+
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.management.base import CommandError
@@ -96,3 +101,29 @@ def no_qcluster_warning(pk: int, *, following: bool) -> str | None:
         + ("Ctrl-C leaves it queued, " if following else "")
         + f"cancel it with manage.py cancel {pk}"
     )
+
+
+class CtrlC:
+    """Ctrl-C while a command follows a deployment: ``KeyboardInterrupt`` where it lands, and again at the
+    follow loop's next ``check()`` if some library on the way caught it; SIGINT is unblocked and handled
+    even if the command was started with it ignored or blocked. Outside the main thread it changes nothing."""
+
+    def __enter__(self) -> CtrlC:
+        self.pressed = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        return self
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

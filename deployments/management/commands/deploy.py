@@ -24,6 +24,7 @@ from ._base import (
     AWAITING,
     NOT_SUCCEEDED,
     REFUSED,
+    CtrlC,
     acting_user,
     lookup_deployment,
     lookup_node,
@@ -125,7 +126,8 @@ class Command(BaseCommand):
                 self.stderr.write(warning)
             if not follow:
                 return
-            status = self.follow(pk)
+            with CtrlC() as ctrl_c:
+                status = self.follow(pk, ctrl_c)
         except KeyboardInterrupt:
             d = Deployment.objects.get(pk=pk)
             if not d.is_active:  # it ended as the key was pressed
@@ -144,9 +146,10 @@ class Command(BaseCommand):
             self.stderr.write(f"switch to exactly this system with: manage.py deploy --confirm {pk}")
         sys.exit(0 if status == Deployment.Status.SUCCEEDED else NOT_SUCCEEDED)
 
-    def follow(self, pk: int) -> str:
+    def follow(self, pk: int, ctrl_c: CtrlC) -> str:
         after, out = -1, sys.stdout
         while True:
+            ctrl_c.check()
             # Status before lines: a terminal status means every line is already stored.
             d = Deployment.objects.get(pk=pk)
             lines = logstream.lines_after(pk, after, limit=20000)
@@ -229,7 +232,8 @@ class Command(BaseCommand):
                 )
             if not follow:
                 return
-            status = self.follow_rollout(rollout.pk)
+            with CtrlC() as ctrl_c:
+                status = self.follow_rollout(rollout.pk, ctrl_c)
         except KeyboardInterrupt:
             rollout.refresh_from_db()
             self.stderr.write(
@@ -239,13 +243,14 @@ class Command(BaseCommand):
             sys.exit(INTERRUPTED)
         sys.exit(0 if status == Rollout.Status.SUCCEEDED else NOT_SUCCEEDED)
 
-    def follow_rollout(self, pk: int) -> str:
+    def follow_rollout(self, pk: int, ctrl_c: CtrlC) -> str:
         """Print every node's lines as ``node | line`` until the rollout has finished, then the summary."""
         names = dict(Deployment.objects.filter(rollout_id=pk).values_list("pk", "node__name"))
         width = max(map(len, names.values()), default=0)
         after = dict.fromkeys(names, -1)
         open_ids = set(names)
         while True:
+            ctrl_c.check()
             # Statuses before lines: a deployment already ended has every line stored.
             rollout = Rollout.objects.get(pk=pk)
             ended = set(

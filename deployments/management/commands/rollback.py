@@ -16,7 +16,7 @@ from deployments.errors import AwaitingApproval, RequestError
 from deployments.models import Deployment
 from deployments.validators import validate_generation
 
-from ._base import AWAITING, NOT_SUCCEEDED, REFUSED, acting_user, lookup_node, no_qcluster_warning, refused
+from ._base import AWAITING, NOT_SUCCEEDED, REFUSED, CtrlC, acting_user, lookup_node, no_qcluster_warning, refused
 from .deploy import INTERRUPTED
 from .deploy import Command as DeployCommand
 
@@ -67,7 +67,8 @@ class Command(DeployCommand):
                 self.stderr.write(warning)
             if not follow:
                 return
-            status = self.follow(pk)
+            with CtrlC() as ctrl_c:
+                status = self.follow(pk, ctrl_c)
         except KeyboardInterrupt:
             d = Deployment.objects.get(pk=pk)
             if not d.is_active:
