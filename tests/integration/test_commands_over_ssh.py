@@ -35,16 +35,22 @@ def panel(tmp_path, testbed, flake_repo):
         p.stop()
 
 
-def test_deploy_without_a_worker_then_with_one(panel):
-    # No qcluster: the deployment is queued, and the command says why nothing happens.
-    follow = subprocess.Popen(
+def start_following(panel, **popen) -> subprocess.Popen:
+    """``manage.py deploy cli --follow`` as an operator starts it, both streams read by the test."""
+    return subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "deploy", "cli", "--follow"],
         cwd=ROOT,
         env=panel.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
+
+
+def test_deploy_without_a_worker_then_with_one(panel):
+    # No qcluster: the deployment is queued, and the command says why nothing happens.
+    follow = start_following(panel)
     try:
         said = [follow.stderr.readline() for _ in range(2)]
         assert said[0].startswith("deployment #1: switch cli at ")
@@ -88,15 +94,7 @@ def test_deploy_without_a_worker_then_with_one(panel):
 def test_ctrl_c_stops_following_even_when_the_command_started_with_sigint_ignored(panel):
     """A shell's background job, or a CI runner, may start the command with SIGINT ignored (inherited across
     exec, and Python then leaves it so): Ctrl-C (here: SIGINT) still stops the follow, the same way."""
-    follow = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "deploy", "cli", "--follow"],
-        cwd=ROOT,
-        env=panel.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
-    )
+    follow = start_following(panel, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         said = [follow.stderr.readline() for _ in range(2)]
         assert said[1].startswith("warning: no qcluster is running")
