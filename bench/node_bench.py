@@ -83,7 +83,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="node-bench-", dir="/var/tmp"))
     setup_django(tmp)
 
-    from deployments.remote import HostKey, Target, detached, run_rebuild
+    from jump_bench import target as node_target  # the node's Target with its pinned key
+
+    from deployments.remote import detached, run_rebuild
     from tests.support.testbed import NodeConfigSpec, Testbed, commit_change, git_archive, make_flake_repo
 
     finish_ms: list[float] = []
@@ -104,14 +106,7 @@ def main() -> int:
     with Testbed(tmp / "tb") as tb:
         tb.require_namespaces()
         node = tb.add_node("nb1")
-        target = Target(
-            host=node.host,
-            port=node.port,
-            user=node.user,
-            host_key=HostKey.parse(node.host_key_public),
-            private_key=node.client_key_private,
-            name=node.name,
-        )
+        target = node_target(node)
 
         def bare(nodelay: bool = False) -> float:
             commit_change(repo, ATTR)
