@@ -24,6 +24,7 @@ Writes bench/results/node-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import base64
 import datetime as dt
 import json
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline_bench import bare_run, log, machine, rebuild_command, setup_django  # noqa: E402
+from pipeline_bench import bare_run, log, machine, machine_busy_seconds, rebuild_command, setup_django  # noqa: E402
 
 ATTR = "bench"
 
@@ -76,6 +77,36 @@ class NoDelay:
         return client
 
 
+class NodeCPU:
+    """CPU time of everything the node runs (its sshd and every process started under it, detached ones
+    included), from a cgroup v1 ``cpuacct`` group of its own; ``None`` where that cannot be made."""
+
+    ROOT = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self, pid: int) -> None:
+        self.group: Path | None = self.ROOT / f"node-bench-{os.getpid()}"
+        try:
+            self.group.mkdir(exist_ok=True)
+            (self.group / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            self.group = None
+
+    def seconds(self) -> float | None:
+        return int((self.group / "cpuacct.usage").read_text()) / 1e9 if self.group else None
+
+    def close(self) -> None:
+        if self.group is not None:
+            for pid in (self.group / "cgroup.procs").read_text().split():
+                try:
+                    (self.ROOT / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
+            try:
+                self.group.rmdir()
+            except OSError:
+                pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=8)
@@ -107,26 +138,37 @@ def main() -> int:
         tb.require_namespaces()
         node = tb.add_node("nb1")
         target = node_target(node)
+        node_cpu = NodeCPU(node.sshd_pid)
 
-        def bare(nodelay: bool = False) -> float:
+        def cpu_split(run):
+            """``run()``'s result, and the CPU seconds it cost: this process, the node, the whole machine."""
+            own, on_node, busy = time.process_time(), node_cpu.seconds(), machine_busy_seconds()
+            result = run()
+            return result, {
+                "client_ms": round((time.process_time() - own) * 1000, 1),
+                "node_ms": None if on_node is None else round((node_cpu.seconds() - on_node) * 1000, 1),
+                "machine_ms": round((machine_busy_seconds() - busy) * 1000),
+            }
+
+        def bare(nodelay: bool = False) -> tuple[float, float]:
             commit_change(repo, ATTR)
             node.run("rm -rf /root/fleet")
             node.ship_flake(repo, "/root/fleet")
-            return bare_run(NoDelay(node) if nodelay else node, rebuild_command())["total_s"]
+            return cpu_split(lambda: bare_run(NoDelay(node) if nodelay else node, rebuild_command())["total_s"])
 
-        def panel() -> tuple[float, dict]:
+        def panel() -> tuple[float, dict, float]:
             commit_change(repo, ATTR)
             archive = git_archive(repo)
             marks: list[tuple[float, str, bytes]] = []
             t0 = time.monotonic()
-            result = run_rebuild(
+            result, cpu = cpu_split(lambda: run_rebuild(
                 target,
                 deployment_id=next(ids),
                 archive=archive,
                 attr=ATTR,
                 action="switch",
                 on_output=lambda s, line: marks.append((time.monotonic() - t0, s, line)),
-            )
+            ))
             wall = time.monotonic() - t0
             assert result.exit_code == 0, result
 
@@ -141,7 +183,7 @@ def main() -> int:
                 "run": last_line - at(b"started on the node"),
                 "finish": at(b"exit code") - last_line,
             }
-            return wall, {k: round(v * 1000, 1) for k, v in phases.items()}
+            return wall, {k: round(v * 1000, 1) for k, v in phases.items()}, cpu
 
         panel()  # warm up: the first build on a node fills its store
         for i in range(args.rounds):
@@ -150,16 +192,19 @@ def main() -> int:
             row: dict = {}
             for kind in order:
                 if kind == "panel":
-                    row["panel_s"], row["phases_ms"] = panel()
+                    row["panel_s"], row["phases_ms"], cpu = panel()
                 else:
-                    row[f"{kind}_s"] = bare(nodelay=kind == "bare_nodelay")
+                    row[f"{kind}_s"], cpu = bare(nodelay=kind == "bare_nodelay")
+                row[f"{kind}_cpu_ms"] = cpu
             row["ratio"] = row["panel_s"] / row["bare_s"]
             row["ratio_nodelay"] = row["panel_s"] / row["bare_nodelay_s"]
             log(
                 f"round {i + 1}: bare {row['bare_s']:.3f} s (TCP_NODELAY {row['bare_nodelay_s']:.3f} s), "
-                f"panel {row['panel_s']:.3f} s, {row['phases_ms']}"
+                f"panel {row['panel_s']:.3f} s, {row['phases_ms']}; CPU ms bare {row['bare_cpu_ms']}, "
+                f"panel {row['panel_cpu_ms']}"
             )
             rounds.append(row)
+    node_cpu.close()  # the node is gone: its group is empty
     summary = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
@@ -171,6 +216,14 @@ def main() -> int:
         "ratio_median": statistics.median(r["ratio"] for r in rounds),
         "phases_median_ms": {k: statistics.median(r["phases_ms"][k] for r in rounds) for k in rounds[0]["phases_ms"]},
         "finish_command_median_ms": statistics.median(finish_ms[1:]),
+        "cpu_median_ms": {
+            k: {
+                part: statistics.median(r[f"{k}_cpu_ms"][part] for r in rounds)
+                for part in rounds[0][f"{k}_cpu_ms"]
+                if rounds[0][f"{k}_cpu_ms"][part] is not None
+            }
+            for k in ("bare", "panel")
+        },
     }
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +233,7 @@ def main() -> int:
         f"\npanel {summary['panel_median_s']:.3f} s, bare {summary['bare_median_s']:.3f} s, ratio "
         f"{summary['ratio_median']:.2f} (bare paramiko with TCP_NODELAY {summary['bare_nodelay_median_s']:.3f} s, "
         f"ratio {summary['ratio_nodelay_median']:.2f}); phases (median ms) {summary['phases_median_ms']}; the finishing "
-        f"command alone {summary['finish_command_median_ms']:.0f} ms"
+        f"command alone {summary['finish_command_median_ms']:.0f} ms; CPU (median ms) {summary['cpu_median_ms']}"
     )
     print(f"wrote {path.relative_to(ROOT)}")
     return 0

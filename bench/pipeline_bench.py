@@ -80,6 +80,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def machine_busy_seconds() -> float:
+    """CPU time every CPU of this machine has spent busy so far (``/proc/stat``): the nodes' sshd, shells and Nix
+    run on this machine too, so a round's total CPU is the difference of two readings (the bench's own included)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 # --------------------------------------------------------------------------- WebSocket follower
 
 

@@ -56,6 +56,7 @@ from pipeline_bench import (  # noqa: E402
     environment,
     log,
     machine,
+    machine_busy_seconds,
     rebuild_command,
     setup_django,
     stop_panel,
@@ -118,7 +119,7 @@ def bare_round(nodes: list, repo: Path, parallel: int) -> dict:
     with ThreadPoolExecutor(max_workers=16) as pool:  # unpacking the flake on every node: not timed
         list(pool.map(lambda tb: tb.ship_flake(repo, "/root/fleet"), nodes))
     command = rebuild_command()
-    t0, cpu0 = time.time(), time.process_time()
+    t0, cpu0, busy0 = time.time(), time.process_time(), machine_busy_seconds()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         results = list(pool.map(lambda tb: bare_run(tb, command), nodes))
     wall = time.time() - t0
@@ -126,6 +127,7 @@ def bare_round(nodes: list, repo: Path, parallel: int) -> dict:
         "wall_s": wall,
         "median_node_s": statistics.median(r["total_s"] for r in results),
         "cpu_s": time.process_time() - cpu0,
+        "machine_cpu_s": machine_busy_seconds() - busy0,
     }
 
 
@@ -137,6 +139,7 @@ def panel_round(
     stop = threading.Event()
 
     cpu_before = {name: cpu_seconds(proc.pid) for name, proc in panel.procs.items()}
+    busy0 = machine_busy_seconds()
     with TreeRSS(panel.procs["worker"].pid) as tree:
         t0 = time.time()
         chosen = {"nodes": names} if names is not None else {"all": True, "confirm_all": True}
@@ -173,7 +176,9 @@ def panel_round(
     # A slot freed by the k-th end is taken by the (parallel + k)-th start: the gap is the panel's hand-over.
     refills = [starts[parallel + k] - ends[k] for k in range(len(starts) - parallel)]
     cpu = {name: cpu_seconds(proc.pid) - cpu_before[name] for name, proc in panel.procs.items()}
+    machine_cpu = machine_busy_seconds() - busy0
     out = {
+        "machine_cpu_s": machine_cpu,
         "rollout": rid,
         "cpu_s": cpu,
         "wall_s": wall,
@@ -207,7 +212,10 @@ def compare(nodes, repo, panel, browser, parallel: int, rounds: int) -> dict:
             if kind == "bare":
                 one["bare"] = bare_round(nodes, repo, parallel)
                 b = one["bare"]
-                log(f"  round {i + 1} bare:  {b['wall_s']:.2f} s, node median {b['median_node_s']:.2f} s")
+                log(
+                    f"  round {i + 1} bare:  {b['wall_s']:.2f} s, node median {b['median_node_s']:.2f} s, "
+                    f"machine CPU {b['machine_cpu_s']:.1f} s"
+                )
             else:
                 one["panel"] = panel_round(panel, browser, [tb.name for tb in nodes], parallel)
                 p = one["panel"]
@@ -215,7 +223,8 @@ def compare(nodes, repo, panel, browser, parallel: int, rounds: int) -> dict:
                     f"  round {i + 1} panel: {p['wall_s']:.2f} s, {p['status']}, node median {p['median_node_s']} s, "
                     f"first start {p['request_to_first_start_s']:.2f} s, slot refill median "
                     f"{p['refill_median_ms']:.0f} ms (max {p['refill_max_ms']:.0f}), worker RSS "
-                    f"{p['worker_rss_baseline_mb']:.0f} → {p['worker_rss_peak_mb']:.0f} MB, CPU "
+                    f"{p['worker_rss_baseline_mb']:.0f} → {p['worker_rss_peak_mb']:.0f} MB, machine CPU "
+                    f"{p['machine_cpu_s']:.1f} s, CPU "
                     + ", ".join(f"{k} {v:.1f} s" for k, v in p["cpu_s"].items())
                 )
         one["ratio"] = one["panel"]["wall_s"] / one["bare"]["wall_s"]

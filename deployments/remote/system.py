@@ -37,13 +37,25 @@ class SystemState:
 
 def state_script(mark: str = "") -> str:
     """Shell that prints three lines, each ``mark`` then possibly nothing: the
-    profile link's target, its store path, the current system."""
+    profile link's target, its store path, the current system.
+
+    It runs at the start and the end of every deployment, so it starts one program, not three: a system
+    is a directory, and ``cd -P`` (a shell builtin) resolves it as ``readlink -f`` does, in a subshell so
+    the caller's directory and variables stay as they were; ``readlink -f`` only where that fails.
+    """
     p, c = shlex.quote(SYSTEM_PROFILE), shlex.quote(CURRENT_SYSTEM)
+
+    def resolved(var: str, path: str) -> str:
+        return (
+            f"{var}=; if cd -P {path} 2>/dev/null; then {var}=$PWD; "
+            f"elif [ -e {path} ]; then {var}=$(readlink -f {path} 2>/dev/null); fi; "
+        )
+
     return (
-        f"l=$(readlink {p} 2>/dev/null); "
-        f"r=; [ -e {p} ] && r=$(readlink -f {p} 2>/dev/null); "
-        f"s=; [ -e {c} ] && s=$(readlink -f {c} 2>/dev/null); "
-        f'printf \'{mark}%s\\n\' "$l" "$r" "$s"'
+        f"( l=$(readlink {p} 2>/dev/null); "
+        + resolved("r", p)
+        + resolved("s", c)
+        + f'printf \'{mark}%s\\n\' "$l" "$r" "$s" )'
     )
 
 
