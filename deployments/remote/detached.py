@@ -247,7 +247,13 @@ def inspect_script(workdir: str, resolve: str | None) -> str:
     (``toplevel``), then the node's system state (three ``state`` lines). Few processes: it runs at the
     end of every deployment."""
     w = _q(check_remote_dir(workdir))
-    t = f"t=; [ -e {_q(resolve)} ] && t=$(readlink -f {_q(resolve)} 2>/dev/null); " if resolve else "t=; "
+    # A system is a directory: ``cd -P`` (a builtin, in a subshell) resolves it as ``readlink -f`` would.
+    t = (
+        f"t=; if [ -e {_q(resolve)} ]; then t=$(cd -P {_q(resolve)} 2>/dev/null && echo \"$PWD\" || "
+        f"readlink -f {_q(resolve)} 2>/dev/null); fi; "
+        if resolve
+        else "t=; "
+    )
     return (
         f"if [ -d {w} ]; then echo 'exists 1'; else echo 'exists 0'; fi; "
         f's=; [ -f {w}/status ] && read -r s < {w}/status; echo "status $s"; '
@@ -269,8 +275,8 @@ def finish_script(workdir: str, resolve: str | None, out_size: int, err_size: in
     w = _q(check_remote_dir(workdir))
     return (
         inspect_script(workdir, resolve)
-        + f'; if [ -d {w} ] && [ "$(stat -c %s {w}/out {w}/err 2>/dev/null)" = "$(printf \'%s\\n%s\' '
-        f'{int(out_size)} {int(err_size)})" ] && {{ {remove_script(workdir)}; }}; '
+        + f'; if [ -d {w} ] && [ "$(stat -c %s {w}/out {w}/err 2>/dev/null)" = "{int(out_size)}\n{int(err_size)}" ] '
+        f"&& {{ {remove_script(workdir)}; }}; "
         "then echo 'removed 1'; else echo 'removed 0'; fi"
     )
 

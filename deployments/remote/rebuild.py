@@ -220,7 +220,9 @@ def _ship_and_launch_script(target: Target, workdir: str, invocation: str, plain
         _sweep_script(parent),
         # The owner file first: whenever the folder exists, its owner can be checked.
         f"echo $$ > {qo} || exit",
-        f"rm -rf -- {qd} && mkdir -m 700 -- {qd} {qd}/src && tar -x -f - -C {qd}/src || exit",
+        # (A folder of that name is left only by an earlier try: rm starts only then.)
+        f"{{ {{ [ ! -e {qd} ] && [ ! -h {qd} ]; }} || rm -rf -- {qd}; }} && "
+        f"mkdir -m 700 -- {qd} {qd}/src && tar -x -f - -C {qd}/src || exit",
         f"echo {_SHIPPED_MARK.decode()}",
         f"cd {qd} && : > out && : > err || exit",
         launch_script(target, workdir, invocation, plain_invocation, unit, _PW_VAR),
