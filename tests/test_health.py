@@ -6,10 +6,15 @@ The checks over SSH and magic rollback on real nodes are in tests/integration/te
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -20,7 +25,8 @@ from deployments.forms import HealthCheckForm
 from deployments.healthchecks import HealthCheck
 from deployments.models import Deployment, Tag
 from deployments.remote import RebuildResult, SystemState
-from deployments.remote.confirm import Arming, MagicState, armed_command, parse_magic
+from deployments.remote import confirm
+from deployments.remote.confirm import ARMED_MARK, ArmedRun, Arming, MagicState, armed_command, parse_magic
 from deployments.validators import validate_check_command, validate_check_url, validate_host
 from tests.support.personas import grant
 from tests.support.world import IN_SCOPE, OUT_OF_SCOPE
@@ -227,6 +233,72 @@ def test_the_armed_script_quotes_every_value_and_arms_only_switch_and_test():
         armed_command("nixos-rebuild switch", "/", "switch", arming)
     with pytest.raises(ValueError):
         Arming(0, 60, True, lambda run: None)
+
+
+def _session_members(sid: int) -> list[int]:
+    """The processes of session ``sid`` (one this test started), and of the process groups they lead."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:  # the session id
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_the_armed_wait_looks_when_the_panel_wakes_it_not_at_its_next_look(tmp_path, monkeypatch):
+    """The node's wait ends at the panel's wake-up line, not at its next look (made a minute away here):
+    the contact and the confirmation are each seen at once, and the node decides ``confirmed``."""
+    monkeypatch.setattr(confirm, "_NAP", 60)
+    folder = tmp_path / "deploy-7-ab"
+    folder.mkdir()
+    arming = Arming(120, 120, True, lambda run: None)
+    node = subprocess.Popen(
+        ["sh", "-c", armed_command("true", str(folder), "switch", arming)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    panel = ArmedRun(None, str(folder), lambda msg: None, time.monotonic() + 120)
+    said: list[str] = []
+
+    def said_next(text: str) -> None:
+        while not said or text not in said[-1]:
+            line = node.stderr.readline().decode()
+            assert line, f"the node ended without saying {text!r}: {said}"
+            said.append(line)
+
+    try:
+        assert node.stdout.readline().startswith(ARMED_MARK)
+        said_next("armed: waiting up to 120 s")
+        assert (folder / "wake").is_fifo()
+        subprocess.run(["sh", "-c", f": > {folder}/alive; {panel._wake()}"], check=True, timeout=10)
+        said_next("the panel reached the node again")
+        subprocess.run(["sh", "-c", f": > {folder}/confirm; {panel._wake()}"], check=True, timeout=10)
+        assert node.wait(timeout=20) == 0  # without the wake-up: a minute
+        assert (folder / "magic").read_text() == "confirmed\n"
+        assert "confirmed by the panel" in node.stderr.read().decode()
+    finally:
+        for pid in _session_members(node.pid):  # its `timeout` leads a group of its own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        node.kill()
+        node.wait()
+
+
+def test_the_panels_wake_up_never_blocks_once_nobody_waits(tmp_path):
+    """A wake-up written after the node has decided (nobody reads the FIFO any more) returns at once, and a
+    node that polls instead (no FIFO) is left alone."""
+    folder = tmp_path / "deploy-8-ab"
+    folder.mkdir()
+    os.mkfifo(folder / "wake", 0o666)
+    panel = ArmedRun(None, str(folder), lambda msg: None, time.monotonic() + 5)
+    assert subprocess.run(["sh", "-c", panel._wake()], timeout=10).returncode == 0
+    (folder / "wake").unlink()
+    assert subprocess.run(["sh", "-c", panel._wake()], timeout=10).returncode == 0
+    assert not (folder / "wake").exists()
 
 
 def test_the_nodes_decision_file_is_read_strictly():
