@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline_bench import bare_run, log, machine, machine_busy_seconds, rebuild_command, setup_django  # noqa: E402
+from pipeline_bench import NodeCPU, bare_run, log, machine, machine_busy_seconds, rebuild_command, setup_django  # noqa: E402
 
 ATTR = "bench"
 
@@ -77,36 +77,6 @@ class NoDelay:
         return client
 
 
-class NodeCPU:
-    """CPU time of everything the node runs (its sshd and every process started under it, detached ones
-    included), from a cgroup v1 ``cpuacct`` group of its own; ``None`` where that cannot be made."""
-
-    ROOT = Path("/sys/fs/cgroup/cpuacct")
-
-    def __init__(self, pid: int) -> None:
-        self.group: Path | None = self.ROOT / f"node-bench-{os.getpid()}"
-        try:
-            self.group.mkdir(exist_ok=True)
-            (self.group / "cgroup.procs").write_text(str(pid))
-        except OSError:
-            self.group = None
-
-    def seconds(self) -> float | None:
-        return int((self.group / "cpuacct.usage").read_text()) / 1e9 if self.group else None
-
-    def close(self) -> None:
-        if self.group is not None:
-            for pid in (self.group / "cgroup.procs").read_text().split():
-                try:
-                    (self.ROOT / "cgroup.procs").write_text(pid)
-                except OSError:
-                    pass
-            try:
-                self.group.rmdir()
-            except OSError:
-                pass
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=8)
@@ -138,7 +108,7 @@ def main() -> int:
         tb.require_namespaces()
         node = tb.add_node("nb1")
         target = node_target(node)
-        node_cpu = NodeCPU(node.sshd_pid)
+        node_cpu = NodeCPU([node.sshd_pid])
 
         def cpu_split(run):
             """``run()``'s result, and the CPU seconds it cost: this process, the node, the whole machine."""

@@ -80,6 +80,37 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class NodeCPU:
+    """CPU time of everything testbed nodes run (their sshd and every process started under it, detached
+    ones included), from a cgroup v1 ``cpuacct`` group of their own; ``None`` where that cannot be made."""
+
+    ROOT = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self, pids: list[int]) -> None:
+        self.group: Path | None = self.ROOT / f"node-bench-{os.getpid()}"
+        try:
+            self.group.mkdir(exist_ok=True)
+            for pid in pids:
+                (self.group / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            self.group = None
+
+    def seconds(self) -> float | None:
+        return int((self.group / "cpuacct.usage").read_text()) / 1e9 if self.group else None
+
+    def close(self) -> None:
+        if self.group is not None:
+            for pid in (self.group / "cgroup.procs").read_text().split():
+                try:
+                    (self.ROOT / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
+            try:
+                self.group.rmdir()
+            except OSError:
+                pass
+
+
 def machine_busy_seconds() -> float:
     """CPU time every CPU of this machine has spent busy so far (``/proc/stat``): the nodes' sshd, shells and Nix
     run on this machine too, so a round's total CPU is the difference of two readings (the bench's own included)."""

@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline_bench import (  # noqa: E402
+    NodeCPU,
     PG_URL,
     REDIS_URL,
     TreeRSS,
@@ -115,11 +116,23 @@ def cpu_seconds(pgid: int) -> float:
     return total / tick
 
 
+NODE_CPU: NodeCPU | None = None  # every node's CPU, where the machine lets us make a cpuacct group
+
+
+def node_cpu_seconds() -> float | None:
+    return NODE_CPU.seconds() if NODE_CPU is not None else None
+
+
+def since(before: float | None) -> float | None:
+    now = node_cpu_seconds()
+    return None if before is None or now is None else now - before
+
+
 def bare_round(nodes: list, repo: Path, parallel: int) -> dict:
     with ThreadPoolExecutor(max_workers=16) as pool:  # unpacking the flake on every node: not timed
         list(pool.map(lambda tb: tb.ship_flake(repo, "/root/fleet"), nodes))
     command = rebuild_command()
-    t0, cpu0, busy0 = time.time(), time.process_time(), machine_busy_seconds()
+    t0, cpu0, busy0, node0 = time.time(), time.process_time(), machine_busy_seconds(), node_cpu_seconds()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         results = list(pool.map(lambda tb: bare_run(tb, command), nodes))
     wall = time.time() - t0
@@ -128,6 +141,7 @@ def bare_round(nodes: list, repo: Path, parallel: int) -> dict:
         "median_node_s": statistics.median(r["total_s"] for r in results),
         "cpu_s": time.process_time() - cpu0,
         "machine_cpu_s": machine_busy_seconds() - busy0,
+        "node_cpu_s": since(node0),
     }
 
 
@@ -139,7 +153,7 @@ def panel_round(
     stop = threading.Event()
 
     cpu_before = {name: cpu_seconds(proc.pid) for name, proc in panel.procs.items()}
-    busy0 = machine_busy_seconds()
+    busy0, node0 = machine_busy_seconds(), node_cpu_seconds()
     with TreeRSS(panel.procs["worker"].pid) as tree:
         t0 = time.time()
         chosen = {"nodes": names} if names is not None else {"all": True, "confirm_all": True}
@@ -179,6 +193,7 @@ def panel_round(
     machine_cpu = machine_busy_seconds() - busy0
     out = {
         "machine_cpu_s": machine_cpu,
+        "node_cpu_s": since(node0),
         "rollout": rid,
         "cpu_s": cpu,
         "wall_s": wall,
@@ -202,6 +217,10 @@ def panel_round(
     return out
 
 
+def fmt(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.1f} s"
+
+
 def compare(nodes, repo, panel, browser, parallel: int, rounds: int) -> dict:
     out = {"rounds": []}
     for i in range(rounds):
@@ -214,7 +233,8 @@ def compare(nodes, repo, panel, browser, parallel: int, rounds: int) -> dict:
                 b = one["bare"]
                 log(
                     f"  round {i + 1} bare:  {b['wall_s']:.2f} s, node median {b['median_node_s']:.2f} s, "
-                    f"machine CPU {b['machine_cpu_s']:.1f} s"
+                    f"machine CPU {b['machine_cpu_s']:.1f} s, on the nodes {fmt(b['node_cpu_s'])}, this process "
+                    f"{b['cpu_s']:.1f} s"
                 )
             else:
                 one["panel"] = panel_round(panel, browser, [tb.name for tb in nodes], parallel)
@@ -224,7 +244,7 @@ def compare(nodes, repo, panel, browser, parallel: int, rounds: int) -> dict:
                     f"first start {p['request_to_first_start_s']:.2f} s, slot refill median "
                     f"{p['refill_median_ms']:.0f} ms (max {p['refill_max_ms']:.0f}), worker RSS "
                     f"{p['worker_rss_baseline_mb']:.0f} → {p['worker_rss_peak_mb']:.0f} MB, machine CPU "
-                    f"{p['machine_cpu_s']:.1f} s, CPU "
+                    f"{p['machine_cpu_s']:.1f} s, on the nodes {fmt(p['node_cpu_s'])}, CPU "
                     + ", ".join(f"{k} {v:.1f} s" for k, v in p["cpu_s"].items())
                 )
         one["ratio"] = one["panel"]["wall_s"] / one["bare"]["wall_s"]
@@ -244,6 +264,13 @@ def main() -> int:
     ap.add_argument("--big-nodes", type=int, default=200)
     ap.add_argument("--big-parallel", type=int, default=50)
     ap.add_argument("--no-big", action="store_true", help="skip the big rollout")
+    ap.add_argument(
+        "--activation-seconds",
+        type=float,
+        default=0,
+        help="seconds each node's activation takes, on the node's own time (as a real switch does; the stand-in "
+        "sleeps, printing a line every 0.5 s). 0, the default: the stand-in's work is all CPU, shared with the panel",
+    )
     ap.add_argument("--postgres", action="store_true", help="the panel on PostgreSQL + Redis")
     ap.add_argument("--workers", type=int, default=0, help="qcluster workers (default: parallelism / threads)")
     ap.add_argument(
@@ -267,9 +294,11 @@ def main() -> int:
     db = dict(DATABASE_URL=PG_URL, REDIS_URL=REDIS_URL) if args.postgres else {}
     try:
         repo = tmp / "fleet"
-        make_flake_repo(repo, {ATTR: NodeConfigSpec()})
+        make_flake_repo(repo, {ATTR: NodeConfigSpec(sleep=args.activation_seconds)})
         count = max(args.nodes, 0 if args.no_big else args.big_nodes)
         nodes = make_nodes(tb, count)
+        global NODE_CPU
+        NODE_CPU = NodeCPU([n.sshd_pid for n in nodes])
         with environment(**db):
             panel, browser = start_panel(tmp / "panel", nodes, repo, workers_for(args.parallel))
             try:
@@ -306,6 +335,8 @@ def main() -> int:
                 stop_panel(panel)
     finally:
         tb.close()
+        if NODE_CPU is not None:
+            NODE_CPU.close()
         subprocess.run(["rm", "-rf", str(tmp)])
     results["seconds"] = time.monotonic() - started
     results["machine"]["loadavg_end"] = os.getloadavg()
