@@ -24,7 +24,6 @@ Writes bench/results/node-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
-import os
 import base64
 import datetime as dt
 import json
@@ -131,14 +130,16 @@ def main() -> int:
             archive = git_archive(repo)
             marks: list[tuple[float, str, bytes]] = []
             t0 = time.monotonic()
-            result, cpu = cpu_split(lambda: run_rebuild(
-                target,
-                deployment_id=next(ids),
-                archive=archive,
-                attr=ATTR,
-                action="switch",
-                on_output=lambda s, line: marks.append((time.monotonic() - t0, s, line)),
-            ))
+            result, cpu = cpu_split(
+                lambda: run_rebuild(
+                    target,
+                    deployment_id=next(ids),
+                    archive=archive,
+                    attr=ATTR,
+                    action="switch",
+                    on_output=lambda s, line: marks.append((time.monotonic() - t0, s, line)),
+                )
+            )
             wall = time.monotonic() - t0
             assert result.exit_code == 0, result
 

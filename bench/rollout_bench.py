@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline_bench import (  # noqa: E402
-    NodeCPU,
     PG_URL,
     REDIS_URL,
+    NodeCPU,
     TreeRSS,
     bare_run,
     environment,

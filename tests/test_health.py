@@ -24,8 +24,7 @@ from deployments.audit.models import AuditEvent
 from deployments.forms import HealthCheckForm
 from deployments.healthchecks import HealthCheck
 from deployments.models import Deployment, Tag
-from deployments.remote import RebuildResult, SystemState
-from deployments.remote import confirm
+from deployments.remote import RebuildResult, SystemState, confirm
 from deployments.remote.confirm import ARMED_MARK, ArmedRun, Arming, MagicState, armed_command, parse_magic
 from deployments.validators import validate_check_command, validate_check_url, validate_host
 from tests.support.personas import grant

@@ -249,7 +249,7 @@ def inspect_script(workdir: str, resolve: str | None) -> str:
     w = _q(check_remote_dir(workdir))
     # A system is a directory: ``cd -P`` (a builtin, in a subshell) resolves it as ``readlink -f`` would.
     t = (
-        f"t=; if [ -e {_q(resolve)} ]; then t=$(cd -P {_q(resolve)} 2>/dev/null && echo \"$PWD\" || "
+        f't=; if [ -e {_q(resolve)} ]; then t=$(cd -P {_q(resolve)} 2>/dev/null && echo "$PWD" || '
         f"readlink -f {_q(resolve)} 2>/dev/null); fi; "
         if resolve
         else "t=; "
