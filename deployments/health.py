@@ -241,13 +241,14 @@ class Guard:
 
     def _on_armed(self, run: ArmedRun) -> None:
         try:
-            decided = run.contact()
+            # Without checks the contact is the verdict: one command says both (a login and a command less).
+            decided = run.contact() if self.checks else run.contact_and_confirm()
         except RemoteError as e:
             self.unreached = e.message
             then = "goes back by itself" if self.magic else "keeps the new system"
             self.note(f"could not reach {self.node.name} over a new SSH connection: {e.message}; the node {then}")
             return
-        if decided is not None:
+        if decided is not None and (self.checks or decided.outcome != "confirmed"):
             self.verdict = decided
             self.note(f"the node had decided already: {decided.outcome}")
             return
@@ -256,12 +257,15 @@ class Guard:
             self.results.append(run_check(check, self.node, run, self.note))
         # The verdict before the audit events: the node's deadline must not wait out a database blip.
         back = [r for r in self.results if not r.healthy and r.check.on_failure == HealthCheck.OnFailure.ROLLBACK]
-        if back:
+        if not self.checks:
+            self.verdict = decided
+        elif back:
             self.rejected = "; ".join(r.summary() for r in back)
             self.note(f"rolling back (policy of {back[0].check.name!r}): {self.rejected}")
             self.verdict = run.reject(self.rejected)
         else:
             self.verdict = run.confirm()
+        if not back:
             if self.verdict.outcome == "confirmed":
                 self.note("confirmed: the node keeps the new system")
             else:
