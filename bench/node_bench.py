@@ -17,6 +17,10 @@ Reported: the wall time of each, their ratio (median over rounds), and where the
 from its own progress lines: connect (→ host key verified), ship (→ state before: the source unpacked on
 the node), launch (→ the run started), run (→ the last line of the run's output), finish (→ exit code:
 the end noticed, then the state after read and the folder removed, ``detached.finish``, also timed alone).
+The runner also runs armed (magic rollback, as every node is by default: the node waits after the switch
+until the panel confirms over a new connection). CPU time of each run, split three ways: this process (the
+runner or bare paramiko), the node (its sshd and everything under it, from a cgroup v1 ``cpuacct`` group of
+its own, where the machine lets the bench make one), and the whole machine (``/proc/stat``).
 
 Writes bench/results/node-<timestamp>.json.
 """
@@ -86,6 +90,7 @@ def main() -> int:
     from jump_bench import target as node_target  # the node's Target with its pinned key
 
     from deployments.remote import detached, run_rebuild
+    from deployments.remote.confirm import Arming
     from tests.support.testbed import NodeConfigSpec, Testbed, commit_change, git_archive, make_flake_repo
 
     finish_ms: list[float] = []
@@ -125,7 +130,10 @@ def main() -> int:
             node.ship_flake(repo, "/root/fleet")
             return cpu_split(lambda: bare_run(NoDelay(node) if nodelay else node, rebuild_command())["total_s"])
 
-        def panel() -> tuple[float, dict, float]:
+        def on_armed(run) -> None:
+            run.contact_and_confirm()  # what the worker does for a node without health checks
+
+        def panel(magic: bool = False) -> tuple[float, dict, float]:
             commit_change(repo, ATTR)
             archive = git_archive(repo)
             marks: list[tuple[float, str, bytes]] = []
@@ -138,10 +146,14 @@ def main() -> int:
                     attr=ATTR,
                     action="switch",
                     on_output=lambda s, line: marks.append((time.monotonic() - t0, s, line)),
+                    arm=Arming(30, 30, True, on_armed) if magic else None,
                 )
             )
             wall = time.monotonic() - t0
             assert result.exit_code == 0, result
+            if magic:
+                assert result.magic is not None and result.magic.outcome == "confirmed", result.magic
+                return wall, {}, cpu
 
             def at(prefix: bytes) -> float:
                 return next(t for t, s, line in marks if s == "sys" and line.startswith(prefix))
@@ -158,12 +170,14 @@ def main() -> int:
 
         panel()  # warm up: the first build on a node fills its store
         for i in range(args.rounds):
-            kinds = ["bare", "bare_nodelay", "panel"]
-            order = kinds[i % 3 :] + kinds[: i % 3]
+            kinds = ["bare", "bare_nodelay", "panel", "panel_magic"]
+            order = kinds[i % 4 :] + kinds[: i % 4]
             row: dict = {}
             for kind in order:
                 if kind == "panel":
                     row["panel_s"], row["phases_ms"], cpu = panel()
+                elif kind == "panel_magic":
+                    row["panel_magic_s"], _, cpu = panel(magic=True)
                 else:
                     row[f"{kind}_s"], cpu = bare(nodelay=kind == "bare_nodelay")
                 row[f"{kind}_cpu_ms"] = cpu
@@ -171,8 +185,8 @@ def main() -> int:
             row["ratio_nodelay"] = row["panel_s"] / row["bare_nodelay_s"]
             log(
                 f"round {i + 1}: bare {row['bare_s']:.3f} s (TCP_NODELAY {row['bare_nodelay_s']:.3f} s), "
-                f"panel {row['panel_s']:.3f} s, {row['phases_ms']}; CPU ms bare {row['bare_cpu_ms']}, "
-                f"panel {row['panel_cpu_ms']}"
+                f"panel {row['panel_s']:.3f} s (magic rollback {row['panel_magic_s']:.3f} s), {row['phases_ms']}; "
+                f"CPU ms bare {row['bare_cpu_ms']}, panel {row['panel_cpu_ms']}, magic {row['panel_magic_cpu_ms']}"
             )
             rounds.append(row)
     node_cpu.close()  # the node is gone: its group is empty
@@ -184,6 +198,7 @@ def main() -> int:
         "bare_nodelay_median_s": statistics.median(r["bare_nodelay_s"] for r in rounds),
         "ratio_nodelay_median": statistics.median(r["ratio_nodelay"] for r in rounds),
         "panel_median_s": statistics.median(r["panel_s"] for r in rounds),
+        "panel_magic_median_s": statistics.median(r["panel_magic_s"] for r in rounds),
         "ratio_median": statistics.median(r["ratio"] for r in rounds),
         "phases_median_ms": {k: statistics.median(r["phases_ms"][k] for r in rounds) for k in rounds[0]["phases_ms"]},
         "finish_command_median_ms": statistics.median(finish_ms[1:]),
@@ -193,7 +208,7 @@ def main() -> int:
                 for part in rounds[0][f"{k}_cpu_ms"]
                 if rounds[0][f"{k}_cpu_ms"][part] is not None
             }
-            for k in ("bare", "panel")
+            for k in ("bare", "panel", "panel_magic")
         },
     }
     out = ROOT / "bench" / "results"
@@ -201,7 +216,7 @@ def main() -> int:
     path = out / f"node-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(
-        f"\npanel {summary['panel_median_s']:.3f} s, bare {summary['bare_median_s']:.3f} s, ratio "
+        f"\npanel {summary['panel_median_s']:.3f} s (with magic rollback {summary['panel_magic_median_s']:.3f} s), bare {summary['bare_median_s']:.3f} s, ratio "
         f"{summary['ratio_median']:.2f} (bare paramiko with TCP_NODELAY {summary['bare_nodelay_median_s']:.3f} s, "
         f"ratio {summary['ratio_nodelay_median']:.2f}); phases (median ms) {summary['phases_median_ms']}; the finishing "
         f"command alone {summary['finish_command_median_ms']:.0f} ms; CPU (median ms) {summary['cpu_median_ms']}"

@@ -4,6 +4,7 @@
     .venv/bin/python bench/rollout_bench.py                  # 50 nodes at parallelism 10, 3 rounds; then 200 at 50
     .venv/bin/python bench/rollout_bench.py --no-big         # only the 50-node comparison
     .venv/bin/python bench/rollout_bench.py --postgres       # the panel on PostgreSQL + Redis instead of SQLite
+    .venv/bin/python bench/rollout_bench.py --no-big --activation-seconds 2   # each switch takes 2 s on the node
 
 Everything is real: N testbed nodes (each its own network namespace, sshd, Nix store, the
 ``nixos-rebuild`` stand-in) and a panel from ``tests.support.panel`` (migrate, daphne, a qcluster with
@@ -18,6 +19,14 @@ process runs that many nodes at once in threads; ``--workers`` overrides).  Each
   P) and polls ``GET /api/rollouts/<id>/`` once a second until it has finished; the wall time is request
   → the rollout's own ``finished_at`` (same clock), so the slow poll costs neither CPU nor precision.
   The panel ships its own ``git archive`` to each node, as it always does.
+
+The stand-in ``nixos-rebuild`` evaluates and builds with the node's real Nix, then activates at once: its
+work is ~0.1 s of CPU, on the same two CPUs as the panel, so by default the figure measures CPU shared by
+the panel and ten nodes (every program the panel starts on a node, every query of the worker, is wall
+time). ``--activation-seconds S`` makes each activation take S seconds of the node's own time, printing
+a line every 0.5 s, as a real switch does (restarting units): the figure then measures what a rollout
+adds to the nodes' own time, as on a fleet where every node has its own CPUs.  Both figures are
+reported (bench/README.md); the CPU-shared one is the harder.
 
 Both build and switch the same kind of new system on every node; the order alternates between rounds
 (bare first, then panel first, …) so neither always meets a warmer machine.  The ratio is panel / bare

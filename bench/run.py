@@ -15,6 +15,7 @@ BENCHES = [
     ["roles_bench.py"],
     ["node_bench.py"],
     ["rollout_bench.py"],
+    ["rollout_bench.py", "--no-big", "--rounds", "2", "--activation-seconds", "2"],
     ["fleet_bench.py"],
     ["sync_bench.py"],
     ["jump_bench.py"],
