@@ -101,14 +101,10 @@ class NodeCPU:
     def close(self) -> None:
         if self.group is not None:
             for pid in (self.group / "cgroup.procs").read_text().split():
-                try:
+                with contextlib.suppress(OSError):  # it ended meanwhile
                     (self.ROOT / "cgroup.procs").write_text(pid)
-                except OSError:
-                    pass
-            try:
+            with contextlib.suppress(OSError):  # a process still in it: the group goes with the next boot
                 self.group.rmdir()
-            except OSError:
-                pass
 
 
 def machine_busy_seconds() -> float:

@@ -169,24 +169,24 @@ class _Reader:
 
 
 def _wrap_in_process_group(command: str) -> str:
-    """Run ``command`` in a process group of its own and announce its pgid on stderr.
+    """Run ``command`` in a new session/process group and announce its pgid on stderr.
 
-    OpenSSH's sshd starts each session's shell as the leader of a new session, so
-    that shell's ``$$`` is already its process group id: it says so and execs
-    ``sh -c command`` (the group is read from ``/proc/$$/stat`` with builtins
-    only; every command of a deployment starts no extra program). Elsewhere,
     ``setsid -w`` forks when needed and waits, so the exit status is the
-    command's (128+N if killed by signal N); inside the new session ``$$`` of
-    the ``sh`` is the process group id. Without setsid (unusual), ``$$`` is the
-    best there is.
+    command's (util-linux's setsid exits with the raw wait status of a child
+    killed by a signal: N for signal N). Inside the new session ``$$`` of the
+    ``sh`` is the process group id. Without setsid (unusual), sshd's own session
+    child already leads a process group, so ``$$`` is still right.
+
+    The setsid process costs a fork and an exec per command, but it is what
+    stays outside the group when the group is killed: without it a command
+    whose last program dies of a signal has no exit status at all (sshd sends
+    the signal instead, which paramiko does not read), and the connection
+    would look lost.
     """
-    say = f'printf "{_PGID_MARK.decode()}%s\\n" "$$" >&2'
-    inner = shlex.quote(f'{say}; exec sh -c "$1"')
+    inner = shlex.quote(f'printf "{_PGID_MARK.decode()}%s\\n" "$$" >&2; exec sh -c "$1"')
     cmd = shlex.quote(command)
     return (
-        "__g=; { read -r __g < /proc/$$/stat; } 2>/dev/null; __g=${__g##*') '}; __g=${__g#* * }; __g=${__g%% *}; "
-        f'if [ "$__g" = "$$" ]; then {say}; exec sh -c {cmd}; '
-        f"elif command -v setsid >/dev/null 2>&1; then exec setsid -w sh -c {inner} sh {cmd}; "
+        f"if command -v setsid >/dev/null 2>&1; then exec setsid -w sh -c {inner} sh {cmd}; "
         f"else exec sh -c {inner} sh {cmd}; fi"
     )
 

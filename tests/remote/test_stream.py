@@ -90,6 +90,17 @@ def test_quoted_values_arrive_literally(node):
     assert lines == [("out", weird.encode())]
 
 
+def test_a_command_killed_by_a_signal_ends_with_an_exit_code_not_a_lost_connection(node):
+    """A command whose last program dies of a signal (a check's segfault, a `timeout` passing on its
+    child's signal) ends with an exit code: the wrapper's ``setsid -w`` stays outside the command's
+    process group and exits with the child's wait status (util-linux: N for signal N). sshd alone would
+    report the signal instead of an exit status, and the connection would look lost."""
+    with Connection(node.target()) as conn:
+        assert run_command(conn, "kill -TERM $$", lambda stream, line: None) == signal.SIGTERM
+        assert run_command(conn, "true; exec sh -c 'kill -KILL $$'", lambda stream, line: None) == signal.SIGKILL
+        assert run_command(conn, "echo still here", lambda stream, line: None) == 0  # the connection is fine
+
+
 def test_read_output_returns_stdout_or_names_the_failure(node):
     with Connection(node.target()) as conn:
         assert read_output(conn, "printf 'a\\nb\\n'") == "a\nb"
